@@ -1,0 +1,131 @@
+"""Shared test helpers: tiny configs and weights, HF checkpoints, and running several ranks."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import traceback
+from pathlib import Path
+
+import torch
+
+from tp_gdn import GDNConfig
+from tp_gdn.layer import full_shapes
+
+
+def tiny_config(model_type="qwen3_next", nk=4, nv=8, dk=16, dv=16, H=32, K=4, layers=4) -> GDNConfig:
+    types = tuple("full_attention" if (i + 1) % 4 == 0 else "linear_attention" for i in range(layers))
+    return GDNConfig(model_type=model_type, hidden_size=H, num_k_heads=nk, num_v_heads=nv, head_k_dim=dk,
+                     head_v_dim=dv, conv_kernel=K, rms_norm_eps=1e-6, layer_types=types)
+
+
+def random_full_weights(cfg: GDNConfig, seed: int = 0, dtype=torch.float32) -> dict[str, torch.Tensor]:
+    """Random unsharded layer weights with realistic scales and non-default A_log/dt_bias/norm."""
+    g = torch.Generator().manual_seed(seed)
+    s = full_shapes(cfg)
+    w = {
+        "in_proj.weight": torch.randn(s["in_proj.weight"], generator=g) / cfg.hidden_size ** 0.5,
+        "conv_weight": torch.randn(s["conv_weight"], generator=g) / cfg.conv_kernel ** 0.5,
+        "A_log": torch.log(torch.rand(s["A_log"], generator=g) * 15 + 1),
+        "dt_bias": torch.randn(s["dt_bias"], generator=g) * 0.5,
+        "norm_weight": 1 + 0.3 * torch.randn(s["norm_weight"], generator=g),
+        "out_proj.weight": torch.randn(s["out_proj.weight"], generator=g) / cfg.value_dim ** 0.5,
+    }
+    return {k: v.to(dtype) if v.dim() > 1 else v for k, v in w.items()}
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm()).item()
+
+
+# -- HF transformers checkpoints -------------------------------------------------------------------
+def build_hf_model(kind: str, seed: int = 0):
+    """A tiny random Qwen3-Next or Qwen3.5 (text) model with non-default GDN parameters."""
+    import transformers
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=4,
+                  num_attention_heads=2, num_key_value_heads=1, head_dim=8, linear_conv_kernel_dim=4,
+                  rms_norm_eps=1e-6)
+    if kind == "qwen3_next":
+        cfg = transformers.Qwen3NextConfig(
+            **common, linear_num_key_heads=4, linear_num_value_heads=8, linear_key_head_dim=16,
+            linear_value_head_dim=16, num_experts=2, num_experts_per_tok=1, moe_intermediate_size=16,
+            shared_expert_intermediate_size=16)
+        model = transformers.Qwen3NextForCausalLM(cfg)
+    elif kind == "qwen3_5":
+        cfg = transformers.Qwen3_5TextConfig(
+            **common, linear_num_key_heads=4, linear_num_value_heads=16, linear_key_head_dim=16,
+            linear_value_head_dim=8)
+        model = transformers.Qwen3_5ForCausalLM(cfg)
+    else:
+        raise ValueError(kind)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            if getattr(layer, "linear_attn", None) is not None:
+                la = layer.linear_attn
+                la.A_log.copy_(torch.log(torch.rand_like(la.A_log) * 15 + 1))
+                la.dt_bias.copy_(torch.randn_like(la.dt_bias) * 0.5)
+                la.norm.weight.copy_(1 + 0.3 * torch.randn_like(la.norm.weight))
+    return model.eval()
+
+
+def save_hf(model, path: Path) -> Path:
+    model.save_pretrained(path, max_shard_size="100KB")
+    n_files = len(list(Path(path).glob("*.safetensors")))
+    assert n_files >= 3, f"expected a checkpoint spread over several files, got {n_files}"
+    return path
+
+
+def hf_layer_oracle(model, layer_id: int):
+    la = model.model.layers[layer_id].linear_attn
+
+    @torch.no_grad()
+    def run(history_LH: torch.Tensor) -> torch.Tensor:
+        return la(history_LH[None].to(torch.float32))[0]
+
+    return run
+
+
+# -- several ranks as processes ------------------------------------------------------------------
+def _rank_entry(rank, world, init_file, out_dir, fn, args):
+    from tp_gdn.parallel import destroy_distributed, init_distributed
+
+    torch.set_num_threads(1)
+    init_distributed(backend="gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                     timeout_s=120)
+    try:
+        result = fn(rank, world, *args)
+        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    except BaseException:
+        Path(out_dir, f"rank{rank}.err").write_text(traceback.format_exc())
+        raise
+    finally:
+        destroy_distributed()
+
+
+def run_ranks(world: int, fn, tmp_path: Path, *args, timeout: float = 600) -> list:
+    """Run fn(rank, world, *args) in `world` spawned processes joined by gloo through a file://
+    store under tmp_path; return each rank's result (fn must live in an importable module)."""
+    out_dir = Path(tmp_path) / f"ranks{world}_{fn.__name__}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    init_file = out_dir / "store"
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_rank_entry, args=(r, world, str(init_file), str(out_dir), fn, args))
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout)
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    errors = [(r, Path(out_dir, f"rank{r}.err")) for r in range(world) if Path(out_dir, f"rank{r}.err").exists()]
+    if errors:
+        r, f = errors[0]
+        raise AssertionError(f"rank {r} failed:\n{f.read_text()}")
+    bad = [(r, p.exitcode) for r, p in enumerate(procs) if p.exitcode != 0]
+    if bad:
+        raise AssertionError(f"ranks exited abnormally (rank, exit code): {bad}")
+    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(world)]

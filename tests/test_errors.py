@@ -1,0 +1,124 @@
+"""Invalid input raises an error that says what is wrong, and leaves the cache as it was."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from helpers import random_full_weights, tiny_config
+from tp_gdn import Batch, CheckpointError, GDNLayer, StateCache, load_layers
+
+
+@pytest.fixture
+def filled():
+    """A layer and a cache whose slots 0..2 hold state from an earlier call."""
+    cfg = tiny_config()
+    layer = GDNLayer.from_full(cfg, 0, random_full_weights(cfg))
+    cache = StateCache(cfg, [0, 1], num_slots=4, tp_size=1)
+    layer(torch.randn(70, 32), Batch([60, 7, 3], [0, 1, 2], [False] * 3), cache)
+    return layer, cache
+
+
+def snapshot(cache):
+    return [t.clone() for d in (cache.conv, cache.ssm) for t in d.values()]
+
+
+def assert_unchanged(cache, snap):
+    for now, before in zip([t for d in (cache.conv, cache.ssm) for t in d.values()], snap):
+        assert torch.equal(now, before)
+
+
+@pytest.mark.parametrize("make_x,batch,message", [
+    (lambda: torch.randn(5, 31), ([5], [0], [True]), "x has width 31, but hidden_size is 32"),
+    (lambda: torch.randn(6, 32), ([5], [0], [True]), "x has 6 rows, but the batch's seq_lens"),
+    (lambda: torch.randn(5, 32), ([5], [4], [True]), "slot 4 is out of range: the cache has 4 slots"),
+    (lambda: torch.randn(5, 32, dtype=torch.float64), ([5], [0], [True]), "x is torch.float64"),
+    (lambda: torch.randn(1, 5, 32), ([5], [0], [True]), r"x must be a \[tokens, hidden_size=32\] tensor"),
+])
+def test_bad_call_raises_and_leaves_cache_unchanged(filled, make_x, batch, message):
+    layer, cache = filled
+    snap = snapshot(cache)
+    with pytest.raises(ValueError, match=message):
+        layer(make_x(), Batch(*batch), cache)
+    assert_unchanged(cache, snap)
+
+
+@pytest.mark.parametrize("args,message", [
+    (([2, 3], [1, 1], [True, False]), "slot 1 is used twice in one batch"),
+    (([2, 0], [0, 1], [True, False]), r"seq_lens\[1\] = 0: each sequence needs a length >= 1"),
+    (([-3], [0], [False]), r"seq_lens\[0\] = -3"),
+    (([2], [-1], [False]), r"slots\[0\] = -1"),
+    (([2, 2], [0], [False]), "one entry per sequence"),
+    (([], [], []), "at least one sequence"),
+    (([2.5], [0], [False]), "expected an integer"),
+    (([2], [0], ["yes"]), "must be True or False"),
+])
+def test_invalid_batch_is_refused_before_any_state_is_touched(filled, args, message):
+    layer, cache = filled
+    snap = snapshot(cache)
+    with pytest.raises(ValueError, match=message):
+        layer(torch.randn(5, 32), Batch(*args), cache)
+    assert_unchanged(cache, snap)
+
+
+def test_cache_without_the_layer_is_refused(filled):
+    layer, _ = filled
+    other = StateCache(layer.cfg, [1], num_slots=4, tp_size=1)
+    with pytest.raises(ValueError, match="holds no state for layer 0"):
+        layer(torch.randn(2, 32), Batch([2], [0], [False]), other)
+
+
+def test_cache_for_another_tp_is_refused(filled):
+    layer, _ = filled
+    other = StateCache(layer.cfg, [0], num_slots=4, tp_size=2)
+    with pytest.raises(ValueError, match="cache was built for tp=2"):
+        layer(torch.randn(2, 32), Batch([2], [0], [False]), other)
+
+
+@pytest.mark.parametrize("build", [
+    lambda cfg: GDNLayer(cfg, 0, 0, 3),
+    lambda cfg: StateCache(cfg, [0], 4, tp_size=3),
+])
+def test_tp_that_does_not_divide_the_heads_is_refused(build):
+    with pytest.raises(ValueError, match="tp=3 does not divide linear_num_key_heads=4"):
+        build(tiny_config())
+
+
+def test_load_with_tp_that_does_not_divide_the_heads_is_refused(hf_next):
+    with pytest.raises(ValueError, match="tp=3 does not divide"):
+        load_layers(hf_next[0], tp_rank=0, tp_size=3)
+
+
+def copy_checkpoint(src, dst):
+    dst.mkdir()
+    for f in src.iterdir():
+        dst.joinpath(f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+def edit_tensor(ckpt, name, fn):
+    index = json.loads((ckpt / "model.safetensors.index.json").read_text())
+    fname = index["weight_map"][name]
+    tensors = load_file(ckpt / fname)
+    new = fn(tensors.pop(name))
+    if new is not None:
+        tensors[name] = new
+    else:
+        del index["weight_map"][name]
+        (ckpt / "model.safetensors.index.json").write_text(json.dumps(index))
+    save_file(tensors, ckpt / fname, metadata={"format": "pt"})
+
+
+def test_checkpoint_missing_a_tensor_is_named(hf_next, tmp_path):
+    ckpt = copy_checkpoint(hf_next[0], tmp_path / "ckpt")
+    edit_tensor(ckpt, "model.layers.1.linear_attn.dt_bias", lambda t: None)
+    with pytest.raises(CheckpointError, match="model.layers.1.linear_attn.dt_bias is missing"):
+        load_layers(ckpt, tp_rank=0, tp_size=1)
+
+
+def test_checkpoint_with_misshapen_tensor_is_named(hf_next, tmp_path):
+    ckpt = copy_checkpoint(hf_next[0], tmp_path / "ckpt")
+    edit_tensor(ckpt, "model.layers.2.linear_attn.out_proj.weight", lambda t: t[:, :-1].contiguous())
+    with pytest.raises(CheckpointError, match=r"out_proj.weight has shape \[32, 127\].*implies \[32, 128\]"):
+        load_layers(ckpt, tp_rank=0, tp_size=1)

@@ -1,0 +1,22 @@
+"""Per-rank bodies for multi-process tests (spawned processes import them from here)."""
+
+from __future__ import annotations
+
+import torch
+
+from tp_gdn import GDNLayer, StateCache, load_layers
+from tp_gdn.workload import run_steps
+
+
+def sharded_workload(rank, world, cfg, full_by_layer, steps, num_slots, dtype=torch.float32):
+    """Build this rank's shard of each layer from full weights and run the steps."""
+    layers = {i: GDNLayer.from_full(cfg, i, full, rank, world, dtype=dtype) for i, full in full_by_layer.items()}
+    cache = StateCache(cfg, list(layers), num_slots, dtype=dtype)
+    return run_steps(layers, cache, steps)
+
+
+def checkpoint_workload(rank, world, ckpt_dir, steps, num_slots, dtype=torch.float32):
+    """Load this rank's shard of every GDN layer from a checkpoint and run the steps."""
+    layers = load_layers(ckpt_dir, dtype=dtype)
+    cache = StateCache(layers[next(iter(layers))].cfg, list(layers), num_slots, dtype=dtype)
+    return run_steps(layers, cache, steps)

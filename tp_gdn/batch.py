@@ -1,0 +1,115 @@
+"""Batch: which packed sequences a forward call holds, and where their states live."""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+CHUNK = 64  # chunk length of the chunked delta rule; prefill work is scheduled in these units
+
+
+@dataclass(frozen=True)
+class BatchMeta:
+    """A batch's index tensors on one device, built once and shared by every layer's call."""
+
+    cu_seqlens: torch.Tensor   # [N + 1] int32, token offsets of the packed sequences
+    slots: torch.Tensor        # [N] int64, state-pool slot of each sequence
+    has_state: torch.Tensor    # [N] bool, continue from the slot (else start from zero)
+    decode_seqs: torch.Tensor  # [Nd] int32, sequences of length 1 (one recurrent step)
+    chunks: torch.Tensor       # [NC, 2] int32, (sequence, first token of the chunk) of longer ones
+    last_chunk: torch.Tensor   # [Np] int32, index into `chunks` of each longer sequence's last chunk
+    num_decode: int
+    num_chunks: int
+
+
+def _as_int(value, what: str) -> int:
+    if isinstance(value, bool):
+        raise ValueError(f"{what} = {value!r}: expected an integer, not a bool")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise ValueError(f"{what} = {value!r}: expected an integer") from None
+
+
+class Batch:
+    """Packed sequences of one forward call.
+
+    `seq_lens[i]` tokens of sequence i follow each other in `x`; `slots[i]` is its state slot;
+    `has_state[i]` says whether it continues from that slot (decode step or continued prefill)
+    or starts from zero state. Slots must be distinct within a batch.
+    """
+
+    def __init__(self, seq_lens: Sequence[int], slots: Sequence[int], has_state: Sequence[bool]):
+        seq_lens, slots, has_state = list(seq_lens), list(slots), list(has_state)
+        if not seq_lens:
+            raise ValueError("a batch needs at least one sequence")
+        if not (len(seq_lens) == len(slots) == len(has_state)):
+            raise ValueError(
+                f"seq_lens, slots and has_state must have one entry per sequence, got "
+                f"{len(seq_lens)}, {len(slots)} and {len(has_state)}"
+            )
+        seq_lens = [_as_int(n, f"seq_lens[{i}]") for i, n in enumerate(seq_lens)]
+        slots = [_as_int(s, f"slots[{i}]") for i, s in enumerate(slots)]
+        for i, n in enumerate(seq_lens):
+            if n < 1:
+                raise ValueError(f"seq_lens[{i}] = {n}: each sequence needs a length >= 1")
+        for i, s in enumerate(slots):
+            if s < 0:
+                raise ValueError(f"slots[{i}] = {s}: slots are >= 0")
+        seen: dict[int, int] = {}
+        for i, s in enumerate(slots):
+            if s in seen:
+                raise ValueError(f"slot {s} is used twice in one batch (sequences {seen[s]} and {i})")
+            seen[s] = i
+        for i, h in enumerate(has_state):
+            if h not in (True, False):
+                raise ValueError(f"has_state[{i}] = {h!r}: must be True or False")
+        has_state = [bool(h) for h in has_state]
+        self.seq_lens = tuple(seq_lens)
+        self.slots = tuple(slots)
+        self.has_state = tuple(has_state)
+        self.num_tokens = sum(seq_lens)
+        offsets = [0]
+        for n in seq_lens:
+            offsets.append(offsets[-1] + n)
+        self.cu_seqlens = tuple(offsets)
+        self._meta: dict[torch.device, BatchMeta] = {}
+
+    def __len__(self) -> int:
+        return len(self.seq_lens)
+
+    def __repr__(self) -> str:
+        return f"Batch(seq_lens={list(self.seq_lens)}, slots={list(self.slots)}, has_state={list(self.has_state)})"
+
+    def meta(self, device) -> BatchMeta:
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        if device not in self._meta:
+            decode = [i for i, n in enumerate(self.seq_lens) if n == 1]
+            chunks, last = [], []
+            for i, n in enumerate(self.seq_lens):
+                if n > 1:
+                    chunks += [(i, self.cu_seqlens[i] + c) for c in range(0, n, CHUNK)]
+                    last.append(len(chunks) - 1)
+
+            def put(values, dtype, shape=None):
+                t = torch.tensor(values, dtype=dtype)
+                if shape is not None:
+                    t = t.reshape(shape)
+                return t.to(device, non_blocking=True)
+
+            self._meta[device] = BatchMeta(
+                cu_seqlens=put(self.cu_seqlens, torch.int32),
+                slots=put(self.slots, torch.int64),
+                has_state=put(self.has_state, torch.bool),
+                decode_seqs=put(decode, torch.int32),
+                chunks=put(chunks, torch.int32, (len(chunks), 2)),
+                last_chunk=put(last, torch.int32),
+                num_decode=len(decode),
+                num_chunks=len(chunks),
+            )
+        return self._meta[device]

@@ -1,0 +1,38 @@
+"""Kernel backends behind one interface: `gdn_mix` and `gated_rmsnorm`.
+
+"torch": the plain-torch reference (any device, float64 too). "triton": our Triton kernels
+(CUDA, or the CPU under TRITON_INTERPRET=1). Nothing here knows about processes or ranks.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+def resolve_backend(backend: str, device) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    device = torch.device(device)
+    if backend == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            f"backend 'triton' needs a CUDA device (got {device}); on the CPU use backend 'torch', "
+            "or set TRITON_INTERPRET=1 to run the kernels in Triton's interpreter (tiny shapes only)"
+        )
+    return backend
+
+
+def get_ops(backend: str):
+    """The module that implements `gdn_mix` and `gated_rmsnorm` for a resolved backend name."""
+    if backend == "torch":
+        from . import reference
+        return reference
+    if backend == "triton":
+        from . import triton_ops
+        return triton_ops
+    raise ValueError(f"unresolved backend {backend!r}")

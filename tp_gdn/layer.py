@@ -1,0 +1,131 @@
+"""GDNLayer: one Gated DeltaNet layer holding this rank's slice of the heads.
+
+Rank p of tp holds key heads [p nk/tp, (p+1) nk/tp) and the value heads that read them; every
+per-head stage is local, and the output projection's partial sums are all-reduced (the only
+communication, in `RowParallelLinear.forward`).
+
+Parameters and how each takes its shard from the full (unsharded) layer:
+  in_proj.weight   [2kd + 2vd + 2nv, H]  rows [q | k | v | z | b | a], block p of each segment
+  conv_weight      [2kd + vd, K]         rows [q | k | v], block p of each segment
+  A_log, dt_bias   [nv]                  block p (fp32)
+  norm_weight      [dv]                  replicated (fp32)
+  out_proj.weight  [H, vd]               column block p
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .batch import Batch
+from .cache import StateCache
+from .config import GDNConfig
+from .kernels import get_ops, resolve_backend
+from .parallel import ColumnParallelLinear, Replicate, RowParallelLinear, Split, load_full_, sharded_parameter
+
+
+def full_shapes(cfg: GDNConfig) -> dict[str, tuple[int, ...]]:
+    """Shapes of the unsharded layer's parameters, by parameter name."""
+    kd, vd, nv = cfg.key_dim, cfg.value_dim, cfg.num_v_heads
+    return {
+        "in_proj.weight": (2 * kd + 2 * vd + 2 * nv, cfg.hidden_size),
+        "conv_weight": (cfg.conv_dim, cfg.conv_kernel),
+        "A_log": (nv,),
+        "dt_bias": (nv,),
+        "norm_weight": (cfg.head_v_dim,),
+        "out_proj.weight": (cfg.hidden_size, vd),
+    }
+
+
+class GDNLayer(nn.Module):
+    def __init__(self, cfg: GDNConfig, layer_id: int, tp_rank: int = 0, tp_size: int = 1, group=None,
+                 dtype: torch.dtype = torch.float32, device="cpu", backend: str = "auto"):
+        super().__init__()
+        cfg.check_tp(tp_size)
+        if not 0 <= tp_rank < tp_size:
+            raise ValueError(f"tp_rank {tp_rank} is not in [0, {tp_size})")
+        if layer_id not in cfg.linear_layer_ids:
+            raise ValueError(f"layer {layer_id} is not a linear-attention layer (those are {cfg.linear_layer_ids})")
+        self.cfg, self.layer_id = cfg, layer_id
+        self.tp_rank, self.tp_size, self.group = tp_rank, tp_size, group
+        self.dtype, self.device = dtype, torch.device(device)
+        self.backend = resolve_backend(backend, self.device)
+        self.ops = get_ops(self.backend)
+        self.nk, self.nv = cfg.num_k_heads // tp_size, cfg.num_v_heads // tp_size
+        self.dk, self.dv = cfg.head_k_dim, cfg.head_v_dim
+
+        kd, vd, nv = cfg.key_dim, cfg.value_dim, cfg.num_v_heads
+        shapes = full_shapes(cfg)
+        f32 = torch.float32
+        self.in_proj = ColumnParallelLinear(cfg.hidden_size, (kd, kd, vd, vd, nv, nv), tp_size, dtype, device)
+        self.conv_weight = sharded_parameter(shapes["conv_weight"], Split(0, (kd, kd, vd)), tp_size, dtype, device)
+        self.A_log = sharded_parameter(shapes["A_log"], Split(0, (nv,)), tp_size, f32, device)
+        self.dt_bias = sharded_parameter(shapes["dt_bias"], Split(0, (nv,)), tp_size, f32, device)
+        self.norm_weight = sharded_parameter(shapes["norm_weight"], Replicate(), tp_size, f32, device)
+        self.out_proj = RowParallelLinear(vd, cfg.hidden_size, tp_size, dtype, device, group)
+
+    @classmethod
+    def from_full(cls, cfg: GDNConfig, layer_id: int, full: dict[str, torch.Tensor], tp_rank: int = 0,
+                  tp_size: int = 1, **kw) -> "GDNLayer":
+        """Build this rank's shard from the unsharded layer's weights (names as in `full_shapes`)."""
+        layer = cls(cfg, layer_id, tp_rank, tp_size, **kw)
+        load_full_(layer, full, tp_rank, tp_size)
+        return layer
+
+    def extra_repr(self) -> str:
+        return (f"layer={self.layer_id}, tp={self.tp_rank}/{self.tp_size}, heads k/v={self.nk}/{self.nv}, "
+                f"dtype={self.dtype}, backend={self.backend}")
+
+    # -- checks that run before any state is touched --------------------------------------------
+    def check_inputs(self, x: torch.Tensor, batch: Batch, cache: StateCache) -> None:
+        H = self.cfg.hidden_size
+        if not isinstance(batch, Batch):
+            raise TypeError(f"batch must be a tp_gdn.Batch, got {type(batch).__name__}")
+        if not isinstance(cache, StateCache):
+            raise TypeError(f"cache must be a tp_gdn.StateCache, got {type(cache).__name__}")
+        if not isinstance(x, torch.Tensor) or x.dim() != 2:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"x must be a [tokens, hidden_size={H}] tensor, got {shape}")
+        if x.shape[1] != H:
+            raise ValueError(f"x has width {x.shape[1]}, but hidden_size is {H}")
+        if x.shape[0] != batch.num_tokens:
+            raise ValueError(
+                f"x has {x.shape[0]} rows, but the batch's seq_lens {list(batch.seq_lens)} sum to {batch.num_tokens}")
+        if x.dtype != self.dtype:
+            raise ValueError(f"x is {x.dtype}, but layer {self.layer_id} holds {self.dtype} weights")
+        if x.device != self.in_proj.weight.device:
+            raise ValueError(f"x is on {x.device}, but layer {self.layer_id} is on {self.in_proj.weight.device}")
+        if self.layer_id not in cache.conv:
+            raise ValueError(f"the cache holds no state for layer {self.layer_id} (it has {cache.layer_ids})")
+        if cache.tp_size != self.tp_size:
+            raise ValueError(f"the cache was built for tp={cache.tp_size}, the layer is sharded for tp={self.tp_size}")
+        conv_pool = cache.conv[self.layer_id]
+        if conv_pool.device != x.device or conv_pool.dtype != x.dtype:
+            raise ValueError(
+                f"the cache's conv state is {conv_pool.dtype} on {conv_pool.device}; x is {x.dtype} on {x.device}")
+        bad = [s for s in batch.slots if s >= cache.num_slots]
+        if bad:
+            raise ValueError(f"slot {bad[0]} is out of range: the cache has {cache.num_slots} slots "
+                             f"(0..{cache.num_slots - 1})")
+
+    # -- forward ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def forward(self, x_TH: torch.Tensor, batch: Batch, cache: StateCache) -> torch.Tensor:
+        """x [tokens, H] (the same on every rank) -> y [tokens, H] (the same on every rank).
+
+        Each used slot holds its sequence's state after the call.
+        """
+        self.check_inputs(x_TH, batch, cache)
+        return self.out_proj(self.partial_core(x_TH, batch, cache))
+
+    def partial_core(self, x_TH, batch: Batch, cache: StateCache) -> torch.Tensor:
+        """Everything before the output projection: the gated-norm output [T, nv/tp * dv]."""
+        T = x_TH.shape[0]
+        nk, nv, dk, dv = self.nk, self.nv, self.dk, self.dv
+        proj = self.in_proj(x_TH)
+        o = self.ops.gdn_mix(proj, nk, nv, dk, dv, self.conv_weight, self.A_log, self.dt_bias,
+                             cache.conv[self.layer_id], cache.ssm[self.layer_id], batch,
+                             batch.meta(x_TH.device))
+        z = proj[:, 2 * nk * dk + nv * dv: 2 * nk * dk + 2 * nv * dv].reshape(T, nv, dv)
+        y = self.ops.gated_rmsnorm(o, z, self.norm_weight, self.cfg.rms_norm_eps, out_dtype=x_TH.dtype)
+        return y.reshape(T, nv * dv)

@@ -1,0 +1,111 @@
+"""Pre-sharded checkpoints: one safetensors file per rank plus a manifest.
+
+`write_presharded` cuts an HF checkpoint with the same rules the loader uses (each rank's file
+holds exactly the pieces that rank would read) and records tp, layout, the source config and a
+sha256 per file. Loading such a directory reads only the rank's own file, after checking its
+checksum and that the run's tp matches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from ..config import GDNConfig
+from .files import CheckpointError, SafetensorsCheckpoint
+from .rules import tensor_rules
+
+MANIFEST = "tp_gdn_manifest.json"
+FORMAT = "tp_gdn.presharded"
+
+
+def rank_file(rank: int, tp: int) -> str:
+    return f"rank-{rank:05d}-of-{tp:05d}.safetensors"
+
+
+def sha256_file(path: Path, block: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_presharded(src_dir: str | Path, out_dir: str | Path, tp: int, progress: bool | None = None) -> Path:
+    """Write `out_dir` with one file per rank of `tp`, a copy of config.json and a manifest."""
+    src_dir, out_dir = Path(src_dir), Path(out_dir)
+    cfg = GDNConfig.from_pretrained(src_dir)
+    cfg.check_tp(tp)
+    if (src_dir / MANIFEST).is_file():
+        raise CheckpointError(f"{src_dir} is already pre-sharded; shard the original HF checkpoint instead")
+    if out_dir.resolve() == src_dir.resolve():
+        raise CheckpointError("the output directory must differ from the source")
+    files = SafetensorsCheckpoint(src_dir)
+    rules = tensor_rules(cfg)
+    names = [cfg.tensor_prefix(i) + n for i in cfg.linear_layer_ids for n in rules]
+    files.check({cfg.tensor_prefix(i) + n: shape for i in cfg.linear_layer_ids for n, (shape, _) in rules.items()})
+    out_dir.mkdir(parents=True, exist_ok=True)
+    entries = []
+    with files.reader() as reader, tqdm(total=tp * len(names), desc=f"sharding for tp={tp}", unit="tensor",
+                                        disable=progress is False, leave=False) as bar:
+        for rank in range(tp):
+            pieces = {}
+            for i in cfg.linear_layer_ids:
+                for n, (_, rule) in rules.items():
+                    pieces[cfg.tensor_prefix(i) + n] = reader.read(cfg.tensor_prefix(i) + n, rule, rank, tp).contiguous()
+                    bar.update()
+            path = out_dir / rank_file(rank, tp)
+            save_file(pieces, str(path), metadata={"format": "pt", "tp": str(tp), "rank": str(rank)})
+            entries.append({"rank": rank, "file": path.name, "bytes": path.stat().st_size,
+                            "sha256": sha256_file(path)})
+    shutil.copyfile(src_dir / "config.json", out_dir / "config.json")
+    manifest = {
+        "format": FORMAT,
+        "version": 1,
+        "tp": tp,
+        "model_type": cfg.model_type,
+        "layout": cfg.layout,
+        "layer_ids": cfg.linear_layer_ids,
+        "source": str(src_dir.resolve()),
+        "config_sha256": sha256_file(src_dir / "config.json"),
+        "files": entries,
+    }
+    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return out_dir
+
+
+def read_manifest(ckpt_dir: Path) -> dict:
+    path = ckpt_dir / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if manifest.get("format") != FORMAT or manifest.get("version") != 1:
+        raise CheckpointError(f"{path}: not a tp_gdn pre-sharded manifest (format {manifest.get('format')!r})")
+    return manifest
+
+
+def presharded_files(ckpt_dir: Path, cfg: GDNConfig, rank: int, tp: int, verify: bool = True) -> SafetensorsCheckpoint:
+    """The rank's own file of a pre-sharded directory, after checking tp, layout and checksum."""
+    manifest = read_manifest(ckpt_dir)
+    if manifest["tp"] != tp:
+        raise CheckpointError(
+            f"{ckpt_dir} is pre-sharded for tp={manifest['tp']}, but this run has tp={tp}; "
+            f"shard the HF checkpoint again with `tp-gdn shard SRC --tp {tp} --out DIR`")
+    if manifest["layout"] != cfg.layout or manifest["model_type"] != cfg.model_type:
+        raise CheckpointError(f"{ckpt_dir / MANIFEST}: says {manifest['model_type']}/{manifest['layout']}, "
+                              f"config.json says {cfg.model_type}/{cfg.layout}")
+    entry = next((e for e in manifest["files"] if e["rank"] == rank), None)
+    if entry is None:
+        raise CheckpointError(f"{ckpt_dir / MANIFEST}: lists no file for rank {rank}")
+    path = ckpt_dir / entry["file"]
+    if not path.is_file():
+        raise CheckpointError(f"{path}: rank {rank}'s file is missing")
+    if verify and sha256_file(path) != entry["sha256"]:
+        raise CheckpointError(f"{path}: sha256 does not match the manifest; the file is corrupt or was changed")
+    return SafetensorsCheckpoint(ckpt_dir, only=[entry["file"]])

@@ -1,0 +1,13 @@
+"""The collectives the tensor-parallel layer uses, each one call, visible at its call site."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def all_reduce_sum_(x: torch.Tensor, group=None) -> torch.Tensor:
+    """Sum `x` over the ranks of `group` in place and return it (a no-op on one rank)."""
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(x, op=dist.ReduceOp.SUM, group=group)
+    return x
