@@ -5,7 +5,12 @@ import zlib
 import pytest
 import torch
 
-from helpers import build_hf_model, save_hf
+# Without a GPU the Triton kernels run in Triton's interpreter; it must be chosen before any
+# kernel module is imported (the choice is made when @triton.jit decorates a kernel).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from helpers import build_hf_model, save_hf  # noqa: E402
 
 # Fresh random inputs every run; TP_GDN_TEST_SEED=<n> replays a run (the header prints the seed).
 SESSION_SEED = int(os.environ.get("TP_GDN_TEST_SEED", random.SystemRandom().randrange(2**31)))

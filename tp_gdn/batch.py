@@ -17,10 +17,10 @@ class BatchMeta:
 
     cu_seqlens: torch.Tensor   # [N + 1] int32, token offsets of the packed sequences
     slots: torch.Tensor        # [N] int64, state-pool slot of each sequence
-    has_state: torch.Tensor    # [N] bool, continue from the slot (else start from zero)
+    has_state: torch.Tensor    # [N] int32 (0/1), continue from the slot (else start from zero)
     decode_seqs: torch.Tensor  # [Nd] int32, sequences of length 1 (one recurrent step)
+    prefill_seqs: torch.Tensor  # [Np] int32, sequences longer than 1 token (chunked prefill)
     chunks: torch.Tensor       # [NC, 2] int32, (sequence, first token of the chunk) of longer ones
-    last_chunk: torch.Tensor   # [Np] int32, index into `chunks` of each longer sequence's last chunk
     num_decode: int
     num_chunks: int
 
@@ -90,11 +90,8 @@ class Batch:
             device = torch.device("cuda", torch.cuda.current_device())
         if device not in self._meta:
             decode = [i for i, n in enumerate(self.seq_lens) if n == 1]
-            chunks, last = [], []
-            for i, n in enumerate(self.seq_lens):
-                if n > 1:
-                    chunks += [(i, self.cu_seqlens[i] + c) for c in range(0, n, CHUNK)]
-                    last.append(len(chunks) - 1)
+            prefill = [i for i, n in enumerate(self.seq_lens) if n > 1]
+            chunks = [(i, self.cu_seqlens[i] + c) for i in prefill for c in range(0, self.seq_lens[i], CHUNK)]
 
             def put(values, dtype, shape=None):
                 t = torch.tensor(values, dtype=dtype)
@@ -105,10 +102,10 @@ class Batch:
             self._meta[device] = BatchMeta(
                 cu_seqlens=put(self.cu_seqlens, torch.int32),
                 slots=put(self.slots, torch.int64),
-                has_state=put(self.has_state, torch.bool),
+                has_state=put(self.has_state, torch.int32),
                 decode_seqs=put(decode, torch.int32),
+                prefill_seqs=put(prefill, torch.int32),
                 chunks=put(chunks, torch.int32, (len(chunks), 2)),
-                last_chunk=put(last, torch.int32),
                 num_decode=len(decode),
                 num_chunks=len(chunks),
             )

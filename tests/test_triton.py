@@ -1,0 +1,214 @@
+"""Triton kernels against the torch reference (float64 where it matters) and fla-core.
+
+On a CPU machine they run in Triton's interpreter on tiny float32 shapes; on a GPU the same tests
+run compiled, and the tests marked `gpu` add real shapes, bfloat16 and fla-core 0.6.0.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helpers import random_full_weights, rel_err, tiny_config
+from tp_gdn import Batch, GDNLayer, StateCache
+from tp_gdn.kernels import reference as ref
+from tp_gdn.workload import mixed_workload, run_steps
+
+CUDA = torch.cuda.is_available()
+DEV = "cuda" if CUDA else "cpu"
+
+
+def tri():
+    from tp_gdn.kernels import triton_chunk, triton_conv, triton_decode, triton_norm, triton_ops
+    return triton_chunk, triton_conv, triton_decode, triton_norm, triton_ops
+
+
+def raw_inputs(T, nk, nv, dk, dv, dtype, S=None):
+    """Raw (pre-norm) q, k, v, gate inputs a, b, gate parameters, and a random state pool."""
+    q = torch.randn(T, nk, dk, dtype=torch.float64)
+    k = torch.randn(T, nk, dk, dtype=torch.float64)
+    v = torch.randn(T, nv, dv, dtype=torch.float64)
+    a = torch.randn(T, nv, dtype=torch.float64)
+    b = torch.randn(T, nv, dtype=torch.float64)
+    A_log = torch.log(torch.rand(nv, dtype=torch.float64) * 15 + 1)
+    dt_bias = torch.randn(nv, dtype=torch.float64) * 0.5
+    pool = torch.randn(S or 4, nv, dk, dv, dtype=torch.float64) * 0.3
+    return q, k, v, a, b, A_log, dt_bias, pool
+
+
+def reference_core(q, k, v, a, b, A_log, dt_bias, pool, batch):
+    """fp64 oracle: l2norm, scale, gating, then the varlen reference (updates `pool`)."""
+    dk = q.shape[-1]
+    g, beta = ref.gdn_gating(a, b, A_log, dt_bias)
+    return ref.gated_delta_rule_varlen(ref.l2norm(q) * dk ** -0.5, ref.l2norm(k), v, g, beta, pool,
+                                       batch.seq_lens, batch.slots, batch.has_state)
+
+
+def run_prefill(lens, nk, nv, dk, dv, dtype, tol, has=None):
+    *_, ops = tri()
+    S = len(lens) + 2
+    q, k, v, a, b, A_log, dt_bias, pool = raw_inputs(sum(lens), nk, nv, dk, dv, dtype, S)
+    has = has or [i % 2 == 0 for i in range(len(lens))]
+    batch = Batch(lens, list(range(S - 1, S - 1 - len(lens), -1)), has)
+    pool64 = pool.clone()
+    want = reference_core(q, k, v, a, b, A_log, dt_bias, pool64, batch)
+    pool_t = pool.float().to(DEV)
+    c = lambda x: x.to(DEV, dtype)
+    got = ops.gdn_prefill(c(q), c(k), c(v), c(a), c(b), A_log.float().to(DEV), dt_bias.float().to(DEV),
+                          pool_t, batch)
+    assert got.dtype == dtype
+    assert rel_err(got.cpu(), want) < tol
+    assert rel_err(pool_t.cpu(), pool64) < tol
+    return got
+
+
+@pytest.mark.parametrize("nk,nv", [(2, 2), (1, 2), (1, 4)])
+def test_chunked_prefill_matches_fp64_reference(nk, nv):
+    run_prefill([130, 2, 64, 65, 63], nk, nv, 16, 16, torch.float32, 1e-5)
+
+
+def test_chunked_prefill_handles_dk_unlike_dv():
+    run_prefill([70, 3], 1, 2, 32, 8, torch.float32, 1e-5, has=[True, False])
+
+
+def test_decode_step_matches_reference_with_conv_update():
+    *_, ops = tri()
+    cfg = tiny_config(nk=2, nv=4, dk=16, dv=16, K=4)
+    nk, nv, dk, dv = 2, 4, 16, 16
+    kd, vd = nk * dk, nv * dv
+    N, S = 5, 8
+    P = 2 * kd + 2 * vd + 2 * nv
+    proj = torch.randn(N, P)
+    conv_w = torch.randn(cfg.conv_dim, 4) * 0.5
+    conv_pool = torch.randn(S, 3, cfg.conv_dim)
+    ssm_pool = torch.randn(S, nv, dk, dv) * 0.3
+    A_log, dt_bias = torch.log(torch.rand(nv) * 15 + 1), torch.randn(nv)
+    batch = Batch([1] * N, [6, 0, 3, 7, 1], [True, False, True, True, False])
+    cp_ref, sp_ref = conv_pool.clone(), ssm_pool.clone()
+    want = ref.gdn_mix(proj, nk, nv, dk, dv, conv_w, A_log, dt_bias, cp_ref, sp_ref, batch)
+    cp, sp = conv_pool.to(DEV), ssm_pool.to(DEV)
+    got = ops.gdn_mix(proj.to(DEV), nk, nv, dk, dv, conv_w.to(DEV), A_log.to(DEV), dt_bias.to(DEV), cp, sp,
+                      batch, batch.meta(DEV))
+    assert rel_err(got.cpu(), want) < 1e-5
+    assert torch.equal(cp.cpu(), cp_ref)
+    assert rel_err(sp.cpu(), sp_ref) < 1e-5
+
+
+def test_conv_prefill_matches_reference_and_updates_conv_state():
+    _, conv, *_ = tri()
+    nk, dk, vd, K, S = 2, 16, 40, 4, 6
+    C = 2 * nk * dk + vd
+    lens, slots, has = [130, 2, 64, 65], [5, 0, 2, 3], [True, True, False, True]
+    T = sum(lens)
+    proj = torch.randn(T, C + 7)                    # extra columns: the kernel must read only C
+    w = torch.randn(C, K)
+    pool = torch.randn(S, K - 1, C)
+    pool_ref = pool.clone()
+    y = ref.causal_conv1d(proj[:, :C], w, pool_ref, lens, slots, has)
+    want = torch.cat([ref.l2norm(y[:, :nk * dk].reshape(T, nk, dk)).reshape(T, -1) * dk ** -0.5,
+                      ref.l2norm(y[:, nk * dk:2 * nk * dk].reshape(T, nk, dk)).reshape(T, -1), y[:, 2 * nk * dk:]], 1)
+    batch = Batch(lens, slots, has)
+    meta = batch.meta(DEV)
+    out = torch.full((T, C), float("nan"), device=DEV)
+    p = pool.to(DEV)
+    conv.conv_prefill(proj.to(DEV), w.to(DEV), p, out, meta.chunks, meta.num_chunks, meta.cu_seqlens, meta.slots,
+                      meta.has_state, nk, dk)
+    conv.conv_state_update(proj.to(DEV), p, meta.prefill_seqs, 4, meta.cu_seqlens, meta.slots, meta.has_state)
+    assert rel_err(out.cpu(), want) < 1e-6
+    assert torch.equal(p.cpu(), pool_ref)
+
+
+def test_gated_rmsnorm_matches_reference():
+    *_, norm, _ = tri()
+    o, z = torch.randn(37, 3, 24), torch.randn(37, 3 * 24 + 5)[:, :72].reshape(37, 3, 24)
+    w = torch.randn(24)
+    got = norm.gated_rmsnorm(o.to(DEV), z.to(DEV), w.to(DEV), 1e-6)
+    assert rel_err(got.cpu(), ref.gated_rmsnorm(o, z, w, 1e-6)) < 1e-6
+
+
+def test_triton_layer_matches_torch_layer_on_mixed_workload(seed):
+    cfg = tiny_config(nk=2, nv=4, dk=16, dv=16, layers=2)
+    full = random_full_weights(cfg, seed)
+    steps = mixed_workload(cfg.hidden_size, seed)
+    want = run_steps({0: GDNLayer.from_full(cfg, 0, full, backend="torch")}, StateCache(cfg, [0], 8, tp_size=1), steps)
+    cache = StateCache(cfg, [0], 8, device=DEV, tp_size=1)
+    got = run_steps({0: GDNLayer.from_full(cfg, 0, full, backend="triton", device=DEV)}, cache, steps)
+    for n, (g, w) in enumerate(zip(got[0], want[0])):
+        assert rel_err(g.cpu(), w) < 1e-5, f"step {n}"
+
+
+# -- GPU: real shapes, bfloat16, and fla-core as a peer -------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("nk,nv", [(4, 4), (4, 8), (2, 8)])
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 1e-2), (torch.float32, 1e-5)])
+def test_gpu_prefill_real_dims_matches_fp64(nk, nv, dtype, tol):
+    run_prefill([1000, 64, 65, 2100, 130, 2, 63, 517], nk, nv, 128, 128, dtype, tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("BV", [16, 32, 64, 128])
+def test_gpu_prefill_any_dv_split_gives_the_same_result(BV):
+    *_, ops = tri()
+    q, k, v, a, b, A_log, dt_bias, pool = (x.to(DEV) for x in raw_inputs(700, 2, 4, 128, 128, torch.float64))
+    batch = Batch([300, 400], [0, 1], [True, False])
+    c = lambda x: x.to(torch.bfloat16)
+    outs = []
+    for bv in (BV, 128):
+        p = pool.float().clone()
+        outs.append((ops.gdn_prefill(c(q), c(k), c(v), c(a), c(b), A_log.float(), dt_bias.float(), p, batch,
+                                     BV=bv), p))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("N,nv", [(1, 32), (256, 32), (7, 8)])
+def test_gpu_decode_core_matches_fp64(N, nv):
+    *_, ops = tri()
+    nk, dk, dv = nv // 2, 128, 128
+    q, k, v, a, b, A_log, dt_bias, pool = raw_inputs(N, nk, nv, dk, dv, torch.float64, S=N + 3)
+    batch = Batch([1] * N, list(range(N + 2, 2, -1))[:N], [i % 3 != 1 for i in range(N)])
+    pool64 = pool.clone()
+    want = reference_core(q, k, v, a, b, A_log, dt_bias, pool64, batch)
+    x = torch.cat([q.reshape(N, -1), k.reshape(N, -1), v.reshape(N, -1), b, a], 1).to(DEV, torch.bfloat16)
+    p = pool.float().to(DEV)
+    got = ops.gdn_decode(x, nk, nv, dk, dv, A_log.float().to(DEV), dt_bias.float().to(DEV), p, batch)
+    assert rel_err(got.cpu(), want) < 1e-2
+    assert rel_err(p.cpu(), pool64) < 1e-2
+
+
+def fla_or_skip():
+    return pytest.importorskip("fla.ops.gated_delta_rule")
+
+
+@pytest.mark.gpu
+def test_gpu_prefill_agrees_with_fla_core():
+    fla = fla_or_skip()
+    *_, ops = tri()
+    lens = [1000, 64, 65, 2100]
+    q, k, v, a, b, A_log, dt_bias, pool = (x.to(DEV) for x in raw_inputs(sum(lens), 4, 8, 128, 128, torch.float64))
+    bf = lambda x: x.to(torch.bfloat16)
+    batch = Batch(lens, [0, 1, 2, 3], [True] * 4)
+    h0 = pool[:4].float()
+    ours = ops.gdn_prefill(bf(q), bf(k), bf(v), bf(a), bf(b), A_log.float(), dt_bias.float(), h0.clone(), batch)
+    g = -A_log.float().exp() * F.softplus(a.float() + dt_bias.float())
+    cu = torch.tensor(batch.cu_seqlens, device=DEV, dtype=torch.long)
+    theirs, _ = fla.chunk_gated_delta_rule(bf(q)[None], bf(k)[None], bf(v)[None], g[None], torch.sigmoid(b.float())[None],
+                                           initial_state=h0.clone(), output_final_state=True, cu_seqlens=cu,
+                                           use_qk_l2norm_in_kernel=True)
+    assert rel_err(ours, theirs[0]) < 1e-2
+
+
+@pytest.mark.gpu
+def test_gpu_decode_agrees_with_fla_core():
+    fla = fla_or_skip()
+    *_, ops = tri()
+    N, nk, nv, dk, dv = 16, 16, 32, 128, 128
+    q, k, v, a, b, A_log, dt_bias, pool = (x.to(DEV) for x in raw_inputs(N, nk, nv, dk, dv, torch.float64, S=N))
+    bf = lambda x: x.to(torch.bfloat16)
+    x = bf(torch.cat([q.reshape(N, -1), k.reshape(N, -1), v.reshape(N, -1), b, a], 1))
+    p = pool.float().clone()
+    ours = ops.gdn_decode(x, nk, nv, dk, dv, A_log.float(), dt_bias.float(), p, Batch([1] * N, list(range(N)), [True] * N))
+    g = -A_log.float().exp() * F.softplus(a.float() + dt_bias.float())
+    theirs, _ = fla.fused_recurrent_gated_delta_rule(bf(q)[:, None], bf(k)[:, None], bf(v)[:, None], g[:, None],
+                                                     torch.sigmoid(b.float())[:, None], initial_state=pool.float(),
+                                                     output_final_state=True, use_qk_l2norm_in_kernel=True)
+    assert rel_err(ours, theirs[:, 0]) < 1e-2

@@ -1,0 +1,308 @@
+"""Triton chunked gated delta rule for packed prefill sequences (chunk 64).
+
+Three launches:
+  1. `_intra_solve_kernel`  (chunks x value heads, all parallel): gating from raw a/b, the
+     in-chunk cumulative decay G, A = beta k k^T o Gamma (strictly lower) and T = (I + A)^-1,
+     solved on 16-row blocks in registers.
+  2. `_intra_wu_kernel`     (chunks x value heads, all parallel): with 64-row products,
+     w = T (beta e^G k), u = T (beta v), P = (q k^T o Gamma, j <= i), and the state-free parts
+     Q' = e^G q - P w and O_c = P u of the chunk output.
+  3. `_state_pass_kernel`   (sequences x value heads x dv blocks): walks the chunks in order,
+     U = u - w S, o = O_c + Q' S, S <- e^{G_last} S + (e^{G_last - G} k)^T U, reading the initial
+     state from the slot pool and writing the final state back in place.
+Splitting dv across programs keeps the sequential pass busy when a rank has few heads and one
+long sequence. q/k may be given raw (NORM_QK: l2norm and q scale inside) or already normalised.
+Value head h reads key head h // R through strides; q/k are never repeated in memory.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+CHUNK = 64
+
+
+@triton.jit
+def _load_qk(ptr, rows, m_rows, stride_t, col0, o_k, m_k, NORM: tl.constexpr, scale):
+    x = tl.load(ptr + rows[:, None] * stride_t + col0 + o_k[None, :], mask=m_rows[:, None] & m_k[None, :], other=0.0)
+    if NORM:
+        xf = x.to(tl.float32)
+        xf = xf * tl.rsqrt(tl.sum(xf * xf, axis=1) + 1e-6)[:, None] * scale
+        x = xf.to(x.dtype)
+    return x
+
+
+@triton.jit
+def _gate_block(a_ptr, b_ptr, rows, m, stride_ab, h, A_log, dt_bias):
+    a = tl.load(a_ptr + rows * stride_ab + h, mask=m, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + rows * stride_ab + h, mask=m, other=0.0).to(tl.float32)
+    x = a + tl.load(dt_bias + h).to(tl.float32)
+    softplus = tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))))
+    g = -tl.exp(tl.load(A_log + h).to(tl.float32)) * softplus
+    return tl.where(m, g, 0.0), tl.where(m, tl.sigmoid(b), 0.0)
+
+
+@triton.jit
+def _decay(Gi, Gj, STRICT: tl.constexpr):
+    """exp(G_i - G_j) where j < i (or j <= i), else 0; the mask goes in before the exp."""
+    o = tl.arange(0, 16)
+    if STRICT:
+        m = o[:, None] > o[None, :]
+    else:
+        m = o[:, None] >= o[None, :]
+    return tl.exp(tl.where(m, Gi[:, None] - Gj[None, :], float("-inf")))
+
+
+@triton.jit
+def _invert_unit_lower(A):
+    """(I + A)^-1 for a strictly lower 16x16 A, by forward substitution on rows."""
+    o = tl.arange(0, 16)
+    Ai = -A
+    for i in range(2, 16):
+        row = tl.sum(tl.where((o == i)[:, None], -A, 0.0), 0)
+        row = row + tl.sum(row[:, None] * Ai, 0)
+        Ai = tl.where((o == i)[:, None], row[None, :], Ai)
+    return Ai + (o[:, None] == o[None, :]).to(tl.float32)
+
+
+@triton.jit
+def _intra_solve_kernel(
+    k, a, b, A_log, dt_bias, Tout, Gout, Bout, chunks, cu_seqlens,
+    stride_k, stride_ab, k_col0,
+    R: tl.constexpr, DK: tl.constexpr, BK: tl.constexpr, HV: tl.constexpr,
+    NORM_QK: tl.constexpr, PREC: tl.constexpr,
+):
+    i_c, h = tl.program_id(0), tl.program_id(1)
+    i_n = tl.load(chunks + i_c * 2).to(tl.int64)
+    t0 = tl.load(chunks + i_c * 2 + 1).to(tl.int64)
+    eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    o16 = tl.arange(0, 16)
+    o_k = tl.arange(0, BK)
+    m_k = o_k < DK
+    col0 = k_col0 + (h // R) * DK
+    r0, r1, r2, r3 = t0 + o16, t0 + 16 + o16, t0 + 32 + o16, t0 + 48 + o16
+    m0, m1, m2, m3 = r0 < eos, r1 < eos, r2 < eos, r3 < eos
+
+    g0, b0 = _gate_block(a, b, r0, m0, stride_ab, h, A_log, dt_bias)
+    g1, b1 = _gate_block(a, b, r1, m1, stride_ab, h, A_log, dt_bias)
+    g2, b2 = _gate_block(a, b, r2, m2, stride_ab, h, A_log, dt_bias)
+    g3, b3 = _gate_block(a, b, r3, m3, stride_ab, h, A_log, dt_bias)
+    G0 = tl.cumsum(g0, 0)
+    G1 = tl.cumsum(g1, 0) + tl.sum(g0, 0)
+    G2 = tl.cumsum(g2, 0) + tl.sum(g0, 0) + tl.sum(g1, 0)
+    G3 = tl.cumsum(g3, 0) + tl.sum(g0, 0) + tl.sum(g1, 0) + tl.sum(g2, 0)
+
+    k0 = _load_qk(k, r0, m0, stride_k, col0, o_k, m_k, NORM_QK, 1.0)
+    k1 = _load_qk(k, r1, m1, stride_k, col0, o_k, m_k, NORM_QK, 1.0)
+    k2 = _load_qk(k, r2, m2, stride_k, col0, o_k, m_k, NORM_QK, 1.0)
+    k3 = _load_qk(k, r3, m3, stride_k, col0, o_k, m_k, NORM_QK, 1.0)
+    kt0, kt1, kt2 = tl.trans(k0), tl.trans(k1), tl.trans(k2)
+
+    # A_ij = beta_i (k_i . k_j) exp(G_i - G_j), blocks of 16 rows; row scaling by beta after the dot
+    A00 = tl.dot(k0, kt0, input_precision=PREC) * _decay(G0, G0, True) * b0[:, None]
+    A11 = tl.dot(k1, kt1, input_precision=PREC) * _decay(G1, G1, True) * b1[:, None]
+    A22 = tl.dot(k2, kt2, input_precision=PREC) * _decay(G2, G2, True) * b2[:, None]
+    A33 = tl.dot(k3, tl.trans(k3), input_precision=PREC) * _decay(G3, G3, True) * b3[:, None]
+    A10 = tl.dot(k1, kt0, input_precision=PREC) * tl.exp(G1[:, None] - G0[None, :]) * b1[:, None]
+    A20 = tl.dot(k2, kt0, input_precision=PREC) * tl.exp(G2[:, None] - G0[None, :]) * b2[:, None]
+    A21 = tl.dot(k2, kt1, input_precision=PREC) * tl.exp(G2[:, None] - G1[None, :]) * b2[:, None]
+    A30 = tl.dot(k3, kt0, input_precision=PREC) * tl.exp(G3[:, None] - G0[None, :]) * b3[:, None]
+    A31 = tl.dot(k3, kt1, input_precision=PREC) * tl.exp(G3[:, None] - G1[None, :]) * b3[:, None]
+    A32 = tl.dot(k3, kt2, input_precision=PREC) * tl.exp(G3[:, None] - G2[None, :]) * b3[:, None]
+
+    T00 = _invert_unit_lower(A00)
+    T11 = _invert_unit_lower(A11)
+    T22 = _invert_unit_lower(A22)
+    T33 = _invert_unit_lower(A33)
+    # off-diagonal blocks of the inverse: T_ij = -T_ii sum_{j<=m<i} A_im T_mj
+    T10 = -tl.dot(T11, tl.dot(A10, T00, input_precision=PREC), input_precision=PREC)
+    T21 = -tl.dot(T22, tl.dot(A21, T11, input_precision=PREC), input_precision=PREC)
+    T32 = -tl.dot(T33, tl.dot(A32, T22, input_precision=PREC), input_precision=PREC)
+    T20 = -tl.dot(T22, tl.dot(A20, T00, input_precision=PREC) + tl.dot(A21, T10, input_precision=PREC),
+                  input_precision=PREC)
+    T31 = -tl.dot(T33, tl.dot(A31, T11, input_precision=PREC) + tl.dot(A32, T21, input_precision=PREC),
+                  input_precision=PREC)
+    T30 = -tl.dot(T33, tl.dot(A30, T00, input_precision=PREC) + tl.dot(A31, T10, input_precision=PREC)
+                  + tl.dot(A32, T20, input_precision=PREC), input_precision=PREC)
+
+    # Tout: [T, HV, 64], row = token, column = position in its chunk (upper blocks zero)
+    ty = Tout.dtype.element_ty
+    z = tl.zeros([16, 16], dtype=ty)
+    base = Tout + h * CHUNK
+    c = o16[None, :]
+    tl.store(base + r0[:, None] * (HV * CHUNK) + c, T00.to(ty), mask=m0[:, None])
+    tl.store(base + r0[:, None] * (HV * CHUNK) + 16 + c, z, mask=m0[:, None])
+    tl.store(base + r0[:, None] * (HV * CHUNK) + 32 + c, z, mask=m0[:, None])
+    tl.store(base + r0[:, None] * (HV * CHUNK) + 48 + c, z, mask=m0[:, None])
+    tl.store(base + r1[:, None] * (HV * CHUNK) + c, T10.to(ty), mask=m1[:, None])
+    tl.store(base + r1[:, None] * (HV * CHUNK) + 16 + c, T11.to(ty), mask=m1[:, None])
+    tl.store(base + r1[:, None] * (HV * CHUNK) + 32 + c, z, mask=m1[:, None])
+    tl.store(base + r1[:, None] * (HV * CHUNK) + 48 + c, z, mask=m1[:, None])
+    tl.store(base + r2[:, None] * (HV * CHUNK) + c, T20.to(ty), mask=m2[:, None])
+    tl.store(base + r2[:, None] * (HV * CHUNK) + 16 + c, T21.to(ty), mask=m2[:, None])
+    tl.store(base + r2[:, None] * (HV * CHUNK) + 32 + c, T22.to(ty), mask=m2[:, None])
+    tl.store(base + r2[:, None] * (HV * CHUNK) + 48 + c, z, mask=m2[:, None])
+    tl.store(base + r3[:, None] * (HV * CHUNK) + c, T30.to(ty), mask=m3[:, None])
+    tl.store(base + r3[:, None] * (HV * CHUNK) + 16 + c, T31.to(ty), mask=m3[:, None])
+    tl.store(base + r3[:, None] * (HV * CHUNK) + 32 + c, T32.to(ty), mask=m3[:, None])
+    tl.store(base + r3[:, None] * (HV * CHUNK) + 48 + c, T33.to(ty), mask=m3[:, None])
+    tl.store(Gout + r0 * HV + h, G0, mask=m0)
+    tl.store(Gout + r1 * HV + h, G1, mask=m1)
+    tl.store(Gout + r2 * HV + h, G2, mask=m2)
+    tl.store(Gout + r3 * HV + h, G3, mask=m3)
+    tl.store(Bout + r0 * HV + h, b0, mask=m0)
+    tl.store(Bout + r1 * HV + h, b1, mask=m1)
+    tl.store(Bout + r2 * HV + h, b2, mask=m2)
+    tl.store(Bout + r3 * HV + h, b3, mask=m3)
+
+
+@triton.jit
+def _intra_wu_kernel(
+    q, k, v, Tin, Gin, Bin, w_out, qp_out, u_out, oc_out, chunks, cu_seqlens,
+    stride_q, stride_k, stride_v, q_col0, k_col0, v_col0, scale,
+    R: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    HV: tl.constexpr, NORM_QK: tl.constexpr, PREC: tl.constexpr,
+):
+    i_c, h = tl.program_id(0), tl.program_id(1)
+    i_n = tl.load(chunks + i_c * 2).to(tl.int64)
+    t0 = tl.load(chunks + i_c * 2 + 1).to(tl.int64)
+    eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    o_t = t0 + tl.arange(0, CHUNK)
+    m_t = o_t < eos
+    o_c = tl.arange(0, CHUNK)
+    o_k = tl.arange(0, BK)
+    m_k = o_k < DK
+    o_v = tl.arange(0, BV)
+    m_v = o_v < DV
+    hk = h // R
+
+    kk = _load_qk(k, o_t, m_t, stride_k, k_col0 + hk * DK, o_k, m_k, NORM_QK, 1.0)
+    qq = _load_qk(q, o_t, m_t, stride_q, q_col0 + hk * DK, o_k, m_k, NORM_QK, scale)
+    vv = tl.load(v + o_t[:, None] * stride_v + v_col0 + h * DV + o_v[None, :],
+                 mask=m_t[:, None] & m_v[None, :], other=0.0)
+    T = tl.load(Tin + o_t[:, None] * (HV * CHUNK) + h * CHUNK + o_c[None, :], mask=m_t[:, None], other=0.0)
+    G = tl.load(Gin + o_t * HV + h, mask=m_t, other=0.0)
+    beta = tl.load(Bin + o_t * HV + h, mask=m_t, other=0.0)
+
+    dt = kk.dtype
+    eG = tl.exp(G)
+    w = tl.dot(T, (kk.to(tl.float32) * (beta * eG)[:, None]).to(dt), input_precision=PREC)
+    u = tl.dot(T, (vv.to(tl.float32) * beta[:, None]).to(dt), input_precision=PREC)
+    causal = (o_c[:, None] >= o_c[None, :]) & m_t[:, None]
+    P = tl.dot(qq, tl.trans(kk), input_precision=PREC) * tl.exp(tl.where(causal, G[:, None] - G[None, :], float("-inf")))
+    qp = qq.to(tl.float32) * eG[:, None] - tl.dot(P.to(dt), w.to(dt), input_precision=PREC)
+    oc = tl.dot(P.to(dt), u.to(dt), input_precision=PREC)
+
+    row_k = o_t[:, None] * (HV * DK) + h * DK + o_k[None, :]
+    row_v = o_t[:, None] * (HV * DV) + h * DV + o_v[None, :]
+    mk = m_t[:, None] & m_k[None, :]
+    mv = m_t[:, None] & m_v[None, :]
+    tl.store(w_out + row_k, w.to(w_out.dtype.element_ty), mask=mk)
+    tl.store(qp_out + row_k, qp.to(qp_out.dtype.element_ty), mask=mk)
+    tl.store(u_out + row_v, u.to(u_out.dtype.element_ty), mask=mv)
+    tl.store(oc_out + row_v, oc.to(oc_out.dtype.element_ty), mask=mv)
+
+
+@triton.jit
+def _state_pass_kernel(
+    k, w_in, qp_in, u_in, oc_in, Gin, out, state_pool, seqs, cu_seqlens, slots, has_state,
+    stride_k, k_col0, stride_out, stride_ps, stride_ph,
+    R: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    HV: tl.constexpr, NORM_QK: tl.constexpr, PREC: tl.constexpr,
+):
+    i_s, h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_n = tl.load(seqs + i_s).to(tl.int64)
+    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+    eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    slot = tl.load(slots + i_n).to(tl.int64)
+    keep = tl.load(has_state + i_n) != 0
+    o_k = tl.arange(0, BK)
+    m_k = o_k < DK
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < DV
+    o_c = tl.arange(0, CHUNK)
+    p_state = state_pool + slot * stride_ps + h * stride_ph + o_k[:, None] * DV + o_v[None, :]
+    m_state = m_k[:, None] & m_v[None, :]
+    S = tl.load(p_state, mask=tl.where(keep, m_state, False), other=0.0).to(tl.float32)
+    col_k = k_col0 + (h // R) * DK
+
+    for t0 in range(bos, eos, CHUNK):
+        o_t = t0 + o_c
+        m_t = o_t < eos
+        row_k = o_t[:, None] * (HV * DK) + h * DK + o_k[None, :]
+        row_v = o_t[:, None] * (HV * DV) + h * DV + o_v[None, :]
+        mk = m_t[:, None] & m_k[None, :]
+        mv = m_t[:, None] & m_v[None, :]
+        w = tl.load(w_in + row_k, mask=mk, other=0.0)
+        qp = tl.load(qp_in + row_k, mask=mk, other=0.0)
+        kk = _load_qk(k, o_t, m_t, stride_k, col_k, o_k, m_k, NORM_QK, 1.0)
+        u = tl.load(u_in + row_v, mask=mv, other=0.0).to(tl.float32)
+        oc = tl.load(oc_in + row_v, mask=mv, other=0.0).to(tl.float32)
+        G = tl.load(Gin + o_t * HV + h, mask=m_t, other=0.0)
+        G_last = tl.load(Gin + (tl.minimum(t0 + CHUNK, eos) - 1) * HV + h)
+
+        Sd = S.to(w.dtype)
+        U = u - tl.dot(w, Sd, input_precision=PREC)
+        o = oc + tl.dot(qp, Sd, input_precision=PREC)
+        tl.store(out + o_t[:, None] * stride_out + h * DV + o_v[None, :], o.to(out.dtype.element_ty), mask=mv)
+        kd = (kk.to(tl.float32) * tl.exp(G_last - G)[:, None]).to(w.dtype)
+        S = S * tl.exp(G_last) + tl.dot(tl.trans(kd), U.to(w.dtype), input_precision=PREC)
+
+    tl.store(p_state, S.to(state_pool.dtype.element_ty), mask=m_state)
+
+
+def _prec(dtype: torch.dtype) -> str:
+    # fp32 inputs get exact fp32 products (the precision they ask for); 16-bit inputs use tf32
+    # for the fp32-by-fp32 products of the solve, like their own bf16 products.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def chunk_delta_rule_varlen(
+    q, k, v, a, b, A_log, dt_bias, state_pool, out, meta, q_col0: int, k_col0: int, v_col0: int,
+    nk: int, nv: int, dk: int, dv: int, normalize_qk: bool, BV: int | None = None,
+):
+    """Chunked gated delta rule over the prefill sequences of `meta` (those longer than 1 token).
+
+    q, k: row-major [T, *] buffers whose columns [q_col0 + j dk, ...) hold key head j (so q, k of a
+    fused buffer are used in place); v: [T, *] with value head h at columns v_col0 + h dv;
+    a, b: [T, *] raw gate inputs, value head h at column h (pass column views, row stride kept);
+    state_pool: [S, nv, dk, dv] (fp32), read for has_state sequences and overwritten with each
+    final state; out: [T, *] receives o of value head h at columns h dv.
+    normalize_qk: l2-normalise q and k and scale q by dk^-0.5 inside (else they come normalised).
+    """
+    if meta.num_chunks == 0:
+        return
+    T = q.shape[0]
+    dev, dt = q.device, q.dtype
+    assert state_pool.is_contiguous() and state_pool.dtype == torch.float32
+    BK = max(16, triton.next_power_of_2(dk))
+    BVf = max(16, triton.next_power_of_2(dv))
+    prec = _prec(dt)
+    Tbuf = torch.empty(T, nv, CHUNK, device=dev, dtype=dt)
+    G = torch.empty(T, nv, device=dev, dtype=torch.float32)
+    beta = torch.empty(T, nv, device=dev, dtype=torch.float32)
+    grid = (meta.num_chunks, nv)
+    _intra_solve_kernel[grid](
+        k, a, b, A_log, dt_bias, Tbuf, G, beta, meta.chunks, meta.cu_seqlens,
+        k.stride(0), a.stride(0), k_col0,
+        R=nv // nk, DK=dk, BK=BK, HV=nv, NORM_QK=normalize_qk, PREC=prec, num_warps=4,
+    )
+    w = torch.empty(T, nv, dk, device=dev, dtype=dt)
+    qp = torch.empty_like(w)
+    u = torch.empty(T, nv, dv, device=dev, dtype=dt)
+    oc = torch.empty_like(u)
+    _intra_wu_kernel[grid](
+        q, k, v, Tbuf, G, beta, w, qp, u, oc, meta.chunks, meta.cu_seqlens,
+        q.stride(0), k.stride(0), v.stride(0), q_col0, k_col0, v_col0, dk ** -0.5,
+        R=nv // nk, DK=dk, DV=dv, BK=BK, BV=BVf, HV=nv, NORM_QK=normalize_qk, PREC=prec, num_warps=8,
+    )
+    n_seq = meta.prefill_seqs.numel()
+    if BV is None:
+        BV = BVf if n_seq * nv >= 256 else max(16, min(BVf, 32))
+    _state_pass_kernel[(n_seq, nv, triton.cdiv(dv, BV))](
+        k, w, qp, u, oc, G, out, state_pool, meta.prefill_seqs, meta.cu_seqlens, meta.slots, meta.has_state,
+        k.stride(0), k_col0, out.stride(0), state_pool.stride(0), state_pool.stride(1),
+        R=nv // nk, DK=dk, DV=dv, BK=BK, BV=BV, HV=nv, NORM_QK=normalize_qk, PREC=prec, num_warps=4,
+    )

@@ -1,0 +1,129 @@
+"""Triton causal depthwise conv1d + silu over packed prefill chunks, with l2norm and q scale fused.
+
+`conv_prefill` reads q|k|v projection columns of each 64-token chunk (and, at a sequence's
+start, the K-1 carried inputs from its conv-state slot), writes silu(conv) with q and k already
+l2-normalised (q also scaled by dk^-0.5), and `conv_state_update` then stores each sequence's
+last K-1 inputs into its slot. Two launches, so no program can read a slot another program has
+already overwritten.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+CHUNK = 64
+
+
+@triton.jit
+def _conv_prefill_kernel(
+    proj, conv_w, conv_pool, out, chunks, cu_seqlens, slots, has_state,
+    stride_proj, stride_pool_s, stride_pool_w, stride_out,
+    NK: tl.constexpr, DK: tl.constexpr, C: tl.constexpr, K: tl.constexpr,
+    BD: tl.constexpr, BT: tl.constexpr, scale,
+):
+    """Grid (chunks, channel blocks). Block j < NK is q head j, NK <= j < 2NK is k head j - NK,
+    the rest cover the v channels BD at a time."""
+    i_c, i_d = tl.program_id(0), tl.program_id(1)
+    i_n = tl.load(chunks + i_c * 2).to(tl.int64)
+    t0 = tl.load(chunks + i_c * 2 + 1).to(tl.int64)
+    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+    eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    slot = tl.load(slots + i_n).to(tl.int64)
+    keep = tl.load(has_state + i_n) != 0
+
+    IS_QK = i_d < 2 * NK
+    o_d = tl.arange(0, BD)
+    if IS_QK:
+        ch = i_d * DK + o_d
+        m_d = o_d < DK
+    else:
+        ch = 2 * NK * DK + (i_d - 2 * NK) * BD + o_d
+        m_d = ch < C
+    o_t = t0 + tl.arange(0, BT)
+    m_t = o_t < eos
+
+    acc = tl.zeros([BT, BD], dtype=tl.float32)
+    for j in tl.static_range(K):
+        src = o_t - (K - 1) + j                       # input row of tap j
+        from_x = m_t & (src >= bos)
+        x = tl.load(proj + src[:, None] * stride_proj + ch[None, :], mask=from_x[:, None] & m_d[None, :], other=0.0)
+        w_pos = src - bos + (K - 1)                   # row of the carried state, when src < bos
+        from_s = tl.where(keep, m_t & (src < bos), False)
+        s = tl.load(conv_pool + slot * stride_pool_s + w_pos[:, None] * stride_pool_w + ch[None, :],
+                    mask=from_s[:, None] & m_d[None, :], other=0.0)
+        w = tl.load(conv_w + ch * K + j, mask=m_d, other=0.0).to(tl.float32)
+        acc += (x.to(tl.float32) + s.to(tl.float32)) * w[None, :]
+    y = acc * tl.sigmoid(acc)
+    if IS_QK:
+        y = y * tl.rsqrt(tl.sum(y * y, axis=1) + 1e-6)[:, None]
+        if i_d < NK:
+            y = y * scale
+    tl.store(out + o_t[:, None] * stride_out + ch[None, :], y.to(out.dtype.element_ty),
+             mask=m_t[:, None] & m_d[None, :])
+
+
+@triton.jit
+def _conv_state_update_kernel(
+    proj, conv_pool, seqs, cu_seqlens, slots, has_state,
+    stride_proj, stride_pool_s, stride_pool_w,
+    C: tl.constexpr, W: tl.constexpr, BW: tl.constexpr, BC: tl.constexpr,
+):
+    """Grid (sequences, channel blocks): slot <- the sequence's last W inputs (oldest first),
+    taking older carried inputs from the slot itself when the sequence is shorter than W."""
+    i_s, i_c = tl.program_id(0), tl.program_id(1)
+    i_n = tl.load(seqs + i_s).to(tl.int64)
+    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+    eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    slot = tl.load(slots + i_n).to(tl.int64)
+    keep = tl.load(has_state + i_n) != 0
+    o_w = tl.arange(0, BW)
+    ch = i_c * BC + tl.arange(0, BC)
+    m_c = ch < C
+    src = eos - W + o_w
+    m_w = o_w < W
+    from_x = m_w & (src >= bos)
+    x = tl.load(proj + src[:, None] * stride_proj + ch[None, :], mask=from_x[:, None] & m_c[None, :], other=0.0)
+    old_pos = src - bos + W
+    from_s = tl.where(keep, m_w & (src < bos), False)
+    s = tl.load(conv_pool + slot * stride_pool_s + old_pos[:, None] * stride_pool_w + ch[None, :],
+                mask=from_s[:, None] & m_c[None, :], other=0.0)
+    new = tl.where(from_x[:, None], x, s)
+    tl.store(conv_pool + slot * stride_pool_s + o_w[:, None] * stride_pool_w + ch[None, :],
+             new.to(conv_pool.dtype.element_ty), mask=m_w[:, None] & m_c[None, :])
+
+
+def conv_prefill(proj_TP: torch.Tensor, conv_weight_CK: torch.Tensor, conv_pool_SWC: torch.Tensor,
+                 out_TC: torch.Tensor, chunks_N2: torch.Tensor, num_chunks: int, cu_seqlens: torch.Tensor,
+                 slots: torch.Tensor, has_state: torch.Tensor, nk: int, dk: int) -> None:
+    """out[t, :C] = silu(conv(proj[:, :C])) for the tokens of `chunks`, q/k l2-normalised, q scaled.
+
+    proj_TP: [T, P] (q|k|v in the first C = 2 nk dk + vd columns); conv_weight_CK: [C, K];
+    conv_pool_SWC: [S, K-1, C]; out_TC: [T, C]; chunks_N2: [num_chunks, 2] (sequence, first token).
+    """
+    C, K = conv_weight_CK.shape
+    if num_chunks == 0:
+        return
+    BD = triton.next_power_of_2(dk)
+    n_blocks = 2 * nk + triton.cdiv(C - 2 * nk * dk, BD)
+    _conv_prefill_kernel[(num_chunks, n_blocks)](
+        proj_TP, conv_weight_CK, conv_pool_SWC, out_TC, chunks_N2, cu_seqlens, slots, has_state,
+        proj_TP.stride(0), conv_pool_SWC.stride(0), conv_pool_SWC.stride(1), out_TC.stride(0),
+        NK=nk, DK=dk, C=C, K=K, BD=BD, BT=CHUNK, scale=dk ** -0.5,
+    )
+
+
+def conv_state_update(proj_TP: torch.Tensor, conv_pool_SWC: torch.Tensor, seqs: torch.Tensor, num_seqs: int,
+                      cu_seqlens: torch.Tensor, slots: torch.Tensor, has_state: torch.Tensor) -> None:
+    """conv_pool[slot of s] <- last K-1 q|k|v inputs of each sequence s in `seqs` (run after
+    `conv_prefill`, which reads the old contents)."""
+    _, W, C = conv_pool_SWC.shape
+    if num_seqs == 0:
+        return
+    BC = min(256, triton.next_power_of_2(C))
+    _conv_state_update_kernel[(num_seqs, triton.cdiv(C, BC))](
+        proj_TP, conv_pool_SWC, seqs, cu_seqlens, slots, has_state,
+        proj_TP.stride(0), conv_pool_SWC.stride(0), conv_pool_SWC.stride(1),
+        C=C, W=W, BW=triton.next_power_of_2(W), BC=BC,
+    )

@@ -1,0 +1,143 @@
+"""Triton single-token decode: conv update, silu, l2norm, gating and one recurrent step, fused.
+
+Grid (decode sequences, value heads, dv blocks). Each program convolves its key head's q and k
+channels (from the slot's conv state and the new input), normalises them, convolves its own v
+channels and updates their conv state, computes g and beta, and updates its [dk, BV] block of
+the slot's recurrent state in place. q/k channels are read by every value head and dv block of
+their key head, so their conv state is shifted by a second launch (`_shift_qk_state_kernel`)
+once all have read it. No host synchronisation; both launches can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _conv_token(proj, conv_pool, conv_w, t, slot, keep, ch, m, stride_ps, stride_pw, K: tl.constexpr):
+    """silu(conv) of one token over channels `ch`, taps 0..K-2 from the conv state."""
+    acc = tl.load(proj + t + ch, mask=m, other=0.0).to(tl.float32) * tl.load(conv_w + ch * K + K - 1, mask=m, other=0.0).to(tl.float32)
+    for j in tl.static_range(K - 1):
+        x = tl.load(conv_pool + slot * stride_ps + j * stride_pw + ch, mask=tl.where(keep, m, False), other=0.0).to(tl.float32)
+        acc += x * tl.load(conv_w + ch * K + j, mask=m, other=0.0).to(tl.float32)
+    return acc * tl.sigmoid(acc)
+
+
+@triton.jit
+def _decode_kernel(
+    proj, conv_w, conv_pool, A_log, dt_bias, state_pool, out, seqs, cu_seqlens, slots, has_state,
+    stride_proj, stride_ps, stride_pw, stride_ss, stride_sh, stride_out, b_col0, a_col0, scale,
+    R: tl.constexpr, NK: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, K: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, USE_CONV: tl.constexpr,
+):
+    i_s, h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_n = tl.load(seqs + i_s).to(tl.int64)
+    row = tl.load(cu_seqlens + i_n).to(tl.int64)
+    t = row * stride_proj
+    slot = tl.load(slots + i_n).to(tl.int64)
+    keep = tl.load(has_state + i_n) != 0
+    hk = h // R
+    o_k = tl.arange(0, BK)
+    m_k = o_k < DK
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < DV
+    ch_v = 2 * NK * DK + h * DV + o_v
+    if USE_CONV:
+        q = _conv_token(proj, conv_pool, conv_w, t, slot, keep, hk * DK + o_k, m_k, stride_ps, stride_pw, K)
+        k = _conv_token(proj, conv_pool, conv_w, t, slot, keep, (NK + hk) * DK + o_k, m_k, stride_ps, stride_pw, K)
+        # v: this program alone owns these channels, so it reads and then shifts their conv state
+        x_new = tl.load(proj + t + ch_v, mask=m_v, other=0.0)
+        acc = x_new.to(tl.float32) * tl.load(conv_w + ch_v * K + K - 1, mask=m_v, other=0.0).to(tl.float32)
+        prev = tl.load(conv_pool + slot * stride_ps + ch_v, mask=tl.where(keep, m_v, False), other=0.0)
+        acc += prev.to(tl.float32) * tl.load(conv_w + ch_v * K, mask=m_v, other=0.0).to(tl.float32)
+        for j in tl.static_range(1, K - 1):
+            x = tl.load(conv_pool + slot * stride_ps + j * stride_pw + ch_v, mask=tl.where(keep, m_v, False), other=0.0)
+            acc += x.to(tl.float32) * tl.load(conv_w + ch_v * K + j, mask=m_v, other=0.0).to(tl.float32)
+            tl.store(conv_pool + slot * stride_ps + (j - 1) * stride_pw + ch_v, x, mask=m_v)
+        tl.store(conv_pool + slot * stride_ps + (K - 2) * stride_pw + ch_v, x_new.to(conv_pool.dtype.element_ty),
+                 mask=m_v)
+        v = acc * tl.sigmoid(acc)
+    else:
+        q = tl.load(proj + t + hk * DK + o_k, mask=m_k, other=0.0).to(tl.float32)
+        k = tl.load(proj + t + (NK + hk) * DK + o_k, mask=m_k, other=0.0).to(tl.float32)
+        v = tl.load(proj + t + ch_v, mask=m_v, other=0.0).to(tl.float32)
+    q = q * tl.rsqrt(tl.sum(q * q, 0) + 1e-6) * scale
+    k = k * tl.rsqrt(tl.sum(k * k, 0) + 1e-6)
+
+    a = tl.load(proj + t + a_col0 + h).to(tl.float32) + tl.load(dt_bias + h).to(tl.float32)
+    softplus = tl.where(a > 20.0, a, tl.log(1.0 + tl.exp(tl.minimum(a, 20.0))))
+    decay = tl.exp(-tl.exp(tl.load(A_log + h).to(tl.float32)) * softplus)
+    beta = tl.sigmoid(tl.load(proj + t + b_col0 + h).to(tl.float32))
+
+    p_s = state_pool + slot * stride_ss + h * stride_sh + o_k[:, None] * DV + o_v[None, :]
+    m_s = m_k[:, None] & m_v[None, :]
+    S = tl.load(p_s, mask=tl.where(keep, m_s, False), other=0.0).to(tl.float32) * decay
+    u = beta * (v - tl.sum(S * k[:, None], 0))
+    S = S + k[:, None] * u[None, :]
+    o = tl.sum(S * q[:, None], 0)
+    tl.store(p_s, S.to(state_pool.dtype.element_ty), mask=m_s)
+    tl.store(out + row * stride_out + h * DV + o_v, o.to(out.dtype.element_ty), mask=m_v)
+
+
+@triton.jit
+def _shift_qk_state_kernel(proj, conv_pool, seqs, cu_seqlens, slots, has_state, stride_proj, stride_ps, stride_pw,
+                           NQK: tl.constexpr, W: tl.constexpr, BW: tl.constexpr, BC: tl.constexpr):
+    """conv state of the q|k channels <- (old rows 1..W-1, new input): one token appended."""
+    i_s, i_c = tl.program_id(0), tl.program_id(1)
+    i_n = tl.load(seqs + i_s).to(tl.int64)
+    t = tl.load(cu_seqlens + i_n).to(tl.int64)
+    slot = tl.load(slots + i_n).to(tl.int64)
+    keep = tl.load(has_state + i_n) != 0
+    ch = i_c * BC + tl.arange(0, BC)
+    m_c = ch < NQK
+    o_w = tl.arange(0, BW)
+    m_old = (o_w < W - 1)[:, None] & m_c[None, :]
+    old = tl.load(conv_pool + slot * stride_ps + (o_w + 1)[:, None] * stride_pw + ch[None, :], mask=tl.where(keep, m_old, False), other=0.0)
+    new = tl.load(proj + t * stride_proj + ch, mask=m_c, other=0.0)
+    rows = tl.where((o_w == W - 1)[:, None], new[None, :].to(old.dtype), old)
+    tl.store(conv_pool + slot * stride_ps + o_w[:, None] * stride_pw + ch[None, :], rows,
+             mask=(o_w < W)[:, None] & m_c[None, :])
+
+
+def decode_step(proj_TP, conv_weight_CK, conv_pool_SWC, A_log, dt_bias, state_pool, out, meta,
+                nk: int, nv: int, dk: int, dv: int, BV: int | None = None, use_conv: bool = True,
+                b_col0: int | None = None) -> None:
+    """One recurrent step for each single-token sequence of `meta` (fused conv update, l2norm,
+    gating), writing o [value head h at columns h dv of `out`] and updating both pools in place.
+
+    proj_TP: [T, P] fused projection [q | k | v | z | b | a] of the local heads; `b_col0` moves
+    the b|a columns (default 2kd + 2vd, right after z);
+    conv_weight_CK: [2kd+vd, K]; conv_pool_SWC: [S, K-1, 2kd+vd]; state_pool: [S, nv, dk, dv] fp32.
+    use_conv=False reads q|k|v as already convolved (the pure recurrence, for comparisons with
+    other recurrent kernels) and leaves the conv pool alone.
+    """
+    if meta.num_decode == 0:
+        return
+    C, K = conv_weight_CK.shape
+    assert state_pool.is_contiguous() and conv_pool_SWC.stride(2) == 1 and proj_TP.stride(1) == 1
+    BK = triton.next_power_of_2(dk)
+    BVf = triton.next_power_of_2(dv)
+    if BV is None:
+        BV = BVf if meta.num_decode * nv >= 1024 else min(BVf, 32)
+    kd, vd = nk * dk, nv * dv
+    if b_col0 is None:
+        b_col0 = 2 * kd + 2 * vd
+    _decode_kernel[(meta.num_decode, nv, triton.cdiv(dv, BV))](
+        proj_TP, conv_weight_CK, conv_pool_SWC, A_log, dt_bias, state_pool, out,
+        meta.decode_seqs, meta.cu_seqlens, meta.slots, meta.has_state,
+        proj_TP.stride(0), conv_pool_SWC.stride(0), conv_pool_SWC.stride(1),
+        state_pool.stride(0), state_pool.stride(1), out.stride(0),
+        b_col0, b_col0 + nv, dk ** -0.5,
+        R=nv // nk, NK=nk, DK=dk, DV=dv, K=K, BK=BK, BV=BV, USE_CONV=use_conv, num_warps=4,
+    )
+    if not use_conv:
+        return
+    W = K - 1
+    BC = min(256, triton.next_power_of_2(2 * kd))
+    _shift_qk_state_kernel[(meta.num_decode, triton.cdiv(2 * kd, BC))](
+        proj_TP, conv_pool_SWC, meta.decode_seqs, meta.cu_seqlens, meta.slots, meta.has_state,
+        proj_TP.stride(0), conv_pool_SWC.stride(0), conv_pool_SWC.stride(1),
+        NQK=2 * kd, W=W, BW=triton.next_power_of_2(W), BC=BC,
+    )

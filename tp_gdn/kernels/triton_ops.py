@@ -1,0 +1,79 @@
+"""The "triton" backend: the layer's mixer and gated norm, composed from our Triton kernels.
+
+gdn_mix for a batch: decode sequences take the fused single-token kernel; longer sequences take
+conv (+ l2norm) over their chunks, the conv-state update, and the chunked delta rule. Both kinds
+write their rows of one output, so a mixed batch needs no gather or scatter.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .triton_chunk import chunk_delta_rule_varlen
+from .triton_conv import conv_prefill, conv_state_update
+from .triton_decode import decode_step
+from .triton_norm import gated_rmsnorm
+
+__all__ = ["gdn_mix", "gated_rmsnorm", "gdn_prefill", "gdn_decode"]
+
+
+def gdn_mix(proj_TP, nk: int, nv: int, dk: int, dv: int, conv_weight_CK, A_log_H, dt_bias_H,
+            conv_pool_SWC, ssm_pool_SHKV, batch, meta) -> torch.Tensor:
+    """From the fused projection [q | k | v | z | b | a] of the local heads to o [T, nv, dv]."""
+    T = proj_TP.shape[0]
+    kd, vd = nk * dk, nv * dv
+    o = torch.empty(T, nv, dv, device=proj_TP.device, dtype=proj_TP.dtype)
+    o_T = o.view(T, vd)
+    decode_step(proj_TP, conv_weight_CK, conv_pool_SWC, A_log_H, dt_bias_H, ssm_pool_SHKV, o_T, meta,
+                nk, nv, dk, dv)
+    if meta.num_chunks:
+        C = 2 * kd + vd
+        mixed = torch.empty(T, C, device=proj_TP.device, dtype=proj_TP.dtype)
+        conv_prefill(proj_TP, conv_weight_CK, conv_pool_SWC, mixed, meta.chunks, meta.num_chunks,
+                     meta.cu_seqlens, meta.slots, meta.has_state, nk, dk)
+        conv_state_update(proj_TP, conv_pool_SWC, meta.prefill_seqs, meta.prefill_seqs.numel(),
+                          meta.cu_seqlens, meta.slots, meta.has_state)
+        off_b = 2 * kd + 2 * vd
+        chunk_delta_rule_varlen(
+            mixed, mixed, mixed, proj_TP[:, off_b + nv:], proj_TP[:, off_b:], A_log_H, dt_bias_H,
+            ssm_pool_SHKV, o_T, meta, q_col0=0, k_col0=kd, v_col0=2 * kd, nk=nk, nv=nv, dk=dk, dv=dv,
+            normalize_qk=False)
+    return o
+
+
+def gdn_prefill(q_THK, k_THK, v_THV, a_TH, b_TH, A_log_H, dt_bias_H, state_pool_SHKV, batch,
+                BV: int | None = None) -> torch.Tensor:
+    """The core of a prefill, on its own: chunked gated delta rule with l2norm and gating inside.
+
+    q, k: [T, Hk, dk] raw (l2-normalised here, q scaled by dk^-0.5); v: [T, Hv, dv];
+    a, b: [T, Hv] raw gate inputs (g = -exp(A_log) softplus(a + dt_bias), beta = sigmoid(b));
+    state_pool: [S, Hv, dk, dv] fp32, read where batch.has_state and overwritten with final
+    states. Every sequence of `batch` must be longer than one token. Returns o [T, Hv, dv].
+    """
+    T, nk, dk = q_THK.shape
+    nv, dv = v_THV.shape[1:]
+    if any(n == 1 for n in batch.seq_lens):
+        raise ValueError("gdn_prefill takes sequences longer than one token; use gdn_decode for single tokens")
+    meta = batch.meta(q_THK.device)
+    o = torch.empty(T, nv, dv, device=q_THK.device, dtype=v_THV.dtype)
+    chunk_delta_rule_varlen(q_THK.reshape(T, -1), k_THK.reshape(T, -1), v_THV.reshape(T, -1), a_TH, b_TH, A_log_H,
+                            dt_bias_H, state_pool_SHKV, o.view(T, -1), meta, 0, 0, 0, nk, nv, dk, dv,
+                            normalize_qk=True, BV=BV)
+    return o
+
+
+def gdn_decode(qkvba_NP, nk: int, nv: int, dk: int, dv: int, A_log_H, dt_bias_H, state_pool_SHKV, batch,
+               BV: int | None = None) -> torch.Tensor:
+    """The core of a decode step, on its own: one recurrent step per sequence, l2norm and gating inside.
+
+    qkvba_NP: [N, 2 Hk dk + Hv dv + 2 Hv] rows [q | k | v | b | a] of N single-token sequences
+    (already convolved); state_pool: [S, Hv, dk, dv] fp32, updated in place. Returns o [N, Hv, dv].
+    """
+    N = qkvba_NP.shape[0]
+    if any(n != 1 for n in batch.seq_lens):
+        raise ValueError("gdn_decode takes single-token sequences")
+    o = torch.empty(N, nv, dv, device=qkvba_NP.device, dtype=qkvba_NP.dtype)
+    no_conv = torch.empty(2 * nk * dk + nv * dv, 2, device=qkvba_NP.device, dtype=qkvba_NP.dtype)
+    decode_step(qkvba_NP, no_conv, no_conv[None], A_log_H, dt_bias_H, state_pool_SHKV, o.view(N, -1),
+                batch.meta(qkvba_NP.device), nk, nv, dk, dv, BV=BV, use_conv=False, b_col0=2 * nk * dk + nv * dv)
+    return o
