@@ -9,7 +9,11 @@ from tp_gdn import Batch, GDNConfig, StateCache, load_layers
 from tp_gdn.workload import WorkloadBuilder, expected_outputs, mixed_workload, run_steps
 from workers import checkpoint_workload
 
-TOL = 1e-4   # fp32 against fp32 HF
+TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2}   # against HF in fp32
+# (backend, device, dtype): the torch backend everywhere; the Triton kernels on a GPU
+BACKENDS = [("torch", "cpu", torch.float32)]
+if torch.cuda.is_available():
+    BACKENDS += [("triton", "cuda", torch.float32), ("triton", "cuda", torch.bfloat16)]
 
 
 @pytest.fixture(params=["qwen3_next", "qwen3_5"])
@@ -17,59 +21,65 @@ def hf(request):
     return request.getfixturevalue("hf_next" if request.param == "qwen3_next" else "hf_35")
 
 
-def check_against_hf(model, steps, outputs_by_layer):
+@pytest.fixture(params=BACKENDS, ids=lambda b: f"{b[0]}-{str(b[2])[6:]}")
+def backend(request):
+    return request.param
+
+
+def check_against_hf(model, steps, outputs_by_layer, dtype=torch.float32):
     for i, outs in outputs_by_layer.items():
         want = expected_outputs(steps, hf_layer_oracle(model, i))
         for n, (got, exp) in enumerate(zip(outs, want)):
-            err = rel_err(got, exp)
-            assert err < TOL, f"layer {i}, step {n} ({steps[n].batch}): relative error {err:.2e}"
+            err = rel_err(got.cpu(), exp)
+            assert err < TOL[dtype], f"layer {i}, step {n} ({steps[n].batch}): relative error {err:.2e}"
 
 
-def run_local(ckpt, steps, num_slots=8):
-    layers = load_layers(ckpt, tp_rank=0, tp_size=1)
+def run_local(ckpt, steps, backend=("torch", "cpu", torch.float32), num_slots=8):
+    name, device, dtype = backend
+    layers = load_layers(ckpt, dtype=dtype, device=device, backend=name, tp_rank=0, tp_size=1)
     cfg = GDNConfig.from_pretrained(ckpt)
-    return run_steps(layers, StateCache(cfg, list(layers), num_slots, tp_size=1), steps)
+    return run_steps(layers, StateCache(cfg, list(layers), num_slots, dtype=dtype, device=device, tp_size=1), steps)
 
 
-def test_packed_prefill_across_chunk_boundaries_matches_hf(hf, seed):
+def test_packed_prefill_across_chunk_boundaries_matches_hf(hf, backend, seed):
     ckpt, model = hf
     w = WorkloadBuilder(32, seed)
     w.step([(0, 1, False), (1, 63, False), (2, 64, False), (3, 65, False), (4, 130, False)])
-    check_against_hf(model, w.steps, run_local(ckpt, w.steps))
+    check_against_hf(model, w.steps, run_local(ckpt, w.steps, backend), backend[2])
 
 
-def test_prefill_then_token_by_token_decode_matches_one_long_prefill(hf, seed):
+def test_prefill_then_token_by_token_decode_matches_one_long_prefill(hf, backend, seed):
     ckpt, model = hf
     w = WorkloadBuilder(32, seed)
     w.step([(0, 65, False), (1, 3, False)])
     for _ in range(6):
         w.step([(0, 1, True), (1, 1, True)])
-    check_against_hf(model, w.steps, run_local(ckpt, w.steps))
+    check_against_hf(model, w.steps, run_local(ckpt, w.steps, backend), backend[2])
 
 
-def test_continued_prefill_matches_one_long_prefill(hf, seed):
+def test_continued_prefill_matches_one_long_prefill(hf, backend, seed):
     ckpt, model = hf
     w = WorkloadBuilder(32, seed)
     w.step([(2, 70, False)])
     w.step([(2, 64, True)])
     w.step([(2, 2, True)])
-    check_against_hf(model, w.steps, run_local(ckpt, w.steps))
+    check_against_hf(model, w.steps, run_local(ckpt, w.steps, backend), backend[2])
 
 
-def test_fresh_prefills_mixed_with_decodes_in_one_batch_match_hf(hf, seed):
+def test_fresh_prefills_mixed_with_decodes_in_one_batch_match_hf(hf, backend, seed):
     ckpt, model = hf
     steps = mixed_workload(32, seed)
-    check_against_hf(model, steps, run_local(ckpt, steps))
+    check_against_hf(model, steps, run_local(ckpt, steps, backend), backend[2])
 
 
-def test_many_sequences_in_one_packed_batch_match_hf(hf, seed):
+def test_many_sequences_in_one_packed_batch_match_hf(hf, backend, seed):
     ckpt, model = hf
     g = torch.Generator().manual_seed(seed)
     lens = torch.randint(1, 90, (24,), generator=g).tolist()
     w = WorkloadBuilder(32, seed)
     w.step([(s, n, False) for s, n in enumerate(lens)])
     w.step([(s, 1, True) for s in range(24)])
-    check_against_hf(model, w.steps, run_local(ckpt, w.steps, num_slots=24))
+    check_against_hf(model, w.steps, run_local(ckpt, w.steps, backend, num_slots=24), backend[2])
 
 
 def test_slot_holds_state_after_last_token(hf_next, seed):
@@ -82,7 +92,7 @@ def test_slot_holds_state_after_last_token(hf_next, seed):
     layers[0](x[:39], Batch([39], [2], [False]), cache)
     assert cache.ssm[0][[0, 1, 3]].abs().sum() == 0 and cache.ssm[0][2].abs().sum() > 0
     y = layers[0](x[39:], Batch([1], [2], [True]), cache)
-    assert rel_err(y, hf_layer_oracle(model, 0)(x)[39:]) < TOL
+    assert rel_err(y, hf_layer_oracle(model, 0)(x)[39:]) < TOL[torch.float32]
 
 
 @pytest.mark.parametrize("tp", [2, 4])

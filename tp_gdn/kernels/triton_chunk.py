@@ -23,6 +23,13 @@ import triton.language as tl
 
 CHUNK = 64
 
+# Launch settings per kernel (benchmarks/bench_kernels.py --sweep measures the alternatives).
+LAUNCH = {
+    "solve": dict(num_warps=4, num_stages=1),
+    "wu": dict(num_warps=8, num_stages=1),
+    "pass": dict(num_warps=4, num_stages=2),
+}
+
 
 @triton.jit
 def _load_qk(ptr, rows, m_rows, stride_t, col0, o_k, m_k, NORM: tl.constexpr, scale):
@@ -71,7 +78,7 @@ def _invert_unit_lower(A):
 def _intra_solve_kernel(
     k, a, b, A_log, dt_bias, Tout, Gout, Bout, chunks, cu_seqlens,
     stride_k, stride_ab, k_col0,
-    R: tl.constexpr, DK: tl.constexpr, BK: tl.constexpr, HV: tl.constexpr,
+    R, HV, DK: tl.constexpr, BK: tl.constexpr,
     NORM_QK: tl.constexpr, PREC: tl.constexpr,
 ):
     i_c, h = tl.program_id(0), tl.program_id(1)
@@ -162,8 +169,8 @@ def _intra_solve_kernel(
 def _intra_wu_kernel(
     q, k, v, Tin, Gin, Bin, w_out, qp_out, u_out, oc_out, chunks, cu_seqlens,
     stride_q, stride_k, stride_v, q_col0, k_col0, v_col0, scale,
-    R: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    HV: tl.constexpr, NORM_QK: tl.constexpr, PREC: tl.constexpr,
+    R, HV, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    NORM_QK: tl.constexpr, PREC: tl.constexpr,
 ):
     i_c, h = tl.program_id(0), tl.program_id(1)
     i_n = tl.load(chunks + i_c * 2).to(tl.int64)
@@ -209,8 +216,8 @@ def _intra_wu_kernel(
 def _state_pass_kernel(
     k, w_in, qp_in, u_in, oc_in, Gin, out, state_pool, seqs, cu_seqlens, slots, has_state,
     stride_k, k_col0, stride_out, stride_ps, stride_ph,
-    R: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    HV: tl.constexpr, NORM_QK: tl.constexpr, PREC: tl.constexpr,
+    R, HV, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    NORM_QK: tl.constexpr, PREC: tl.constexpr,
 ):
     i_s, h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n = tl.load(seqs + i_s).to(tl.int64)
@@ -287,7 +294,7 @@ def chunk_delta_rule_varlen(
     _intra_solve_kernel[grid](
         k, a, b, A_log, dt_bias, Tbuf, G, beta, meta.chunks, meta.cu_seqlens,
         k.stride(0), a.stride(0), k_col0,
-        R=nv // nk, DK=dk, BK=BK, HV=nv, NORM_QK=normalize_qk, PREC=prec, num_warps=4,
+        R=nv // nk, DK=dk, BK=BK, HV=nv, NORM_QK=normalize_qk, PREC=prec, **LAUNCH["solve"],
     )
     w = torch.empty(T, nv, dk, device=dev, dtype=dt)
     qp = torch.empty_like(w)
@@ -296,7 +303,7 @@ def chunk_delta_rule_varlen(
     _intra_wu_kernel[grid](
         q, k, v, Tbuf, G, beta, w, qp, u, oc, meta.chunks, meta.cu_seqlens,
         q.stride(0), k.stride(0), v.stride(0), q_col0, k_col0, v_col0, dk ** -0.5,
-        R=nv // nk, DK=dk, DV=dv, BK=BK, BV=BVf, HV=nv, NORM_QK=normalize_qk, PREC=prec, num_warps=8,
+        R=nv // nk, DK=dk, DV=dv, BK=BK, BV=BVf, HV=nv, NORM_QK=normalize_qk, PREC=prec, **LAUNCH["wu"],
     )
     n_seq = meta.prefill_seqs.numel()
     if BV is None:
@@ -304,5 +311,5 @@ def chunk_delta_rule_varlen(
     _state_pass_kernel[(n_seq, nv, triton.cdiv(dv, BV))](
         k, w, qp, u, oc, G, out, state_pool, meta.prefill_seqs, meta.cu_seqlens, meta.slots, meta.has_state,
         k.stride(0), k_col0, out.stride(0), state_pool.stride(0), state_pool.stride(1),
-        R=nv // nk, DK=dk, DV=dv, BK=BK, BV=BV, HV=nv, NORM_QK=normalize_qk, PREC=prec, num_warps=4,
+        R=nv // nk, DK=dk, DV=dv, BK=BK, BV=BV, HV=nv, NORM_QK=normalize_qk, PREC=prec, **LAUNCH["pass"],
     )

@@ -14,6 +14,9 @@ import torch
 import triton
 import triton.language as tl
 
+# Launch settings (benchmarks/bench_kernels.py --sweep measures the alternatives).
+LAUNCH = {"decode": dict(num_warps=4, num_stages=1)}
+
 
 @triton.jit
 def _conv_token(proj, conv_pool, conv_w, t, slot, keep, ch, m, stride_ps, stride_pw, K: tl.constexpr):
@@ -29,7 +32,7 @@ def _conv_token(proj, conv_pool, conv_w, t, slot, keep, ch, m, stride_ps, stride
 def _decode_kernel(
     proj, conv_w, conv_pool, A_log, dt_bias, state_pool, out, seqs, cu_seqlens, slots, has_state,
     stride_proj, stride_ps, stride_pw, stride_ss, stride_sh, stride_out, b_col0, a_col0, scale,
-    R: tl.constexpr, NK: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, K: tl.constexpr,
+    R, NK, DK: tl.constexpr, DV: tl.constexpr, K: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, USE_CONV: tl.constexpr,
 ):
     i_s, h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -130,7 +133,7 @@ def decode_step(proj_TP, conv_weight_CK, conv_pool_SWC, A_log, dt_bias, state_po
         proj_TP.stride(0), conv_pool_SWC.stride(0), conv_pool_SWC.stride(1),
         state_pool.stride(0), state_pool.stride(1), out.stride(0),
         b_col0, b_col0 + nv, dk ** -0.5,
-        R=nv // nk, NK=nk, DK=dk, DV=dv, K=K, BK=BK, BV=BV, USE_CONV=use_conv, num_warps=4,
+        R=nv // nk, NK=nk, DK=dk, DV=dv, K=K, BK=BK, BV=BV, USE_CONV=use_conv, **LAUNCH["decode"],
     )
     if not use_conv:
         return

@@ -12,7 +12,7 @@ def _gated_rmsnorm_kernel(o, z, w, y, T, stride_o, stride_z, stride_y, eps,
                           DV: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr):
     """Grid (token blocks, heads); o/z/y rows hold head h at columns h DV."""
     i_t, h = tl.program_id(0), tl.program_id(1)
-    rows = i_t * BT + tl.arange(0, BT)
+    rows = (i_t * BT + tl.arange(0, BT)).to(tl.int64)
     cols = tl.arange(0, BV)
     m = (rows < T)[:, None] & (cols < DV)[None, :]
     x = tl.load(o + rows[:, None] * stride_o + h * DV + cols[None, :], mask=m, other=0.0).to(tl.float32)
