@@ -166,7 +166,9 @@ def sweep_prefill():
             try:
                 res.append((total(), o))
             except Exception as e:  # e.g. out of shared memory for a setting
-                print(f"  {name} {o}: failed ({type(e).__name__})")
+                print(f"  {name} {o}: failed ({type(e).__name__}: {str(e)[:300]})")
+        if not res:
+            raise RuntimeError(f"every launch setting of kernel {name} failed")
         res.sort(key=lambda r: r[0])
         triton_chunk.LAUNCH[name] = res[0][1]
         print(f"sweep {name}: " + ", ".join(f"{o} {t:.3f} ms" for t, o in res))

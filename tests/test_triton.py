@@ -209,6 +209,6 @@ def test_gpu_decode_agrees_with_fla_core():
     ours = ops.gdn_decode(x, nk, nv, dk, dv, A_log.float(), dt_bias.float(), p, Batch([1] * N, list(range(N)), [True] * N))
     g = -A_log.float().exp() * F.softplus(a.float() + dt_bias.float())
     theirs, _ = fla.fused_recurrent_gated_delta_rule(bf(q)[:, None], bf(k)[:, None], bf(v)[:, None], g[:, None],
-                                                     torch.sigmoid(b.float())[:, None], initial_state=pool.float(),
+                                                     beta=torch.sigmoid(b.float())[:, None], initial_state=pool.float(),
                                                      output_final_state=True, use_qk_l2norm_in_kernel=True)
     assert rel_err(ours, theirs[:, 0]) < 1e-2

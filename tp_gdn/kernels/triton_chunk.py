@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 CHUNK = 64
+_C = tl.constexpr(CHUNK)  # the chunk length as kernels see it
 
 # Launch settings per kernel (benchmarks/bench_kernels.py --sweep measures the alternatives).
 LAUNCH = {
@@ -137,24 +138,24 @@ def _intra_solve_kernel(
     # Tout: [T, HV, 64], row = token, column = position in its chunk (upper blocks zero)
     ty = Tout.dtype.element_ty
     z = tl.zeros([16, 16], dtype=ty)
-    base = Tout + h * CHUNK
+    base = Tout + h * _C
     c = o16[None, :]
-    tl.store(base + r0[:, None] * (HV * CHUNK) + c, T00.to(ty), mask=m0[:, None])
-    tl.store(base + r0[:, None] * (HV * CHUNK) + 16 + c, z, mask=m0[:, None])
-    tl.store(base + r0[:, None] * (HV * CHUNK) + 32 + c, z, mask=m0[:, None])
-    tl.store(base + r0[:, None] * (HV * CHUNK) + 48 + c, z, mask=m0[:, None])
-    tl.store(base + r1[:, None] * (HV * CHUNK) + c, T10.to(ty), mask=m1[:, None])
-    tl.store(base + r1[:, None] * (HV * CHUNK) + 16 + c, T11.to(ty), mask=m1[:, None])
-    tl.store(base + r1[:, None] * (HV * CHUNK) + 32 + c, z, mask=m1[:, None])
-    tl.store(base + r1[:, None] * (HV * CHUNK) + 48 + c, z, mask=m1[:, None])
-    tl.store(base + r2[:, None] * (HV * CHUNK) + c, T20.to(ty), mask=m2[:, None])
-    tl.store(base + r2[:, None] * (HV * CHUNK) + 16 + c, T21.to(ty), mask=m2[:, None])
-    tl.store(base + r2[:, None] * (HV * CHUNK) + 32 + c, T22.to(ty), mask=m2[:, None])
-    tl.store(base + r2[:, None] * (HV * CHUNK) + 48 + c, z, mask=m2[:, None])
-    tl.store(base + r3[:, None] * (HV * CHUNK) + c, T30.to(ty), mask=m3[:, None])
-    tl.store(base + r3[:, None] * (HV * CHUNK) + 16 + c, T31.to(ty), mask=m3[:, None])
-    tl.store(base + r3[:, None] * (HV * CHUNK) + 32 + c, T32.to(ty), mask=m3[:, None])
-    tl.store(base + r3[:, None] * (HV * CHUNK) + 48 + c, T33.to(ty), mask=m3[:, None])
+    tl.store(base + r0[:, None] * (HV * _C) + c, T00.to(ty), mask=m0[:, None])
+    tl.store(base + r0[:, None] * (HV * _C) + 16 + c, z, mask=m0[:, None])
+    tl.store(base + r0[:, None] * (HV * _C) + 32 + c, z, mask=m0[:, None])
+    tl.store(base + r0[:, None] * (HV * _C) + 48 + c, z, mask=m0[:, None])
+    tl.store(base + r1[:, None] * (HV * _C) + c, T10.to(ty), mask=m1[:, None])
+    tl.store(base + r1[:, None] * (HV * _C) + 16 + c, T11.to(ty), mask=m1[:, None])
+    tl.store(base + r1[:, None] * (HV * _C) + 32 + c, z, mask=m1[:, None])
+    tl.store(base + r1[:, None] * (HV * _C) + 48 + c, z, mask=m1[:, None])
+    tl.store(base + r2[:, None] * (HV * _C) + c, T20.to(ty), mask=m2[:, None])
+    tl.store(base + r2[:, None] * (HV * _C) + 16 + c, T21.to(ty), mask=m2[:, None])
+    tl.store(base + r2[:, None] * (HV * _C) + 32 + c, T22.to(ty), mask=m2[:, None])
+    tl.store(base + r2[:, None] * (HV * _C) + 48 + c, z, mask=m2[:, None])
+    tl.store(base + r3[:, None] * (HV * _C) + c, T30.to(ty), mask=m3[:, None])
+    tl.store(base + r3[:, None] * (HV * _C) + 16 + c, T31.to(ty), mask=m3[:, None])
+    tl.store(base + r3[:, None] * (HV * _C) + 32 + c, T32.to(ty), mask=m3[:, None])
+    tl.store(base + r3[:, None] * (HV * _C) + 48 + c, T33.to(ty), mask=m3[:, None])
     tl.store(Gout + r0 * HV + h, G0, mask=m0)
     tl.store(Gout + r1 * HV + h, G1, mask=m1)
     tl.store(Gout + r2 * HV + h, G2, mask=m2)
@@ -176,9 +177,9 @@ def _intra_wu_kernel(
     i_n = tl.load(chunks + i_c * 2).to(tl.int64)
     t0 = tl.load(chunks + i_c * 2 + 1).to(tl.int64)
     eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
-    o_t = t0 + tl.arange(0, CHUNK)
+    o_t = t0 + tl.arange(0, _C)
     m_t = o_t < eos
-    o_c = tl.arange(0, CHUNK)
+    o_c = tl.arange(0, _C)
     o_k = tl.arange(0, BK)
     m_k = o_k < DK
     o_v = tl.arange(0, BV)
@@ -189,7 +190,7 @@ def _intra_wu_kernel(
     qq = _load_qk(q, o_t, m_t, stride_q, q_col0 + hk * DK, o_k, m_k, NORM_QK, scale)
     vv = tl.load(v + o_t[:, None] * stride_v + v_col0 + h * DV + o_v[None, :],
                  mask=m_t[:, None] & m_v[None, :], other=0.0)
-    T = tl.load(Tin + o_t[:, None] * (HV * CHUNK) + h * CHUNK + o_c[None, :], mask=m_t[:, None], other=0.0)
+    T = tl.load(Tin + o_t[:, None] * (HV * _C) + h * _C + o_c[None, :], mask=m_t[:, None], other=0.0)
     G = tl.load(Gin + o_t * HV + h, mask=m_t, other=0.0)
     beta = tl.load(Bin + o_t * HV + h, mask=m_t, other=0.0)
 
@@ -229,13 +230,13 @@ def _state_pass_kernel(
     m_k = o_k < DK
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < DV
-    o_c = tl.arange(0, CHUNK)
+    o_c = tl.arange(0, _C)
     p_state = state_pool + slot * stride_ps + h * stride_ph + o_k[:, None] * DV + o_v[None, :]
     m_state = m_k[:, None] & m_v[None, :]
     S = tl.load(p_state, mask=tl.where(keep, m_state, False), other=0.0).to(tl.float32)
     col_k = k_col0 + (h // R) * DK
 
-    for t0 in range(bos, eos, CHUNK):
+    for t0 in range(bos, eos, _C):
         o_t = t0 + o_c
         m_t = o_t < eos
         row_k = o_t[:, None] * (HV * DK) + h * DK + o_k[None, :]
@@ -248,7 +249,7 @@ def _state_pass_kernel(
         u = tl.load(u_in + row_v, mask=mv, other=0.0).to(tl.float32)
         oc = tl.load(oc_in + row_v, mask=mv, other=0.0).to(tl.float32)
         G = tl.load(Gin + o_t * HV + h, mask=m_t, other=0.0)
-        G_last = tl.load(Gin + (tl.minimum(t0 + CHUNK, eos) - 1) * HV + h)
+        G_last = tl.load(Gin + (tl.minimum(t0 + _C, eos) - 1) * HV + h)
 
         Sd = S.to(w.dtype)
         U = u - tl.dot(w, Sd, input_precision=PREC)
