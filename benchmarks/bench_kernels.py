@@ -15,6 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -89,8 +92,9 @@ def prefill_inputs(n_seq, seq_len, nk, nv, seed=0):
     return x
 
 
-def ours_prefill(x, pool):
-    return lambda: gdn_prefill(x["q"], x["k"], x["v"], x["a"], x["b"], x["A_log"], x["dt_bias"], pool, x["batch"])
+def ours_prefill(x, pool, BV=None):
+    return lambda: gdn_prefill(x["q"], x["k"], x["v"], x["a"], x["b"], x["A_log"], x["dt_bias"], pool, x["batch"],
+                               BV=BV)
 
 
 def fla_prefill(x, varlen: bool):
@@ -142,47 +146,28 @@ PREFILL = [("prefill 8x4096, 16/32", 8, 4096, 16, 32), ("prefill 8x4096, 8/16", 
 
 
 def sweep_prefill():
-    """Coordinate search over each kernel's launch settings, summed over the prefill workloads."""
-    inputs = [prefill_inputs(n, L, nk, nv) for _, n, L, nk, nv in PREFILL]
-
-    def total(bv=None):
-        t = 0.0
-        for x in inputs:
-            pool = x["h0"].clone()
-            f = lambda: gdn_prefill(x["q"], x["k"], x["v"], x["a"], x["b"], x["A_log"], x["dt_bias"], pool,
-                                    x["batch"], BV=bv)
-            t += timeit(f, iters=5, warmup=1)
-        return t
-
-    choices = {
-        "solve": [dict(num_warps=w, num_stages=1) for w in (2, 4, 8)],
-        "wu": [dict(num_warps=w, num_stages=s) for w in (4, 8) for s in (1, 2)],
-        "pass": [dict(num_warps=w, num_stages=s) for w in (4, 8) for s in (1, 2, 3)],
-    }
-    for name, opts in choices.items():
-        res = []
-        for o in opts:
-            triton_chunk.LAUNCH[name] = o
-            try:
-                res.append((total(), o))
-            except Exception as e:  # e.g. out of shared memory for a setting
-                print(f"  {name} {o}: failed ({type(e).__name__}: {str(e)[:300]})")
-        if not res:
-            raise RuntimeError(f"every launch setting of kernel {name} failed")
-        res.sort(key=lambda r: r[0])
-        triton_chunk.LAUNCH[name] = res[0][1]
-        print(f"sweep {name}: " + ", ".join(f"{o} {t:.3f} ms" for t, o in res))
-    bv_res = []
-    for name, n, L, nk, nv in PREFILL:
-        x = inputs[PREFILL.index((name, n, L, nk, nv))]
-        row = []
-        for bv in (16, 32, 64, 128):
-            pool = x["h0"].clone()
-            row.append((timeit(lambda: gdn_prefill(x["q"], x["k"], x["v"], x["a"], x["b"], x["A_log"],
-                                                   x["dt_bias"], pool, x["batch"], BV=bv), iters=5), bv))
-        bv_res.append((name, sorted(row)))
-        print(f"sweep BV {name}: " + ", ".join(f"BV={bv} {t:.3f} ms" for t, bv in sorted(row)))
-    return bv_res
+    """Each launch setting of the sequential pass in its own process (a faulting setting cannot
+    poison the rest); returns the fastest setting and the fastest dv split per workload."""
+    best = None
+    for nw in (4, 8):
+        for ns in (1, 2, 3):
+            setting = {"pass": dict(num_warps=nw, num_stages=ns)}
+            run = subprocess.run([sys.executable, str(Path(__file__).with_name("check_launch.py")), json.dumps(setting)],
+                                 capture_output=True, text=True, timeout=240)
+            line = (run.stdout.strip().splitlines() or ["failed"])[-1]
+            if run.returncode != 0 or not line.startswith("{"):
+                print(f"sweep pass nw={nw} ns={ns}: {line} {run.stderr.strip()[-300:]}")
+                continue
+            times = json.loads(line)
+            total = sum(min(t.values()) for t in times.values())
+            print(f"sweep pass nw={nw} ns={ns}: total {total:.3f} ms; " + "; ".join(
+                f"{w}: " + ", ".join(f"BV{bv} {t:.3f}" for bv, t in ts.items()) for w, ts in times.items()), flush=True)
+            if best is None or total < best[0]:
+                best = (total, setting, {w: int(min(ts, key=ts.get)) for w, ts in times.items()})
+    if best is None:
+        raise RuntimeError("every launch setting of the sequential pass failed")
+    triton_chunk.LAUNCH.update(best[1])
+    return best[2]
 
 
 def sweep_decode():
@@ -211,16 +196,17 @@ def main():
     print(f"device: {dev}; torch {torch.__version__}; triton {__import__('triton').__version__}; fla {fla.__version__}")
     bw = copy_bandwidth()
     print(f"device-to-device copy: {bw / 1e12:.2f} TB/s (bytes read + written)")
+    best_bv = {}
     if args.sweep:
-        sweep_prefill()
+        best_bv = sweep_prefill()
         sweep_decode()
-        print("launch settings:", triton_chunk.LAUNCH, triton_decode.LAUNCH)
+        print("launch settings:", triton_chunk.LAUNCH, triton_decode.LAUNCH, "BV:", best_bv)
 
     rows = []
     for name, n, L, nk, nv in PREFILL:
         x = prefill_inputs(n, L, nk, nv)
         pool = x["h0"].clone()
-        ours = ours_prefill(x, pool)
+        ours = ours_prefill(x, pool, best_bv.get(name))
         o_ours = ours()
         pool_after_one = pool.clone()
         fla_var, fla_bat = fla_prefill(x, True), fla_prefill(x, False)
@@ -233,7 +219,7 @@ def main():
                                           initial_state=x["h0"], output_final_state=True, cu_seqlens=x["cu"],
                                           use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True, A_log=x["A_log"],
                                           dt_bias=x["dt_bias"], use_beta_sigmoid_in_kernel=True)
-        rows.append(dict(workload=name, ours_ms=t_ours, fla_ms=t_fla, fla_varlen_ms=t_var, fla_batched_ms=t_bat,
+        rows.append(dict(workload=name, BV=best_bv.get(name), ours_ms=t_ours, fla_ms=t_fla, fla_varlen_ms=t_var, fla_batched_ms=t_bat,
                          ratio=t_fla / t_ours, tokens_per_s=n * L / (t_ours * 1e-3),
                          rel_err_vs_fla=rel(o_ours, o_fla), state_rel_err_vs_fla=rel(pool_after_one, h_fla)))
         print(f"{name}: ours {t_ours:.3f} ms, fla {t_fla:.3f} ms (varlen {t_var:.3f}, batched {t_bat:.3f}), "

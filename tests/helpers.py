@@ -78,6 +78,20 @@ def save_hf(model, path: Path) -> Path:
     return path
 
 
+def with_weights_rounded_to(model, dtype):
+    """A copy of `model` whose GDN matrices (projections, conv) are rounded to `dtype` and back:
+    the oracle for a run that stores those weights in `dtype` (A_log, dt_bias and the norm weight
+    stay fp32 in tp_gdn, so they are left alone)."""
+    import copy
+
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".linear_attn." in name and p.dim() > 1:
+                p.copy_(p.to(dtype).float())
+    return model
+
+
 def hf_layer_oracle(model, layer_id: int):
     la = model.model.layers[layer_id].linear_attn
 

@@ -4,7 +4,7 @@ Qwen3_5GatedDeltaNet, on tiny random checkpoints saved over several files."""
 import pytest
 import torch
 
-from helpers import hf_layer_oracle, rel_err, run_ranks
+from helpers import hf_layer_oracle, rel_err, run_ranks, with_weights_rounded_to
 from tp_gdn import Batch, GDNConfig, StateCache, load_layers
 from tp_gdn.workload import WorkloadBuilder, expected_outputs, mixed_workload, run_steps
 from workers import checkpoint_workload
@@ -27,6 +27,8 @@ def backend(request):
 
 
 def check_against_hf(model, steps, outputs_by_layer, dtype=torch.float32):
+    if dtype != torch.float32:
+        model = with_weights_rounded_to(model, dtype)
     for i, outs in outputs_by_layer.items():
         want = expected_outputs(steps, hf_layer_oracle(model, i))
         for n, (got, exp) in enumerate(zip(outs, want)):

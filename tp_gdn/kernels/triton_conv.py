@@ -90,6 +90,7 @@ def _conv_state_update_kernel(
     s = tl.load(conv_pool + slot * stride_pool_s + old_pos[:, None] * stride_pool_w + ch[None, :],
                 mask=from_s[:, None] & m_c[None, :], other=0.0)
     new = tl.where(from_x[:, None], x, s)
+    tl.debug_barrier()  # all lanes read the old rows before any lane overwrites them
     tl.store(conv_pool + slot * stride_pool_s + o_w[:, None] * stride_pool_w + ch[None, :],
              new.to(conv_pool.dtype.element_ty), mask=m_w[:, None] & m_c[None, :])
 

@@ -33,7 +33,7 @@ def _decode_kernel(
     proj, conv_w, conv_pool, A_log, dt_bias, state_pool, out, seqs, cu_seqlens, slots, has_state,
     stride_proj, stride_ps, stride_pw, stride_ss, stride_sh, stride_out, b_col0, a_col0, scale,
     R, NK, DK: tl.constexpr, DV: tl.constexpr, K: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, USE_CONV: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, BW: tl.constexpr, USE_CONV: tl.constexpr,
 ):
     i_s, h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n = tl.load(seqs + i_s).to(tl.int64)
@@ -50,17 +50,19 @@ def _decode_kernel(
     if USE_CONV:
         q = _conv_token(proj, conv_pool, conv_w, t, slot, keep, hk * DK + o_k, m_k, stride_ps, stride_pw, K)
         k = _conv_token(proj, conv_pool, conv_w, t, slot, keep, (NK + hk) * DK + o_k, m_k, stride_ps, stride_pw, K)
-        # v: this program alone owns these channels, so it reads and then shifts their conv state
+        # v: this program alone owns these channels; it reads their conv state now and writes
+        # the shifted state after the barrier below (replicated lanes must all read first)
+        o_w = tl.arange(0, BW)
+        m_w = (o_w < K - 1)[:, None] & m_v[None, :]
+        p_conv = conv_pool + slot * stride_ps + o_w[:, None] * stride_pw + ch_v[None, :]
+        hist = tl.load(p_conv, mask=tl.where(keep, m_w, False), other=0.0)
         x_new = tl.load(proj + t + ch_v, mask=m_v, other=0.0)
-        acc = x_new.to(tl.float32) * tl.load(conv_w + ch_v * K + K - 1, mask=m_v, other=0.0).to(tl.float32)
-        prev = tl.load(conv_pool + slot * stride_ps + ch_v, mask=tl.where(keep, m_v, False), other=0.0)
-        acc += prev.to(tl.float32) * tl.load(conv_w + ch_v * K, mask=m_v, other=0.0).to(tl.float32)
-        for j in tl.static_range(1, K - 1):
-            x = tl.load(conv_pool + slot * stride_ps + j * stride_pw + ch_v, mask=tl.where(keep, m_v, False), other=0.0)
-            acc += x.to(tl.float32) * tl.load(conv_w + ch_v * K + j, mask=m_v, other=0.0).to(tl.float32)
-            tl.store(conv_pool + slot * stride_ps + (j - 1) * stride_pw + ch_v, x, mask=m_v)
-        tl.store(conv_pool + slot * stride_ps + (K - 2) * stride_pw + ch_v, x_new.to(conv_pool.dtype.element_ty),
-                 mask=m_v)
+        taps = tl.load(conv_w + ch_v[None, :] * K + o_w[:, None], mask=m_w, other=0.0).to(tl.float32)
+        acc = tl.sum(hist.to(tl.float32) * taps, 0)
+        acc += x_new.to(tl.float32) * tl.load(conv_w + ch_v * K + K - 1, mask=m_v, other=0.0).to(tl.float32)
+        m_next = (o_w + 1 < K - 1)[:, None] & m_v[None, :]
+        shifted = tl.load(p_conv + stride_pw, mask=tl.where(keep, m_next, False), other=0.0)
+        new_hist = tl.where((o_w == K - 2)[:, None], x_new[None, :].to(shifted.dtype), shifted)
         v = acc * tl.sigmoid(acc)
     else:
         q = tl.load(proj + t + hk * DK + o_k, mask=m_k, other=0.0).to(tl.float32)
@@ -80,6 +82,10 @@ def _decode_kernel(
     u = beta * (v - tl.sum(S * k[:, None], 0))
     S = S + k[:, None] * u[None, :]
     o = tl.sum(S * q[:, None], 0)
+    # every lane has read the old state (and conv history) before any lane overwrites it
+    tl.debug_barrier()
+    if USE_CONV:
+        tl.store(p_conv, new_hist.to(conv_pool.dtype.element_ty), mask=m_w)
     tl.store(p_s, S.to(state_pool.dtype.element_ty), mask=m_s)
     tl.store(out + row * stride_out + h * DV + o_v, o.to(out.dtype.element_ty), mask=m_v)
 
@@ -100,6 +106,7 @@ def _shift_qk_state_kernel(proj, conv_pool, seqs, cu_seqlens, slots, has_state, 
     old = tl.load(conv_pool + slot * stride_ps + (o_w + 1)[:, None] * stride_pw + ch[None, :], mask=tl.where(keep, m_old, False), other=0.0)
     new = tl.load(proj + t * stride_proj + ch, mask=m_c, other=0.0)
     rows = tl.where((o_w == W - 1)[:, None], new[None, :].to(old.dtype), old)
+    tl.debug_barrier()  # all lanes read before any lane writes the same rows
     tl.store(conv_pool + slot * stride_ps + o_w[:, None] * stride_pw + ch[None, :], rows,
              mask=(o_w < W)[:, None] & m_c[None, :])
 
@@ -133,7 +140,8 @@ def decode_step(proj_TP, conv_weight_CK, conv_pool_SWC, A_log, dt_bias, state_po
         proj_TP.stride(0), conv_pool_SWC.stride(0), conv_pool_SWC.stride(1),
         state_pool.stride(0), state_pool.stride(1), out.stride(0),
         b_col0, b_col0 + nv, dk ** -0.5,
-        R=nv // nk, NK=nk, DK=dk, DV=dv, K=K, BK=BK, BV=BV, USE_CONV=use_conv, **LAUNCH["decode"],
+        R=nv // nk, NK=nk, DK=dk, DV=dv, K=K, BK=BK, BV=BV, BW=triton.next_power_of_2(K - 1), USE_CONV=use_conv,
+        **LAUNCH["decode"],
     )
     if not use_conv:
         return

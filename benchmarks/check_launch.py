@@ -1,0 +1,68 @@
+"""One launch setting of the chunked prefill, in a process of its own: check it against the fp64
+reference, then time the benchmark's prefill workloads at each dv split (BV). Used by
+`bench_kernels.py --sweep`, so that a setting that faults cannot poison the others.
+
+    python benchmarks/check_launch.py '{"pass": {"num_warps": 4, "num_stages": 2}}'
+prints `bad <relative error>` or one JSON line {workload: {BV: ms}}.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+
+from tp_gdn import Batch
+from tp_gdn.kernels import reference as ref
+from tp_gdn.kernels import triton_chunk
+from tp_gdn.kernels.triton_ops import gdn_prefill
+
+BVS = (16, 32, 64, 128)
+
+
+def worst_error():
+    g = torch.Generator().manual_seed(0)
+    worst = 0.0
+    for lens, nk, nv in [([700, 65, 2, 129], 2, 4), ([300, 64], 4, 4)]:
+        T = sum(lens)
+        r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)
+        q, k, v, a, b = r(T, nk, 128), r(T, nk, 128), r(T, nv, 128), r(T, nv), r(T, nv)
+        A_log, dt = torch.log(torch.rand(nv, generator=g, dtype=torch.float64) * 15 + 1), r(nv) * 0.5
+        pool = r(len(lens), nv, 128, 128) * 0.1
+        batch = Batch(lens, list(range(len(lens))), [i % 2 == 0 for i in range(len(lens))])
+        gg, beta = ref.gdn_gating(a, b, A_log, dt)
+        p64 = pool.clone()
+        want = ref.gated_delta_rule_varlen(ref.l2norm(q) * 128 ** -0.5, ref.l2norm(k), v, gg, beta, p64,
+                                           batch.seq_lens, batch.slots, batch.has_state)
+        bf = lambda x: x.to("cuda", torch.bfloat16)
+        for bv in BVS:
+            p = pool.float().cuda()
+            got = gdn_prefill(bf(q), bf(k), bf(v), bf(a), bf(b), A_log.float().cuda(), dt.float().cuda(), p, batch,
+                              BV=bv)
+            torch.cuda.synchronize()
+            worst = max(worst, ((got.double().cpu() - want).norm() / want.norm()).item(),
+                        ((p.double().cpu() - p64).norm() / p64.norm()).item())
+    return worst
+
+
+def main():
+    triton_chunk.LAUNCH.update(json.loads(sys.argv[1]))
+    err = worst_error()
+    if not err < 1e-2:
+        print(f"bad {err:.2e}")
+        return
+    sys.path.insert(0, __file__.rsplit("/", 1)[0])
+    from bench_kernels import PREFILL, prefill_inputs, timeit
+    times = {}
+    for name, n, L, nk, nv in PREFILL:
+        x = prefill_inputs(n, L, nk, nv)
+        pool = x["h0"].clone()
+        times[name] = {bv: timeit(lambda: gdn_prefill(x["q"], x["k"], x["v"], x["a"], x["b"], x["A_log"],
+                                                      x["dt_bias"], pool, x["batch"], BV=bv), iters=5, warmup=1)
+                       for bv in BVS}
+    print(json.dumps(times))
+
+
+if __name__ == "__main__":
+    main()
