@@ -28,7 +28,8 @@ _C = tl.constexpr(CHUNK)  # the chunk length as kernels see it
 LAUNCH = {
     "solve": dict(num_warps=2, num_stages=1),
     "wu": dict(num_warps=4, num_stages=1),
-    "pass": dict(num_warps=4, num_stages=2),
+    # num_stages=1 gave wrong results and faults on an H200 with Triton 3.6 (2026-11-27): keep >= 2
+    "pass": dict(num_warps=8, num_stages=3),
 }
 
 
@@ -236,7 +237,9 @@ def _state_pass_kernel(
     S = tl.load(p_state, mask=tl.where(keep, m_state, False), other=0.0).to(tl.float32)
     col_k = k_col0 + (h // R) * DK
 
-    for t0 in range(bos, eos, _C):
+    n_chunks = ((eos - bos + _C - 1) // _C).to(tl.int32)
+    for i_t in range(0, n_chunks):
+        t0 = bos + i_t * _C
         o_t = t0 + o_c
         m_t = o_t < eos
         row_k = o_t[:, None] * (HV * DK) + h * DK + o_k[None, :]
@@ -309,7 +312,9 @@ def chunk_delta_rule_varlen(
     )
     n_seq = meta.prefill_seqs.numel()
     if BV is None:
-        BV = BVf if n_seq * nv >= 256 else max(16, min(BVf, 32))
+        # the widest dv block that still gives the sequential pass >= 128 programs (measured on
+        # an H200: fewer, wider programs leave SMs idle; more, narrower ones redo the w/k loads)
+        BV = next((bv for bv in (128, 64, 32) if bv <= BVf and n_seq * nv * triton.cdiv(dv, bv) >= 128), 16)
     _state_pass_kernel[(n_seq, nv, triton.cdiv(dv, BV))](
         k, w, qp, u, oc, G, out, state_pool, meta.prefill_seqs, meta.cu_seqlens, meta.slots, meta.has_state,
         k.stride(0), k_col0, out.stride(0), state_pool.stride(0), state_pool.stride(1),

@@ -130,7 +130,7 @@ def decode_step(proj_TP, conv_weight_CK, conv_pool_SWC, A_log, dt_bias, state_po
     BK = triton.next_power_of_2(dk)
     BVf = triton.next_power_of_2(dv)
     if BV is None:
-        BV = BVf if meta.num_decode * nv >= 1024 else min(BVf, 32)
+        BV = min(BVf, 64 if meta.num_decode * nv >= 1024 else 32)
     kd, vd = nk * dk, nv * dv
     if b_col0 is None:
         b_col0 = 2 * kd + 2 * vd
