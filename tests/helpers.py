@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import multiprocessing as mp
-import os
-import traceback
 from pathlib import Path
 
 import torch
@@ -103,43 +100,15 @@ def hf_layer_oracle(model, layer_id: int):
 
 
 # -- several ranks as processes ------------------------------------------------------------------
-def _rank_entry(rank, world, init_file, out_dir, fn, args):
-    from tp_gdn.parallel import destroy_distributed, init_distributed
+def _with_rank(fn, *args):
+    from tp_gdn.parallel import get_rank, get_world_size
 
-    torch.set_num_threads(1)
-    init_distributed(backend="gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                     timeout_s=120)
-    try:
-        result = fn(rank, world, *args)
-        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
-    except BaseException:
-        Path(out_dir, f"rank{rank}.err").write_text(traceback.format_exc())
-        raise
-    finally:
-        destroy_distributed()
+    return fn(get_rank(), get_world_size(), *args)
 
 
 def run_ranks(world: int, fn, tmp_path: Path, *args, timeout: float = 600) -> list:
     """Run fn(rank, world, *args) in `world` spawned processes joined by gloo through a file://
     store under tmp_path; return each rank's result (fn must live in an importable module)."""
-    out_dir = Path(tmp_path) / f"ranks{world}_{fn.__name__}"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    init_file = out_dir / "store"
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_rank_entry, args=(r, world, str(init_file), str(out_dir), fn, args))
-             for r in range(world)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout)
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-    errors = [(r, Path(out_dir, f"rank{r}.err")) for r in range(world) if Path(out_dir, f"rank{r}.err").exists()]
-    if errors:
-        r, f = errors[0]
-        raise AssertionError(f"rank {r} failed:\n{f.read_text()}")
-    bad = [(r, p.exitcode) for r, p in enumerate(procs) if p.exitcode != 0]
-    if bad:
-        raise AssertionError(f"ranks exited abnormally (rank, exit code): {bad}")
-    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    from tp_gdn.launch.local import spawn_ranks
+
+    return spawn_ranks(world, _with_rank, fn, *args, timeout_s=timeout, workdir=tmp_path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -13,7 +14,7 @@ from ..layer import GDNLayer
 from ..parallel import Replicate, get_rank, get_world_size
 from .files import CheckpointError, LoadStats, SafetensorsCheckpoint
 from .presharded import MANIFEST, presharded_files
-from .rules import local_shapes, pack, tensor_rules
+from .rules import local_shapes, pack_into, tensor_rules
 
 
 def load_layers(
@@ -40,6 +41,7 @@ def load_layers(
     bytes read and files opened. `progress`: a bar on rank 0 when stderr is a terminal (None),
     always (True) or never (False). `verify`: check a pre-sharded file's sha256 first.
     """
+    t0 = time.perf_counter()
     ckpt_dir = Path(ckpt_dir)
     cfg = GDNConfig.from_pretrained(ckpt_dir)
     rank = get_rank(group) if tp_rank is None else tp_rank
@@ -73,13 +75,13 @@ def load_layers(
                                              disable=not show, leave=False) as bar:
         for i in layer_ids:
             pieces = {n: reader.read(full, rule, rank, world) for n, (full, rule) in names[i].items()}
-            local = pack(cfg, world, pieces)
             layer = GDNLayer(cfg, i, rank, world, group=group, dtype=dtype, device=device, backend=backend)
             with torch.no_grad():
-                for pname, p in layer.named_parameters():
-                    p.copy_(local[pname])
+                pack_into(cfg, world, pieces, dict(layer.named_parameters()))
             layers[i] = layer
             bar.update()
+    if stats is not None:
+        stats.seconds = time.perf_counter() - t0
     return layers
 
 

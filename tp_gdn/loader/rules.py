@@ -46,27 +46,43 @@ def local_shapes(cfg: GDNConfig, tp: int) -> dict[str, tuple[int, ...]]:
     return {name: rule.local_shape(shape, tp) for name, (shape, rule) in tensor_rules(cfg).items()}
 
 
-def pack(cfg: GDNConfig, tp: int, t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A rank's checkpoint pieces (as `tensor_rules` cuts them) -> the layer's local parameters.
-
-    With tp=1 and full tensors this gives the unsharded layer's parameters.
-    """
+def pack_into(cfg: GDNConfig, tp: int, t: dict[str, torch.Tensor], params: dict[str, torch.Tensor]) -> None:
+    """Copy a rank's checkpoint pieces (as `tensor_rules` cuts them) into the layer's local
+    parameters (names as in `GDNLayer`), each element once, casting to each parameter's dtype
+    and device: the in_proj rows become [q | k | v | z | b | a] of the local heads."""
     nk, nv = cfg.num_k_heads // tp, cfg.num_v_heads // tp
     dk, dv, r, H = cfg.head_k_dim, cfg.head_v_dim, cfg.ratio, cfg.hidden_size
+    kd, vd = nk * dk, nv * dv
+    dst = params["in_proj.weight"]
+    q, k, v, z, b, a = torch.split(dst, [kd, kd, vd, vd, nv, nv], dim=0)
     if cfg.layout == "grouped":
-        qkvz_GRH = t["in_proj_qkvz.weight"].reshape(nk, 2 * dk + 2 * r * dv, H)
-        q, k, v, z = torch.split(qkvz_GRH, [dk, dk, r * dv, r * dv], dim=1)
-        ba_GRH = t["in_proj_ba.weight"].reshape(nk, 2 * r, H)
-        b, a = torch.split(ba_GRH, [r, r], dim=1)
-        parts = [x.reshape(-1, H) for x in (q, k, v, z, b, a)]
+        # rows of key head g: [q_g (dk), k_g (dk), v_g (r dv), z_g (r dv)] and [b_g (r), a_g (r)]
+        qkvz_GRH = t["in_proj_qkvz.weight"].view(nk, 2 * dk + 2 * r * dv, H)
+        ba_GRH = t["in_proj_ba.weight"].view(nk, 2 * r, H)
+        for part, (lo, n) in zip((q, k, v, z), ((0, dk), (dk, dk), (2 * dk, r * dv), (2 * dk + r * dv, r * dv))):
+            part.view(nk, n, H).copy_(qkvz_GRH[:, lo: lo + n])
+        b.view(nk, r, H).copy_(ba_GRH[:, :r])
+        a.view(nk, r, H).copy_(ba_GRH[:, r:])
     else:
-        q, k, v = torch.split(t["in_proj_qkv.weight"], [nk * dk, nk * dk, nv * dv], dim=0)
-        parts = [q, k, v, t["in_proj_z.weight"], t["in_proj_b.weight"], t["in_proj_a.weight"]]
-    return {
-        "in_proj.weight": torch.cat(parts, dim=0),
-        "conv_weight": t["conv1d.weight"][:, 0, :],
-        "A_log": t["A_log"],
-        "dt_bias": t["dt_bias"],
-        "norm_weight": t["norm.weight"],
-        "out_proj.weight": t["out_proj.weight"],
-    }
+        qkv = t["in_proj_qkv.weight"]
+        q.copy_(qkv[:kd])
+        k.copy_(qkv[kd: 2 * kd])
+        v.copy_(qkv[2 * kd:])
+        z.copy_(t["in_proj_z.weight"])
+        b.copy_(t["in_proj_b.weight"])
+        a.copy_(t["in_proj_a.weight"])
+    params["conv_weight"].copy_(t["conv1d.weight"][:, 0, :])
+    for name, src in (("A_log", "A_log"), ("dt_bias", "dt_bias"), ("norm_weight", "norm.weight"),
+                      ("out_proj.weight", "out_proj.weight")):
+        params[name].copy_(t[src])
+
+
+def pack(cfg: GDNConfig, tp: int, t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`pack_into` a fresh layer's parameters (fp32 for A_log, dt_bias and the norm weight, the
+    pieces' dtype for the rest): with tp=1 and full tensors, the unsharded layer's parameters."""
+    from ..layer import GDNLayer
+
+    layer = GDNLayer(cfg, cfg.linear_layer_ids[0], 0, tp, dtype=t["out_proj.weight"].dtype, backend="torch")
+    params = {n: p.data for n, p in layer.named_parameters()}
+    pack_into(cfg, tp, t, params)
+    return params

@@ -29,7 +29,7 @@ class ColumnParallelLinear(nn.Module):
 class RowParallelLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, world: int, dtype, device, group=None):
         super().__init__()
-        self.group = group
+        self.group, self.world = group, world
         self.weight = sharded_parameter((out_features, in_features), Split(1, (in_features,)),
                                         world, dtype, device)
 
@@ -38,4 +38,6 @@ class RowParallelLinear(nn.Module):
         return F.linear(x_TI, self.weight)
 
     def forward(self, x_TI: torch.Tensor) -> torch.Tensor:
-        return all_reduce_sum_(self.partial(x_TI), self.group)
+        y = self.partial(x_TI)
+        # a layer sharded for one rank holds the whole sum, even inside a larger process group
+        return all_reduce_sum_(y, self.group) if self.world > 1 else y

@@ -1,0 +1,141 @@
+"""The main job under each launcher (local processes, torchrun, Ray) at tp=2 with gloo, checked
+against the single-process unsharded layer; Ray placement on two simulated nodes; failures."""
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import rel_err
+from tp_gdn import GDNConfig, StateCache, load_layers
+from tp_gdn.cli import main as cli
+from tp_gdn.loader.synthetic import write_checkpoint
+from tp_gdn.workload import mixed_workload, run_steps
+
+ROOT = Path(__file__).resolve().parents[1]
+JOB = ["--seqs", "3", "--prompt-len", "70", "--decode-steps", "3", "--check-layers", "all"]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return write_checkpoint(tmp_path_factory.mktemp("ckpt"), "tiny", dtype="float32", seed=3)
+
+
+def run_cli(args, tmp_path, name):
+    out, js = tmp_path / f"{name}.pt", tmp_path / f"{name}.json"
+    assert cli(["run", *args, "--save-outputs", str(out), "--json", str(js)]) == 0
+    return torch.load(out)["outputs"], json.loads(js.read_text())
+
+
+def test_local_launcher_matches_the_unsharded_layer(ckpt, tmp_path, capsys):
+    outputs, summary = run_cli(["--checkpoint", str(ckpt), "--tp", "2", *JOB], tmp_path, "local")
+    assert summary["max_rel_err"] < 1e-5 and summary["checked_layers"] == [0, 1, 2]
+    assert len(summary["ranks"]) == 2 and all(r["peak_memory_bytes"] > 0 for r in summary["ranks"])
+    assert "tokens/s" in capsys.readouterr().out
+
+
+def test_torchrun_gives_the_same_numbers_as_local_processes(ckpt, tmp_path):
+    local, _ = run_cli(["--checkpoint", str(ckpt), "--tp", "2", *JOB], tmp_path, "local")
+    out, js = tmp_path / "tr.pt", tmp_path / "tr.json"
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                    str(ROOT / "launch" / "torchrun_job.py"), "--checkpoint", str(ckpt), *JOB,
+                    "--save-outputs", str(out), "--json", str(js)], check=True, timeout=600, cwd=tmp_path)
+    assert json.loads(js.read_text())["max_rel_err"] < 1e-5
+    got = torch.load(out)["outputs"]
+    for i in local:
+        for a, b in zip(got[i], local[i]):
+            assert torch.equal(a, b)
+
+
+def test_the_job_refuses_a_tp_that_does_not_divide_the_heads(ckpt, capsys):
+    assert cli(["run", "--checkpoint", str(ckpt), "--tp", "3", *JOB]) == 2
+    assert "tp=3 does not divide linear_num_key_heads=4" in capsys.readouterr().err
+
+
+def test_help_explains_every_option(capsys):
+    with pytest.raises(SystemExit):
+        cli(["run", "--help"])
+    text = capsys.readouterr().out
+    for opt in ("--checkpoint", "--tp", "--launcher", "--device", "--dtype", "--backend", "--seqs", "--prompt-len",
+                "--decode-steps", "--check-layers", "--ray-address", "--json"):
+        assert opt in text
+
+
+# -- Ray ----------------------------------------------------------------------------------------
+ray = pytest.importorskip("ray")
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=4, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+def test_ray_job_gives_the_same_numbers_as_local_processes(ckpt, tmp_path, local_ray):
+    local, _ = run_cli(["--checkpoint", str(ckpt), "--tp", "2", *JOB], tmp_path, "local")
+    got, summary = run_cli(["--checkpoint", str(ckpt), "--tp", "2", "--launcher", "ray", *JOB], tmp_path, "ray")
+    assert summary["max_rel_err"] < 1e-5 and summary["ray_overhead_ms"] > 0
+    for i in local:
+        for a, b in zip(got[i], local[i]):
+            assert torch.equal(a, b)
+
+
+def test_ray_executor_forward_equals_the_unsharded_layer(ckpt, local_ray, seed):
+    from tp_gdn.launch.ray_executor import RayExecutor
+
+    steps = mixed_workload(32, seed)
+    cfg = GDNConfig.from_pretrained(ckpt)
+    want = run_steps(load_layers(ckpt, tp_rank=0, tp_size=1), StateCache(cfg, cfg.linear_layer_ids, 8, tp_size=1),
+                     steps)
+    ex = RayExecutor(str(ckpt), 2, num_slots=8, call_timeout_s=60)
+    try:
+        for n, st in enumerate(steps):
+            for i in cfg.linear_layer_ids:
+                assert rel_err(ex.forward(i, st.x, st.batch), want[i][n]) < 1e-5
+    finally:
+        ex.shutdown()
+
+
+def test_ray_dead_rank_surfaces_as_an_error_naming_it(ckpt, local_ray):
+    from tp_gdn.launch.ray_executor import RayExecutor
+
+    ex = RayExecutor(str(ckpt), 2, num_slots=4, call_timeout_s=20)
+    try:
+        ex.actors[1].die.remote()
+        time.sleep(1.0)
+        st = mixed_workload(32, 0)[0]
+        t0 = time.monotonic()
+        with pytest.raises((RuntimeError, TimeoutError), match="rank"):
+            ex.forward(0, st.x, st.batch)
+        assert time.monotonic() - t0 < 60
+    finally:
+        ex.shutdown()
+    assert ex.actors == [] and ex.pg is None
+
+
+def test_ray_packs_ranks_per_node_on_two_simulated_nodes(ckpt):
+    from ray.cluster_utils import Cluster
+
+    from tp_gdn.launch.ray_executor import RayExecutor
+
+    if ray.is_initialized():
+        ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args=dict(num_cpus=0, include_dashboard=False))
+    nodes = [cluster.add_node(num_cpus=2) for _ in range(2)]
+    ray.init(address=cluster.address)
+    try:
+        ex = RayExecutor(str(ckpt), 4, num_slots=2, call_timeout_s=60)
+        try:
+            placed = ex.placement()
+        finally:
+            ex.shutdown()
+        assert placed[0] == placed[1] and placed[2] == placed[3] and placed[0] != placed[2]
+        assert set(placed) == {n.node_id for n in nodes}
+    finally:
+        ray.shutdown()
+        cluster.shutdown()

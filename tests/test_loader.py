@@ -1,0 +1,225 @@
+"""Loading at scale: rank-local reads, bounded memory, pre-sharded checkpoints, generated
+checkpoints, and failures that name the file and tensor."""
+
+import json
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from tp_gdn import CheckpointError, GDNConfig, GDNLayer, LoadStats, load_layers
+from tp_gdn.cli import main as cli
+from tp_gdn.loader import files as loader_files
+from tp_gdn.loader.rules import pack, tensor_rules
+from tp_gdn.loader.synthetic import write_checkpoint
+
+MID = dict(hidden_size=256, linear_num_key_heads=8, linear_num_value_heads=16, linear_key_head_dim=32,
+           linear_value_head_dim=32)
+
+
+@pytest.fixture(scope="module")
+def mid_ckpt(tmp_path_factory):
+    """A 3-layer Qwen3-Next-layout checkpoint, fp32, one file per ~1 MB (several files)."""
+    return write_checkpoint(tmp_path_factory.mktemp("mid"), "qwen3-next-80b", gdn_layers=3, dtype="float32",
+                            max_file_bytes=1 << 20, **MID)
+
+
+def gdn_bytes(ckpt):
+    """(all GDN tensor bytes, bytes of the replicated tensors) of a checkpoint."""
+    cfg = GDNConfig.from_pretrained(ckpt)
+    total = repl = 0
+    for path in Path(ckpt).glob("*.safetensors"):
+        for name, t in load_file(path).items():
+            n = t.numel() * t.element_size()
+            total += n
+            repl += n if name.endswith("norm.weight") else 0
+    return cfg, total, repl
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_each_rank_reads_its_share_and_opens_each_file_once(mid_ckpt, tp):
+    cfg, total, repl = gdn_bytes(mid_ckpt)
+    for rank in range(tp):
+        stats = LoadStats()
+        load_layers(mid_ckpt, tp_rank=rank, tp_size=tp, stats=stats)
+        assert stats.bytes_read == (total - repl) // tp + repl
+        assert len(stats.files_opened) == len(set(stats.files_opened)) == len(list(Path(mid_ckpt).glob("*.safetensors")))
+
+
+def test_no_full_tensor_is_ever_materialised(mid_ckpt, monkeypatch):
+    cfg = GDNConfig.from_pretrained(mid_ckpt)
+    full = {n: shape for n, (shape, _) in tensor_rules(cfg).items()}
+    seen = []
+    real = loader_files._read_piece
+
+    def spy(sl, rule, rank, world):
+        piece = real(sl, rule, rank, world)
+        seen.append(piece.shape)
+        return piece
+
+    monkeypatch.setattr(loader_files, "_read_piece", spy)
+    load_layers(mid_ckpt, tp_rank=1, tp_size=4)
+    big = [s for s in full.values() if len(s) > 1]
+    assert seen and not any(tuple(s) in big for s in seen)
+    assert max(torch.Size(s).numel() for s in seen) <= max(torch.Size(s).numel() for s in big) // 4
+
+
+PEAK = """
+import sys, torch
+from tp_gdn import load_layers
+def hwm_kib():
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM"))
+open("/proc/self/clear_refs", "w").write("5")   # restart the peak-RSS counter after the imports
+base = hwm_kib()
+layers = load_layers(sys.argv[1], dtype=torch.bfloat16, tp_rank=0, tp_size=int(sys.argv[2]))
+print(hwm_kib() - base)
+"""
+
+
+def test_peak_memory_follows_the_shard_not_the_checkpoint(tmp_path):
+    ckpt = write_checkpoint(tmp_path / "big", "qwen3-next-80b", gdn_layers=2, dtype="bfloat16")
+    peak = {tp: int(subprocess.run([sys.executable, "-c", PEAK, str(ckpt), str(tp)], capture_output=True,
+                                   text=True, check=True).stdout) for tp in (1, 4)}
+    assert peak[4] < 0.5 * peak[1], peak
+
+
+def test_presharded_checkpoint_loads_the_same_weights(hf_next, tmp_path):
+    src = hf_next[0]
+    out = tmp_path / "tp2"
+    assert cli(["shard", str(src), "--tp", "2", "--out", str(out)]) == 0
+    manifest = json.loads((out / "tp_gdn_manifest.json").read_text())
+    assert manifest["tp"] == 2 and manifest["layout"] == "grouped" and len(manifest["files"]) == 2
+    assert all(len(f["sha256"]) == 64 for f in manifest["files"])
+    for rank in range(2):
+        stats = LoadStats()
+        a = load_layers(out, tp_rank=rank, tp_size=2, stats=stats)
+        b = load_layers(src, tp_rank=rank, tp_size=2)
+        assert stats.files_opened == [f"rank-{rank:05d}-of-00002.safetensors"]
+        for i in a:
+            for (n, p), (_, q) in zip(a[i].named_parameters(), b[i].named_parameters()):
+                assert torch.equal(p, q), (i, n)
+
+
+def test_presharded_checkpoint_refuses_another_tp(hf_next, tmp_path):
+    out = tmp_path / "tp2"
+    cli(["shard", str(hf_next[0]), "--tp", "2", "--out", str(out)])
+    with pytest.raises(CheckpointError, match="pre-sharded for tp=2, but this run has tp=4"):
+        load_layers(out, tp_rank=0, tp_size=4)
+
+
+def test_presharded_file_that_changed_is_refused(hf_next, tmp_path):
+    out = tmp_path / "tp2"
+    cli(["shard", str(hf_next[0]), "--tp", "2", "--out", str(out)])
+    f = out / "rank-00001-of-00002.safetensors"
+    data = bytearray(f.read_bytes())
+    data[-3] ^= 0xFF
+    f.write_bytes(bytes(data))
+    load_layers(out, tp_rank=0, tp_size=2)
+    with pytest.raises(CheckpointError, match="rank-00001-of-00002.safetensors: sha256 does not match"):
+        load_layers(out, tp_rank=1, tp_size=2)
+
+
+@pytest.mark.parametrize("preset,layout", [("tiny", "grouped"), ("qwen3.5", "split")])
+def test_generated_checkpoint_spans_files_and_loads(tmp_path, preset, layout):
+    small = {} if preset == "tiny" else dict(hidden_size=64, linear_key_head_dim=16, linear_value_head_dim=16)
+    ckpt = write_checkpoint(tmp_path / preset, preset, gdn_layers=3, max_file_bytes=1, **small)
+    cfg = GDNConfig.from_pretrained(ckpt)
+    assert cfg.layout == layout and len(cfg.linear_layer_ids) == 3
+    assert len(list(ckpt.glob("*.safetensors"))) == 3
+    tensors = {}
+    for path in ckpt.glob("*.safetensors"):
+        tensors.update(load_file(path))
+    i = cfg.linear_layer_ids[-1]
+    full = pack(cfg, 1, {n: tensors[cfg.tensor_prefix(i) + n] for n in tensor_rules(cfg)})
+    ref = GDNLayer.from_full(cfg, i, full, tp_rank=1, tp_size=2, dtype=torch.bfloat16)
+    got = load_layers(ckpt, dtype=torch.bfloat16, layer_ids=[i], tp_rank=1, tp_size=2)[i]
+    for (n, p), (_, q) in zip(got.named_parameters(), ref.named_parameters()):
+        assert torch.equal(p, q), n
+    assert cfg.torch_dtype == "bfloat16" and tensors[cfg.tensor_prefix(i) + "A_log"].dtype == torch.float32
+
+
+def test_make_checkpoint_command_writes_a_loadable_checkpoint(tmp_path):
+    assert cli(["make-checkpoint", str(tmp_path / "c"), "--preset", "tiny", "--dtype", "float32"]) == 0
+    assert len(load_layers(tmp_path / "c", tp_rank=0, tp_size=1)) == 3
+
+
+# -- failures that name the file and tensor ---------------------------------------------------------
+@pytest.fixture
+def ckpt(tmp_path):
+    return write_checkpoint(tmp_path / "ckpt", "tiny", dtype="float32")
+
+
+def first_file(ckpt):
+    index = json.loads((ckpt / "model.safetensors.index.json").read_text())
+    return ckpt / index["weight_map"]["model.layers.0.linear_attn.A_log"]
+
+
+def test_non_float_tensor_is_named(ckpt):
+    f = first_file(ckpt)
+    t = load_file(f)
+    t["model.layers.0.linear_attn.dt_bias"] = torch.arange(8, dtype=torch.int32)
+    save_file(t, f)
+    with pytest.raises(CheckpointError, match=r"gdn-00001.safetensors: tensor model.layers.0.linear_attn.dt_bias "
+                                              r"has dtype I32"):
+        load_layers(ckpt, tp_rank=0, tp_size=1)
+
+
+def test_truncated_file_is_named(ckpt):
+    f = first_file(ckpt)
+    f.write_bytes(f.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match="gdn-00001.safetensors: not a readable safetensors file"):
+        load_layers(ckpt, tp_rank=0, tp_size=1)
+
+
+def test_corrupt_header_is_named(ckpt):
+    f = first_file(ckpt)
+    data = bytearray(f.read_bytes())
+    data[8:20] = b"not json!!!!"
+    f.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="gdn-00001.safetensors: not a readable safetensors file"):
+        load_layers(ckpt, tp_rank=0, tp_size=1)
+
+
+def test_index_naming_a_missing_file_is_named(ckpt):
+    first_file(ckpt).unlink()
+    with pytest.raises(CheckpointError, match="names file gdn-00001.safetensors .*which does not exist"):
+        load_layers(ckpt, tp_rank=0, tp_size=1)
+
+
+def test_config_that_disagrees_with_the_weights_is_named(ckpt):
+    raw = json.loads((ckpt / "config.json").read_text())
+    raw["linear_key_head_dim"] = 8
+    (ckpt / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(CheckpointError, match=r"in_proj_qkvz.weight has shape \[384, 32\], but config.json implies"):
+        load_layers(ckpt, tp_rank=0, tp_size=1)
+
+
+def test_pickle_weights_are_refused_and_never_unpickled(tmp_path):
+    d = tmp_path / "pt"
+    d.mkdir()
+    marker = tmp_path / "unpickled"
+
+    class Boom:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    (d / "pytorch_model.bin").write_bytes(pickle.dumps(Boom()))
+    src = write_checkpoint(tmp_path / "cfg", "tiny")
+    (d / "config.json").write_text((src / "config.json").read_text())
+    with pytest.raises(CheckpointError, match="pytorch_model.bin, a pickle-based format that tp_gdn never unpickles"):
+        load_layers(d, tp_rank=0, tp_size=1)
+    assert not marker.exists()
+
+
+def test_loading_is_quiet_when_not_a_terminal(ckpt, capfd):
+    load_layers(ckpt, tp_rank=0, tp_size=1)
+    assert capfd.readouterr().err == ""
+
+
+def test_progress_bar_when_asked(ckpt, capfd):
+    load_layers(ckpt, tp_rank=0, tp_size=1, progress=True)
+    assert "loading GDN layers" in capfd.readouterr().err

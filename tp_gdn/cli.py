@@ -1,0 +1,119 @@
+"""The `tp-gdn` command.
+
+  tp-gdn run               the main job (default: a generated tiny checkpoint, 2 CPU ranks)
+  tp-gdn shard CKPT ...    write a pre-sharded copy of an HF checkpoint for one tp size
+  tp-gdn make-checkpoint   write a random GDN-only HF checkpoint (tiny, or real Qwen dims)
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+
+from .launch.job import add_job_args, finish, spec_from_args
+
+
+def cmd_run(args) -> int:
+    from .config import GDNConfig
+    from .launch.job import default_checkpoint
+
+    spec = spec_from_args(args)
+    # refuse a bad checkpoint or tp here, before any rank starts
+    GDNConfig.from_pretrained(spec.checkpoint or default_checkpoint()).check_tp(spec.tp)
+    if args.launcher == "torchrun":
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={spec.tp}",
+               "-m", "tp_gdn.launch.job", f"--tp={spec.tp}", f"--device={spec.device}", f"--dtype={spec.dtype}",
+               f"--backend={spec.backend}", f"--seqs={spec.seqs}", f"--prompt-len={spec.prompt_len}",
+               f"--decode-steps={spec.decode_steps}", f"--seed={spec.seed}", f"--check-layers={spec.check_layers}"]
+        for flag, value in (("--checkpoint", spec.checkpoint), ("--save-outputs", spec.save_outputs),
+                            ("--json", args.json)):
+            if value:
+                cmd.append(f"{flag}={value}")
+        if spec.layers:
+            cmd += ["--layers", *map(str, spec.layers)]
+        return subprocess.call(cmd)
+    if args.launcher == "ray":
+        from .launch.ray_executor import run_job
+        summary = run_job(spec, address=args.ray_address)
+    else:
+        from .launch.job import run_rank
+        from .launch.local import spawn_ranks
+        backend = "nccl" if spec.device == "cuda" else "gloo"
+        summary = spawn_ranks(spec.tp, run_rank, spec, backend=backend)[0]
+    finish(summary, args.json)
+    return 0
+
+
+def cmd_shard(args) -> int:
+    from .loader.presharded import write_presharded
+    out = write_presharded(args.checkpoint, args.out, args.tp, progress=None if sys.stderr.isatty() else False)
+    print(f"wrote {out} for tp={args.tp}")
+    return 0
+
+
+def cmd_make_checkpoint(args) -> int:
+    from .loader.synthetic import PRESETS, write_checkpoint
+
+    def progress(n, total):
+        if sys.stderr.isatty():
+            print(f"\r  layer {n}/{total}", end="" if n < total else "\n", file=sys.stderr, flush=True)
+
+    if args.preset not in PRESETS:
+        raise SystemExit(f"unknown preset {args.preset!r}")
+    out = write_checkpoint(args.out, args.preset, args.gdn_layers, dtype=args.dtype, seed=args.seed, progress=progress)
+    print(f"wrote {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="tp-gdn", description="Tensor-parallel Gated DeltaNet runtime.")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="the main job: load, serve prefills then decodes, check, report",
+                         description="Load a checkpoint sharded over --tp ranks, serve packed prefills then "
+                                     "decode steps through every GDN layer, compare with the unsharded fp32 "
+                                     "layer, and print throughput, error and per-rank memory.")
+    add_job_args(run)
+    run.add_argument("--launcher", choices=["local", "torchrun", "ray"], default="local",
+                     help="local: spawned processes on this machine (default); torchrun: torch.distributed.run "
+                          "--standalone on this machine (for several nodes, start launch/torchrun_job.py with "
+                          "torchrun yourself); ray: one actor per rank on a Ray cluster")
+    run.add_argument("--ray-address", default=None,
+                     help="Ray cluster to join ('auto' for the running one); default: start a local one")
+    run.set_defaults(fn=cmd_run)
+
+    shard = sub.add_parser("shard", help="write a pre-sharded copy of an HF checkpoint for one tp size",
+                           description="Cut an HF checkpoint into one safetensors file per rank plus a manifest "
+                                       "(tp, layout, source config, sha256 per file); load_layers reads it directly.")
+    shard.add_argument("checkpoint", help="HF checkpoint directory (config.json + safetensors)")
+    shard.add_argument("--tp", type=int, required=True, help="tensor-parallel size to shard for")
+    shard.add_argument("--out", required=True, help="output directory")
+    shard.set_defaults(fn=cmd_shard)
+
+    mk = sub.add_parser("make-checkpoint", help="write a random GDN-only HF checkpoint",
+                        description="Write config.json, an index and several safetensors files with random "
+                                    "GDN weights (only the linear-attention layers' tensors).")
+    mk.add_argument("out", help="output directory")
+    mk.add_argument("--preset", default="tiny", help="tiny, qwen3-next-80b or qwen3.5 (default: tiny)")
+    mk.add_argument("--gdn-layers", type=int, default=None, help="number of GDN layers (default: the preset's)")
+    mk.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
+                    help="dtype of the weight matrices (default: bfloat16)")
+    mk.add_argument("--seed", type=int, default=0, help="random seed")
+    mk.set_defaults(fn=cmd_make_checkpoint)
+    return ap
+
+
+def main(argv=None) -> int:
+    from .loader import CheckpointError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (CheckpointError, ValueError, FileNotFoundError) as e:
+        print(f"tp-gdn {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Starting the ranks: local processes, torchrun, or Ray actors."""

@@ -1,0 +1,268 @@
+"""The main job: load a checkpoint sharded over the ranks, serve a workload of packed prefills
+followed by decode steps through every GDN layer, check it against the unsharded fp32 layer,
+and report throughput, error and memory.
+
+Each rank runs `run_rank`; `torchrun ... -m tp_gdn.launch.job` (or launch/torchrun_job.py)
+starts it under torchrun, `tp_gdn.launch.local` in local processes, and the Ray executor drives
+the same workload from its driver.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from .. import GDNConfig, StateCache, load_layers
+from ..parallel import destroy_distributed, get_rank, get_world_size, init_distributed, local_device
+from ..workload import Step, serving_workload
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class JobSpec:
+    checkpoint: str | None = None     # None: the embedded default (a generated tiny checkpoint)
+    tp: int = 2
+    device: str = "cpu"               # "cpu" (gloo, torch kernels) or "cuda" (nccl, Triton kernels)
+    dtype: str = "float32"
+    backend: str = "auto"
+    seqs: int = 4
+    prompt_len: int = 96
+    decode_steps: int = 8
+    seed: int = 0
+    layers: list[int] | None = None   # GDN layers to run (default: all)
+    check_layers: str = "all"         # "all", "first" or "none": layers compared with the reference
+    save_outputs: str | None = None   # rank 0 writes the checked layers' outputs here (torch.save)
+
+
+def default_checkpoint() -> Path:
+    """The embedded default: a tiny random Qwen3-Next-layout checkpoint, generated once into the
+    user's cache directory (TP_GDN_CACHE overrides where)."""
+    import os
+
+    from ..loader.synthetic import write_checkpoint
+
+    root = Path(os.environ.get("TP_GDN_CACHE", Path.home() / ".cache" / "tp_gdn"))
+    path = root / "tiny-qwen3-next-v1"
+    if not (path / "config.json").is_file():
+        tmp = root / f".tiny-{os.getpid()}"
+        write_checkpoint(tmp, "tiny", dtype="float32", seed=0)
+        try:
+            tmp.rename(path)
+        except OSError:  # another process finished first
+            pass
+    return path
+
+
+def checked_layers(spec: JobSpec, layer_ids: list[int]) -> list[int]:
+    return {"all": layer_ids, "first": layer_ids[:1], "none": []}[spec.check_layers]
+
+
+def reference_outputs(ckpt: Path, layer_ids: list[int], steps: list[Step]) -> dict[int, list[torch.Tensor]]:
+    """The unsharded layers in fp32 with the torch kernels, on the CPU, over the same steps."""
+    from ..workload import run_steps
+
+    layers = load_layers(ckpt, dtype=torch.float32, device="cpu", layer_ids=layer_ids, backend="torch",
+                         tp_rank=0, tp_size=1)
+    cfg = GDNConfig.from_pretrained(ckpt)
+    num_slots = max(s for st in steps for s in st.batch.slots) + 1
+    cache = StateCache(cfg, layer_ids, num_slots, tp_size=1)
+    return run_steps(layers, cache, steps, device="cpu")
+
+
+def compare(outputs: dict[int, list[torch.Tensor]], reference: dict[int, list[torch.Tensor]]) -> dict:
+    worst_rel, worst_abs = 0.0, 0.0
+    for i, ref in reference.items():
+        for got, want in zip(outputs[i], ref):
+            got, want = got.double().cpu(), want.double()
+            worst_rel = max(worst_rel, ((got - want).norm() / want.norm()).item())
+            worst_abs = max(worst_abs, (got - want).abs().max().item())
+    return dict(max_rel_err=worst_rel, max_abs_err=worst_abs)
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def serve(forward, layer_ids: list[int], steps: list[Step], keep: list[int], barrier) -> tuple[list, dict]:
+    """Feed every step through every layer with `forward(layer_id, x, batch)`; return the wall
+    time of each step and the outputs of the layers in `keep` (on the CPU)."""
+    outputs: dict[int, list[torch.Tensor]] = {i: [] for i in keep}
+    times = []
+    for st in steps:
+        barrier()
+        t = time.perf_counter()
+        for i in layer_ids:
+            y = forward(i, st.x, st.batch)
+            if i in outputs:
+                outputs[i].append(y)
+        barrier()
+        times.append(time.perf_counter() - t)
+    return times, {i: [y.cpu() for y in ys] for i, ys in outputs.items()}
+
+
+def summarize(spec: JobSpec, ckpt: Path, steps: list[Step], times: list[float], outputs: dict, ranks: list) -> dict:
+    """Throughput, error against the unsharded fp32 layer, and per-rank facts, for the table."""
+    prefill_tokens = steps[0].batch.num_tokens
+    decode_tokens = sum(st.batch.num_tokens for st in steps[1:])
+    summary = dict(spec=asdict(spec), checkpoint=str(ckpt), ranks=ranks, prefill_tokens=prefill_tokens,
+                   prefill_tok_s=prefill_tokens / times[0],
+                   decode_tok_s=decode_tokens / max(sum(times[1:]), 1e-12),
+                   decode_step_ms=1e3 * sum(times[1:]) / max(len(times) - 1, 1))
+    if outputs:
+        check = list(outputs)
+        summary.update(compare(outputs, reference_outputs(ckpt, check, steps)), checked_layers=check)
+    if spec.save_outputs:
+        torch.save(dict(outputs=outputs, steps=len(steps)), spec.save_outputs)
+    return summary
+
+
+def run_rank(spec: JobSpec) -> dict | None:
+    """This rank's part of the job (inside an initialised process group, or alone for tp=1);
+    rank 0 returns the summary."""
+    rank, world = get_rank(), get_world_size()
+    if world != spec.tp:
+        raise ValueError(f"the job asks for tp={spec.tp} but {world} ranks are running")
+    device = local_device() if spec.device == "cuda" else torch.device("cpu")
+    ckpt = Path(spec.checkpoint) if spec.checkpoint else default_checkpoint()
+    dtype = DTYPES[spec.dtype]
+    cfg = GDNConfig.from_pretrained(ckpt)
+    t0 = time.perf_counter()
+    layers = load_layers(ckpt, dtype=dtype, device=device, layer_ids=spec.layers, backend=spec.backend)
+    load_s = time.perf_counter() - t0
+    ids = list(layers)
+    steps = serving_workload(cfg.hidden_size, spec.seqs, spec.prompt_len, spec.decode_steps, spec.seed)
+    caches = {}
+
+    def forward(i, x, batch):
+        return layers[i](x.to(device, dtype), batch, caches["now"])
+
+    # warm-up on a scratch cache: compiles kernels and fills allocator pools outside the timing
+    caches["now"] = StateCache(cfg, ids, spec.seqs, dtype=dtype, device=device)
+    serve(forward, ids, steps[:2], [], lambda: sync(device))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    caches["now"] = StateCache(cfg, ids, spec.seqs, dtype=dtype, device=device)
+    times, outputs = serve(forward, ids, steps, checked_layers(spec, ids), lambda: sync(device))
+    info = dict(rank=rank, device=str(device), backend=layers[ids[0]].backend, layers=len(ids), load_s=load_s,
+                peak_memory_bytes=peak_memory_bytes(device))
+    ranks = [None] * world
+    if dist.is_initialized():
+        dist.all_gather_object(ranks, info)
+    else:
+        ranks = [info]
+    summary = summarize(spec, ckpt, steps, times, outputs, ranks) if rank == 0 else None
+    sync(device)
+    return summary
+
+
+def format_summary(s: dict) -> str:
+    spec = s["spec"]
+    lines = [
+        f"tp_gdn main job: {s['checkpoint']}",
+        f"  tp={spec['tp']} device={s['ranks'][0]['device'].split(':')[0]} backend={s['ranks'][0]['backend']} "
+        f"dtype={spec['dtype']} layers={s['ranks'][0]['layers']} sequences={spec['seqs']} "
+        f"prompt~{spec['prompt_len']} decode_steps={spec['decode_steps']}",
+        "",
+        "| metric | value |",
+        "|---|---|",
+        f"| prefill ({s['prefill_tokens']} tokens, all layers) | {s['prefill_tok_s']:,.0f} tokens/s |",
+        f"| decode ({spec['seqs']} sequences, all layers) | {s['decode_tok_s']:,.0f} tokens/s "
+        f"({s['decode_step_ms']:.2f} ms/step) |",
+    ]
+    if "max_rel_err" in s:
+        lines.append(f"| max error vs unsharded fp32 layer (layers {s['checked_layers']}) | "
+                     f"rel {s['max_rel_err']:.2e}, abs {s['max_abs_err']:.2e} |")
+    else:
+        lines.append("| max error vs unsharded fp32 layer | not checked |")
+    for r in s["ranks"]:
+        lines.append(f"| rank {r['rank']} ({r['device']}) peak memory, load time | "
+                     f"{r['peak_memory_bytes'] / 2**20:,.0f} MiB, {r['load_s']:.2f} s |")
+    if "ray_overhead_ms" in s:
+        lines.append(f"| Ray per-call overhead (driver latency - actor compute), mean | {s['ray_overhead_ms']:.2f} ms |")
+    return "\n".join(lines)
+
+
+def add_job_args(ap: argparse.ArgumentParser) -> None:
+    d = JobSpec()
+    ap.add_argument("--checkpoint", default=None,
+                    help="HF checkpoint or `tp-gdn shard` output (default: a generated tiny Qwen3-Next checkpoint)")
+    ap.add_argument("--tp", type=int, default=None,
+                    help="tensor-parallel size (default: every visible GPU, or 2 ranks on the CPU)")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                    help="cpu: gloo and torch kernels; cuda: nccl and Triton kernels (default: cuda if visible)")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                    help="weights and activations (default: float32 on the CPU, bfloat16 on GPUs)")
+    ap.add_argument("--backend", choices=["auto", "torch", "triton"], default=d.backend,
+                    help="kernels: auto picks triton on CUDA, torch on the CPU")
+    ap.add_argument("--seqs", type=int, default=d.seqs, help="sequences served at once (one slot each)")
+    ap.add_argument("--prompt-len", type=int, default=d.prompt_len,
+                    help="average prompt length; lengths spread +-50%% around it")
+    ap.add_argument("--decode-steps", type=int, default=d.decode_steps, help="decode steps after the prefill")
+    ap.add_argument("--seed", type=int, default=d.seed, help="seed of the workload's random inputs")
+    ap.add_argument("--layers", type=int, nargs="+", default=None, help="GDN layer indices to run (default: all)")
+    ap.add_argument("--check-layers", choices=["all", "first", "none"], default=d.check_layers,
+                    help="which layers to compare with the unsharded fp32 layer on the CPU")
+    ap.add_argument("--save-outputs", default=None, help="rank 0 saves the checked layers' outputs here")
+    ap.add_argument("--json", default=None, help="write the summary as JSON here")
+
+
+def spec_from_args(args) -> JobSpec:
+    cuda = torch.cuda.is_available()
+    device = args.device or ("cuda" if cuda else "cpu")
+    if device == "cuda" and not cuda:
+        raise SystemExit("--device cuda: no CUDA device is visible")
+    tp = args.tp or (torch.cuda.device_count() if device == "cuda" else 2)
+    if tp < 1:
+        raise SystemExit(f"--tp must be >= 1, got {tp}")
+    if args.seqs < 1 or args.prompt_len < 1 or args.decode_steps < 0:
+        raise SystemExit("--seqs and --prompt-len must be >= 1 and --decode-steps >= 0")
+    return JobSpec(checkpoint=args.checkpoint, tp=tp, device=device,
+                   dtype=args.dtype or ("bfloat16" if device == "cuda" else "float32"), backend=args.backend,
+                   seqs=args.seqs, prompt_len=args.prompt_len, decode_steps=args.decode_steps, seed=args.seed,
+                   layers=args.layers, check_layers=args.check_layers, save_outputs=args.save_outputs)
+
+
+def finish(summary: dict, json_path: str | None) -> None:
+    print(format_summary(summary), flush=True)
+    if json_path:
+        Path(json_path).write_text(json.dumps(summary, indent=1, default=str) + "\n")
+
+
+def main(argv=None) -> None:
+    """Entry point under torchrun: every rank runs this, rank 0 prints the table."""
+    ap = argparse.ArgumentParser(prog="python -m tp_gdn.launch.job",
+                                 description="the tp_gdn main job, one process per rank (start it with torchrun)")
+    add_job_args(ap)
+    args = ap.parse_args(argv)
+    init_distributed()
+    if args.tp is not None and args.tp != get_world_size():
+        raise SystemExit(f"--tp {args.tp} but torchrun started {get_world_size()} ranks")
+    args.tp = get_world_size()
+    spec = spec_from_args(args)
+    try:
+        out = run_rank(spec)
+        if out is not None:
+            finish(out, args.json)
+    finally:
+        destroy_distributed()
+
+
+if __name__ == "__main__":
+    main()

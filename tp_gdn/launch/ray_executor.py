@@ -1,0 +1,233 @@
+"""RayExecutor: one actor per rank in a placement group, driven from the Ray driver.
+
+Bundle i holds rank i (PACK: ranks fill a node before the next). Rank 0's actor creates a
+TCPStore on a port the OS picks and reports it, the others join it, so there is no port race;
+NCCL joins GPU actors, gloo CPU actors. `forward(layer_id, x, batch)` runs the layer on every
+rank and returns the all-reduced output; the state cache lives in the actors. A dead actor, or
+one that does not answer within `call_timeout_s` (a failed or hung collective), raises in the
+driver naming the rank; `shutdown()` releases the actors and the placement group.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..batch import Batch
+
+
+class _Rank:
+    """The body of one rank's actor (wrapped with ray.remote by RayExecutor)."""
+
+    def __init__(self, rank: int, world: int):
+        self.rank, self.world = rank, world
+        self.store = None
+
+    def node_id(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
+    def start_store(self, timeout_s: float) -> tuple[str, int]:
+        import datetime
+
+        import ray
+        import torch.distributed as dist
+
+        host = ray.util.get_node_ip_address()
+        self.store = dist.TCPStore(host, 0, self.world, is_master=True,
+                                   timeout=datetime.timedelta(seconds=timeout_s), wait_for_workers=False)
+        return host, self.store.port
+
+    def join(self, host: str, port: int, use_gpu: bool, timeout_s: float) -> None:
+        import datetime
+
+        import torch.distributed as dist
+
+        timeout = datetime.timedelta(seconds=timeout_s)
+        if self.store is None:
+            self.store = dist.TCPStore(host, port, self.world, is_master=False, timeout=timeout)
+        backend = "nccl" if use_gpu else "gloo"
+        kw = {}
+        if use_gpu:
+            torch.cuda.set_device(0)   # Ray shows each GPU actor only its own device
+            kw["device_id"] = torch.device("cuda", 0)
+        dist.init_process_group(backend, store=self.store, rank=self.rank, world_size=self.world, timeout=timeout,
+                                **kw)
+
+    def load(self, checkpoint: str, dtype: str, use_gpu: bool, layer_ids, backend: str, num_slots: int) -> dict:
+        from .. import StateCache, load_layers
+        from .job import DTYPES
+
+        t0 = time.perf_counter()
+        self.device = torch.device("cuda", 0) if use_gpu else torch.device("cpu")
+        self.dtype = DTYPES[dtype]
+        self.layers = load_layers(checkpoint, dtype=self.dtype, device=self.device, layer_ids=layer_ids,
+                                  backend=backend)
+        cfg = next(iter(self.layers.values())).cfg
+        self.cache = StateCache(cfg, list(self.layers), num_slots, dtype=self.dtype, device=self.device)
+        return dict(rank=self.rank, device=str(self.device), backend=next(iter(self.layers.values())).backend,
+                    layers=len(self.layers), load_s=time.perf_counter() - t0)
+
+    def layer_ids(self) -> list[int]:
+        return list(self.layers)
+
+    def forward(self, layer_id: int, x: torch.Tensor, batch: Batch):
+        t0 = time.perf_counter()
+        y = self.layers[layer_id](x.to(self.device, self.dtype), batch, self.cache)
+        if self.rank != 0:
+            return None
+        y = y.cpu()
+        return y, time.perf_counter() - t0
+
+    def peak_memory_bytes(self) -> int:
+        from .job import peak_memory_bytes
+
+        return peak_memory_bytes(self.device)
+
+    def die(self) -> None:
+        """For tests: this rank's process exits as a crashed worker would."""
+        import os
+
+        os._exit(1)
+
+    def close(self) -> None:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class RayExecutor:
+    def __init__(self, checkpoint: str, tp: int, *, address: str | None = None, use_gpu: bool | None = None,
+                 dtype: str = "float32", backend: str = "auto", layer_ids: list[int] | None = None,
+                 num_slots: int = 16, call_timeout_s: float = 120.0, start_timeout_s: float = 300.0,
+                 ray_init_kwargs: dict | None = None):
+        """Connect to the Ray cluster at `address` ("auto": the running one) or, when None and
+        Ray is not initialised, start a local one; place `tp` rank actors and load the shards."""
+        import ray
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        from ..config import GDNConfig
+
+        GDNConfig.from_pretrained(checkpoint).check_tp(tp)
+        self._ray = ray
+        self._owns_ray = not ray.is_initialized()
+        if self._owns_ray:
+            kw = dict(ray_init_kwargs or {})
+            if address is None:
+                kw.setdefault("include_dashboard", False)
+            ray.init(address=address, **kw)
+        if use_gpu is None:
+            use_gpu = ray.cluster_resources().get("GPU", 0) >= tp
+        self.tp, self.use_gpu, self.call_timeout_s = tp, use_gpu, call_timeout_s
+        self.calls: list[tuple[float, float]] = []     # (driver latency, rank-0 compute) per forward
+        bundle = {"GPU": 1, "CPU": 1} if use_gpu else {"CPU": 1}
+        self.pg = placement_group([dict(bundle) for _ in range(tp)], strategy="PACK")
+        self.actors = []
+        try:
+            self._wait([self.pg.ready()], start_timeout_s, "placing the ranks (does the cluster have "
+                       f"{tp} x {bundle} free?)")
+            actor_cls = ray.remote(_Rank)
+            self.actors = [
+                actor_cls.options(num_cpus=1, num_gpus=1 if use_gpu else 0,
+                                  scheduling_strategy=PlacementGroupSchedulingStrategy(
+                                      placement_group=self.pg, placement_group_bundle_index=i)).remote(i, tp)
+                for i in range(tp)]
+            host, port = self._wait([self.actors[0].start_store.remote(start_timeout_s)], start_timeout_s,
+                                    "starting rank 0's store")[0]
+            self._wait([a.join.remote(host, port, use_gpu, call_timeout_s) for a in self.actors], start_timeout_s,
+                       "joining the process group")
+            self.rank_info = self._wait(
+                [a.load.remote(str(checkpoint), dtype, use_gpu, layer_ids, backend, num_slots) for a in self.actors],
+                start_timeout_s, "loading the shards")
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _wait(self, refs, timeout_s: float, what: str) -> list:
+        """Every result, or an error naming the rank: at once for a failed or dead rank, after
+        `timeout_s` for ranks that stay silent (a dead peer or a hung collective)."""
+        ray = self._ray
+        index = {r: i for i, r in enumerate(refs)}
+        pending, deadline = list(refs), time.monotonic() + timeout_s
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            if not ready:
+                late = sorted(index[r] for r in pending)
+                raise TimeoutError(f"tp_gdn/ray: {what}: rank(s) {late} gave no answer within {timeout_s:.0f} s "
+                                   "(a dead peer or a hung collective)")
+            for r in ready:
+                try:
+                    ray.get(r)
+                except ray.exceptions.RayActorError as e:
+                    raise RuntimeError(f"tp_gdn/ray: {what}: rank {index[r]}'s actor died: {e}") from None
+                except ray.exceptions.RayTaskError as e:
+                    raise RuntimeError(f"tp_gdn/ray: {what}: rank {index[r]} failed: {e}") from None
+        return ray.get(list(refs))
+
+    def placement(self) -> list[str]:
+        """The Ray node id each rank runs on, by rank."""
+        return self._wait([a.node_id.remote() for a in self.actors], self.call_timeout_s, "asking for node ids")
+
+    def layer_ids(self) -> list[int]:
+        return self._wait([self.actors[0].layer_ids.remote()], self.call_timeout_s, "listing layers")[0]
+
+    def forward(self, layer_id: int, x: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """Run layer `layer_id` on every rank with the same x [tokens, H]; the all-reduced output."""
+        t0 = time.perf_counter()
+        results = self._wait([a.forward.remote(layer_id, x, batch) for a in self.actors], self.call_timeout_s,
+                             f"forward of layer {layer_id}")
+        y, compute_s = results[0]
+        self.calls.append((time.perf_counter() - t0, compute_s))
+        return y
+
+    def peak_memory_bytes(self) -> list[int]:
+        return self._wait([a.peak_memory_bytes.remote() for a in self.actors], self.call_timeout_s, "memory query")
+
+    def overhead_ms(self) -> float:
+        """Mean driver-side latency of forward minus rank 0's compute time."""
+        if not self.calls:
+            return float("nan")
+        return 1e3 * sum(lat - comp for lat, comp in self.calls) / len(self.calls)
+
+    def shutdown(self) -> None:
+        ray = self._ray
+        for a in self.actors:
+            try:
+                ray.get(a.close.remote(), timeout=10)
+            except Exception:  # a dead or hung actor is killed below either way
+                pass
+            ray.kill(a)
+        self.actors = []
+        if getattr(self, "pg", None) is not None:
+            ray.util.remove_placement_group(self.pg)
+            self.pg = None
+        if self._owns_ray:
+            ray.shutdown()
+
+
+def run_job(spec, address: str | None = None) -> dict:
+    """The main job (tp_gdn.launch.job) driven through a RayExecutor from this process."""
+    from ..config import GDNConfig
+    from ..workload import serving_workload
+    from .job import checked_layers, default_checkpoint, serve, summarize
+
+    ckpt = spec.checkpoint or str(default_checkpoint())
+    cfg = GDNConfig.from_pretrained(ckpt)
+    ex = RayExecutor(ckpt, spec.tp, address=address, use_gpu=spec.device == "cuda", dtype=spec.dtype,
+                     backend=spec.backend, layer_ids=spec.layers, num_slots=spec.seqs)
+    try:
+        ids = ex.layer_ids()
+        steps = serving_workload(cfg.hidden_size, spec.seqs, spec.prompt_len, spec.decode_steps, spec.seed)
+        serve(ex.forward, ids, steps[:2], [], lambda: None)       # warm-up: compiles kernels in the actors
+        ex.calls.clear()
+        times, outputs = serve(ex.forward, ids, steps, checked_layers(spec, ids), lambda: None)
+        ranks = [dict(info, peak_memory_bytes=m) for info, m in zip(ex.rank_info, ex.peak_memory_bytes())]
+        summary = summarize(spec, ckpt, steps, times, outputs, ranks)
+        summary.update(ray_overhead_ms=ex.overhead_ms(), placement=ex.placement())
+        return summary
+    finally:
+        ex.shutdown()
