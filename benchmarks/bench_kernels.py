@@ -20,7 +20,6 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from tp_gdn import Batch
 from tp_gdn.kernels import triton_chunk, triton_decode

@@ -10,7 +10,6 @@ once all have read it. No host synchronisation; both launches can be captured in
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 

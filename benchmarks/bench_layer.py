@@ -1,0 +1,267 @@
+"""The whole tensor-parallel GDN layer, ours against a layer composed the way serving engines do
+it today, under torchrun on 1, 2 or 4 GPUs, in the same run on the same inputs and weights.
+
+    torchrun --standalone --nproc-per-node N benchmarks/bench_layer.py [--json OUT]
+
+Qwen3-Next-80B GDN dims (H 2048, nk 16, nv 32, dk = dv 128, K 4), bf16 weights and activations,
+fp32 state. The peer: torch GEMMs for in_proj_qkvz / in_proj_ba (grouped layout, reordered the
+way HF and vLLM do), fla-core 0.6.0's causal_conv1d / causal_conv1d_update and
+chunk_gated_delta_rule / fused_recurrent_gated_delta_rule (gating, beta sigmoid and l2norm inside
+fla), states gathered from and scattered to the slot pool, a torch gated RMSNorm, the out_proj
+GEMM and an NCCL all-reduce. Ours: GDNLayer with the Triton backend; decode replayed from CUDA
+graphs (GraphedDecoder). Every rank runs the same fixed number of iterations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from tp_gdn import Batch, GDNConfig, GDNLayer, StateCache
+from tp_gdn.graphs import GraphedDecoder
+from tp_gdn.parallel import destroy_distributed, get_rank, get_world_size, init_distributed, local_device
+
+CFG = GDNConfig(model_type="qwen3_next", hidden_size=2048, num_k_heads=16, num_v_heads=32, head_k_dim=128,
+                head_v_dim=128, conv_kernel=4, rms_norm_eps=1e-6, layer_types=("linear_attention",))
+
+
+def full_weights(seed=0):
+    from tp_gdn.layer import full_shapes
+
+    g = torch.Generator().manual_seed(seed)
+    s = full_shapes(CFG)
+    return {"in_proj.weight": torch.randn(s["in_proj.weight"], generator=g) / CFG.hidden_size ** 0.5,
+            "conv_weight": torch.randn(s["conv_weight"], generator=g) / 2,
+            "A_log": torch.log(torch.rand(s["A_log"], generator=g) * 15 + 1),
+            "dt_bias": torch.randn(s["dt_bias"], generator=g) * 0.5,
+            "norm_weight": 1 + 0.3 * torch.randn(s["norm_weight"], generator=g),
+            "out_proj.weight": torch.randn(s["out_proj.weight"], generator=g) / CFG.value_dim ** 0.5}
+
+
+class ComposedPeer:
+    """The same rank-local weights, computed the way serving engines compose the layer today."""
+
+    def __init__(self, layer: GDNLayer, num_slots: int):
+        nk, nv, dk, dv, H = layer.nk, layer.nv, layer.dk, layer.dv, CFG.hidden_size
+        r = nv // nk
+        q, k, v, z, b, a = torch.split(layer.in_proj.weight, [nk * dk, nk * dk, nv * dv, nv * dv, nv, nv])
+        self.w_qkvz = torch.cat([q.view(nk, dk, H), k.view(nk, dk, H), v.view(nk, r * dv, H),
+                                 z.view(nk, r * dv, H)], 1).reshape(-1, H).contiguous()
+        self.w_ba = torch.cat([b.view(nk, r, H), a.view(nk, r, H)], 1).reshape(-1, H).contiguous()
+        self.conv_w = layer.conv_weight.contiguous()
+        self.A_log, self.dt_bias, self.norm_w = layer.A_log, layer.dt_bias, layer.norm_weight
+        self.w_out = layer.out_proj.weight
+        self.nk, self.nv, self.dk, self.dv, self.r = nk, nv, dk, dv, r
+        dev = layer.device
+        C = 2 * nk * dk + nv * dv
+        self.conv_cache = torch.zeros(num_slots, C, CFG.conv_kernel, device=dev, dtype=layer.dtype)
+        self.ssm = torch.zeros(num_slots, nv, dk, dv, device=dev, dtype=torch.float32)
+
+    def _project(self, x):
+        T, (nk, nv, dk, dv, r) = x.shape[0], (self.nk, self.nv, self.dk, self.dv, self.r)
+        qkvz = (x @ self.w_qkvz.T).view(T, nk, 2 * dk + 2 * r * dv)
+        q, k, v, z = torch.split(qkvz, [dk, dk, r * dv, r * dv], dim=2)
+        b, a = torch.split((x @ self.w_ba.T).view(T, nk, 2 * r), [r, r], dim=2)
+        mixed = torch.cat([q.reshape(T, -1), k.reshape(T, -1), v.reshape(T, -1)], -1)
+        return mixed, z.reshape(T, nv, dv), b.reshape(T, nv), a.reshape(T, nv)
+
+    def _finish(self, o, z):
+        of = o.float()
+        y = of * torch.rsqrt(of.pow(2).mean(-1, keepdim=True) + CFG.rms_norm_eps) * self.norm_w * F.silu(z.float())
+        out = y.to(o.dtype).reshape(o.shape[0], -1) @ self.w_out.T
+        if get_world_size() > 1:
+            dist.all_reduce(out)
+        return out
+
+    def _split(self, mixed, T):
+        kd = self.nk * self.dk
+        q = mixed[..., :kd].reshape(1, T, self.nk, self.dk)
+        k = mixed[..., kd:2 * kd].reshape(1, T, self.nk, self.dk)
+        v = mixed[..., 2 * kd:].reshape(1, T, self.nv, self.dv)
+        return q, k, v
+
+    def prefill(self, x, cu_seqlens, slots):
+        from fla.modules.causal_conv1d import causal_conv1d
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+
+        T = x.shape[0]
+        mixed, z, b, a = self._project(x)
+        mixed, conv_final = causal_conv1d(mixed[None], weight=self.conv_w, activation="silu", cu_seqlens=cu_seqlens,
+                                          output_final_state=True)
+        self.conv_cache[slots] = conv_final.to(self.conv_cache.dtype)
+        q, k, v = self._split(mixed, T)
+        o, h = chunk_gated_delta_rule(q, k, v, a[None], b[None], initial_state=self.ssm[slots],
+                                      output_final_state=True, cu_seqlens=cu_seqlens, use_qk_l2norm_in_kernel=True,
+                                      use_gate_in_kernel=True, A_log=self.A_log, dt_bias=self.dt_bias,
+                                      use_beta_sigmoid_in_kernel=True)
+        self.ssm[slots] = h
+        return self._finish(o[0], z)
+
+    def decode(self, x, slots):
+        from fla.modules.causal_conv1d import causal_conv1d_update
+        from fla.ops.gated_delta_rule import fused_recurrent_gated_delta_rule
+
+        B = x.shape[0]
+        mixed, z, b, a = self._project(x)
+        cache = self.conv_cache[slots]
+        mixed, cache = causal_conv1d_update(mixed, cache=cache, weight=self.conv_w, activation="silu")
+        self.conv_cache[slots] = cache
+        q, k, v = (t.reshape(B, 1, *t.shape[2:]) for t in self._split(mixed, B))
+        o, h = fused_recurrent_gated_delta_rule(q, k, v, a[:, None], beta=b[:, None], initial_state=self.ssm[slots],
+                                                output_final_state=True, use_qk_l2norm_in_kernel=True,
+                                                use_gate_in_kernel=True, A_log=self.A_log, dt_bias=self.dt_bias,
+                                                use_beta_sigmoid_in_kernel=True)
+        self.ssm[slots] = h
+        return self._finish(o.reshape(B, self.nv, self.dv), z)
+
+
+def timed(fn, iters, warmup=3):
+    """Median ms over a fixed number of iterations (the same on every rank)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    if dist.is_initialized():
+        dist.barrier()
+    times = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    if dist.is_initialized():
+        dist.barrier()
+    return statistics.median(times)
+
+
+def graphed(fn):
+    """Capture fn in a CUDA graph (after a warm-up on a side stream); return the replay."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return g.replay
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    init_distributed()
+    rank, tp = get_rank(), get_world_size()
+    dev = local_device() if torch.cuda.is_available() else None
+    if dev is None or dev.type != "cuda":
+        raise SystemExit("bench_layer.py needs CUDA GPUs (run it under torchrun, one process per GPU)")
+    torch.cuda.set_device(dev)
+    layer = GDNLayer.from_full(CFG, 0, full_weights(), rank, tp, dtype=torch.bfloat16, device=dev, backend="triton")
+    rows = []
+    g = torch.Generator(device=dev).manual_seed(1)
+
+    def report(name, ours, peer, err, note=""):
+        rows.append(dict(workload=name, tp=tp, ours_ms=ours, peer_ms=peer, ratio=peer / ours, rel_err=err, note=note))
+        if rank == 0:
+            print(f"{name} tp={tp}: ours {ours:.3f} ms, peer {peer:.3f} ms, peer/ours {peer / ours:.2f}, "
+                  f"|ours-peer|/|peer| {err:.1e} {note}", flush=True)
+
+    prefills = [(8, 4096)] + ([(1, 4096)] if tp == 1 else [])
+    for n, L in prefills:
+        run_guarded(f"prefill {n}x{L}", rank, lambda: bench_prefill(layer, n, L, dev, g, tp, rank, report, rows))
+    for B in [256] if tp == 1 else [1]:
+        run_guarded(f"decode {B}", rank, lambda: bench_decode(layer, B, dev, g, tp, rank, report, rows))
+
+    if rank == 0:
+        name = torch.cuda.get_device_name(dev)
+        print(f"\n| workload ({name} x{tp}) | ours | composed peer | peer / ours |")
+        print("|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['workload']}, tp={r['tp']} | {r['ours_ms']:.3f} ms | {r['peer_ms']:.3f} ms | {r['ratio']:.2f} |")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(dict(device=name, tp=tp, rows=rows), f, indent=1)
+    destroy_distributed()
+
+
+def run_guarded(name, rank, fn):
+    """Run one workload; an error (the same on every rank, as every rank runs the same code) is
+    reported and the next workload runs."""
+    try:
+        fn()
+    except Exception as e:
+        if rank == 0:
+            print(f"{name}: FAILED {type(e).__name__}: {e}", flush=True)
+    torch.cuda.empty_cache()
+
+
+def bench_prefill(layer, n, L, dev, g, tp, rank, report, rows):
+    H, bf = CFG.hidden_size, torch.bfloat16
+    T = n * L
+    x = torch.randn(T, H, device=dev, dtype=bf, generator=g)
+    batch = Batch([L] * n, list(range(n)), [False] * n)
+    cache = StateCache(CFG, [0], n, dtype=bf, device=dev, tp_size=tp)
+    peer = ComposedPeer(layer, n)
+    cu = torch.tensor(batch.cu_seqlens, device=dev, dtype=torch.long)
+    slots = torch.arange(n, device=dev)
+    y_ours, y_peer = layer(x, batch, cache), peer.prefill(x, cu, slots)
+    err = rel(y_ours, y_peer)
+    t_ours = timed(lambda: layer(x, batch, cache), 5)
+    t_peer = timed(lambda: peer.prefill(x, cu, slots), 5)
+    report(f"prefill {n}x{L}", t_ours, t_peer, err)
+    if tp > 1:
+        out = torch.empty(T, H, device=dev, dtype=bf)
+        t_ar = timed(lambda: dist.all_reduce(out), 5)
+        if rank == 0:
+            print(f"  all-reduce of the [{T}, {H}] bf16 output alone: {t_ar:.3f} ms", flush=True)
+        rows[-1]["allreduce_ms"] = t_ar
+
+
+def bench_decode(layer, B, dev, g, tp, rank, report, rows):
+    H, bf = CFG.hidden_size, torch.bfloat16
+    x = torch.randn(B, H, device=dev, dtype=bf, generator=g)
+    cache = StateCache(CFG, [0], B, dtype=bf, device=dev, tp_size=tp)
+    prompt = Batch([16] * B, list(range(B)), [False] * B)
+    layer(torch.randn(16 * B, H, device=dev, dtype=bf, generator=g), prompt, cache)
+    peer = ComposedPeer(layer, B)
+    peer.conv_cache.copy_(torch.cat([torch.zeros_like(cache.conv[0][:, :1]), cache.conv[0]], 1).transpose(1, 2))
+    peer.ssm.copy_(cache.ssm[0])
+    slots = list(range(B))
+    slots_t = torch.arange(B, device=dev)
+    decoder = GraphedDecoder({0: layer}, cache)
+    y_ours = decoder(x, slots)[0].clone()
+    y_peer = peer.decode(x, slots_t)
+    err = rel(y_ours, y_peer)
+    t_ours = timed(lambda: decoder(x, slots), 50)
+    t_eager = timed(lambda: layer(x, Batch([1] * B, slots, [True] * B), cache), 50)
+    t_peer = timed(lambda: peer.decode(x, slots_t), 50)
+    try:
+        t_peer_graph = timed(graphed(lambda: peer.decode(x, slots_t)), 50)
+    except Exception as e:  # report, do not hide, a peer that cannot be captured
+        t_peer_graph = float("nan")
+        if rank == 0:
+            print(f"  peer decode could not be captured: {type(e).__name__}: {e}")
+    best_peer = min(t_peer, t_peer_graph) if t_peer_graph == t_peer_graph else t_peer
+    report(f"decode {B} seqs", t_ours, best_peer, err,
+           note=f"(ours graph; ours eager {t_eager:.3f} ms; peer eager {t_peer:.3f} ms, peer graph "
+                f"{t_peer_graph:.3f} ms)")
+    if B == 256:
+        state_bytes = 2 * cache.ssm[0].numel() * 4
+        weight_bytes = sum(p.numel() * p.element_size() for p in layer.parameters())
+        rows[-1].update(state_bytes=state_bytes, weight_bytes=weight_bytes)
+
+
+if __name__ == "__main__":
+    main()
