@@ -20,6 +20,7 @@ from tp_gdn.workload import expected_outputs, mixed_workload
 ROOT = Path(__file__).resolve().parents[1]
 N_GPU = torch.cuda.device_count() if torch.cuda.is_available() else 0
 multigpu = pytest.mark.skipif(N_GPU < 2, reason="needs two or more GPUs")
+BF16_TOL = 3e-2   # bf16 against fp32: see test_hf_oracle.TOL
 JOB = ["--seqs", "4", "--prompt-len", "150", "--decode-steps", "4", "--check-layers", "all", "--device", "cuda"]
 
 
@@ -51,7 +52,7 @@ def test_graphed_decode_equals_eager_decode(seed):
 @multigpu
 def test_nccl_tp2_job_matches_the_fp32_reference(tmp_path):
     _, summary = run_job(tmp_path, "tp2", "--tp", "2")
-    assert summary["max_rel_err"] < 1e-2 and summary["ranks"][1]["device"] == "cuda:1"
+    assert summary["max_rel_err"] < BF16_TOL and summary["ranks"][1]["device"] == "cuda:1"
     _, summary32 = run_job(tmp_path, "tp2f32", "--tp", "2", "--dtype", "float32")
     assert summary32["max_rel_err"] < 1e-4
 
@@ -63,7 +64,7 @@ def test_tp2_equals_tp1_on_gpus(tmp_path):
     two, _ = run_job(tmp_path, "tp2", "--tp", "2")
     for i in one:
         for a, b in zip(two[i], one[i]):
-            assert rel_err(a, b) < 1e-2
+            assert rel_err(a, b) < BF16_TOL
 
 
 @pytest.mark.gpu
@@ -79,7 +80,7 @@ def test_torchrun_and_ray_give_identical_numbers_on_gpus(tmp_path):
     for i in tr_out:
         for a, b in zip(ray_out[i], tr_out[i]):
             assert torch.equal(a, b)
-    assert ray_sum["max_rel_err"] < 1e-2
+    assert ray_sum["max_rel_err"] < BF16_TOL
 
 
 def _hf_tp2_workload(rank, world, ckpt, steps):
@@ -106,4 +107,4 @@ def test_nccl_tp2_prefill_then_decode_matches_hf(hf_next, seed):
         want = expected_outputs(steps, hf_layer_oracle(oracle, i))
         for n, (got, exp) in enumerate(zip(outs, want)):
             assert torch.equal(got, results[1][i][n])
-            assert rel_err(got, exp) < 1e-2, (i, n)
+            assert rel_err(got, exp) < BF16_TOL, (i, n)

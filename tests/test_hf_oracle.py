@@ -9,7 +9,11 @@ from tp_gdn import Batch, GDNConfig, StateCache, load_layers
 from tp_gdn.workload import WorkloadBuilder, expected_outputs, mixed_workload, run_steps
 from workers import checkpoint_workload
 
-TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2}   # against HF in fp32
+# Against HF in fp32 (for bf16 runs, with the same bf16-rounded weights). A bf16 run rounds its
+# activations about five times in sequence (projection, conv, core output, norm, out_proj), each
+# by up to 2^-8: per-output relative errors of 1-2e-2 are its arithmetic (1.03e-2 seen on an
+# H100, 1.66e-2 for the torch backend's bf16 main job on the CPU); bugs give errors near 1.
+TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
 # (backend, device, dtype): the torch backend everywhere; the Triton kernels on a GPU
 BACKENDS = [("torch", "cpu", torch.float32)]
 if torch.cuda.is_available():
