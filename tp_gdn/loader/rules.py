@@ -46,35 +46,58 @@ def local_shapes(cfg: GDNConfig, tp: int) -> dict[str, tuple[int, ...]]:
     return {name: rule.local_shape(shape, tp) for name, (shape, rule) in tensor_rules(cfg).items()}
 
 
-def pack_into(cfg: GDNConfig, tp: int, t: dict[str, torch.Tensor], params: dict[str, torch.Tensor]) -> None:
-    """Copy a rank's checkpoint pieces (as `tensor_rules` cuts them) into the layer's local
-    parameters (names as in `GDNLayer`), each element once, casting to each parameter's dtype
-    and device: the in_proj rows become [q | k | v | z | b | a] of the local heads."""
+def placements(cfg: GDNConfig, tp: int) -> dict[str, list[tuple[int, int, str, int]]]:
+    """Where each row of a rank's checkpoint pieces goes in the layer's local parameters.
+
+    {tensor name: [(first row in the piece, rows, parameter name, first row there)]}, rows along
+    dim 0 (a 1-D tensor has one element per row, conv1d.weight [C, 1, K] one channel per row).
+    The in_proj rows become [q | k | v | z | b | a] of the local heads; out_proj's piece (a
+    column block) is the whole local parameter.
+    """
     nk, nv = cfg.num_k_heads // tp, cfg.num_v_heads // tp
-    dk, dv, r, H = cfg.head_k_dim, cfg.head_v_dim, cfg.ratio, cfg.hidden_size
+    dk, dv, r = cfg.head_k_dim, cfg.head_v_dim, cfg.ratio
     kd, vd = nk * dk, nv * dv
-    dst = params["in_proj.weight"]
-    q, k, v, z, b, a = torch.split(dst, [kd, kd, vd, vd, nv, nv], dim=0)
+    row = dict(q=0, k=kd, v=2 * kd, z=2 * kd + vd, b=2 * kd + 2 * vd, a=2 * kd + 2 * vd + nv)
+    P = "in_proj.weight"
     if cfg.layout == "grouped":
         # rows of key head g: [q_g (dk), k_g (dk), v_g (r dv), z_g (r dv)] and [b_g (r), a_g (r)]
-        qkvz_GRH = t["in_proj_qkvz.weight"].view(nk, 2 * dk + 2 * r * dv, H)
-        ba_GRH = t["in_proj_ba.weight"].view(nk, 2 * r, H)
-        for part, (lo, n) in zip((q, k, v, z), ((0, dk), (dk, dk), (2 * dk, r * dv), (2 * dk + r * dv, r * dv))):
-            part.view(nk, n, H).copy_(qkvz_GRH[:, lo: lo + n])
-        b.view(nk, r, H).copy_(ba_GRH[:, :r])
-        a.view(nk, r, H).copy_(ba_GRH[:, r:])
+        G = 2 * dk + 2 * r * dv
+        parts = (("q", 0, dk), ("k", dk, dk), ("v", 2 * dk, r * dv), ("z", 2 * dk + r * dv, r * dv))
+        proj = {
+            "in_proj_qkvz.weight": [(g * G + lo, n, P, row[x] + g * n) for g in range(nk) for x, lo, n in parts],
+            "in_proj_ba.weight": [(g * 2 * r + lo, r, P, row[x] + g * r) for g in range(nk) for x, lo in
+                                  (("b", 0), ("a", r))],
+        }
     else:
-        qkv = t["in_proj_qkv.weight"]
-        q.copy_(qkv[:kd])
-        k.copy_(qkv[kd: 2 * kd])
-        v.copy_(qkv[2 * kd:])
-        z.copy_(t["in_proj_z.weight"])
-        b.copy_(t["in_proj_b.weight"])
-        a.copy_(t["in_proj_a.weight"])
-    params["conv_weight"].copy_(t["conv1d.weight"][:, 0, :])
-    for name, src in (("A_log", "A_log"), ("dt_bias", "dt_bias"), ("norm_weight", "norm.weight"),
-                      ("out_proj.weight", "out_proj.weight")):
-        params[name].copy_(t[src])
+        proj = {
+            "in_proj_qkv.weight": [(0, kd, P, row["q"]), (kd, kd, P, row["k"]), (2 * kd, vd, P, row["v"])],
+            "in_proj_z.weight": [(0, vd, P, row["z"])],
+            "in_proj_b.weight": [(0, nv, P, row["b"])],
+            "in_proj_a.weight": [(0, nv, P, row["a"])],
+        }
+    return {
+        **proj,
+        "conv1d.weight": [(0, kd, "conv_weight", 0), (kd, kd, "conv_weight", kd), (2 * kd, vd, "conv_weight", 2 * kd)],
+        "A_log": [(0, nv, "A_log", 0)],
+        "dt_bias": [(0, nv, "dt_bias", 0)],
+        "norm.weight": [(0, dv, "norm_weight", 0)],
+        "out_proj.weight": [(0, cfg.hidden_size, "out_proj.weight", 0)],
+    }
+
+
+def rows_of(t: torch.Tensor) -> torch.Tensor:
+    """A tensor as [rows, elements per row] (see `placements`)."""
+    return t.reshape(t.shape[0], -1)
+
+
+def pack_into(cfg: GDNConfig, tp: int, t: dict[str, torch.Tensor], params: dict[str, torch.Tensor]) -> None:
+    """Copy a rank's checkpoint pieces (as `tensor_rules` cuts them) into the layer's local
+    parameters (names as in `GDNLayer`), following `placements`, casting to each parameter's
+    dtype and device."""
+    for name, places in placements(cfg, tp).items():
+        src = rows_of(t[name])
+        for s, n, pname, d in places:
+            rows_of(params[pname])[d: d + n].copy_(src[s: s + n])
 
 
 def pack(cfg: GDNConfig, tp: int, t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
