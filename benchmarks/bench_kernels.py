@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -25,42 +24,22 @@ from tp_gdn import Batch
 from tp_gdn.kernels import triton_chunk, triton_decode
 from tp_gdn.kernels.triton_ops import gdn_decode, gdn_prefill
 
+sys.path.insert(0, str(Path(__file__).parent))
+from timing import graphed, rel, timeit  # noqa: E402
+
 DK = DV = 128
 
 
-def timeit(fn, iters=20, warmup=3):
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
-
-
 def graph_time(fn, replays=200):
-    """Median-free average of `replays` back-to-back replays of a captured graph, in ms."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
+    """Average ms of `replays` back-to-back replays of fn captured in a CUDA graph."""
+    replay = graphed(fn)
     for _ in range(10):
-        g.replay()
+        replay()
     torch.cuda.synchronize()
     a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     a.record()
     for _ in range(replays):
-        g.replay()
+        replay()
     b.record()
     b.synchronize()
     return a.elapsed_time(b) / replays
@@ -71,11 +50,6 @@ def copy_bandwidth():
     y = torch.empty_like(x)
     ms = timeit(lambda: y.copy_(x), iters=10)
     return 2 * x.numel() / (ms * 1e-3)
-
-
-def rel(a, b):
-    a, b = a.float(), b.float()
-    return ((a - b).norm() / b.norm()).item()
 
 
 def prefill_inputs(n_seq, seq_len, nk, nv, seed=0):

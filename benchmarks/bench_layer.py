@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
+import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -25,6 +26,9 @@ import torch.nn.functional as F
 from tp_gdn import Batch, GDNConfig, GDNLayer, StateCache
 from tp_gdn.graphs import GraphedDecoder
 from tp_gdn.parallel import destroy_distributed, get_rank, get_world_size, init_distributed, local_device
+
+sys.path.insert(0, str(Path(__file__).parent))
+from timing import graphed, rel, timeit  # noqa: E402
 
 CFG = GDNConfig(model_type="qwen3_next", hidden_size=2048, num_k_heads=16, num_v_heads=32, head_k_dim=128,
                 head_v_dim=128, conv_kernel=4, rms_norm_eps=1e-6, layer_types=("linear_attention",))
@@ -120,44 +124,6 @@ class ComposedPeer:
         return self._finish(o.reshape(B, self.nv, self.dv), z)
 
 
-def timed(fn, iters, warmup=3):
-    """Median ms over a fixed number of iterations (the same on every rank)."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    if dist.is_initialized():
-        dist.barrier()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    if dist.is_initialized():
-        dist.barrier()
-    return statistics.median(times)
-
-
-def graphed(fn):
-    """Capture fn in a CUDA graph (after a warm-up on a side stream); return the replay."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return g.replay
-
-
-def rel(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", default=None)
@@ -218,12 +184,12 @@ def bench_prefill(layer, n, L, dev, g, tp, rank, report, rows):
     slots = torch.arange(n, device=dev)
     y_ours, y_peer = layer(x, batch, cache), peer.prefill(x, cu, slots)
     err = rel(y_ours, y_peer)
-    t_ours = timed(lambda: layer(x, batch, cache), 5)
-    t_peer = timed(lambda: peer.prefill(x, cu, slots), 5)
+    t_ours = timeit(lambda: layer(x, batch, cache), 5)
+    t_peer = timeit(lambda: peer.prefill(x, cu, slots), 5)
     report(f"prefill {n}x{L}", t_ours, t_peer, err)
     if tp > 1:
         out = torch.empty(T, H, device=dev, dtype=bf)
-        t_ar = timed(lambda: dist.all_reduce(out), 5)
+        t_ar = timeit(lambda: dist.all_reduce(out), 5)
         if rank == 0:
             print(f"  all-reduce of the [{T}, {H}] bf16 output alone: {t_ar:.3f} ms", flush=True)
         rows[-1]["allreduce_ms"] = t_ar
@@ -244,11 +210,11 @@ def bench_decode(layer, B, dev, g, tp, rank, report, rows):
     y_ours = decoder(x, slots)[0].clone()
     y_peer = peer.decode(x, slots_t)
     err = rel(y_ours, y_peer)
-    t_ours = timed(lambda: decoder(x, slots), 50)
-    t_eager = timed(lambda: layer(x, Batch([1] * B, slots, [True] * B), cache), 50)
-    t_peer = timed(lambda: peer.decode(x, slots_t), 50)
+    t_ours = timeit(lambda: decoder(x, slots), 50)
+    t_eager = timeit(lambda: layer(x, Batch([1] * B, slots, [True] * B), cache), 50)
+    t_peer = timeit(lambda: peer.decode(x, slots_t), 50)
     try:
-        t_peer_graph = timed(graphed(lambda: peer.decode(x, slots_t)), 50)
+        t_peer_graph = timeit(graphed(lambda: peer.decode(x, slots_t)), 50)
     except Exception as e:  # report, do not hide, a peer that cannot be captured
         t_peer_graph = float("nan")
         if rank == 0:

@@ -109,7 +109,7 @@ def main():
                   f"of the file bytes); cold {row['cold_load_s']:.2f} s vs raw {row['cold_raw_s']:.2f} s; "
                   f"warm {row['warm_load_s']:.2f} s vs raw {row['warm_raw_s']:.2f} s", flush=True)
 
-    print(f"\n| tp | rank | bytes read | share of file bytes | cold load / raw read | warm load / raw read |")
+    print("\n| tp | rank | bytes read | share of file bytes | cold load / raw read | warm load / raw read |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['tp']} | {r['rank']} | {r['bytes_read'] / 2**20:,.0f} MiB | {r['bytes_read'] / total:.3f} | "

@@ -53,7 +53,8 @@ def main():
         print(f"bad {err:.2e}")
         return
     sys.path.insert(0, __file__.rsplit("/", 1)[0])
-    from bench_kernels import PREFILL, prefill_inputs, timeit
+    from bench_kernels import PREFILL, prefill_inputs
+    from timing import timeit
     times = {}
     for name, n, L, nk, nv in PREFILL:
         x = prefill_inputs(n, L, nk, nv)

@@ -1,0 +1,48 @@
+"""Timing helpers shared by the benchmarks: CUDA-event medians over a fixed iteration count
+(the same on every rank, so collectives never deadlock) and CUDA-graph capture."""
+
+from __future__ import annotations
+
+import statistics
+
+import torch
+import torch.distributed as dist
+
+
+def timeit(fn, iters: int = 20, warmup: int = 3) -> float:
+    """Median milliseconds of `iters` calls after `warmup` calls; ranks meet before and after."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    if dist.is_initialized():
+        dist.barrier()
+    times = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    if dist.is_initialized():
+        dist.barrier()
+    return statistics.median(times)
+
+
+def graphed(fn):
+    """Capture fn in a CUDA graph (after a warm-up on a side stream); return its replay."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return g.replay
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.float(), b.float()
+    return ((a - b).norm() / b.norm()).item()
