@@ -154,18 +154,18 @@ def run_rank(spec: JobSpec) -> dict | None:
     load_s = time.perf_counter() - t0
     ids = list(layers)
     steps = serving_workload(cfg.hidden_size, spec.seqs, spec.prompt_len, spec.decode_steps, spec.seed)
-    caches = {}
 
-    def forward(i, x, batch):
-        return layers[i](x.to(device, dtype), batch, caches["now"])
+    def forward_on(cache):
+        return lambda i, x, batch: layers[i](x.to(device, dtype), batch, cache)
+
+    def new_cache():
+        return StateCache(cfg, ids, spec.seqs, dtype=dtype, device=device)
 
     # warm-up on a scratch cache: compiles kernels and fills allocator pools outside the timing
-    caches["now"] = StateCache(cfg, ids, spec.seqs, dtype=dtype, device=device)
-    serve(forward, ids, steps[:2], [], lambda: sync(device))
+    serve(forward_on(new_cache()), ids, steps[:2], [], lambda: sync(device))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    caches["now"] = StateCache(cfg, ids, spec.seqs, dtype=dtype, device=device)
-    times, outputs = serve(forward, ids, steps, checked_layers(spec, ids), lambda: sync(device))
+    times, outputs = serve(forward_on(new_cache()), ids, steps, checked_layers(spec, ids), lambda: sync(device))
     info = dict(rank=rank, device=str(device), backend=layers[ids[0]].backend, layers=len(ids), load_s=load_s,
                 peak_memory_bytes=peak_memory_bytes(device))
     ranks = [None] * world
