@@ -1,8 +1,9 @@
-"""One launch setting of the chunked prefill, in a process of its own: check it against the fp64
+"""One launch setting of one prefill path, in a process of its own: check it against the fp64
 reference, then time the benchmark's prefill workloads at each dv split (BV). Used by
 `bench_kernels.py --sweep`, so that a setting that faults cannot poison the others.
 
-    python benchmarks/check_launch.py '{"pass": {"num_warps": 4, "num_stages": 2}}'
+    python benchmarks/check_launch.py split '{"pass": {"num_warps": 4, "num_stages": 2}}'
+    python benchmarks/check_launch.py fused '{"fused": {"num_warps": 8, "num_stages": 2}}'
 prints `bad <relative error>` or one JSON line {workload: {BV: ms}}.
 """
 
@@ -18,10 +19,10 @@ from tp_gdn.kernels import reference as ref
 from tp_gdn.kernels import triton_chunk
 from tp_gdn.kernels.triton_ops import gdn_prefill
 
-BVS = (16, 32, 64, 128)
+BVS = {"split": (16, 32, 64, 128), "fused": (64, 128)}
 
 
-def worst_error():
+def worst_error(path):
     g = torch.Generator().manual_seed(0)
     worst = 0.0
     for lens, nk, nv in [([700, 65, 2, 129], 2, 4), ([300, 64], 4, 4)]:
@@ -36,10 +37,10 @@ def worst_error():
         want = ref.gated_delta_rule_varlen(ref.l2norm(q) * 128 ** -0.5, ref.l2norm(k), v, gg, beta, p64,
                                            batch.seq_lens, batch.slots, batch.has_state)
         bf = lambda x: x.to("cuda", torch.bfloat16)
-        for bv in BVS:
+        for bv in BVS[path]:
             p = pool.float().cuda()
             got = gdn_prefill(bf(q), bf(k), bf(v), bf(a), bf(b), A_log.float().cuda(), dt.float().cuda(), p, batch,
-                              BV=bv)
+                              BV=bv, path=path)
             torch.cuda.synchronize()
             worst = max(worst, ((got.double().cpu() - want).norm() / want.norm()).item(),
                         ((p.double().cpu() - p64).norm() / p64.norm()).item())
@@ -47,8 +48,9 @@ def worst_error():
 
 
 def main():
-    triton_chunk.LAUNCH.update(json.loads(sys.argv[1]))
-    err = worst_error()
+    path = sys.argv[1]
+    triton_chunk.LAUNCH.update(json.loads(sys.argv[2]))
+    err = worst_error(path)
     if not err < 1e-2:
         print(f"bad {err:.2e}")
         return
@@ -60,8 +62,9 @@ def main():
         x = prefill_inputs(n, L, nk, nv)
         pool = x["h0"].clone()
         times[name] = {bv: timeit(lambda: gdn_prefill(x["q"], x["k"], x["v"], x["a"], x["b"], x["A_log"],
-                                                      x["dt_bias"], pool, x["batch"], BV=bv), iters=5, warmup=1)
-                       for bv in BVS}
+                                                      x["dt_bias"], pool, x["batch"], BV=bv, path=path),
+                                         iters=5, warmup=1)
+                       for bv in BVS[path]}
     print(json.dumps(times))
 
 

@@ -43,7 +43,7 @@ def reference_core(q, k, v, a, b, A_log, dt_bias, pool, batch):
                                        batch.seq_lens, batch.slots, batch.has_state)
 
 
-def run_prefill(lens, nk, nv, dk, dv, dtype, tol, has=None):
+def run_prefill(lens, nk, nv, dk, dv, dtype, tol, has=None, path=None, BV=None):
     *_, ops = tri()
     S = len(lens) + 2
     q, k, v, a, b, A_log, dt_bias, pool = raw_inputs(sum(lens), nk, nv, dk, dv, dtype, S)
@@ -54,20 +54,36 @@ def run_prefill(lens, nk, nv, dk, dv, dtype, tol, has=None):
     pool_t = pool.float().to(DEV)
     c = lambda x: x.to(DEV, dtype)
     got = ops.gdn_prefill(c(q), c(k), c(v), c(a), c(b), A_log.float().to(DEV), dt_bias.float().to(DEV),
-                          pool_t, batch)
+                          pool_t, batch, BV=BV, path=path)
     assert got.dtype == dtype
     assert rel_err(got.cpu(), want) < tol
     assert rel_err(pool_t.cpu(), pool64) < tol
     return got
 
 
+PATHS = ["split", "fused"]
+
+
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("nk,nv", [(2, 2), (1, 2), (1, 4)])
-def test_chunked_prefill_matches_fp64_reference(nk, nv):
-    run_prefill([130, 2, 64, 65, 63], nk, nv, 16, 16, torch.float32, 1e-5)
+def test_chunked_prefill_matches_fp64_reference(nk, nv, path):
+    run_prefill([130, 2, 64, 65, 63], nk, nv, 16, 16, torch.float32, 1e-5, path=path)
 
 
-def test_chunked_prefill_handles_dk_unlike_dv():
-    run_prefill([70, 3], 1, 2, 32, 8, torch.float32, 1e-5, has=[True, False])
+@pytest.mark.parametrize("path", PATHS)
+def test_chunked_prefill_handles_dk_unlike_dv(path):
+    run_prefill([70, 3], 1, 2, 32, 8, torch.float32, 1e-5, has=[True, False], path=path)
+
+
+def test_fused_path_with_dv_split_in_blocks():
+    run_prefill([70, 129], 1, 2, 16, 32, torch.float32, 1e-5, has=[True, False], path="fused", BV=16)
+
+
+def test_unknown_prefill_path_is_refused():
+    *_, ops = tri()
+    q, k, v, a, b, A_log, dt_bias, pool = (x.float().to(DEV) for x in raw_inputs(5, 1, 1, 16, 16, torch.float32))
+    with pytest.raises(ValueError, match="path must be"):
+        ops.gdn_prefill(q, k, v, a, b, A_log, dt_bias, pool, Batch([5], [0], [False]), path="fast")
 
 
 def test_decode_step_matches_reference_with_conv_update():
@@ -137,11 +153,22 @@ def test_triton_layer_matches_torch_layer_on_mixed_workload(seed):
 
 
 # -- GPU: real shapes, bfloat16, and fla-core as a peer -------------------------------------------
+GPU_PATHS = [(torch.bfloat16, 1e-2, "split", None), (torch.float32, 1e-5, "split", None),
+             (torch.bfloat16, 1e-2, "fused", 64), (torch.bfloat16, 1e-2, "fused", 128)]
+
+
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype,tol,path,BV", GPU_PATHS)
 @pytest.mark.parametrize("nk,nv", [(4, 4), (4, 8), (2, 8)])
-@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 1e-2), (torch.float32, 1e-5)])
-def test_gpu_prefill_real_dims_matches_fp64(nk, nv, dtype, tol):
-    run_prefill([1000, 64, 65, 2100, 130, 2, 63, 517], nk, nv, 128, 128, dtype, tol)
+def test_gpu_prefill_real_dims_matches_fp64(nk, nv, dtype, tol, path, BV):
+    run_prefill([1000, 64, 65, 2100, 130, 2, 63, 517], nk, nv, 128, 128, dtype, tol, path=path, BV=BV)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,BV", [(torch.float32, 64), (torch.bfloat16, 32)])
+def test_gpu_fused_path_refuses_what_miscompiles(dtype, BV):
+    with pytest.raises(ValueError, match="fused prefill path takes 16-bit inputs and BV >= 64"):
+        run_prefill([100], 1, 2, 128, 128, dtype, 1e-2, path="fused", BV=BV)
 
 
 @pytest.mark.gpu

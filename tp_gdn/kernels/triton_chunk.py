@@ -1,6 +1,6 @@
 """Triton chunked gated delta rule for packed prefill sequences (chunk 64).
 
-Three launches:
+Two paths, both starting with the same launch:
   1. `_intra_solve_kernel`  (chunks x value heads, all parallel): gating from raw a/b, the
      in-chunk cumulative decay G, A = beta k k^T o Gamma (strictly lower) and T = (I + A)^-1,
      solved on 16-row blocks in registers.
@@ -10,8 +10,11 @@ Three launches:
   3. `_state_pass_kernel`   (sequences x value heads x dv blocks): walks the chunks in order,
      U = u - w S, o = O_c + Q' S, S <- e^{G_last} S + (e^{G_last - G} k)^T U, reading the initial
      state from the slot pool and writing the final state back in place.
-Splitting dv across programs keeps the sequential pass busy when a rank has few heads and one
-long sequence. q/k may be given raw (NORM_QK: l2norm and q scale inside) or already normalised.
+That is the "split" path. The "fused" path replaces 2 and 3 with `_fused_pass_kernel`, which forms
+w, u and the causal q k^T per chunk inside the sequential walk (o = e^G q S + P (u - w S)), so
+only T, G and beta go through memory; it needs many (sequence, head) programs, since that work
+lies on the sequential path. Splitting dv across programs keeps the split path's pass busy when
+a rank has few heads and one long sequence (`choose_path` picks). q/k may be given raw (NORM_QK: l2norm and q scale inside) or already normalised.
 Value head h reads key head h // R through strides; q/k are never repeated in memory.
 """
 
@@ -31,7 +34,13 @@ LAUNCH = {
     "wu": dict(num_warps=8, num_stages=1),
     # num_stages=1 gave wrong results and faults on an H200 with Triton 3.6 (2026-11-27): keep >= 2
     "pass": dict(num_warps=8, num_stages=3),
+    "fused": dict(num_warps=8, num_stages=2),
 }
+# choose_path: the fused pass from this many (sequence, value head) pairs up, at this dv block
+# (H100, bench_kernels.py: fused BV64 beat split at 8x4096 with 8, 16 and 32 heads and lost 2.3x
+# at 1x32768 with 8 heads)
+FUSED_MIN_PROGRAMS = 64
+FUSED_BV = 64
 
 
 @triton.jit
@@ -266,15 +275,94 @@ def _state_pass_kernel(
     tl.store(p_state, S.to(state_pool.dtype.element_ty), mask=m_state)
 
 
+@triton.jit
+def _fused_pass_kernel(
+    q, k, v, Tin, Gin, Bin, out, state_pool, seqs, cu_seqlens, slots, has_state,
+    stride_q, stride_k, stride_v, q_col0, k_col0, v_col0, scale, stride_out, stride_ps, stride_ph,
+    R, HV, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    NORM_QK: tl.constexpr, PREC: tl.constexpr,
+):
+    """The w/u products and the sequential pass in one program per (sequence, head, dv block):
+    w, u, the causal q k^T and the output are formed per chunk in registers, so nothing but the
+    solve's T, G and beta goes through memory between launches."""
+    i_s, h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_n = tl.load(seqs + i_s).to(tl.int64)
+    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+    eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    slot = tl.load(slots + i_n).to(tl.int64)
+    keep = tl.load(has_state + i_n) != 0
+    o_k = tl.arange(0, BK)
+    m_k = o_k < DK
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < DV
+    o_c = tl.arange(0, _C)
+    p_state = state_pool + slot * stride_ps + h * stride_ph + o_k[:, None] * DV + o_v[None, :]
+    m_state = m_k[:, None] & m_v[None, :]
+    S = tl.load(p_state, mask=tl.where(keep, m_state, False), other=0.0).to(tl.float32)
+    hk = h // R
+
+    n_chunks = ((eos - bos + _C - 1) // _C).to(tl.int32)
+    for i_t in range(0, n_chunks):
+        t0 = bos + i_t * _C
+        o_t = t0 + o_c
+        m_t = o_t < eos
+        kk = _load_qk(k, o_t, m_t, stride_k, k_col0 + hk * DK, o_k, m_k, NORM_QK, 1.0)
+        qq = _load_qk(q, o_t, m_t, stride_q, q_col0 + hk * DK, o_k, m_k, NORM_QK, scale)
+        mv = m_t[:, None] & m_v[None, :]
+        vv = tl.load(v + o_t[:, None] * stride_v + v_col0 + h * DV + o_v[None, :], mask=mv, other=0.0)
+        T = tl.load(Tin + o_t[:, None] * (HV * _C) + h * _C + o_c[None, :], mask=m_t[:, None], other=0.0)
+        G = tl.load(Gin + o_t * HV + h, mask=m_t, other=0.0)
+        beta = tl.load(Bin + o_t * HV + h, mask=m_t, other=0.0)
+        G_last = tl.load(Gin + (tl.minimum(t0 + _C, eos) - 1) * HV + h)
+
+        dt = kk.dtype
+        eG = tl.exp(G)
+        w = tl.dot(T, (kk.to(tl.float32) * (beta * eG)[:, None]).to(dt), input_precision=PREC)
+        u = tl.dot(T, (vv.to(tl.float32) * beta[:, None]).to(dt), input_precision=PREC)
+        causal = (o_c[:, None] >= o_c[None, :]) & m_t[:, None]
+        P = tl.dot(qq, tl.trans(kk), input_precision=PREC) * tl.exp(
+            tl.where(causal, G[:, None] - G[None, :], float("-inf")))
+        Sd = S.to(dt)
+        U = (u - tl.dot(w.to(dt), Sd, input_precision=PREC)).to(dt)
+        o = tl.dot(qq, Sd, input_precision=PREC) * eG[:, None] + tl.dot(P.to(dt), U, input_precision=PREC)
+        tl.store(out + o_t[:, None] * stride_out + h * DV + o_v[None, :], o.to(out.dtype.element_ty), mask=mv)
+        kd = (kk.to(tl.float32) * tl.exp(G_last - G)[:, None]).to(dt)
+        S = S * tl.exp(G_last) + tl.dot(tl.trans(kd), U, input_precision=PREC)
+
+    tl.debug_barrier()  # the initial state was read by every lane before it is overwritten
+    tl.store(p_state, S.to(state_pool.dtype.element_ty), mask=m_state)
+
+
 def _prec(dtype: torch.dtype) -> str:
     # fp32 inputs get exact fp32 products (the precision they ask for); 16-bit inputs use tf32
     # for the fp32-by-fp32 products of the solve, like their own bf16 products.
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def choose_path(n_seq: int, nv: int, dv: int, dtype: torch.dtype = torch.bfloat16) -> tuple[str, int]:
+    """(path, BV) for a prefill of n_seq sequences with nv local value heads.
+
+    "fused" (w/u inside the sequential pass) moves the least memory but repeats the w and q k^T
+    products in every dv block and runs them on the sequential path, so it needs many (sequence,
+    head) programs; "split" (w/u in a parallel launch, a light pass that can cut dv finely)
+    keeps the SMs busy when there are few. Thresholds: benchmarks/bench_kernels.py --sweep.
+    """
+    if n_seq * nv >= FUSED_MIN_PROGRAMS and dtype != torch.float32 and dv >= FUSED_BV:
+        return "fused", FUSED_BV
+    return "split", split_bv(n_seq, nv, dv)
+
+
+def split_bv(n_seq: int, nv: int, dv: int) -> int:
+    """The split path's dv block: the widest that still gives the sequential pass >= 128 programs
+    (measured on an H200: fewer, wider programs leave SMs idle; more, narrower ones redo the w/k
+    loads)."""
+    BVf = max(16, triton.next_power_of_2(dv))
+    return next((bv for bv in (128, 64, 32) if bv <= BVf and n_seq * nv * triton.cdiv(dv, bv) >= 128), 16)
+
+
 def chunk_delta_rule_varlen(
     q, k, v, a, b, A_log, dt_bias, state_pool, out, meta, q_col0: int, k_col0: int, v_col0: int,
-    nk: int, nv: int, dk: int, dv: int, normalize_qk: bool, BV: int | None = None,
+    nk: int, nv: int, dk: int, dv: int, normalize_qk: bool, BV: int | None = None, path: str | None = None,
 ):
     """Chunked gated delta rule over the prefill sequences of `meta` (those longer than 1 token).
 
@@ -284,14 +372,31 @@ def chunk_delta_rule_varlen(
     state_pool: [S, nv, dk, dv] (fp32), read for has_state sequences and overwritten with each
     final state; out: [T, *] receives o of value head h at columns h dv.
     normalize_qk: l2-normalise q and k and scale q by dk^-0.5 inside (else they come normalised).
+    path, BV: "split" or "fused" and the dv block of the sequential pass (default: choose_path).
     """
     if meta.num_chunks == 0:
         return
+    if path not in (None, "split", "fused"):
+        raise ValueError(f"path must be 'split' or 'fused', got {path!r}")
     T = q.shape[0]
     dev, dt = q.device, q.dtype
     assert state_pool.is_contiguous() and state_pool.dtype == torch.float32
     BK = max(16, triton.next_power_of_2(dk))
     BVf = max(16, triton.next_power_of_2(dv))
+    n_seq = meta.prefill_seqs.numel()
+    auto_path, auto_bv = choose_path(n_seq, nv, dv, dt)
+    if path is None:
+        path = auto_path
+    if BV is None:
+        if path == auto_path:
+            BV = auto_bv
+        else:
+            BV = min(BVf, FUSED_BV) if path == "fused" else split_bv(n_seq, nv, dv)
+    if path == "fused" and q.is_cuda and (dt == torch.float32 or BV < 64):
+        # 2026-11-28, H100, Triton 3.6: fp32 tiles overflow shared memory, and BV=32 gave wrong
+        # results (4 warps) or an illegal address (8 warps); the split path takes these
+        raise ValueError(f"the fused prefill path takes 16-bit inputs and BV >= 64 on GPUs (got {dt}, BV={BV}); "
+                         "use path='split'")
     prec = _prec(dt)
     Tbuf = torch.empty(T, nv, CHUNK, device=dev, dtype=dt)
     G = torch.empty(T, nv, device=dev, dtype=torch.float32)
@@ -302,6 +407,15 @@ def chunk_delta_rule_varlen(
         k.stride(0), a.stride(0), k_col0,
         R=nv // nk, DK=dk, BK=BK, HV=nv, NORM_QK=normalize_qk, PREC=prec, **LAUNCH["solve"],
     )
+    seq_grid = (n_seq, nv, triton.cdiv(dv, BV))
+    if path == "fused":
+        _fused_pass_kernel[seq_grid](
+            q, k, v, Tbuf, G, beta, out, state_pool, meta.prefill_seqs, meta.cu_seqlens, meta.slots,
+            meta.has_state, q.stride(0), k.stride(0), v.stride(0), q_col0, k_col0, v_col0, dk ** -0.5,
+            out.stride(0), state_pool.stride(0), state_pool.stride(1),
+            R=nv // nk, DK=dk, DV=dv, BK=BK, BV=BV, HV=nv, NORM_QK=normalize_qk, PREC=prec, **LAUNCH["fused"],
+        )
+        return
     w = torch.empty(T, nv, dk, device=dev, dtype=dt)
     qp = torch.empty_like(w)
     u = torch.empty(T, nv, dv, device=dev, dtype=dt)
@@ -311,13 +425,11 @@ def chunk_delta_rule_varlen(
         q.stride(0), k.stride(0), v.stride(0), q_col0, k_col0, v_col0, dk ** -0.5,
         R=nv // nk, DK=dk, DV=dv, BK=BK, BV=BVf, HV=nv, NORM_QK=normalize_qk, PREC=prec, **LAUNCH["wu"],
     )
-    n_seq = meta.prefill_seqs.numel()
-    if BV is None:
-        # the widest dv block that still gives the sequential pass >= 128 programs (measured on
-        # an H200: fewer, wider programs leave SMs idle; more, narrower ones redo the w/k loads)
-        BV = next((bv for bv in (128, 64, 32) if bv <= BVf and n_seq * nv * triton.cdiv(dv, bv) >= 128), 16)
-    _state_pass_kernel[(n_seq, nv, triton.cdiv(dv, BV))](
+    pass_launch = dict(LAUNCH["pass"])
+    if dt == torch.float32:  # fp32 tiles at dk = dv = 128 overflow shared memory at 3 stages (H100)
+        pass_launch["num_stages"] = min(pass_launch["num_stages"], 2)
+    _state_pass_kernel[seq_grid](
         k, w, qp, u, oc, G, out, state_pool, meta.prefill_seqs, meta.cu_seqlens, meta.slots, meta.has_state,
         k.stride(0), k_col0, out.stride(0), state_pool.stride(0), state_pool.stride(1),
-        R=nv // nk, DK=dk, DV=dv, BK=BK, BV=BV, HV=nv, NORM_QK=normalize_qk, PREC=prec, **LAUNCH["pass"],
+        R=nv // nk, DK=dk, DV=dv, BK=BK, BV=BV, HV=nv, NORM_QK=normalize_qk, PREC=prec, **pass_launch,
     )
