@@ -1,13 +1,14 @@
 """Core GDN kernels, ours against fla-core, on one GPU, in the same run on the same inputs.
 
-    python benchmarks/bench_kernels.py [--sweep] [--json OUT.json]
+    python benchmarks/bench_kernels.py [--sweep split|fused|all|decode] [--launch JSON] [--json OUT.json]
 
 Workloads (Qwen3-Next-80B GDN dims, dk = dv = 128, bf16 q/k/v, fp32 state, l2norm and gating
 inside on both sides, initial states read and final states written on both sides):
   prefill 8x4096 at nk/nv 16/32, 8/16, 4/8; prefill 1x32768 at 4/8;
   decode 256 sequences at nv 32; decode 1 sequence at nv 32 (ours replayed from a CUDA graph).
-Times are medians of CUDA-event timings after warm-up; ratio = fla time / our time. `--sweep`
-first tries the launch settings of each kernel and keeps the fastest.
+Times are medians of CUDA-event timings after warm-up; ratio = fla time / our time. Each prefill
+row also times both kernel paths ("split", "fused") at several dv blocks, next to the one
+`choose_path` picks. `--sweep` first tries launch settings and keeps the fastest.
 """
 
 from __future__ import annotations
@@ -65,9 +66,9 @@ def prefill_inputs(n_seq, seq_len, nk, nv, seed=0):
     return x
 
 
-def ours_prefill(x, pool, BV=None):
+def ours_prefill(x, pool, BV=None, path=None):
     return lambda: gdn_prefill(x["q"], x["k"], x["v"], x["a"], x["b"], x["A_log"], x["dt_bias"], pool, x["batch"],
-                               BV=BV)
+                               BV=BV, path=path)
 
 
 def fla_prefill(x, varlen: bool):
@@ -118,29 +119,31 @@ PREFILL = [("prefill 8x4096, 16/32", 8, 4096, 16, 32), ("prefill 8x4096, 8/16", 
            ("prefill 8x4096, 4/8", 8, 4096, 4, 8), ("prefill 1x32768, 4/8", 1, 32768, 4, 8)]
 
 
-def sweep_prefill():
-    """Each launch setting of the sequential pass in its own process (a faulting setting cannot
-    poison the rest); returns the fastest setting and the fastest dv split per workload."""
-    best = None
-    for nw in (4, 8):
-        for ns in (1, 2, 3):
-            setting = {"pass": dict(num_warps=nw, num_stages=ns)}
-            run = subprocess.run([sys.executable, str(Path(__file__).with_name("check_launch.py")), json.dumps(setting)],
-                                 capture_output=True, text=True, timeout=240)
-            line = (run.stdout.strip().splitlines() or ["failed"])[-1]
-            if run.returncode != 0 or not line.startswith("{"):
-                print(f"sweep pass nw={nw} ns={ns}: {line} {run.stderr.strip()[-300:]}")
-                continue
-            times = json.loads(line)
-            total = sum(min(t.values()) for t in times.values())
-            print(f"sweep pass nw={nw} ns={ns}: total {total:.3f} ms; " + "; ".join(
-                f"{w}: " + ", ".join(f"BV{bv} {t:.3f}" for bv, t in ts.items()) for w, ts in times.items()), flush=True)
-            if best is None or total < best[0]:
-                best = (total, setting, {w: int(min(ts, key=ts.get)) for w, ts in times.items()})
-    if best is None:
-        raise RuntimeError("every launch setting of the sequential pass failed")
-    triton_chunk.LAUNCH.update(best[1])
-    return best[2]
+def sweep_prefill(paths):
+    """Each launch setting of each path's sequential kernel in its own process (a faulting setting
+    cannot poison the rest); keeps the fastest setting per path and prints every time."""
+    best = {}
+    for path, kernel in (("split", "pass"), ("fused", "fused")):
+        if path not in paths:
+            continue
+        for nw in (4, 8):
+            for ns in (2, 3):
+                setting = {kernel: dict(num_warps=nw, num_stages=ns)}
+                run = subprocess.run([sys.executable, str(Path(__file__).with_name("check_launch.py")), path,
+                                      json.dumps(setting)], capture_output=True, text=True, timeout=300)
+                line = (run.stdout.strip().splitlines() or ["failed"])[-1]
+                if run.returncode != 0 or not line.startswith("{"):
+                    print(f"sweep {path} nw={nw} ns={ns}: {line} {run.stderr.strip()[-300:]}", flush=True)
+                    continue
+                times = json.loads(line)
+                total = sum(min(t.values()) for t in times.values())
+                print(f"sweep {path} nw={nw} ns={ns}: total {total:.3f} ms; " + "; ".join(
+                    f"{w}: " + ", ".join(f"BV{bv} {t:.3f}" for bv, t in ts.items()) for w, ts in times.items()),
+                    flush=True)
+                if path not in best or total < best[path][0]:
+                    best[path] = (total, setting)
+    for total, setting in best.values():
+        triton_chunk.LAUNCH.update(setting)
 
 
 def sweep_decode():
@@ -159,9 +162,41 @@ def sweep_decode():
     triton_decode.LAUNCH["decode"] = dict(num_warps=4, num_stages=1)
 
 
+def sweep_conv():
+    """The prefill conv (+ l2norm) alone on the tp=1 layer's projection of 8x4096 tokens, at each
+    warp count; every setting's output is checked against the default's."""
+    from tp_gdn.kernels import triton_conv
+
+    nk, dk, vd, K = 16, 128, 4096, 4
+    C, P, T = 2 * nk * dk + vd, 2 * nk * dk + 2 * vd + 64, 8 * 4096
+    g = torch.Generator(device="cuda").manual_seed(0)
+    proj = torch.randn(T, P, device="cuda", generator=g).to(torch.bfloat16)
+    w = (torch.randn(C, K, device="cuda", generator=g) / 2).to(torch.bfloat16)
+    pool = torch.randn(8, K - 1, C, device="cuda", generator=g).to(torch.bfloat16)
+    meta = Batch([4096] * 8, list(range(8)), [True] * 8).meta("cuda")
+    moved = 2 * T * C * 2
+    default = dict(triton_conv.LAUNCH["conv"])
+    ref = None
+    for nw in (2, 4, 8, 16):
+        triton_conv.LAUNCH["conv"] = dict(num_warps=nw)
+        out = torch.empty(T, C, device="cuda", dtype=torch.bfloat16)
+        f = lambda: triton_conv.conv_prefill(proj, w, pool, out, meta.chunks, meta.num_chunks, meta.cu_seqlens,
+                                             meta.slots, meta.has_state, nk, dk)
+        f()
+        ref = out.clone() if ref is None else ref
+        t = timeit(f, iters=20)
+        print(f"sweep conv nw={nw}: {t:.3f} ms, {moved / (t * 1e-3) / 1e12:.2f} TB/s of q|k|v in and out, "
+              f"err vs first {rel(out, ref):.1e}", flush=True)
+    triton_conv.LAUNCH["conv"] = default
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sweep", action="store_true", help="search launch settings first")
+    ap.add_argument("--sweep", choices=["split", "fused", "all", "decode", "conv"], default=None,
+                    help="search launch settings first: of one prefill path's sequential kernel, of both and "
+                         "the decode kernel (all), or of the decode or conv kernel alone")
+    ap.add_argument("--launch", default=None,
+                    help='JSON launch settings to use, e.g. \'{"fused": {"num_warps": 8, "num_stages": 2}}\'')
     ap.add_argument("--json", help="write the results here as JSON")
     args = ap.parse_args()
     import fla
@@ -169,19 +204,34 @@ def main():
     print(f"device: {dev}; torch {torch.__version__}; triton {__import__('triton').__version__}; fla {fla.__version__}")
     bw = copy_bandwidth()
     print(f"device-to-device copy: {bw / 1e12:.2f} TB/s (bytes read + written)")
-    best_bv = {}
+    if args.launch:
+        triton_chunk.LAUNCH.update(json.loads(args.launch))
+    if args.sweep == "conv":
+        sweep_conv()
+        return
     if args.sweep:
-        best_bv = sweep_prefill()
-        sweep_decode()
-        print("launch settings:", triton_chunk.LAUNCH, triton_decode.LAUNCH, "BV:", best_bv)
+        if args.sweep != "decode":
+            sweep_prefill(["split", "fused"] if args.sweep == "all" else [args.sweep])
+        if args.sweep in ("all", "decode"):
+            sweep_decode()
+    print("launch settings:", triton_chunk.LAUNCH, triton_decode.LAUNCH, flush=True)
 
     rows = []
     for name, n, L, nk, nv in PREFILL:
         x = prefill_inputs(n, L, nk, nv)
         pool = x["h0"].clone()
-        ours = ours_prefill(x, pool, best_bv.get(name))
+        ours = ours_prefill(x, pool)
         o_ours = ours()
         pool_after_one = pool.clone()
+        chosen = triton_chunk.choose_path(n, nv, DV)
+        variants = {}
+        for path, bv in [("split", None), ("split", 16), ("fused", 64), ("fused", 128)]:
+            if bv is None:
+                bv = triton_chunk.split_bv(n, nv, DV)
+            if f"{path} BV{bv}" not in variants:
+                variants[f"{path} BV{bv}"] = timeit(ours_prefill(x, pool.clone(), bv, path), iters=10)
+        print(f"{name}: " + ", ".join(f"{k} {t:.3f}" for k, t in variants.items()) + f" ms; chosen {chosen}",
+              flush=True)
         fla_var, fla_bat = fla_prefill(x, True), fla_prefill(x, False)
         o_fla = fla_var()
         t_ours = timeit(ours)
@@ -192,7 +242,7 @@ def main():
                                           initial_state=x["h0"], output_final_state=True, cu_seqlens=x["cu"],
                                           use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True, A_log=x["A_log"],
                                           dt_bias=x["dt_bias"], use_beta_sigmoid_in_kernel=True)
-        rows.append(dict(workload=name, BV=best_bv.get(name), ours_ms=t_ours, fla_ms=t_fla, fla_varlen_ms=t_var, fla_batched_ms=t_bat,
+        rows.append(dict(workload=name, path=chosen, variants_ms=variants, ours_ms=t_ours, fla_ms=t_fla, fla_varlen_ms=t_var, fla_batched_ms=t_bat,
                          ratio=t_fla / t_ours, tokens_per_s=n * L / (t_ours * 1e-3),
                          rel_err_vs_fla=rel(o_ours, o_fla), state_rel_err_vs_fla=rel(pool_after_one, h_fla)))
         print(f"{name}: ours {t_ours:.3f} ms, fla {t_fla:.3f} ms (varlen {t_var:.3f}, batched {t_bat:.3f}), "
