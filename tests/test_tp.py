@@ -6,7 +6,8 @@ import torch
 from helpers import random_full_weights, rel_err, run_ranks, tiny_config
 from tp_gdn import GDNLayer, StateCache
 from tp_gdn.workload import mixed_workload, run_steps
-from workers import sharded_workload
+from tp_gdn import Batch
+from workers import overlapped_workload, sharded_workload
 
 
 @pytest.mark.parametrize("tp,nk,nv", [(2, 4, 8), (4, 4, 16), (8, 8, 16)])
@@ -21,4 +22,40 @@ def test_sharded_layer_equals_unsharded_layer(tmp_path, tp, nk, nv, seed):
         for n, w in enumerate(want[i]):
             for r in range(tp):
                 assert torch.equal(results[r][i][n], results[0][i][n]), f"rank {r} differs, layer {i} step {n}"
+            assert rel_err(results[0][i][n], w) < 1e-5, f"layer {i} step {n}"
+
+
+def test_token_pieces_cover_the_batch_and_cut_on_chunk_multiples():
+    batch = Batch([300, 1, 130, 5], [3, 0, 7, 2], [False, True, True, False])
+    for pieces in (1, 2, 3, 4, 7):
+        got = batch.token_pieces(pieces)
+        assert got[0][0] == 0 and got[-1][1] == batch.num_tokens
+        assert all(a[1] == b[0] for a, b in zip(got[:-1], got[1:]))
+        assert all(t1 - t0 == sub.num_tokens for t0, t1, sub in got)
+        seen = {}
+        for _, _, sub in got:
+            for n, slot, has in zip(sub.seq_lens, sub.slots, sub.has_state):
+                i = batch.slots.index(slot)
+                if slot in seen:               # a later part continues from the slot ...
+                    assert has and seen[slot] % 64 == 0   # ... after a cut on a chunk multiple
+                else:
+                    assert has == batch.has_state[i]
+                seen[slot] = seen.get(slot, 0) + n
+        assert seen == dict(zip(batch.slots, batch.seq_lens))
+    assert len(batch.token_pieces(3)) == 3
+    with pytest.raises(ValueError, match="pieces must be >= 1"):
+        batch.token_pieces(0)
+
+
+@pytest.mark.parametrize("pieces", [2, 3])
+def test_overlapped_all_reduce_gives_the_unsharded_result(tmp_path, pieces, seed):
+    cfg = tiny_config("qwen3_next", nk=4, nv=8, dk=16, dv=8, layers=2)
+    full = {i: random_full_weights(cfg, seed + i) for i in cfg.linear_layer_ids}
+    steps = mixed_workload(cfg.hidden_size, seed)
+    unsharded = {i: GDNLayer.from_full(cfg, i, w) for i, w in full.items()}
+    want = run_steps(unsharded, StateCache(cfg, list(full), 8, tp_size=1), steps)
+    results = run_ranks(2, overlapped_workload, tmp_path, cfg, full, steps, 8, pieces)
+    for i in full:
+        for n, w in enumerate(want[i]):
+            assert torch.equal(results[1][i][n], results[0][i][n])
             assert rel_err(results[0][i][n], w) < 1e-5, f"layer {i} step {n}"

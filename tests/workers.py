@@ -20,3 +20,15 @@ def checkpoint_workload(rank, world, ckpt_dir, steps, num_slots, dtype=torch.flo
     layers = load_layers(ckpt_dir, dtype=dtype)
     cache = StateCache(layers[next(iter(layers))].cfg, list(layers), num_slots, dtype=dtype)
     return run_steps(layers, cache, steps)
+
+
+def overlapped_workload(rank, world, cfg, full_by_layer, steps, num_slots, pieces):
+    """Like sharded_workload, with every call cut into `pieces` token pieces whose all-reduces
+    overlap the next piece (GDNLayer.forward(overlap=pieces))."""
+    layers = {i: GDNLayer.from_full(cfg, i, full, rank, world) for i, full in full_by_layer.items()}
+    cache = StateCache(cfg, list(layers), num_slots)
+    out = {i: [] for i in layers}
+    for st in steps:
+        for i, layer in layers.items():
+            out[i].append(layer(st.x, st.batch, cache, overlap=pieces))
+    return out

@@ -77,12 +77,46 @@ class Batch:
             offsets.append(offsets[-1] + n)
         self.cu_seqlens = tuple(offsets)
         self._meta: dict[torch.device, BatchMeta] = {}
+        self._pieces: dict[int, list[tuple[int, int, "Batch"]]] = {}
 
     def __len__(self) -> int:
         return len(self.seq_lens)
 
     def __repr__(self) -> str:
         return f"Batch(seq_lens={list(self.seq_lens)}, slots={list(self.slots)}, has_state={list(self.has_state)})"
+
+    def token_pieces(self, pieces: int) -> list[tuple[int, int, "Batch"]]:
+        """Cut the packed tokens into about `pieces` consecutive ranges of similar size, as
+        [(first token, end token, sub-batch)]. A cut inside a sequence falls on a multiple of
+        CHUNK from its start (so the chunks stay the same) and the later part continues from the
+        slot (has_state=True): running the sub-batches in order gives the states and outputs of
+        the whole batch. Used to overlap one piece's all-reduce with the next piece's compute."""
+        if pieces < 1:
+            raise ValueError(f"pieces must be >= 1, got {pieces}")
+        if pieces not in self._pieces:
+            T = self.num_tokens
+            cuts = set()
+            for k in range(1, pieces):
+                want = k * T // pieces
+                i = max(j for j in range(len(self.seq_lens)) if self.cu_seqlens[j] <= want)
+                start, n = self.cu_seqlens[i], self.seq_lens[i]
+                off = round((want - start) / CHUNK) * CHUNK
+                cuts.add(start + min(off, n) if off > 0 else start)
+            bounds = sorted(cuts | {0, T})
+            out = []
+            for t0, t1 in zip(bounds[:-1], bounds[1:]):
+                if t1 <= t0:
+                    continue
+                lens, slots, has = [], [], []
+                for i, (s0, n) in enumerate(zip(self.cu_seqlens, self.seq_lens)):
+                    a, b = max(s0, t0), min(s0 + n, t1)
+                    if a < b:
+                        lens.append(b - a)
+                        slots.append(self.slots[i])
+                        has.append(self.has_state[i] if a == s0 else True)
+                out.append((t0, t1, Batch(lens, slots, has)))
+            self._pieces[pieces] = out
+        return self._pieces[pieces]
 
     def meta(self, device) -> BatchMeta:
         device = torch.device(device)

@@ -22,6 +22,13 @@ from .cache import StateCache
 from .config import GDNConfig
 from .kernels import get_ops, resolve_backend
 from .parallel import ColumnParallelLinear, Replicate, RowParallelLinear, Split, load_full_, sharded_parameter
+from .parallel.comm import all_reduce_sum_async_
+
+# forward's default overlap: token pieces whose all-reduce runs while the next piece computes,
+# used at tp > 1 for calls of at least OVERLAP_MIN_TOKENS tokens (benchmarks/bench_layer.py
+# measures 1, 2 and 4 pieces)
+OVERLAP_PIECES = 1
+OVERLAP_MIN_TOKENS = 8192
 
 
 def full_shapes(cfg: GDNConfig) -> dict[str, tuple[int, ...]]:
@@ -110,13 +117,32 @@ class GDNLayer(nn.Module):
 
     # -- forward ---------------------------------------------------------------------------------
     @torch.no_grad()
-    def forward(self, x_TH: torch.Tensor, batch: Batch, cache: StateCache) -> torch.Tensor:
+    def forward(self, x_TH: torch.Tensor, batch: Batch, cache: StateCache, overlap: int | None = None
+                ) -> torch.Tensor:
         """x [tokens, H] (the same on every rank) -> y [tokens, H] (the same on every rank).
 
-        Each used slot holds its sequence's state after the call.
+        Each used slot holds its sequence's state after the call. `overlap` > 1 (at tp > 1) cuts
+        the tokens into that many pieces (Batch.token_pieces) and all-reduces each piece's
+        output asynchronously while the next piece computes; None takes OVERLAP_PIECES for calls
+        of at least OVERLAP_MIN_TOKENS tokens, else 1.
         """
         self.check_inputs(x_TH, batch, cache)
-        return self.out_proj(self.partial_core(x_TH, batch, cache))
+        if overlap is None:
+            overlap = OVERLAP_PIECES if batch.num_tokens >= OVERLAP_MIN_TOKENS else 1
+        if overlap < 1:
+            raise ValueError(f"overlap must be >= 1, got {overlap}")
+        pieces = batch.token_pieces(overlap) if overlap > 1 and self.tp_size > 1 else []
+        if len(pieces) < 2:
+            return self.out_proj(self.partial_core(x_TH, batch, cache))
+        y = torch.empty(x_TH.shape, device=x_TH.device, dtype=x_TH.dtype)
+        pending = []
+        for t0, t1, sub in pieces:
+            torch.matmul(self.partial_core(x_TH[t0:t1], sub, cache), self.out_proj.weight.t(), out=y[t0:t1])
+            pending.append(all_reduce_sum_async_(y[t0:t1], self.out_proj.group))
+        for work in pending:
+            if work is not None:
+                work.wait()
+        return y
 
     def partial_core(self, x_TH, batch: Batch, cache: StateCache) -> torch.Tensor:
         """Everything before the output projection: the gated-norm output [T, nv/tp * dv]."""

@@ -11,3 +11,11 @@ def all_reduce_sum_(x: torch.Tensor, group=None) -> torch.Tensor:
     if dist.is_initialized() and dist.get_world_size(group) > 1:
         dist.all_reduce(x, op=dist.ReduceOp.SUM, group=group)
     return x
+
+
+def all_reduce_sum_async_(x: torch.Tensor, group=None):
+    """Start summing `x` over the ranks of `group` in place; returns the work to `wait()` on
+    (None on one rank). NCCL runs it on its own stream, so later kernels overlap it."""
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        return dist.all_reduce(x, op=dist.ReduceOp.SUM, group=group, async_op=True)
+    return None
