@@ -1,6 +1,6 @@
 """The `tp-gdn` command.
 
-  tp-gdn run               the main job (default: a generated tiny checkpoint, 2 CPU ranks)
+  tp-gdn run               the main job (default: a generated checkpoint; 2 CPU ranks, or every GPU)
   tp-gdn shard CKPT ...    write a pre-sharded copy of an HF checkpoint for one tp size
   tp-gdn make-checkpoint   write a random GDN-only HF checkpoint (tiny, or real Qwen dims)
 """
@@ -20,7 +20,7 @@ def cmd_run(args) -> int:
 
     spec = spec_from_args(args)
     # refuse a bad checkpoint or tp here, before any rank starts
-    GDNConfig.from_pretrained(spec.checkpoint or default_checkpoint()).check_tp(spec.tp)
+    GDNConfig.from_pretrained(spec.checkpoint or default_checkpoint(spec.device)).check_tp(spec.tp)
     if args.launcher == "torchrun":
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={spec.tp}",
                "-m", "tp_gdn.launch.job", f"--tp={spec.tp}", f"--device={spec.device}", f"--dtype={spec.dtype}",

@@ -28,7 +28,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 @dataclass
 class JobSpec:
-    checkpoint: str | None = None     # None: the embedded default (a generated tiny checkpoint)
+    checkpoint: str | None = None     # None: the embedded default for the device (default_checkpoint)
     tp: int = 2
     device: str = "cpu"               # "cpu" (gloo, torch kernels) or "cuda" (nccl, Triton kernels)
     dtype: str = "float32"
@@ -42,22 +42,38 @@ class JobSpec:
     save_outputs: str | None = None   # rank 0 writes the checked layers' outputs here (torch.save)
 
 
-def default_checkpoint() -> Path:
-    """The embedded default: a tiny random Qwen3-Next-layout checkpoint, generated once into the
-    user's cache directory (TP_GDN_CACHE overrides where)."""
+# the embedded defaults: (directory name, write_checkpoint arguments) per device type
+DEFAULT_CHECKPOINTS = {
+    "cpu": ("tiny-qwen3-next-v1", dict(preset="tiny", dtype="float32")),
+    "cuda": ("qwen3-next-80b-dims-4gdn-v1", dict(preset="qwen3-next-80b", gdn_layers=4, dtype="bfloat16",
+                                                  max_file_bytes=100 << 20)),
+}
+
+
+def default_checkpoint(device: str = "cpu") -> Path:
+    """The embedded default, generated once into the user's cache directory (TP_GDN_CACHE
+    overrides where): on the CPU a tiny random Qwen3-Next-layout checkpoint; on GPUs four GDN
+    layers with the real Qwen3-Next-80B-A3B GDN dims (H 2048, nk 16, nv 32, dk = dv 128), bf16,
+    in two files (about 270 MB)."""
     import os
+    import sys
 
     from ..loader.synthetic import write_checkpoint
 
+    name, kw = DEFAULT_CHECKPOINTS["cuda" if str(device).startswith("cuda") else "cpu"]
     root = Path(os.environ.get("TP_GDN_CACHE", Path.home() / ".cache" / "tp_gdn"))
-    path = root / "tiny-qwen3-next-v1"
+    path = root / name
     if not (path / "config.json").is_file():
-        tmp = root / f".tiny-{os.getpid()}"
-        write_checkpoint(tmp, "tiny", dtype="float32", seed=0)
+        tmp = root / f".{name}-{os.getpid()}"
+        if kw["preset"] != "tiny":
+            print(f"tp_gdn: writing the default checkpoint ({kw['preset']} dims, {kw['gdn_layers']} GDN layers) "
+                  f"to {path} once", file=sys.stderr, flush=True)
+        write_checkpoint(tmp, seed=0, **kw)
         try:
             tmp.rename(path)
         except OSError:  # another process finished first
-            pass
+            import shutil
+            shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 
@@ -146,7 +162,7 @@ def run_rank(spec: JobSpec) -> dict | None:
     if world != spec.tp:
         raise ValueError(f"the job asks for tp={spec.tp} but {world} ranks are running")
     device = local_device() if spec.device == "cuda" else torch.device("cpu")
-    ckpt = Path(spec.checkpoint) if spec.checkpoint else default_checkpoint()
+    ckpt = Path(spec.checkpoint) if spec.checkpoint else default_checkpoint(spec.device)
     dtype = DTYPES[spec.dtype]
     cfg = GDNConfig.from_pretrained(ckpt)
     t0 = time.perf_counter()
@@ -208,7 +224,8 @@ def format_summary(s: dict) -> str:
 def add_job_args(ap: argparse.ArgumentParser) -> None:
     d = JobSpec()
     ap.add_argument("--checkpoint", default=None,
-                    help="HF checkpoint or `tp-gdn shard` output (default: a generated tiny Qwen3-Next checkpoint)")
+                    help="HF checkpoint or `tp-gdn shard` output (default: a generated one, written once to "
+                         "~/.cache/tp_gdn: tiny on the CPU, 4 layers of Qwen3-Next-80B GDN dims on GPUs)")
     ap.add_argument("--tp", type=int, default=None,
                     help="tensor-parallel size (default: every visible GPU, or 2 ranks on the CPU)")
     ap.add_argument("--device", choices=["cpu", "cuda"], default=None,

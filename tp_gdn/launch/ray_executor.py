@@ -215,7 +215,7 @@ def run_job(spec, address: str | None = None) -> dict:
     from ..workload import serving_workload
     from .job import checked_layers, default_checkpoint, serve, summarize
 
-    ckpt = spec.checkpoint or str(default_checkpoint())
+    ckpt = spec.checkpoint or str(default_checkpoint(spec.device))
     cfg = GDNConfig.from_pretrained(ckpt)
     ex = RayExecutor(ckpt, spec.tp, address=address, use_gpu=spec.device == "cuda", dtype=spec.dtype,
                      backend=spec.backend, layer_ids=spec.layers, num_slots=spec.seqs)
