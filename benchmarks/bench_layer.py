@@ -1,7 +1,8 @@
 """The whole tensor-parallel GDN layer, ours against a layer composed the way serving engines do
 it today, under torchrun on 1, 2 or 4 GPUs, in the same run on the same inputs and weights.
 
-    torchrun --standalone --nproc-per-node N benchmarks/bench_layer.py [--json OUT]
+    torchrun --standalone --nproc-per-node N benchmarks/bench_layer.py [--profile] [--json OUT]
+        [--only prefill|decode] [--decode-sizes 256 1]
 
 Qwen3-Next-80B GDN dims (H 2048, nk 16, nv 32, dk = dv 128, K 4), bf16 weights and activations,
 fp32 state. The peer: torch GEMMs for in_proj_qkvz / in_proj_ba (grouped layout, reordered the
@@ -127,6 +128,10 @@ class ComposedPeer:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--profile", action="store_true", help="also print where our layer's time goes, per kernel")
+    ap.add_argument("--only", choices=["prefill", "decode"], default=None, help="run only these workloads")
+    ap.add_argument("--decode-sizes", type=int, nargs="+", default=None,
+                    help="decode batch sizes (default: 256 at tp=1, 1 at tp > 1)")
     args = ap.parse_args()
     init_distributed()
     rank, tp = get_rank(), get_world_size()
@@ -145,10 +150,12 @@ def main():
                   f"|ours-peer|/|peer| {err:.1e} {note}", flush=True)
 
     prefills = [(8, 4096)] + ([(1, 4096)] if tp == 1 else [])
-    for n, L in prefills:
-        run_guarded(f"prefill {n}x{L}", rank, lambda: bench_prefill(layer, n, L, dev, g, tp, rank, report, rows))
-    for B in [256] if tp == 1 else [1]:
-        run_guarded(f"decode {B}", rank, lambda: bench_decode(layer, B, dev, g, tp, rank, report, rows))
+    for n, L in prefills if args.only != "decode" else []:
+        run_guarded(f"prefill {n}x{L}", rank,
+                    lambda: bench_prefill(layer, n, L, dev, g, tp, rank, report, rows, args.profile))
+    decode_sizes = args.decode_sizes or ([256] if tp == 1 else [1])
+    for B in decode_sizes if args.only != "prefill" else []:
+        run_guarded(f"decode {B}", rank, lambda: bench_decode(layer, B, dev, g, tp, rank, report, rows, args.profile))
 
     if rank == 0:
         name = torch.cuda.get_device_name(dev)
@@ -173,7 +180,27 @@ def run_guarded(name, rank, fn):
     torch.cuda.empty_cache()
 
 
-def bench_prefill(layer, n, L, dev, g, tp, rank, report, rows):
+def profile_kernels(fn, rank, label, top=12):
+    """Run fn three times under the torch profiler (every rank, as fn may hold collectives) and
+    print, on rank 0, the GPU kernels that took the most time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+    if rank == 0:
+        events = [e for e in prof.key_averages() if e.device_time_total > 0]
+        events.sort(key=lambda e: -e.device_time_total)
+        total = sum(e.device_time_total for e in events) / 3
+        print(f"  profile of ours, {label}: {total / 1e3:.3f} ms of kernels per call")
+        for e in events[:top]:
+            print(f"    {e.device_time_total / 3 / 1e3:8.3f} ms  {e.count // 3:3d}x  {e.key[:90]}")
+
+
+def bench_prefill(layer, n, L, dev, g, tp, rank, report, rows, profile=False):
     H, bf = CFG.hidden_size, torch.bfloat16
     T = n * L
     x = torch.randn(T, H, device=dev, dtype=bf, generator=g)
@@ -190,12 +217,21 @@ def bench_prefill(layer, n, L, dev, g, tp, rank, report, rows):
     if tp > 1:
         out = torch.empty(T, H, device=dev, dtype=bf)
         t_ar = timeit(lambda: dist.all_reduce(out), 5)
-        if rank == 0:
-            print(f"  all-reduce of the [{T}, {H}] bf16 output alone: {t_ar:.3f} ms", flush=True)
         rows[-1]["allreduce_ms"] = t_ar
+        overlap = {}
+        for pieces in (1, 2, 4):
+            y = layer(x, batch, cache, overlap=pieces)
+            overlap[pieces] = (timeit(lambda: layer(x, batch, cache, overlap=pieces), 5), rel(y, y_peer))
+        rows[-1]["overlap_ms"] = {p: t for p, (t, _) in overlap.items()}
+        if rank == 0:
+            print(f"  all-reduce of the [{T}, {H}] bf16 output alone: {t_ar:.3f} ms; ours with the output cut in "
+                  "pieces whose all-reduce overlaps the next piece: " +
+                  ", ".join(f"{p} piece(s) {t:.3f} ms (err {e:.1e})" for p, (t, e) in overlap.items()), flush=True)
+    if profile:
+        profile_kernels(lambda: layer(x, batch, cache), rank, f"prefill {n}x{L}, tp={tp}")
 
 
-def bench_decode(layer, B, dev, g, tp, rank, report, rows):
+def bench_decode(layer, B, dev, g, tp, rank, report, rows, profile=False):
     H, bf = CFG.hidden_size, torch.bfloat16
     x = torch.randn(B, H, device=dev, dtype=bf, generator=g)
     cache = StateCache(CFG, [0], B, dtype=bf, device=dev, tp_size=tp)
@@ -223,6 +259,8 @@ def bench_decode(layer, B, dev, g, tp, rank, report, rows):
     report(f"decode {B} seqs", t_ours, best_peer, err,
            note=f"(ours graph; ours eager {t_eager:.3f} ms; peer eager {t_peer:.3f} ms, peer graph "
                 f"{t_peer_graph:.3f} ms)")
+    if profile:
+        profile_kernels(lambda: decoder(x, slots), rank, f"decode {B} (graph), tp={tp}")
     if B == 256:
         state_bytes = 2 * cache.ssm[0].numel() * 4
         weight_bytes = sum(p.numel() * p.element_size() for p in layer.parameters())
