@@ -25,8 +25,8 @@ from .parallel import ColumnParallelLinear, Replicate, RowParallelLinear, Split,
 from .parallel.comm import all_reduce_sum_async_
 
 # forward's default overlap: token pieces whose all-reduce runs while the next piece computes,
-# used at tp > 1 for calls of at least OVERLAP_MIN_TOKENS tokens (benchmarks/bench_layer.py
-# measures 1, 2 and 4 pieces)
+# used at tp > 1 for calls of at least OVERLAP_MIN_TOKENS tokens. Off: on H100s at 8x4096 tokens
+# 2 pieces gained 2% at tp=2 and lost 11% at tp=4 (benchmarks/RESULTS.md, bench_layer.py)
 OVERLAP_PIECES = 1
 OVERLAP_MIN_TOKENS = 8192
 

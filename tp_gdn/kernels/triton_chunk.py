@@ -10,12 +10,13 @@ Two paths, both starting with the same launch:
   3. `_state_pass_kernel`   (sequences x value heads x dv blocks): walks the chunks in order,
      U = u - w S, o = O_c + Q' S, S <- e^{G_last} S + (e^{G_last - G} k)^T U, reading the initial
      state from the slot pool and writing the final state back in place.
-That is the "split" path. The "fused" path replaces 2 and 3 with `_fused_pass_kernel`, which forms
-w, u and the causal q k^T per chunk inside the sequential walk (o = e^G q S + P (u - w S)), so
-only T, G and beta go through memory; it needs many (sequence, head) programs, since that work
-lies on the sequential path. Splitting dv across programs keeps the split path's pass busy when
-a rank has few heads and one long sequence (`choose_path` picks). q/k may be given raw (NORM_QK: l2norm and q scale inside) or already normalised.
-Value head h reads key head h // R through strides; q/k are never repeated in memory.
+That is the "split" path. The "fused" path replaces 2 and 3 with `_fused_pass_kernel`, which
+forms w, u and the causal q k^T per chunk inside the sequential walk (o = e^G q S + P (u - w S)),
+so only T, G and beta go through memory; it needs many (sequence, head) programs, since that work
+lies on the sequential path. Splitting dv across programs keeps the split path's pass busy when a
+rank has few heads and one long sequence; `choose_path` picks. q/k may be given raw (NORM_QK:
+l2norm and q scale inside) or already normalised. Value head h reads key head h // R through
+strides; q/k are never repeated in memory.
 """
 
 from __future__ import annotations
