@@ -79,6 +79,16 @@ def test_fused_path_with_dv_split_in_blocks():
     run_prefill([70, 129], 1, 2, 16, 32, torch.float32, 1e-5, has=[True, False], path="fused", BV=16)
 
 
+def test_choose_path_keeps_the_fused_path_to_many_16_bit_programs():
+    chunk, *_ = tri()
+    many = chunk.FUSED_MIN_PROGRAMS
+    assert chunk.choose_path(many, 1, 128) == ("fused", chunk.FUSED_BV)
+    assert chunk.choose_path(many, 1, 128, torch.float32)[0] == "split"   # fp32 overflows shared memory
+    assert chunk.choose_path(many - 1, 1, 128)[0] == "split"
+    assert chunk.choose_path(1, 8, 128) == ("split", 16)                 # one long sequence: cut dv finely
+    assert chunk.choose_path(many, 1, 16)[0] == "split"                  # dv below the fused block
+
+
 def test_unknown_prefill_path_is_refused():
     *_, ops = tri()
     q, k, v, a, b, A_log, dt_bias, pool = (x.float().to(DEV) for x in raw_inputs(5, 1, 1, 16, 16, torch.float32))

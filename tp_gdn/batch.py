@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,6 +35,27 @@ def _as_int(value, what: str) -> int:
         raise ValueError(f"{what} = {value!r}: expected an integer") from None
 
 
+def _checked(seq_lens: list, slots: list, has_state: list) -> tuple[list, list, list]:
+    """Entry-by-entry checks with a message naming the first bad entry; plain-int copies."""
+    seq_lens = [_as_int(n, f"seq_lens[{i}]") for i, n in enumerate(seq_lens)]
+    slots = [_as_int(s, f"slots[{i}]") for i, s in enumerate(slots)]
+    for i, n in enumerate(seq_lens):
+        if n < 1:
+            raise ValueError(f"seq_lens[{i}] = {n}: each sequence needs a length >= 1")
+    for i, s in enumerate(slots):
+        if s < 0:
+            raise ValueError(f"slots[{i}] = {s}: slots are >= 0")
+    seen: dict[int, int] = {}
+    for i, s in enumerate(slots):
+        if s in seen:
+            raise ValueError(f"slot {s} is used twice in one batch (sequences {seen[s]} and {i})")
+        seen[s] = i
+    for i, h in enumerate(has_state):
+        if h not in (True, False):
+            raise ValueError(f"has_state[{i}] = {h!r}: must be True or False")
+    return seq_lens, slots, [bool(h) for h in has_state]
+
+
 class Batch:
     """Packed sequences of one forward call.
 
@@ -51,31 +73,16 @@ class Batch:
                 f"seq_lens, slots and has_state must have one entry per sequence, got "
                 f"{len(seq_lens)}, {len(slots)} and {len(has_state)}"
             )
-        seq_lens = [_as_int(n, f"seq_lens[{i}]") for i, n in enumerate(seq_lens)]
-        slots = [_as_int(s, f"slots[{i}]") for i, s in enumerate(slots)]
-        for i, n in enumerate(seq_lens):
-            if n < 1:
-                raise ValueError(f"seq_lens[{i}] = {n}: each sequence needs a length >= 1")
-        for i, s in enumerate(slots):
-            if s < 0:
-                raise ValueError(f"slots[{i}] = {s}: slots are >= 0")
-        seen: dict[int, int] = {}
-        for i, s in enumerate(slots):
-            if s in seen:
-                raise ValueError(f"slot {s} is used twice in one batch (sequences {seen[s]} and {i})")
-            seen[s] = i
-        for i, h in enumerate(has_state):
-            if h not in (True, False):
-                raise ValueError(f"has_state[{i}] = {h!r}: must be True or False")
-        has_state = [bool(h) for h in has_state]
+        plain = (all(type(n) is int for n in seq_lens) and all(type(s) is int for s in slots)
+                 and all(type(h) is bool for h in has_state))
+        if not (plain and min(seq_lens) >= 1 and min(slots) >= 0 and len(set(slots)) == len(slots)):
+            # the slow path names the first bad entry (the fast checks above only say "some")
+            seq_lens, slots, has_state = _checked(seq_lens, slots, has_state)
         self.seq_lens = tuple(seq_lens)
         self.slots = tuple(slots)
         self.has_state = tuple(has_state)
-        self.num_tokens = sum(seq_lens)
-        offsets = [0]
-        for n in seq_lens:
-            offsets.append(offsets[-1] + n)
-        self.cu_seqlens = tuple(offsets)
+        self.cu_seqlens = (0, *itertools.accumulate(seq_lens))
+        self.num_tokens = self.cu_seqlens[-1]
         self._meta: dict[torch.device, BatchMeta] = {}
         self._pieces: dict[int, list[tuple[int, int, "Batch"]]] = {}
 
@@ -125,22 +132,25 @@ class Batch:
         if device not in self._meta:
             decode = [i for i, n in enumerate(self.seq_lens) if n == 1]
             prefill = [i for i, n in enumerate(self.seq_lens) if n > 1]
-            chunks = [(i, self.cu_seqlens[i] + c) for i in prefill for c in range(0, self.seq_lens[i], CHUNK)]
-
-            def put(values, dtype, shape=None):
-                t = torch.tensor(values, dtype=dtype)
-                if shape is not None:
-                    t = t.reshape(shape)
-                return t.to(device, non_blocking=True)
-
+            chunks = [x for i in prefill for c in range(0, self.seq_lens[i], CHUNK)
+                      for x in (i, self.cu_seqlens[i] + c)]
+            # the int32 indices travel in one copy, each part starting on a 16-byte boundary
+            host, starts = [], []
+            for part in (self.cu_seqlens, self.has_state, decode, prefill, chunks):
+                starts.append(len(host))
+                host.extend(part)
+                host.extend([0] * (-len(host) % 4))
+            buf = torch.tensor(host, dtype=torch.int32).to(device, non_blocking=True)
+            cu, has, dec, pre, ch = (buf[a: a + len(p)] for a, p in
+                                     zip(starts, (self.cu_seqlens, self.has_state, decode, prefill, chunks)))
             self._meta[device] = BatchMeta(
-                cu_seqlens=put(self.cu_seqlens, torch.int32),
-                slots=put(self.slots, torch.int64),
-                has_state=put(self.has_state, torch.int32),
-                decode_seqs=put(decode, torch.int32),
-                prefill_seqs=put(prefill, torch.int32),
-                chunks=put(chunks, torch.int32, (len(chunks), 2)),
+                cu_seqlens=cu,
+                slots=torch.tensor(self.slots, dtype=torch.int64).to(device, non_blocking=True),
+                has_state=has,
+                decode_seqs=dec,
+                prefill_seqs=pre,
+                chunks=ch.view(len(chunks) // 2, 2),
                 num_decode=len(decode),
-                num_chunks=len(chunks),
+                num_chunks=len(chunks) // 2,
             )
         return self._meta[device]
