@@ -1,6 +1,6 @@
 """Load time and bytes read per rank, next to a raw sequential read of as many bytes.
 
-    python benchmarks/bench_load.py [--checkpoint DIR] [--tp 1 2 4] [--device cpu] [--json OUT]
+    python benchmarks/bench_load.py [--checkpoint DIR] [--tp 1 2 4] [--device cpu] [--presharded] [--json OUT]
 
 Without --checkpoint it generates a GDN-only checkpoint with the Qwen3-Next-80B-A3B GDN dims
 (36 GDN layers, bf16 matrices, about 2.3 GiB) in a temporary directory. Each rank of each tp is
@@ -8,7 +8,9 @@ loaded in turn in this process (`load_layers(tp_rank=r, tp_size=tp)`), once with
 dropped from the page cache (posix_fadvise DONTNEED: reads come from the disk) and once warm.
 The raw read reads the same number of bytes sequentially from the checkpoint's files into fresh
 memory in 64 MiB blocks, under the same cache state. Goal: each rank reads <= 1/tp of the bytes plus
-the replicated tensors, in <= 1.5x the raw read time.
+the replicated tensors, in <= 1.5x the raw read time. `--presharded` adds rows for a `tp-gdn shard`
+copy of the checkpoint (each rank reads its own file; by default load_layers first checks its
+sha256, which reads the file once more; the verify=False rows skip that).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -23,6 +26,7 @@ from pathlib import Path
 import torch
 
 from tp_gdn import GDNConfig, LoadStats, load_layers
+from tp_gdn.loader.presharded import write_presharded
 from tp_gdn.loader.synthetic import write_checkpoint
 
 
@@ -64,13 +68,39 @@ def raw_read(ckpt: Path, nbytes: int, block: int = 64 << 20) -> float:
     return time.perf_counter() - t0
 
 
+def measure(ckpt: Path, kind: str, tp: int, rank: int, dtype, device, total: int, **load_kw) -> dict:
+    """Cold and warm load of one rank next to raw reads of as many bytes under the same cache state."""
+    row = dict(kind=kind, tp=tp, rank=rank)
+    for cache_state in ("cold", "warm"):
+        if cache_state == "cold":
+            drop_cache(ckpt)
+        else:
+            warm_cache(ckpt)
+        stats = LoadStats()
+        layers = load_layers(ckpt, dtype=dtype, device=device, tp_rank=rank, tp_size=tp, stats=stats,
+                             progress=False, **load_kw)
+        del layers
+        if cache_state == "cold":
+            drop_cache(ckpt)
+        raw = raw_read(ckpt, stats.bytes_read)
+        row.update({f"{cache_state}_load_s": stats.seconds, f"{cache_state}_raw_s": raw,
+                    "bytes_read": stats.bytes_read, "files_opened": len(stats.files_opened)})
+    print(f"{kind} tp={tp} rank={rank}: read {row['bytes_read'] / 2**20:,.0f} MiB ({row['bytes_read'] / total:.3f} "
+          f"of the HF file bytes); cold {row['cold_load_s']:.2f} s vs raw {row['cold_raw_s']:.2f} s; "
+          f"warm {row['warm_load_s']:.2f} s vs raw {row['warm_raw_s']:.2f} s", flush=True)
+    return row
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", default=None, help="checkpoint to load (default: generate the 80B-dims one)")
     ap.add_argument("--tp", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--presharded", action="store_true",
+                    help="also write a pre-sharded copy for each tp > 1 (tp-gdn shard) and load each rank from it")
     args = ap.parse_args()
+    tmp_shards = tempfile.TemporaryDirectory(prefix="tp_gdn_bench_shards_")
 
     tmp = None
     if args.checkpoint:
@@ -89,36 +119,31 @@ def main():
     rows = []
     for tp in args.tp:
         for rank in range(tp):
-            row = dict(tp=tp, rank=rank)
-            for cache_state in ("cold", "warm"):
-                if cache_state == "cold":
-                    drop_cache(ckpt)
-                else:
-                    warm_cache(ckpt)
-                stats = LoadStats()
-                layers = load_layers(ckpt, dtype=dtype, device=args.device, tp_rank=rank, tp_size=tp, stats=stats,
-                                     progress=False)
-                del layers
-                if cache_state == "cold":
-                    drop_cache(ckpt)
-                raw = raw_read(ckpt, stats.bytes_read)
-                row.update({f"{cache_state}_load_s": stats.seconds, f"{cache_state}_raw_s": raw,
-                            "bytes_read": stats.bytes_read, "files_opened": len(stats.files_opened)})
-            rows.append(row)
-            print(f"tp={tp} rank={rank}: read {row['bytes_read'] / 2**20:,.0f} MiB ({row['bytes_read'] / total:.3f} "
-                  f"of the file bytes); cold {row['cold_load_s']:.2f} s vs raw {row['cold_raw_s']:.2f} s; "
-                  f"warm {row['warm_load_s']:.2f} s vs raw {row['warm_raw_s']:.2f} s", flush=True)
+            rows.append(measure(ckpt, "HF", tp, rank, dtype, args.device, total))
+    if args.presharded:
+        for tp in [t for t in args.tp if t > 1]:
+            out = Path(tmp_shards.name) / f"tp{tp}"
+            t0 = time.perf_counter()
+            write_presharded(ckpt, out, tp, progress=False)
+            print(f"pre-sharded for tp={tp} in {time.perf_counter() - t0:.1f} s", flush=True)
+            for rank in range(tp):
+                rows.append(measure(out, "pre-sharded", tp, rank, dtype, args.device, total))
+                rows.append(measure(out, "pre-sharded, verify=False", tp, rank, dtype, args.device, total,
+                                    verify=False))
+            shutil.rmtree(out)
 
-    print("\n| tp | rank | bytes read | share of file bytes | cold load / raw read | warm load / raw read |")
-    print("|---|---|---|---|---|---|")
+    print("\n| checkpoint | tp | rank | bytes read | share of HF file bytes | cold load / raw read | warm load / raw read |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['tp']} | {r['rank']} | {r['bytes_read'] / 2**20:,.0f} MiB | {r['bytes_read'] / total:.3f} | "
+        print(f"| {r['kind']} | {r['tp']} | {r['rank']} | {r['bytes_read'] / 2**20:,.0f} MiB | "
+              f"{r['bytes_read'] / total:.3f} | "
               f"{r['cold_load_s']:.2f} s / {r['cold_raw_s']:.2f} s = {r['cold_load_s'] / r['cold_raw_s']:.2f}x | "
               f"{r['warm_load_s']:.2f} s / {r['warm_raw_s']:.2f} s = {r['warm_load_s'] / r['warm_raw_s']:.2f}x |")
     if args.json:
         Path(args.json).write_text(json.dumps(dict(total_bytes=total, rows=rows), indent=1))
     if tmp is not None:
         tmp.cleanup()
+    tmp_shards.cleanup()
 
 
 if __name__ == "__main__":

@@ -123,6 +123,17 @@ def test_presharded_file_that_changed_is_refused(hf_next, tmp_path):
         load_layers(out, tp_rank=1, tp_size=2)
 
 
+def test_presharded_file_with_a_damaged_header_is_named_as_changed(hf_next, tmp_path):
+    out = tmp_path / "tp2"
+    cli(["shard", str(hf_next[0]), "--tp", "2", "--out", str(out)])
+    f = out / "rank-00000-of-00002.safetensors"
+    data = bytearray(f.read_bytes())
+    data[12] ^= 0xFF                     # inside the JSON header
+    f.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="rank-00000-of-00002.safetensors: sha256 does not match"):
+        load_layers(out, tp_rank=0, tp_size=2)
+
+
 @pytest.mark.parametrize("preset,layout", [("tiny", "grouped"), ("qwen3.5", "split")])
 def test_generated_checkpoint_spans_files_and_loads(tmp_path, preset, layout):
     small = {} if preset == "tiny" else dict(hidden_size=64, linear_key_head_dim=16, linear_value_head_dim=16)

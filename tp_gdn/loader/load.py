@@ -39,7 +39,8 @@ def load_layers(
     ones) and casts them to `dtype` on `device`. Every tensor is checked against config.json
     before any data is read; on any error nothing is returned. `stats`, if given, receives the
     bytes read and files opened. `progress`: a bar on rank 0 when stderr is a terminal (None),
-    always (True) or never (False). `verify`: check a pre-sharded file's sha256 first.
+    always (True) or never (False). `verify`: check a pre-sharded file's sha256 (hashed in a thread
+    while the layers load; a mismatch raises and nothing is returned).
     """
     t0 = time.perf_counter()
     ckpt_dir = Path(ckpt_dir)
@@ -59,27 +60,32 @@ def load_layers(
     rules = tensor_rules(cfg)
     if (ckpt_dir / MANIFEST).is_file():
         # each tensor in the rank's file is already its local piece
-        files = presharded_files(ckpt_dir, cfg, rank, world, verify=verify)
+        files, finish = presharded_files(ckpt_dir, cfg, rank, world, verify=verify)
         names = {i: {n: (cfg.tensor_prefix(i) + n, Replicate()) for n in rules} for i in layer_ids}
         shapes = local_shapes(cfg, world)
     else:
         files = SafetensorsCheckpoint(ckpt_dir)
+        finish = lambda: None  # noqa: E731
         names = {i: {n: (cfg.tensor_prefix(i) + n, rule) for n, (_, rule) in rules.items()} for i in layer_ids}
         shapes = {n: shape for n, (shape, _) in rules.items()}
     expected = {cfg.tensor_prefix(i) + n: shapes[n] for i in layer_ids for n in rules}
-    files.check(expected)
-
     show = progress if progress is not None else (rank == 0 and sys.stderr.isatty())
     layers = {}
-    with files.reader(stats) as reader, tqdm(total=len(layer_ids), desc="loading GDN layers", unit="layer",
-                                             disable=not show, leave=False) as bar:
-        for i in layer_ids:
-            pieces = {n: reader.read(full, rule, rank, world) for n, (full, rule) in names[i].items()}
-            layer = GDNLayer(cfg, i, rank, world, group=group, dtype=dtype, device=device, backend=backend)
-            with torch.no_grad():
-                pack_into(cfg, world, pieces, dict(layer.named_parameters()))
-            layers[i] = layer
-            bar.update()
+    try:
+        files.check(expected)
+        with files.reader(stats) as reader, tqdm(total=len(layer_ids), desc="loading GDN layers", unit="layer",
+                                                 disable=not show, leave=False) as bar:
+            for i in layer_ids:
+                pieces = {n: reader.read(full, rule, rank, world) for n, (full, rule) in names[i].items()}
+                layer = GDNLayer(cfg, i, rank, world, group=group, dtype=dtype, device=device, backend=backend)
+                with torch.no_grad():
+                    pack_into(cfg, world, pieces, dict(layer.named_parameters()))
+                layers[i] = layer
+                bar.update()
+    except CheckpointError:
+        finish()  # a pre-sharded file that changed: say that rather than how it fails to read
+        raise
+    finish()      # the pre-sharded file's checksum, hashed while the layers loaded
     if stats is not None:
         stats.seconds = time.perf_counter() - t0
     return layers

@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from safetensors.torch import save_file
@@ -90,8 +92,12 @@ def read_manifest(ckpt_dir: Path) -> dict:
     return manifest
 
 
-def presharded_files(ckpt_dir: Path, cfg: GDNConfig, rank: int, tp: int, verify: bool = True) -> SafetensorsCheckpoint:
-    """The rank's own file of a pre-sharded directory, after checking tp, layout and checksum."""
+def presharded_files(ckpt_dir: Path, cfg: GDNConfig, rank: int, tp: int, verify: bool = True
+                     ) -> tuple[SafetensorsCheckpoint, Callable[[], None]]:
+    """The rank's own file of a pre-sharded directory, after checking tp and layout, and a
+    `finish()` that checks the file's sha256 against the manifest (raising CheckpointError if it
+    differs). With `verify`, the hash is computed in a thread that starts now, so it overlaps
+    the load that reads the same bytes; call `finish()` before handing anything out."""
     manifest = read_manifest(ckpt_dir)
     if manifest["tp"] != tp:
         raise CheckpointError(
@@ -106,6 +112,18 @@ def presharded_files(ckpt_dir: Path, cfg: GDNConfig, rank: int, tp: int, verify:
     path = ckpt_dir / entry["file"]
     if not path.is_file():
         raise CheckpointError(f"{path}: rank {rank}'s file is missing")
-    if verify and sha256_file(path) != entry["sha256"]:
-        raise CheckpointError(f"{path}: sha256 does not match the manifest; the file is corrupt or was changed")
-    return SafetensorsCheckpoint(ckpt_dir, only=[entry["file"]])
+    if not verify:
+        return SafetensorsCheckpoint(ckpt_dir, only=[entry["file"]]), lambda: None
+    pool = ThreadPoolExecutor(1, thread_name_prefix="tp_gdn-sha256")
+    digest = pool.submit(sha256_file, path)
+    pool.shutdown(wait=False)
+
+    def finish() -> None:
+        if digest.result() != entry["sha256"]:
+            raise CheckpointError(f"{path}: sha256 does not match the manifest; the file is corrupt or was changed")
+
+    try:
+        return SafetensorsCheckpoint(ckpt_dir, only=[entry["file"]]), finish
+    except CheckpointError:
+        finish()  # a changed file: say so rather than how it fails to parse
+        raise
