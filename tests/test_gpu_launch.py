@@ -96,6 +96,17 @@ def test_torchrun_and_ray_give_identical_numbers_on_gpus(tmp_path, tp):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("tp", tps(1, 2))
+def test_job_with_decode_graphs_matches_the_eager_job(tmp_path, tp):
+    eager, _ = run_job(tmp_path, f"eager{tp}", "--tp", str(tp))
+    graphed, summary = run_job(tmp_path, f"graphs{tp}", "--tp", str(tp), "--decode-graphs")
+    assert summary["ranks"][0]["decode_graphs"] and summary["max_rel_err"] < BF16_TOL
+    for i in eager:
+        for a, b in zip(graphed[i], eager[i]):
+            assert rel_err(a, b) < 1e-2   # the same kernels; cuBLAS may pick others under capture
+
+
+@pytest.mark.gpu
 def test_main_job_runs_on_its_gpu_default_with_no_arguments(tmp_path, monkeypatch, capsys):
     """Every visible GPU, the generated 80B-dims checkpoint, bf16, checked against fp32."""
     monkeypatch.setenv("TP_GDN_CACHE", str(tmp_path / "cache"))

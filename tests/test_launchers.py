@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from helpers import rel_err
-from tp_gdn import GDNConfig, StateCache, load_layers
+from tp_gdn import Batch, GDNConfig, StateCache, load_layers
 from tp_gdn.cli import main as cli
 from tp_gdn.loader.synthetic import write_checkpoint
 from tp_gdn.workload import mixed_workload, run_steps
@@ -61,8 +61,56 @@ def test_help_explains_every_option(capsys):
         cli(["run", "--help"])
     text = capsys.readouterr().out
     for opt in ("--checkpoint", "--tp", "--launcher", "--device", "--dtype", "--backend", "--seqs", "--prompt-len",
-                "--decode-steps", "--check-layers", "--ray-address", "--json"):
+                "--decode-steps", "--check-layers", "--ray-address", "--json", "--decode-graphs"):
         assert opt in text
+
+
+def test_decode_graphs_are_refused_without_cuda():
+    with pytest.raises(SystemExit, match="--decode-graphs needs --device cuda"):
+        cli(["run", "--device", "cpu", "--decode-graphs"])
+
+
+class StaticBufferDecoder:
+    """Stands in for GraphedDecoder on the CPU: runs every layer eagerly and returns the same
+    output tensors each step, overwritten in place, as graph replays do."""
+
+    def __init__(self, layers, cache):
+        self.layers, self.cache, self.ys, self.calls = layers, cache, None, 0
+
+    def __call__(self, x, slots):
+        B = len(slots)
+        ys = {i: layer(x, Batch([1] * B, slots, [True] * B), self.cache) for i, layer in self.layers.items()}
+        if self.ys is None:
+            self.ys = ys
+        else:
+            for i, y in ys.items():
+                self.ys[i].copy_(y)
+        self.calls += 1
+        return self.ys
+
+
+def test_job_serves_decode_steps_through_a_step_function_and_keeps_copies(ckpt, seed):
+    from tp_gdn.launch.job import graphed_decode_step, serve
+    from tp_gdn.workload import serving_workload
+
+    layers = load_layers(ckpt)
+    cfg = next(iter(layers.values())).cfg
+    ids = list(layers)
+    steps = serving_workload(cfg.hidden_size, 3, 70, 4, seed)
+
+    def forward_on(cache):
+        return lambda i, x, batch: layers[i](x, batch, cache)
+
+    cache = StateCache(cfg, ids, 3)
+    _, want = serve(forward_on(cache), ids, steps, ids, lambda: None)
+    cache = StateCache(cfg, ids, 3)
+    decoder = StaticBufferDecoder(layers, cache)
+    _, got = serve(forward_on(cache), ids, steps, ids, lambda: None,
+                   graphed_decode_step(decoder, ids, "cpu", torch.float32))
+    assert decoder.calls == 4                          # the four decode steps; the prefill was declined
+    for i in ids:
+        for n, (g, w) in enumerate(zip(got[i], want[i])):
+            assert torch.equal(g, w), (i, n)
 
 
 # -- Ray ----------------------------------------------------------------------------------------

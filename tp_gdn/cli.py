@@ -32,8 +32,12 @@ def cmd_run(args) -> int:
                 cmd.append(f"{flag}={value}")
         if spec.layers:
             cmd += ["--layers", *map(str, spec.layers)]
+        if spec.decode_graphs:
+            cmd.append("--decode-graphs")
         return subprocess.call(cmd)
     if args.launcher == "ray":
+        if spec.decode_graphs:
+            raise SystemExit("--decode-graphs works with the local and torchrun launchers, not ray")
         from .launch.ray_executor import run_job
         summary = run_job(spec, address=args.ray_address)
     else:

@@ -52,6 +52,14 @@ class GraphedDecoder:
         host = torch.empty(B, dtype=torch.int64, pin_memory=True)
         return dict(graph=graph, x=x, meta=meta, ys=ys, host=host, copied=torch.cuda.Event(), last=None)
 
+    def prepare(self, B: int) -> None:
+        """Capture the graph for B sequences now (a step captures it otherwise): it compiles and
+        warms up on a scratch cache; the capture itself runs nothing."""
+        if B < 1:
+            raise ValueError(f"a decode step needs at least one sequence, got B={B}")
+        if B not in self._graphs:
+            self._graphs[B] = self._capture(B)
+
     def _check_slots(self, slots: tuple) -> tuple:
         """The slots as plain ints, after the checks a Batch makes plus the cache's range."""
         n = self.cache.num_slots
@@ -80,7 +88,8 @@ class GraphedDecoder:
         if g is None or key != g["last"]:
             key = self._check_slots(key)
         if g is None:
-            g = self._graphs[B] = self._capture(B)
+            self.prepare(B)
+            g = self._graphs[B]
         if key != g["last"]:
             g["copied"].synchronize()        # the last copy out of the pinned buffer has run
             g["host"].numpy()[:] = key

@@ -40,6 +40,7 @@ class JobSpec:
     layers: list[int] | None = None   # GDN layers to run (default: all)
     check_layers: str = "all"         # "all", "first" or "none": layers compared with the reference
     save_outputs: str | None = None   # rank 0 writes the checked layers' outputs here (torch.save)
+    decode_graphs: bool = False       # decode steps replayed from CUDA graphs (CUDA, Triton backend)
 
 
 # the embedded defaults: (directory name, write_checkpoint arguments) per device type
@@ -121,21 +122,40 @@ def sync(device: torch.device) -> None:
         dist.barrier()
 
 
-def serve(forward, layer_ids: list[int], steps: list[Step], keep: list[int], barrier) -> tuple[list, dict]:
+def serve(forward, layer_ids: list[int], steps: list[Step], keep: list[int], barrier, step=None
+          ) -> tuple[list, dict]:
     """Feed every step through every layer with `forward(layer_id, x, batch)`; return the wall
-    time of each step and the outputs of the layers in `keep` (on the CPU)."""
+    time of each step and the outputs of the layers in `keep` (on the CPU). `step(x, batch)`, if
+    given, may take a whole step instead: it returns {layer id: output} or None to decline."""
     outputs: dict[int, list[torch.Tensor]] = {i: [] for i in keep}
     times = []
     for st in steps:
         barrier()
         t = time.perf_counter()
-        for i in layer_ids:
-            y = forward(i, st.x, st.batch)
-            if i in outputs:
-                outputs[i].append(y)
+        ys = step(st.x, st.batch) if step is not None else None
+        if ys is None:
+            for i in layer_ids:
+                y = forward(i, st.x, st.batch)
+                if i in outputs:
+                    outputs[i].append(y)
+        else:
+            for i in outputs:
+                outputs[i].append(ys[i])
         barrier()
         times.append(time.perf_counter() - t)
     return times, {i: [y.cpu() for y in ys] for i, ys in outputs.items()}
+
+
+def graphed_decode_step(decoder, keep: list[int], device, dtype):
+    """A `serve` step that replays decode-only steps (every sequence one token, continuing from
+    its slot) from `decoder` (a GraphedDecoder over all the job's layers) and declines the rest.
+    The kept outputs are copied, since the graph overwrites its buffers on the next replay."""
+    def step(x, batch):
+        if any(n != 1 for n in batch.seq_lens) or not all(batch.has_state):
+            return None
+        ys = decoder(x.to(device, dtype), list(batch.slots))
+        return {i: ys[i].clone() for i in keep}
+    return step
 
 
 def summarize(spec: JobSpec, ckpt: Path, steps: list[Step], times: list[float], outputs: dict, ranks: list) -> dict:
@@ -179,11 +199,20 @@ def run_rank(spec: JobSpec) -> dict | None:
 
     # warm-up on a scratch cache: compiles kernels and fills allocator pools outside the timing
     serve(forward_on(new_cache()), ids, steps[:2], [], lambda: sync(device))
+    cache, keep, step = new_cache(), checked_layers(spec, ids), None
+    graphs = spec.decode_graphs
+    if graphs and (device.type != "cuda" or layers[ids[0]].backend != "triton"):
+        raise ValueError("decode_graphs needs CUDA devices and the triton backend")
+    if graphs:
+        from ..graphs import GraphedDecoder
+        decoder = GraphedDecoder(layers, cache)
+        decoder.prepare(spec.seqs)       # captured here, outside the timing
+        step = graphed_decode_step(decoder, keep, device, dtype)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    times, outputs = serve(forward_on(new_cache()), ids, steps, checked_layers(spec, ids), lambda: sync(device))
+    times, outputs = serve(forward_on(cache), ids, steps, keep, lambda: sync(device), step)
     info = dict(rank=rank, device=str(device), backend=layers[ids[0]].backend, layers=len(ids), load_s=load_s,
-                peak_memory_bytes=peak_memory_bytes(device))
+                peak_memory_bytes=peak_memory_bytes(device), decode_graphs=graphs)
     ranks = [None] * world
     if dist.is_initialized():
         dist.all_gather_object(ranks, info)
@@ -200,7 +229,8 @@ def format_summary(s: dict) -> str:
         f"tp_gdn main job: {s['checkpoint']}",
         f"  tp={spec['tp']} device={s['ranks'][0]['device'].split(':')[0]} backend={s['ranks'][0]['backend']} "
         f"dtype={spec['dtype']} layers={s['ranks'][0]['layers']} sequences={spec['seqs']} "
-        f"prompt~{spec['prompt_len']} decode_steps={spec['decode_steps']}",
+        f"prompt~{spec['prompt_len']} decode_steps={spec['decode_steps']}"
+        f"{' (CUDA graphs)' if s['ranks'][0].get('decode_graphs') else ''}",
         "",
         "| metric | value |",
         "|---|---|",
@@ -243,6 +273,9 @@ def add_job_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--check-layers", choices=["all", "first", "none"], default=d.check_layers,
                     help="which layers to compare with the unsharded fp32 layer on the CPU")
     ap.add_argument("--save-outputs", default=None, help="rank 0 saves the checked layers' outputs here")
+    ap.add_argument("--decode-graphs", action="store_true",
+                    help="on GPUs, replay the decode steps from CUDA graphs (tp_gdn.graphs.GraphedDecoder); "
+                         "local and torchrun launchers")
     ap.add_argument("--json", default=None, help="write the summary as JSON here")
 
 
@@ -254,12 +287,15 @@ def spec_from_args(args) -> JobSpec:
     tp = args.tp or (torch.cuda.device_count() if device == "cuda" else 2)
     if tp < 1:
         raise SystemExit(f"--tp must be >= 1, got {tp}")
+    if args.decode_graphs and (device != "cuda" or args.backend == "torch"):
+        raise SystemExit("--decode-graphs needs --device cuda and the triton backend")
     if args.seqs < 1 or args.prompt_len < 1 or args.decode_steps < 0:
         raise SystemExit("--seqs and --prompt-len must be >= 1 and --decode-steps >= 0")
     return JobSpec(checkpoint=args.checkpoint, tp=tp, device=device,
                    dtype=args.dtype or ("bfloat16" if device == "cuda" else "float32"), backend=args.backend,
                    seqs=args.seqs, prompt_len=args.prompt_len, decode_steps=args.decode_steps, seed=args.seed,
-                   layers=args.layers, check_layers=args.check_layers, save_outputs=args.save_outputs)
+                   layers=args.layers, check_layers=args.check_layers, save_outputs=args.save_outputs,
+                   decode_graphs=args.decode_graphs)
 
 
 def finish(summary: dict, json_path: str | None) -> None:
