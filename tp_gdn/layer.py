@@ -2,7 +2,7 @@
 
 Rank p of tp holds key heads [p nk/tp, (p+1) nk/tp) and the value heads that read them; every
 per-head stage is local, and the output projection's partial sums are all-reduced (the only
-communication, in `RowParallelLinear.forward`).
+communication: in `RowParallelLinear.forward`, or per token piece in `forward(overlap=N)`).
 
 Parameters and how each takes its shard from the full (unsharded) layer:
   in_proj.weight   [2kd + 2vd + 2nv, H]  rows [q | k | v | z | b | a], block p of each segment
