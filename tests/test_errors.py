@@ -122,3 +122,16 @@ def test_checkpoint_with_misshapen_tensor_is_named(hf_next, tmp_path):
     edit_tensor(ckpt, "model.layers.2.linear_attn.out_proj.weight", lambda t: t[:, :-1].contiguous())
     with pytest.raises(CheckpointError, match=r"out_proj.weight has shape \[32, 127\].*implies \[32, 128\]"):
         load_layers(ckpt, tp_rank=0, tp_size=1)
+
+
+def test_graphed_decoder_refuses_cpu_layers():
+    from helpers import random_full_weights, tiny_config
+    from tp_gdn import GDNLayer, StateCache
+    from tp_gdn.graphs import GraphedDecoder
+
+    cfg = tiny_config(layers=2)
+    layer = GDNLayer.from_full(cfg, 0, random_full_weights(cfg))
+    with pytest.raises(ValueError, match="CUDA graphs need CUDA layers"):
+        GraphedDecoder({0: layer}, StateCache(cfg, [0], 4, tp_size=1))
+    with pytest.raises(ValueError, match="at least one layer"):
+        GraphedDecoder({}, StateCache(cfg, [0], 4, tp_size=1))
