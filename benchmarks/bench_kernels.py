@@ -47,6 +47,15 @@ def graph_time(fn, replays=200):
     return a.elapsed_time(b) / replays
 
 
+def peer_graph_time(fn, label, replays=200):
+    """graph_time of a peer's call, or nan (said, not hidden) where it cannot be captured."""
+    try:
+        return graph_time(fn, replays)
+    except Exception as e:
+        print(f"fla {label} could not be captured in a CUDA graph: {type(e).__name__}: {e}")
+        return float("nan")
+
+
 def copy_bandwidth():
     x = torch.empty(2 << 30, dtype=torch.uint8, device="cuda")
     y = torch.empty_like(x)
@@ -256,11 +265,7 @@ def main():
     err = rel(ours(), fla_f())
     # graph replays: the kernels' time without the host's launch work (eager times beside them)
     t_ours = graph_time(ours, replays=50)
-    try:
-        t_fla = graph_time(fla_f, replays=50)
-    except Exception as e:  # report, do not hide, a peer that cannot be captured
-        print(f"fla decode 256 could not be captured in a CUDA graph: {type(e).__name__}: {e}")
-        t_fla = float("nan")
+    t_fla = peer_graph_time(fla_f, "decode 256", replays=50)
     t_ours_eager, t_fla_eager = timeit(ours, iters=50), timeit(fla_f, iters=50)
     state_bytes = 2 * x["pool"].numel() * 4
     rows.append(dict(workload="decode 256 seqs, nv 32", ours_ms=t_ours, fla_ms=t_fla, ratio=t_fla / t_ours,
@@ -280,11 +285,7 @@ def main():
     t_graph = graph_time(ours)
     t_eager = timeit(ours, iters=100)
     t_fla = timeit(fla_f, iters=100)
-    try:
-        t_fla_graph = graph_time(fla_f)
-    except Exception as e:
-        print(f"fla decode could not be captured in a CUDA graph: {type(e).__name__}: {e}")
-        t_fla_graph = float("nan")
+    t_fla_graph = peer_graph_time(fla_f, "decode 1")
     rows.append(dict(workload="decode 1 seq, nv 32", ours_graph_us=t_graph * 1e3, ours_eager_us=t_eager * 1e3,
                      fla_eager_us=t_fla * 1e3, fla_graph_us=t_fla_graph * 1e3, rel_err_vs_fla=err))
     print(f"decode 1: ours graph replay {t_graph * 1e3:.1f} us (eager {t_eager * 1e3:.1f} us), fla eager "

@@ -111,25 +111,26 @@ def test_presharded_checkpoint_refuses_another_tp(hf_next, tmp_path):
         load_layers(out, tp_rank=0, tp_size=4)
 
 
-def test_presharded_file_that_changed_is_refused(hf_next, tmp_path):
+def shard_with_a_flipped_byte(hf_next, tmp_path, rank: int, at: int):
+    """A tp=2 pre-sharded copy whose rank file has byte `at` inverted."""
     out = tmp_path / "tp2"
     cli(["shard", str(hf_next[0]), "--tp", "2", "--out", str(out)])
-    f = out / "rank-00001-of-00002.safetensors"
+    f = out / f"rank-{rank:05d}-of-00002.safetensors"
     data = bytearray(f.read_bytes())
-    data[-3] ^= 0xFF
+    data[at] ^= 0xFF
     f.write_bytes(bytes(data))
+    return out
+
+
+def test_presharded_file_that_changed_is_refused(hf_next, tmp_path):
+    out = shard_with_a_flipped_byte(hf_next, tmp_path, rank=1, at=-3)
     load_layers(out, tp_rank=0, tp_size=2)
     with pytest.raises(CheckpointError, match="rank-00001-of-00002.safetensors: sha256 does not match"):
         load_layers(out, tp_rank=1, tp_size=2)
 
 
 def test_presharded_file_with_a_damaged_header_is_named_as_changed(hf_next, tmp_path):
-    out = tmp_path / "tp2"
-    cli(["shard", str(hf_next[0]), "--tp", "2", "--out", str(out)])
-    f = out / "rank-00000-of-00002.safetensors"
-    data = bytearray(f.read_bytes())
-    data[12] ^= 0xFF                     # inside the JSON header
-    f.write_bytes(bytes(data))
+    out = shard_with_a_flipped_byte(hf_next, tmp_path, rank=0, at=12)   # inside the JSON header
     with pytest.raises(CheckpointError, match="rank-00000-of-00002.safetensors: sha256 does not match"):
         load_layers(out, tp_rank=0, tp_size=2)
 

@@ -12,8 +12,6 @@ buffers, valid until the next step.
 
 from __future__ import annotations
 
-import operator
-
 import torch
 
 from .batch import Batch
@@ -61,13 +59,9 @@ class GraphedDecoder:
             self._graphs[B] = self._capture(B)
 
     def _check_slots(self, slots: tuple) -> tuple:
-        """The slots as plain ints, after the checks a Batch makes plus the cache's range."""
+        """The slots as plain ints, after a Batch's checks plus the cache's range."""
+        slots = Batch([1] * len(slots), slots, [True] * len(slots)).slots
         n = self.cache.num_slots
-        if (all(type(s) is int for s in slots) and len(set(slots)) == len(slots)
-                and min(slots) >= 0 and max(slots) < n):
-            return slots                      # the common case, checked in a few microseconds
-        Batch([1] * len(slots), slots, [True] * len(slots))  # raises the batch's own message
-        slots = tuple(operator.index(s) for s in slots)
         bad = [s for s in slots if s >= n]
         if bad:
             raise ValueError(f"slot {bad[0]} is out of range: the cache has {n} slots")
