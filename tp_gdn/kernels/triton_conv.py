@@ -14,9 +14,46 @@ import triton
 import triton.language as tl
 
 CHUNK = 64
-# launch settings (benchmarks/bench_kernels.py --sweep conv; H100, 8x4096 tokens at tp=1:
-# 8 warps 1.09 ms, 4 warps 1.27, 16 warps 1.27, 2 warps 18.0; the same output at each)
-LAUNCH = {"conv": dict(num_warps=8)}
+# launch settings (benchmarks/bench_kernels.py --sweep conv). "v_block": channels per program of
+# the v part (q and k blocks are one head wide, for their l2norm).
+LAUNCH = {"conv": dict(num_warps=8), "v_block": 128}
+
+
+@triton.jit
+def _conv_block(proj, conv_w, conv_pool, out, t0, bos, eos, slot, from_state, c0, c_end, q_scale,
+                stride_proj, stride_pool_s, stride_pool_w, stride_out,
+                K: tl.constexpr, BW: tl.constexpr, BT: tl.constexpr, NORM: tl.constexpr):
+    """silu(conv) of rows [t0, t0 + BT) ∩ [.., eos) and channels [c0, c_end) (at most BW of them);
+    l2-normalised per row and multiplied by q_scale when NORM. Rows before t0 come from proj,
+    or, when `from_state` (t0 is the sequence's first token and its slot holds state), from the
+    slot's K-1 carried inputs. Offsets inside the tile are int32 from scalar int64 bases."""
+    o_t = tl.arange(0, BT)
+    o_d = tl.arange(0, BW)
+    m_d = c0 + o_d < c_end
+    n_t = eos - t0                                  # rows of this tile inside the sequence
+    m_t = o_t < n_t
+    p_x = proj + t0 * stride_proj + c0
+    acc = tl.zeros([BT, BW], dtype=tl.float32)
+    for j in tl.static_range(K):
+        r = o_t - (K - 1) + j                       # tap j reads row t0 + r
+        m = m_t & (r >= bos - t0)                   # rows before the sequence: state or zeros
+        x = tl.load(p_x + r[:, None] * stride_proj + o_d[None, :], mask=m[:, None] & m_d[None, :], other=0.0)
+        w = tl.load(conv_w + (c0 + o_d) * K + j, mask=m_d, other=0.0).to(tl.float32)
+        acc += x.to(tl.float32) * w[None, :]
+    if from_state:
+        p_s = conv_pool + slot * stride_pool_s + c0
+        for j in tl.static_range(K - 1):
+            m = m_t & (o_t + j < K - 1)             # rows whose tap j falls before the sequence
+            s = tl.load(p_s + (o_t + j)[:, None] * stride_pool_w + o_d[None, :], mask=m[:, None] & m_d[None, :],
+                        other=0.0)
+            w = tl.load(conv_w + (c0 + o_d) * K + j, mask=m_d, other=0.0).to(tl.float32)
+            acc += s.to(tl.float32) * w[None, :]
+    y = acc * tl.sigmoid(acc)
+    if NORM:
+        y = y * (tl.rsqrt(tl.sum(y * y, axis=1) + 1e-6) * q_scale)[:, None]
+    p_o = out + t0 * stride_out + c0
+    tl.store(p_o + o_t[:, None] * stride_out + o_d[None, :], y.to(out.dtype.element_ty),
+             mask=m_t[:, None] & m_d[None, :])
 
 
 @triton.jit
@@ -24,47 +61,26 @@ def _conv_prefill_kernel(
     proj, conv_w, conv_pool, out, chunks, cu_seqlens, slots, has_state,
     stride_proj, stride_pool_s, stride_pool_w, stride_out,
     NK: tl.constexpr, DK: tl.constexpr, C: tl.constexpr, K: tl.constexpr,
-    BD: tl.constexpr, BT: tl.constexpr, scale,
+    BD: tl.constexpr, BDV: tl.constexpr, BT: tl.constexpr, scale,
 ):
     """Grid (chunks, channel blocks). Block j < NK is q head j, NK <= j < 2NK is k head j - NK,
-    the rest cover the v channels BD at a time."""
+    the rest cover the v channels BDV at a time. A chunk that does not start its sequence has no
+    business with the conv state, so only first chunks of stateful sequences read it."""
     i_c, i_d = tl.program_id(0), tl.program_id(1)
-    i_n = tl.load(chunks + i_c * 2).to(tl.int64)
+    i_n = tl.load(chunks + i_c * 2)
     t0 = tl.load(chunks + i_c * 2 + 1).to(tl.int64)
     bos = tl.load(cu_seqlens + i_n).to(tl.int64)
     eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    from_state = (t0 == bos) & (tl.load(has_state + i_n) != 0)
     slot = tl.load(slots + i_n).to(tl.int64)
-    keep = tl.load(has_state + i_n) != 0
-
-    IS_QK = i_d < 2 * NK
-    o_d = tl.arange(0, BD)
-    if IS_QK:
-        ch = i_d * DK + o_d
-        m_d = o_d < DK
+    if i_d < 2 * NK:
+        q_scale = tl.where(i_d < NK, scale, 1.0)
+        _conv_block(proj, conv_w, conv_pool, out, t0, bos, eos, slot, from_state, i_d * DK, i_d * DK + DK, q_scale,
+                    stride_proj, stride_pool_s, stride_pool_w, stride_out, K, BD, BT, True)
     else:
-        ch = 2 * NK * DK + (i_d - 2 * NK) * BD + o_d
-        m_d = ch < C
-    o_t = t0 + tl.arange(0, BT)
-    m_t = o_t < eos
-
-    acc = tl.zeros([BT, BD], dtype=tl.float32)
-    for j in tl.static_range(K):
-        src = o_t - (K - 1) + j                       # input row of tap j
-        from_x = m_t & (src >= bos)
-        x = tl.load(proj + src[:, None] * stride_proj + ch[None, :], mask=from_x[:, None] & m_d[None, :], other=0.0)
-        w_pos = src - bos + (K - 1)                   # row of the carried state, when src < bos
-        from_s = tl.where(keep, m_t & (src < bos), False)
-        s = tl.load(conv_pool + slot * stride_pool_s + w_pos[:, None] * stride_pool_w + ch[None, :],
-                    mask=from_s[:, None] & m_d[None, :], other=0.0)
-        w = tl.load(conv_w + ch * K + j, mask=m_d, other=0.0).to(tl.float32)
-        acc += (x.to(tl.float32) + s.to(tl.float32)) * w[None, :]
-    y = acc * tl.sigmoid(acc)
-    if IS_QK:
-        y = y * tl.rsqrt(tl.sum(y * y, axis=1) + 1e-6)[:, None]
-        if i_d < NK:
-            y = y * scale
-    tl.store(out + o_t[:, None] * stride_out + ch[None, :], y.to(out.dtype.element_ty),
-             mask=m_t[:, None] & m_d[None, :])
+        c0 = 2 * NK * DK + (i_d - 2 * NK) * BDV
+        _conv_block(proj, conv_w, conv_pool, out, t0, bos, eos, slot, from_state, c0, C, 1.0,
+                    stride_proj, stride_pool_s, stride_pool_w, stride_out, K, BDV, BT, False)
 
 
 @triton.jit
@@ -109,12 +125,13 @@ def conv_prefill(proj_TP: torch.Tensor, conv_weight_CK: torch.Tensor, conv_pool_
     C, K = conv_weight_CK.shape
     if num_chunks == 0:
         return
-    BD = triton.next_power_of_2(dk)
-    n_blocks = 2 * nk + triton.cdiv(C - 2 * nk * dk, BD)
+    BDV = LAUNCH["v_block"]
+    n_blocks = 2 * nk + triton.cdiv(C - 2 * nk * dk, BDV)
     _conv_prefill_kernel[(num_chunks, n_blocks)](
         proj_TP, conv_weight_CK, conv_pool_SWC, out_TC, chunks_N2, cu_seqlens, slots, has_state,
         proj_TP.stride(0), conv_pool_SWC.stride(0), conv_pool_SWC.stride(1), out_TC.stride(0),
-        NK=nk, DK=dk, C=C, K=K, BD=BD, BT=CHUNK, scale=dk ** -0.5, **LAUNCH["conv"],
+        NK=nk, DK=dk, C=C, K=K, BD=triton.next_power_of_2(dk), BDV=BDV, BT=CHUNK, scale=dk ** -0.5,
+        **LAUNCH["conv"],
     )
 
 
