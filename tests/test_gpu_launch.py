@@ -86,7 +86,8 @@ def test_torchrun_and_ray_give_identical_numbers_on_gpus(tmp_path, tp):
     ray_out, ray_sum = run_job(tmp_path, "ray", "--tp", str(tp), "--launcher", "ray")
     out = tmp_path / "tr.pt"
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={tp}",
-                    str(ROOT / "launch" / "torchrun_job.py"), *job_args(), "--save-outputs", str(out)],
+                    str(ROOT / "launch" / "torchrun_job.py"), *job_args(), "--no-decode-graphs",
+                    "--save-outputs", str(out)],
                    check=True, timeout=600, cwd=tmp_path)
     tr_out = torch.load(out)["outputs"]
     for i in tr_out:
@@ -98,8 +99,9 @@ def test_torchrun_and_ray_give_identical_numbers_on_gpus(tmp_path, tp):
 @pytest.mark.gpu
 @pytest.mark.parametrize("tp", tps(1, 2))
 def test_job_with_decode_graphs_matches_the_eager_job(tmp_path, tp):
-    eager, _ = run_job(tmp_path, f"eager{tp}", "--tp", str(tp))
-    graphed, summary = run_job(tmp_path, f"graphs{tp}", "--tp", str(tp), "--decode-graphs")
+    eager, eager_summary = run_job(tmp_path, f"eager{tp}", "--tp", str(tp), "--no-decode-graphs")
+    graphed, summary = run_job(tmp_path, f"graphs{tp}", "--tp", str(tp))      # the GPU default
+    assert not eager_summary["ranks"][0]["decode_graphs"]
     assert summary["ranks"][0]["decode_graphs"] and summary["max_rel_err"] < BF16_TOL
     for i in eager:
         for a, b in zip(graphed[i], eager[i]):
@@ -115,6 +117,7 @@ def test_main_job_runs_on_its_gpu_default_with_no_arguments(tmp_path, monkeypatc
     summary = json.loads(js.read_text())
     assert summary["spec"]["tp"] == N_GPU and summary["spec"]["dtype"] == "bfloat16"
     assert "qwen3-next-80b-dims" in summary["checkpoint"] and summary["max_rel_err"] < BF16_TOL
+    assert summary["ranks"][0]["decode_graphs"]
     assert "tokens/s" in capsys.readouterr().out
 
 

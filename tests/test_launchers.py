@@ -70,6 +70,29 @@ def test_decode_graphs_are_refused_without_cuda():
         cli(["run", "--device", "cpu", "--decode-graphs"])
 
 
+def spec_for(argv):
+    import argparse
+
+    from tp_gdn.launch.job import add_job_args, spec_from_args
+    ap = argparse.ArgumentParser()
+    add_job_args(ap)
+    return spec_from_args(ap.parse_args(argv))
+
+
+def test_decode_graphs_are_the_default_on_gpus_only(monkeypatch):
+    assert not spec_for([]).decode_graphs or torch.cuda.is_available()
+    assert not spec_for(["--device", "cpu"]).decode_graphs
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)     # what the choice sees on a GPU host
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert spec_for([]).decode_graphs and spec_for([]).device == "cuda"
+    assert not spec_for(["--no-decode-graphs"]).decode_graphs
+    assert not spec_for(["--backend", "torch"]).decode_graphs
+    with pytest.raises(SystemExit, match="needs --device cuda and the triton backend"):
+        spec_for(["--backend", "torch", "--decode-graphs"])
+    with pytest.raises(SystemExit, match="not ray"):
+        cli(["run", "--launcher", "ray", "--decode-graphs"])
+
+
 class StaticBufferDecoder:
     """Stands in for GraphedDecoder on the CPU: runs every layer eagerly and returns the same
     output tensors each step, overwritten in place, as graph replays do."""

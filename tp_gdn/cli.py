@@ -19,6 +19,8 @@ def cmd_run(args) -> int:
     from .launch.job import default_checkpoint
 
     spec = spec_from_args(args)
+    if args.launcher == "ray" and args.decode_graphs:
+        raise SystemExit("--decode-graphs works with the local and torchrun launchers, not ray")
     # refuse a bad checkpoint or tp here, before any rank starts
     GDNConfig.from_pretrained(spec.checkpoint or default_checkpoint(spec.device)).check_tp(spec.tp)
     if args.launcher == "torchrun":
@@ -32,12 +34,10 @@ def cmd_run(args) -> int:
                 cmd.append(f"{flag}={value}")
         if spec.layers:
             cmd += ["--layers", *map(str, spec.layers)]
-        if spec.decode_graphs:
-            cmd.append("--decode-graphs")
+        cmd.append("--decode-graphs" if spec.decode_graphs else "--no-decode-graphs")
         return subprocess.call(cmd)
     if args.launcher == "ray":
-        if spec.decode_graphs:
-            raise SystemExit("--decode-graphs works with the local and torchrun launchers, not ray")
+        spec.decode_graphs = False                    # the GPU default, which ray does not support
         from .launch.ray_executor import run_job
         summary = run_job(spec, address=args.ray_address)
     else:

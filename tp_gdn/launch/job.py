@@ -40,7 +40,8 @@ class JobSpec:
     layers: list[int] | None = None   # GDN layers to run (default: all)
     check_layers: str = "all"         # "all", "first" or "none": layers compared with the reference
     save_outputs: str | None = None   # rank 0 writes the checked layers' outputs here (torch.save)
-    decode_graphs: bool = False       # decode steps replayed from CUDA graphs (CUDA, Triton backend)
+    decode_graphs: bool = False       # decode steps replayed from CUDA graphs (CUDA, Triton backend);
+                                      # the command line turns it on by default on GPUs
 
 
 # the embedded defaults: (directory name, write_checkpoint arguments) per device type
@@ -273,9 +274,10 @@ def add_job_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--check-layers", choices=["all", "first", "none"], default=d.check_layers,
                     help="which layers to compare with the unsharded fp32 layer on the CPU")
     ap.add_argument("--save-outputs", default=None, help="rank 0 saves the checked layers' outputs here")
-    ap.add_argument("--decode-graphs", action="store_true",
-                    help="on GPUs, replay the decode steps from CUDA graphs (tp_gdn.graphs.GraphedDecoder); "
-                         "local and torchrun launchers")
+    ap.add_argument("--decode-graphs", action=argparse.BooleanOptionalAction, default=None,
+                    help="replay the decode steps from CUDA graphs (tp_gdn.graphs.GraphedDecoder), captured "
+                         "before the timing (default: on with GPUs and the triton backend under the local and "
+                         "torchrun launchers; off on the CPU and under ray, which does not support it)")
     ap.add_argument("--json", default=None, help="write the summary as JSON here")
 
 
@@ -287,15 +289,17 @@ def spec_from_args(args) -> JobSpec:
     tp = args.tp or (torch.cuda.device_count() if device == "cuda" else 2)
     if tp < 1:
         raise SystemExit(f"--tp must be >= 1, got {tp}")
-    if args.decode_graphs and (device != "cuda" or args.backend == "torch"):
+    graphs_ok = device == "cuda" and args.backend != "torch"
+    if args.decode_graphs and not graphs_ok:
         raise SystemExit("--decode-graphs needs --device cuda and the triton backend")
+    decode_graphs = graphs_ok if args.decode_graphs is None else args.decode_graphs
     if args.seqs < 1 or args.prompt_len < 1 or args.decode_steps < 0:
         raise SystemExit("--seqs and --prompt-len must be >= 1 and --decode-steps >= 0")
     return JobSpec(checkpoint=args.checkpoint, tp=tp, device=device,
                    dtype=args.dtype or ("bfloat16" if device == "cuda" else "float32"), backend=args.backend,
                    seqs=args.seqs, prompt_len=args.prompt_len, decode_steps=args.decode_steps, seed=args.seed,
                    layers=args.layers, check_layers=args.check_layers, save_outputs=args.save_outputs,
-                   decode_graphs=args.decode_graphs)
+                   decode_graphs=decode_graphs)
 
 
 def finish(summary: dict, json_path: str | None) -> None:
