@@ -29,7 +29,7 @@ from tp_gdn.graphs import GraphedDecoder
 from tp_gdn.parallel import destroy_distributed, get_rank, get_world_size, init_distributed, local_device
 
 sys.path.insert(0, str(Path(__file__).parent))
-from timing import graphed, rel, timeit  # noqa: E402
+from timing import back_to_back, graphed, rel, timeit  # noqa: E402
 
 CFG = GDNConfig(model_type="qwen3_next", hidden_size=2048, num_k_heads=16, num_v_heads=32, head_k_dim=128,
                 head_v_dim=128, conv_kernel=4, rms_norm_eps=1e-6, layer_types=("linear_attention",))
@@ -256,9 +256,14 @@ def bench_decode(layer, B, dev, g, tp, rank, report, rows, profile=False):
         if rank == 0:
             print(f"  peer decode could not be captured: {type(e).__name__}: {e}")
     best_peer = min(t_peer, t_peer_graph) if t_peer_graph == t_peer_graph else t_peer
+    # steps issued back to back (no wait on each): the GPU's time per step, host launch hidden
+    b2b_ours = back_to_back(lambda: decoder(x, slots), 50)
+    b2b_peer = back_to_back(graphed(lambda: peer.decode(x, slots_t)) if t_peer_graph == t_peer_graph
+                            else lambda: peer.decode(x, slots_t), 50)
     report(f"decode {B} seqs", t_ours, best_peer, err,
            note=f"(ours graph; ours eager {t_eager:.3f} ms; peer eager {t_peer:.3f} ms, peer graph "
-                f"{t_peer_graph:.3f} ms)")
+                f"{t_peer_graph:.3f} ms; back to back: ours {b2b_ours:.3f} ms, peer {b2b_peer:.3f} ms)")
+    rows[-1].update(ours_back_to_back_ms=b2b_ours, peer_back_to_back_ms=b2b_peer)
     if profile:
         profile_kernels(lambda: decoder(x, slots), rank, f"decode {B} (graph), tp={tp}")
     if B == 256:

@@ -29,6 +29,25 @@ def timeit(fn, iters: int = 20, warmup: int = 3) -> float:
     return statistics.median(times)
 
 
+def back_to_back(fn, iters: int = 50, warmup: int = 3) -> float:
+    """Milliseconds per call of `iters` calls issued back to back between two events (the host
+    runs ahead, as in a serving loop that does not wait on each step); ranks meet around it."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    if dist.is_initialized():
+        dist.barrier()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(iters):
+        fn()
+    b.record()
+    b.synchronize()
+    if dist.is_initialized():
+        dist.barrier()
+    return a.elapsed_time(b) / iters
+
+
 def graphed(fn):
     """Capture fn in a CUDA graph (after a warm-up on a side stream); return its replay."""
     s = torch.cuda.Stream()
