@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from helpers import random_full_weights, rel_err, tiny_config
 from tp_gdn import Batch, GDNLayer, StateCache
 from tp_gdn.kernels import reference as ref
-from tp_gdn.workload import mixed_workload, run_steps
+from tp_gdn.workload import WorkloadBuilder, mixed_workload, run_steps
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
@@ -94,6 +94,7 @@ def test_choose_path_keeps_the_fused_path_to_many_16_bit_programs():
     chunk, *_ = tri()
     many = chunk.FUSED_MIN_PROGRAMS
     assert chunk.choose_path(many, 1, 128) == ("fused", chunk.FUSED_BV)
+    assert chunk.choose_path(chunk.FUSED_FULL_DV_MIN_PROGRAMS, 1, 128) == ("fused", 128)  # one block spans dv
     assert chunk.choose_path(many, 1, 128, torch.float32)[0] == "split"   # fp32 overflows shared memory
     assert chunk.choose_path(many - 1, 1, 128)[0] == "split"
     assert chunk.choose_path(1, 8, 128) == ("split", 16)                 # one long sequence: cut dv finely
@@ -176,6 +177,72 @@ def test_triton_layer_matches_torch_layer_on_mixed_workload(seed):
         assert rel_err(g.cpu(), w) < 1e-5, f"step {n}"
 
 
+def check_fused_gated_norm(lens, nk, nv, dk, dv, dtype, tol):
+    """The fused pass storing the gated norm of o (z read at a column offset of a wider buffer)
+    against the fp64 core followed by the reference gated RMSNorm; final states too."""
+    chunk, *_ = tri()
+    T, S = sum(lens), len(lens) + 1
+    q, k, v, a, b, A_log, dt_bias, pool = raw_inputs(T, nk, nv, dk, dv, dtype, S)
+    z = torch.randn(T, nv * dv + 5, dtype=torch.float64)
+    w = torch.rand(dv, dtype=torch.float64) + 0.5
+    batch = Batch(lens, list(range(len(lens))), [i % 2 == 0 for i in range(len(lens))])
+    pool64 = pool.clone()
+    want = ref.gated_rmsnorm(reference_core(q, k, v, a, b, A_log, dt_bias, pool64, batch),
+                             z[:, 5:].reshape(T, nv, dv), w, 1e-6)
+    c = lambda x: x.reshape(T, -1).to(DEV, dtype)
+    out, pool_t = torch.empty(T, nv * dv, device=DEV, dtype=dtype), pool.float().to(DEV)
+    chunk.chunk_delta_rule_varlen(c(q), c(k), c(v), c(a), c(b), A_log.float().to(DEV), dt_bias.float().to(DEV),
+                                  pool_t, out, batch.meta(DEV), 0, 0, 0, nk, nv, dk, dv, normalize_qk=True,
+                                  path="fused", BV=max(16, 1 << (dv - 1).bit_length()),
+                                  gated_norm=(c(z), 5, w.float().to(DEV), 1e-6))
+    assert rel_err(out.cpu().reshape(T, nv, dv), want) < tol
+    assert rel_err(pool_t.cpu(), pool64) < tol
+
+
+def test_fused_pass_forms_the_gated_norm():
+    tiny_fused_or_skip("fused")
+    check_fused_gated_norm([130, 2, 64, 65], 1, 2, 16, 16, torch.float32, 1e-5)
+
+
+def test_gated_norm_is_refused_where_the_pass_splits_dv():
+    chunk, *_ = tri()
+    q, k, v, a, b, A_log, dt_bias, pool = (x.float().to(DEV) for x in raw_inputs(70, 1, 1, 16, 32, torch.float32))
+    with pytest.raises(ValueError, match="one dv block only"):
+        chunk.chunk_delta_rule_varlen(q.reshape(70, -1), k.reshape(70, -1), v.reshape(70, -1), a, b, A_log, dt_bias,
+                                      pool, torch.empty(70, 32, device=DEV), Batch([70], [0], [False]).meta(DEV),
+                                      0, 0, 0, 1, 1, 16, 32, normalize_qk=True, path="split",
+                                      gated_norm=(v.reshape(70, -1), 0, A_log, 1e-6))
+
+
+def test_triton_layer_with_the_norm_inside_the_fused_pass_matches_torch_layer(seed, monkeypatch):
+    """With FUSE_NORM, the layer's prefill-only steps take the fused pass with the norm inside
+    (the path forced here: the interpreter computes in fp32, where choose_path keeps the split
+    path); steps with decodes do not."""
+    tiny_fused_or_skip("fused")
+    chunk, *_, ops = tri()
+    full_dv = lambda n_seq, nv, dv, dtype=None: ("fused", max(16, 1 << (dv - 1).bit_length()))
+    monkeypatch.setattr(chunk, "choose_path", full_dv)
+    monkeypatch.setattr(ops, "choose_path", full_dv)
+    monkeypatch.setattr(ops, "FUSE_NORM", True)     # off by default (slower on an H200)
+    fused_calls = []
+    real = ops.gdn_mix
+    monkeypatch.setattr(ops, "gdn_mix", lambda *a, **kw: fused_calls.append("gated_norm" in kw) or real(*a, **kw))
+    cfg = tiny_config(nk=2, nv=4, dk=16, dv=16, layers=2)
+    full = random_full_weights(cfg, seed)
+    w = WorkloadBuilder(cfg.hidden_size, seed)
+    w.step([(0, 70, False), (1, 130, False), (2, 3, False)])       # prefill only: norm inside
+    w.step([(0, 1, True), (1, 1, True)])                           # decode: norm kernel
+    w.step([(0, 65, True), (2, 64, True), (3, 2, False)])          # continued prefills: norm inside
+    w.step([(1, 5, True), (0, 1, True)])                           # mixed: norm kernel
+    steps = w.steps
+    want = run_steps({0: GDNLayer.from_full(cfg, 0, full, backend="torch")}, StateCache(cfg, [0], 4, tp_size=1), steps)
+    cache = StateCache(cfg, [0], 4, device=DEV, tp_size=1)
+    got = run_steps({0: GDNLayer.from_full(cfg, 0, full, backend="triton", device=DEV)}, cache, steps)
+    for n, (g, w) in enumerate(zip(got[0], want[0])):
+        assert rel_err(g.cpu(), w) < 1e-5, f"step {n}"
+    assert fused_calls == [True, False, True, False]
+
+
 # -- GPU: real shapes, bfloat16, and fla-core as a peer -------------------------------------------
 GPU_PATHS = [(torch.bfloat16, 1e-2, "split", None), (torch.float32, 1e-5, "split", None),
              (torch.bfloat16, 1e-2, "fused", 64), (torch.bfloat16, 1e-2, "fused", 128)]
@@ -186,6 +253,12 @@ GPU_PATHS = [(torch.bfloat16, 1e-2, "split", None), (torch.float32, 1e-5, "split
 @pytest.mark.parametrize("nk,nv", [(4, 4), (4, 8), (2, 8)])
 def test_gpu_prefill_real_dims_matches_fp64(nk, nv, dtype, tol, path, BV):
     run_prefill([1000, 64, 65, 2100, 130, 2, 63, 517], nk, nv, 128, 128, dtype, tol, path=path, BV=BV)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("nk,nv", [(4, 8), (2, 8)])
+def test_gpu_fused_gated_norm_real_dims_bf16(nk, nv):
+    check_fused_gated_norm([1000, 64, 65, 2100, 130, 2, 63, 517], nk, nv, 128, 128, torch.bfloat16, 1e-2)
 
 
 @pytest.mark.gpu

@@ -149,9 +149,8 @@ class GDNLayer(nn.Module):
         T = x_TH.shape[0]
         nk, nv, dk, dv = self.nk, self.nv, self.dk, self.dv
         proj = self.in_proj(x_TH)
-        o = self.ops.gdn_mix(proj, nk, nv, dk, dv, self.conv_weight, self.A_log, self.dt_bias,
-                             cache.conv[self.layer_id], cache.ssm[self.layer_id], batch,
-                             batch.meta(x_TH.device))
-        z = proj[:, 2 * nk * dk + nv * dv: 2 * nk * dk + 2 * nv * dv].reshape(T, nv, dv)
-        y = self.ops.gated_rmsnorm(o, z, self.norm_weight, self.cfg.rms_norm_eps, out_dtype=x_TH.dtype)
+        y = self.ops.gdn_mix_norm(proj, nk, nv, dk, dv, self.conv_weight, self.A_log, self.dt_bias,
+                                  cache.conv[self.layer_id], cache.ssm[self.layer_id], batch,
+                                  batch.meta(x_TH.device), self.norm_weight, self.cfg.rms_norm_eps,
+                                  out_dtype=x_TH.dtype)
         return y.reshape(T, nv * dv)

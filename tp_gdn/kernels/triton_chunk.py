@@ -13,8 +13,9 @@ Two paths, both starting with the same launch:
 That is the "split" path. The "fused" path replaces 2 and 3 with `_fused_pass_kernel`, which
 forms w, u and the causal q k^T per chunk inside the sequential walk (o = e^G q S + P (u - w S)),
 so only T, G and beta go through memory; it needs many (sequence, head) programs, since that work
-lies on the sequential path. Splitting dv across programs keeps the split path's pass busy when a
-rank has few heads and one long sequence; `choose_path` picks. q/k may be given raw (NORM_QK:
+lies on the sequential path. When one of its programs spans dv, it can also store the gated
+RMSNorm of o (gated_norm) in place of o. Splitting dv across programs keeps the split path's
+pass busy when a rank has few heads and one long sequence; `choose_path` picks. q/k may be given raw (NORM_QK:
 l2norm and q scale inside) or already normalised. Value head h reads key head h // R through
 strides; q/k are never repeated in memory.
 """
@@ -42,6 +43,11 @@ LAUNCH = {
 # at 1x32768 with 8 heads)
 FUSED_MIN_PROGRAMS = 64
 FUSED_BV = 64
+# ... and one block spanning dv (which lets the gated norm run inside it) from this many pairs up
+# (8x4096 prefill at 32 and 16 heads: BV 128 took 2.904 / 1.448 ms against 2.993 / 1.493 at BV 64
+# on an H200, 3.097 / 1.571 against 3.109 / 1.539 on an H100; at 8 heads it lost 25% on both)
+FUSED_FULL_DV_MIN_PROGRAMS = 128
+FUSED_MAX_BV = 128
 
 
 @triton.jit
@@ -280,12 +286,15 @@ def _state_pass_kernel(
 def _fused_pass_kernel(
     q, k, v, Tin, Gin, Bin, out, state_pool, seqs, cu_seqlens, slots, has_state,
     stride_q, stride_k, stride_v, q_col0, k_col0, v_col0, scale, stride_out, stride_ps, stride_ph,
+    z, stride_z, z_col0, norm_w, eps,
     R, HV, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    NORM_QK: tl.constexpr, PREC: tl.constexpr,
+    NORM_QK: tl.constexpr, PREC: tl.constexpr, GATED_NORM: tl.constexpr,
 ):
     """The w/u products and the sequential pass in one program per (sequence, head, dv block):
     w, u, the causal q k^T and the output are formed per chunk in registers, so nothing but the
-    solve's T, G and beta goes through memory between launches."""
+    solve's T, G and beta goes through memory between launches. GATED_NORM (one block spans dv):
+    the output rows are stored as norm_w * o * rsqrt(mean(o^2) + eps) * silu(z) instead of o,
+    z's head h at columns z_col0 + h DV."""
     i_s, h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n = tl.load(seqs + i_s).to(tl.int64)
     bos = tl.load(cu_seqlens + i_n).to(tl.int64)
@@ -326,6 +335,11 @@ def _fused_pass_kernel(
         Sd = S.to(dt)
         U = (u - tl.dot(w.to(dt), Sd, input_precision=PREC)).to(dt)
         o = tl.dot(qq, Sd, input_precision=PREC) * eG[:, None] + tl.dot(P.to(dt), U, input_precision=PREC)
+        if GATED_NORM:                      # masked dv columns of o are zero
+            zz = tl.load(z + o_t[:, None] * stride_z + z_col0 + h * DV + o_v[None, :], mask=mv, other=0.0)
+            zz = zz.to(tl.float32)
+            nw = tl.load(norm_w + o_v, mask=m_v, other=0.0).to(tl.float32)
+            o = o * tl.rsqrt(tl.sum(o * o, axis=1) / DV + eps)[:, None] * nw[None, :] * (zz * tl.sigmoid(zz))
         tl.store(out + o_t[:, None] * stride_out + h * DV + o_v[None, :], o.to(out.dtype.element_ty), mask=mv)
         kd = (kk.to(tl.float32) * tl.exp(G_last - G)[:, None]).to(dt)
         S = S * tl.exp(G_last) + tl.dot(tl.trans(kd), U, input_precision=PREC)
@@ -349,6 +363,9 @@ def choose_path(n_seq: int, nv: int, dv: int, dtype: torch.dtype = torch.bfloat1
     keeps the SMs busy when there are few. Thresholds: benchmarks/bench_kernels.py --sweep.
     """
     if n_seq * nv >= FUSED_MIN_PROGRAMS and dtype != torch.float32 and dv >= FUSED_BV:
+        full = max(16, triton.next_power_of_2(dv))
+        if n_seq * nv >= FUSED_FULL_DV_MIN_PROGRAMS and full <= FUSED_MAX_BV:
+            return "fused", full
         return "fused", FUSED_BV
     return "split", split_bv(n_seq, nv, dv)
 
@@ -364,6 +381,7 @@ def split_bv(n_seq: int, nv: int, dv: int) -> int:
 def chunk_delta_rule_varlen(
     q, k, v, a, b, A_log, dt_bias, state_pool, out, meta, q_col0: int, k_col0: int, v_col0: int,
     nk: int, nv: int, dk: int, dv: int, normalize_qk: bool, BV: int | None = None, path: str | None = None,
+    gated_norm: tuple | None = None,
 ):
     """Chunked gated delta rule over the prefill sequences of `meta` (those longer than 1 token).
 
@@ -374,6 +392,8 @@ def chunk_delta_rule_varlen(
     final state; out: [T, *] receives o of value head h at columns h dv.
     normalize_qk: l2-normalise q and k and scale q by dk^-0.5 inside (else they come normalised).
     path, BV: "split" or "fused" and the dv block of the sequential pass (default: choose_path).
+    gated_norm: (z, z_col0, weight, eps) to store norm_w * rmsnorm(o) * silu(z) instead of o,
+    inside the fused pass; only where that pass runs with one dv block (fused_norm_applies).
     """
     if meta.num_chunks == 0:
         return
@@ -398,6 +418,9 @@ def chunk_delta_rule_varlen(
         # results (4 warps) or an illegal address (8 warps); the split path takes these
         raise ValueError(f"the fused prefill path takes 16-bit inputs and BV >= 64 on GPUs (got {dt}, BV={BV}); "
                          "use path='split'")
+    if gated_norm is not None and (path != "fused" or BV < dv):
+        raise ValueError(f"the gated norm runs inside the fused pass with one dv block only (got path {path!r}, "
+                         f"BV={BV}, dv={dv})")
     prec = _prec(dt)
     Tbuf = torch.empty(T, nv, CHUNK, device=dev, dtype=dt)
     G = torch.empty(T, nv, device=dev, dtype=torch.float32)
@@ -410,11 +433,13 @@ def chunk_delta_rule_varlen(
     )
     seq_grid = (n_seq, nv, triton.cdiv(dv, BV))
     if path == "fused":
+        z, z_col0, norm_w, eps = gated_norm or (out, 0, A_log, 0.0)     # unread without the norm
         _fused_pass_kernel[seq_grid](
             q, k, v, Tbuf, G, beta, out, state_pool, meta.prefill_seqs, meta.cu_seqlens, meta.slots,
             meta.has_state, q.stride(0), k.stride(0), v.stride(0), q_col0, k_col0, v_col0, dk ** -0.5,
-            out.stride(0), state_pool.stride(0), state_pool.stride(1),
-            R=nv // nk, DK=dk, DV=dv, BK=BK, BV=BV, HV=nv, NORM_QK=normalize_qk, PREC=prec, **LAUNCH["fused"],
+            out.stride(0), state_pool.stride(0), state_pool.stride(1), z, z.stride(0), z_col0, norm_w, eps,
+            R=nv // nk, DK=dk, DV=dv, BK=BK, BV=BV, HV=nv, NORM_QK=normalize_qk, PREC=prec,
+            GATED_NORM=gated_norm is not None, **LAUNCH["fused"],
         )
         return
     w = torch.empty(T, nv, dk, device=dev, dtype=dt)

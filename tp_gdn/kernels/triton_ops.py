@@ -9,17 +9,25 @@ from __future__ import annotations
 
 import torch
 
-from .triton_chunk import chunk_delta_rule_varlen
+from .triton_chunk import choose_path, chunk_delta_rule_varlen
 from .triton_conv import conv_prefill, conv_state_update
 from .triton_decode import decode_step
 from .triton_norm import gated_rmsnorm
 
-__all__ = ["gdn_mix", "gated_rmsnorm", "gdn_prefill", "gdn_decode"]
+__all__ = ["gdn_mix", "gdn_mix_norm", "gated_rmsnorm", "gdn_prefill", "gdn_decode"]
+
+# gdn_mix_norm forms the gated norm inside the fused prefill pass where it can (fused_norm_applies)
+# only when this is True. Off: on an H200 at 8x4096 tokens, tp=1, the fused pass with the norm
+# inside took 2.916 ms against 1.908 ms plus 0.206 ms for the norm kernel (BV 128; the layer
+# 6.939 ms against 6.001 ms; benchmarks/bench_layer.py prints both).
+FUSE_NORM = False
 
 
 def gdn_mix(proj_TP, nk: int, nv: int, dk: int, dv: int, conv_weight_CK, A_log_H, dt_bias_H,
-            conv_pool_SWC, ssm_pool_SHKV, batch, meta) -> torch.Tensor:
-    """From the fused projection [q | k | v | z | b | a] of the local heads to o [T, nv, dv]."""
+            conv_pool_SWC, ssm_pool_SHKV, batch, meta, gated_norm: tuple | None = None) -> torch.Tensor:
+    """From the fused projection [q | k | v | z | b | a] of the local heads to o [T, nv, dv]
+    (or, with gated_norm = (weight, eps) for a prefill-only batch on the fused one-block path,
+    to the gated-norm output, formed inside the fused pass)."""
     T = proj_TP.shape[0]
     kd, vd = nk * dk, nv * dv
     o = torch.empty(T, nv, dv, device=proj_TP.device, dtype=proj_TP.dtype)
@@ -37,8 +45,31 @@ def gdn_mix(proj_TP, nk: int, nv: int, dk: int, dv: int, conv_weight_CK, A_log_H
         chunk_delta_rule_varlen(
             mixed, mixed, mixed, proj_TP[:, off_b + nv:], proj_TP[:, off_b:], A_log_H, dt_bias_H,
             ssm_pool_SHKV, o_T, meta, q_col0=0, k_col0=kd, v_col0=2 * kd, nk=nk, nv=nv, dk=dk, dv=dv,
-            normalize_qk=False)
+            normalize_qk=False, gated_norm=None if gated_norm is None else (proj_TP, 2 * kd + vd, *gated_norm))
     return o
+
+
+def fused_norm_applies(meta, nv: int, dv: int, dtype: torch.dtype) -> bool:
+    """Whether gdn_mix can form the gated norm inside the fused pass: only prefill sequences (the
+    decode kernel writes plain o) on the fused path with one block spanning dv."""
+    if not FUSE_NORM or meta.num_decode or not meta.num_chunks:
+        return False
+    path, BV = choose_path(meta.prefill_seqs.numel(), nv, dv, dtype)
+    return path == "fused" and BV >= dv
+
+
+def gdn_mix_norm(proj_TP, nk: int, nv: int, dk: int, dv: int, conv_weight_CK, A_log_H, dt_bias_H,
+                 conv_pool_SWC, ssm_pool_SHKV, batch, meta, norm_weight_V, eps: float,
+                 out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """gdn_mix and the gated RMSNorm with z from the projection: y [T, nv, dv]. The norm runs
+    inside the fused prefill pass where `fused_norm_applies`, else as its own kernel."""
+    T, kd, vd = proj_TP.shape[0], nk * dk, nv * dv
+    args = (proj_TP, nk, nv, dk, dv, conv_weight_CK, A_log_H, dt_bias_H, conv_pool_SWC, ssm_pool_SHKV, batch, meta)
+    if (out_dtype is None or out_dtype == proj_TP.dtype) and fused_norm_applies(meta, nv, dv, proj_TP.dtype):
+        return gdn_mix(*args, gated_norm=(norm_weight_V, eps))
+    o = gdn_mix(*args)
+    z = proj_TP[:, 2 * kd + vd: 2 * kd + 2 * vd].reshape(T, nv, dv)
+    return gated_rmsnorm(o, z, norm_weight_V, eps, out_dtype=out_dtype)
 
 
 def gdn_prefill(q_THK, k_THK, v_THV, a_TH, b_TH, A_log_H, dt_bias_H, state_pool_SHKV, batch,
