@@ -213,7 +213,19 @@ def bench_prefill(layer, n, L, dev, g, tp, rank, report, rows, profile=False):
     err = rel(y_ours, y_peer)
     t_ours = timeit(lambda: layer(x, batch, cache), 5)
     t_peer = timeit(lambda: peer.prefill(x, cu, slots), 5)
-    report(f"prefill {n}x{L}", t_ours, t_peer, err)
+    # the other setting of the gated norm (inside the fused pass, or its own kernel), where the
+    # batch takes the fused path with one block spanning dv
+    from tp_gdn.kernels import triton_ops
+    default = triton_ops.FUSE_NORM
+    triton_ops.FUSE_NORM = not default
+    other = triton_ops.fused_norm_applies(batch.meta(dev), layer.nv, layer.dv, bf) or default
+    t_other = timeit(lambda: layer(x, batch, cache), 5) if other else float("nan")
+    triton_ops.FUSE_NORM = default
+    where = lambda inside: "inside the fused pass" if inside else "as its own kernel"
+    report(f"prefill {n}x{L}", t_ours, t_peer, err,
+           note=f"(gated norm {where(default)}; {where(not default)}: " +
+                (f"{t_other:.3f} ms)" if other else "not on this path)"))
+    rows[-1].update(norm_inside_pass=default, ours_other_norm_ms=t_other)
     if tp > 1:
         out = torch.empty(T, H, device=dev, dtype=bf)
         t_ar = timeit(lambda: dist.all_reduce(out), 5)
