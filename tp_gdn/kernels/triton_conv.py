@@ -15,7 +15,9 @@ import triton.language as tl
 
 CHUNK = 64
 # launch settings (benchmarks/bench_kernels.py --sweep conv). "v_block": channels per program of
-# the v part (q and k blocks are one head wide, for their l2norm).
+# the v part (q and k blocks are one head wide, for their l2norm). H200, 8x4096 tokens at tp=1:
+# 8 warps with 128-channel v blocks took 0.529 ms (2.03 TB/s of q|k|v in and out; fla's
+# causal_conv1d, without the l2norm, 0.570 ms); 4 warps 0.556-0.689, 16 warps 0.698-0.824.
 LAUNCH = {"conv": dict(num_warps=8), "v_block": 128}
 
 
