@@ -93,7 +93,8 @@ def test_presharded_checkpoint_loads_the_same_weights(hf_next, tmp_path):
     assert cli(["shard", str(src), "--tp", "2", "--out", str(out)]) == 0
     manifest = json.loads((out / "tp_gdn_manifest.json").read_text())
     assert manifest["tp"] == 2 and manifest["layout"] == "grouped" and len(manifest["files"]) == 2
-    assert all(len(f["sha256"]) == 64 for f in manifest["files"])
+    assert manifest["version"] == 2
+    assert all(f["sha256_blocks"] and all(len(d) == 64 for d in f["sha256_blocks"]) for f in manifest["files"])
     for rank in range(2):
         stats = LoadStats()
         a = load_layers(out, tp_rank=rank, tp_size=2, stats=stats)
@@ -125,6 +126,36 @@ def shard_with_a_flipped_byte(hf_next, tmp_path, rank: int, at: int):
 def test_presharded_file_that_changed_is_refused(hf_next, tmp_path):
     out = shard_with_a_flipped_byte(hf_next, tmp_path, rank=1, at=-3)
     load_layers(out, tp_rank=0, tp_size=2)
+    with pytest.raises(CheckpointError, match="rank-00001-of-00002.safetensors: sha256 does not match"):
+        load_layers(out, tp_rank=1, tp_size=2)
+
+
+def test_presharded_blocks_are_hashed_apart_and_a_changed_block_is_named(hf_next, tmp_path, monkeypatch):
+    from tp_gdn.loader import presharded
+    monkeypatch.setattr(presharded, "HASH_BLOCK", 4096)      # several blocks even for the tiny files
+    out = shard_with_a_flipped_byte(hf_next, tmp_path, rank=1, at=5000)
+    manifest = json.loads((out / "tp_gdn_manifest.json").read_text())
+    f = out / "rank-00001-of-00002.safetensors"
+    assert len(manifest["files"][1]["sha256_blocks"]) == -(-f.stat().st_size // 4096) > 2
+    assert presharded.sha256_blocks(f, 4096, threads=3)[0] == manifest["files"][1]["sha256_blocks"][0]
+    with pytest.raises(CheckpointError, match=r"sha256 does not match the manifest \(from byte 4096 on\)"):
+        load_layers(out, tp_rank=1, tp_size=2)
+
+
+def test_version_1_manifest_with_one_sha256_per_file_still_loads(hf_next, tmp_path):
+    from tp_gdn.loader.presharded import sha256_file
+    out = tmp_path / "tp2"
+    cli(["shard", str(hf_next[0]), "--tp", "2", "--out", str(out)])
+    path = out / "tp_gdn_manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["version"] = 1
+    for e in manifest["files"]:
+        del e["sha256_blocks"], e["sha256_block_bytes"]
+        e["sha256"] = sha256_file(out / e["file"])
+    manifest["files"][1]["sha256"] = "0" * 64
+    path.write_text(json.dumps(manifest))
+    a, b = load_layers(out, tp_rank=0, tp_size=2), load_layers(hf_next[0], tp_rank=0, tp_size=2)
+    assert all(torch.equal(p, q) for i in a for p, q in zip(a[i].parameters(), b[i].parameters()))
     with pytest.raises(CheckpointError, match="rank-00001-of-00002.safetensors: sha256 does not match"):
         load_layers(out, tp_rank=1, tp_size=2)
 

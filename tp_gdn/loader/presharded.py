@@ -1,15 +1,18 @@
 """Pre-sharded checkpoints: one safetensors file per rank plus a manifest.
 
 `write_presharded` cuts an HF checkpoint with the same rules the loader uses (each rank's file
-holds exactly the pieces that rank would read) and records tp, layout, the source config and a
-sha256 per file. Loading such a directory reads only the rank's own file, after checking its
-checksum and that the run's tp matches.
+holds exactly the pieces that rank would read) and records tp, layout, the source config and,
+per file, the sha256 of each 64 MiB block (manifest version 2), so that a load can check its file
+on several cores at once; version 1 manifests (one sha256 per file) still load. Loading such a
+directory reads only the rank's own file, checks its checksums alongside, and checks that the
+run's tp matches.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -30,12 +33,41 @@ def rank_file(rank: int, tp: int) -> str:
     return f"rank-{rank:05d}-of-{tp:05d}.safetensors"
 
 
+HASH_BLOCK = 64 << 20
+HASH_THREADS = min(8, os.cpu_count() or 1)
+
+
 def sha256_file(path: Path, block: int = 1 << 24) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(block):
             h.update(chunk)
     return h.hexdigest()
+
+
+def _sha256_range(fd: int, start: int, length: int, piece: int = 4 << 20) -> str:
+    h = hashlib.sha256()
+    pos, end = start, start + length
+    while pos < end:
+        data = os.pread(fd, min(piece, end - pos), pos)
+        if not data:
+            break
+        h.update(data)
+        pos += len(data)
+    return h.hexdigest()
+
+
+def sha256_blocks(path: Path, block: int, threads: int | None = None) -> list[str]:
+    """sha256 of each `block`-byte block of the file (the last one shorter), hashed by `threads`
+    threads at once (default HASH_THREADS; pread and hashlib let go of the GIL)."""
+    size = path.stat().st_size
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        starts = range(0, max(size, 1), block)
+        with ThreadPoolExecutor(max(1, threads or HASH_THREADS), thread_name_prefix="tp_gdn-sha256") as pool:
+            return list(pool.map(lambda a: _sha256_range(fd, a, min(block, size - a)), starts))
+    finally:
+        os.close(fd)
 
 
 def write_presharded(src_dir: str | Path, out_dir: str | Path, tp: int, progress: bool | None = None) -> Path:
@@ -64,11 +96,11 @@ def write_presharded(src_dir: str | Path, out_dir: str | Path, tp: int, progress
             path = out_dir / rank_file(rank, tp)
             save_file(pieces, str(path), metadata={"format": "pt", "tp": str(tp), "rank": str(rank)})
             entries.append({"rank": rank, "file": path.name, "bytes": path.stat().st_size,
-                            "sha256": sha256_file(path)})
+                            "sha256_block_bytes": HASH_BLOCK, "sha256_blocks": sha256_blocks(path, HASH_BLOCK)})
     shutil.copyfile(src_dir / "config.json", out_dir / "config.json")
     manifest = {
         "format": FORMAT,
-        "version": 1,
+        "version": 2,
         "tp": tp,
         "model_type": cfg.model_type,
         "layout": cfg.layout,
@@ -87,17 +119,21 @@ def read_manifest(ckpt_dir: Path) -> dict:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-    if manifest.get("format") != FORMAT or manifest.get("version") != 1:
+    if manifest.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a tp_gdn pre-sharded manifest (format {manifest.get('format')!r})")
+    if manifest.get("version") not in (1, 2):
+        raise CheckpointError(f"{path}: manifest version {manifest.get('version')!r}; this tp_gdn reads versions "
+                              "1 and 2 (shard the checkpoint again with this version)")
     return manifest
 
 
 def presharded_files(ckpt_dir: Path, cfg: GDNConfig, rank: int, tp: int, verify: bool = True
                      ) -> tuple[SafetensorsCheckpoint, Callable[[], None]]:
     """The rank's own file of a pre-sharded directory, after checking tp and layout, and a
-    `finish()` that checks the file's sha256 against the manifest (raising CheckpointError if it
-    differs). With `verify`, the hash is computed in a thread that starts now, so it overlaps
-    the load that reads the same bytes; call `finish()` before handing anything out."""
+    `finish()` that checks the file's checksums against the manifest (raising CheckpointError if
+    one differs). With `verify`, hashing starts now in background threads (one per block at a
+    time, up to HASH_THREADS; a version 1 manifest's whole-file hash in one), so it overlaps the
+    load that reads the same bytes; call `finish()` before handing anything out."""
     manifest = read_manifest(ckpt_dir)
     if manifest["tp"] != tp:
         raise CheckpointError(
@@ -115,12 +151,24 @@ def presharded_files(ckpt_dir: Path, cfg: GDNConfig, rank: int, tp: int, verify:
     if not verify:
         return SafetensorsCheckpoint(ckpt_dir, only=[entry["file"]]), lambda: None
     pool = ThreadPoolExecutor(1, thread_name_prefix="tp_gdn-sha256")
-    digest = pool.submit(sha256_file, path)
+    if "sha256_blocks" in entry:
+        block = entry["sha256_block_bytes"]
+        digest = pool.submit(sha256_blocks, path, block)
+        want = entry["sha256_blocks"]
+    else:
+        digest = pool.submit(sha256_file, path)
+        want = entry["sha256"]
     pool.shutdown(wait=False)
 
     def finish() -> None:
-        if digest.result() != entry["sha256"]:
-            raise CheckpointError(f"{path}: sha256 does not match the manifest; the file is corrupt or was changed")
+        got = digest.result()
+        if got != want:
+            where = ""
+            if isinstance(want, list):
+                bad = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+                where = f" (from byte {bad * block} on)"
+            raise CheckpointError(f"{path}: sha256 does not match the manifest{where}; the file is corrupt or "
+                                  "was changed")
 
     try:
         return SafetensorsCheckpoint(ckpt_dir, only=[entry["file"]]), finish
