@@ -1,6 +1,7 @@
 """Load time and bytes read per rank, next to a raw sequential read of as many bytes.
 
-    python benchmarks/bench_load.py [--checkpoint DIR] [--tp 1 2 4] [--device cpu] [--presharded] [--json OUT]
+    python benchmarks/bench_load.py [--checkpoint DIR] [--tp 1 2 4] [--device cpu] [--presharded] [--no-hf]
+        [--json OUT]
 
 Without --checkpoint it generates a GDN-only checkpoint with the Qwen3-Next-80B-A3B GDN dims
 (36 GDN layers, bf16 matrices, about 2.3 GiB) in a temporary directory. Each rank of each tp is
@@ -9,8 +10,8 @@ dropped from the page cache (posix_fadvise DONTNEED: reads come from the disk) a
 The raw read reads the same number of bytes sequentially from the checkpoint's files into fresh
 memory in 64 MiB blocks, under the same cache state. Goal: each rank reads <= 1/tp of the bytes plus
 the replicated tensors, in <= 1.5x the raw read time. `--presharded` adds rows for a `tp-gdn shard`
-copy of the checkpoint (each rank reads its own file; by default load_layers first checks its
-sha256, which reads the file once more; the verify=False rows skip that).
+copy of the checkpoint (each rank reads its own file; by default load_layers checks the sha256 of
+each 64 MiB block of it in background threads while it loads; the verify=False rows skip that).
 """
 
 from __future__ import annotations
@@ -99,6 +100,7 @@ def main():
     ap.add_argument("--json", default=None)
     ap.add_argument("--presharded", action="store_true",
                     help="also write a pre-sharded copy for each tp > 1 (tp-gdn shard) and load each rank from it")
+    ap.add_argument("--no-hf", action="store_true", help="skip the rows that load the HF checkpoint itself")
     args = ap.parse_args()
     tmp_shards = tempfile.TemporaryDirectory(prefix="tp_gdn_bench_shards_")
 
@@ -116,8 +118,10 @@ def main():
     print(f"checkpoint: {len(cfg.linear_layer_ids)} GDN layers, {len(files_of(ckpt))} files, {total / 2**30:.2f} GiB")
     dtype = getattr(torch, cfg.torch_dtype) if cfg.torch_dtype else torch.bfloat16
 
+    if torch.device(args.device).type == "cuda":
+        torch.zeros(1, device=args.device)        # CUDA's start-up, outside the first timed load
     rows = []
-    for tp in args.tp:
+    for tp in args.tp if not args.no_hf else []:
         for rank in range(tp):
             rows.append(measure(ckpt, "HF", tp, rank, dtype, args.device, total))
     if args.presharded:
