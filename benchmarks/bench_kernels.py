@@ -27,24 +27,14 @@ from tp_gdn.kernels import triton_chunk, triton_decode
 from tp_gdn.kernels.triton_ops import gdn_decode, gdn_prefill
 
 sys.path.insert(0, str(Path(__file__).parent))
-from timing import graphed, rel, timeit  # noqa: E402
+from timing import back_to_back, graphed, rel, timeit  # noqa: E402
 
 DK = DV = 128
 
 
 def graph_time(fn, replays=200):
     """Average ms of `replays` back-to-back replays of fn captured in a CUDA graph."""
-    replay = graphed(fn)
-    for _ in range(10):
-        replay()
-    torch.cuda.synchronize()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(replays):
-        replay()
-    b.record()
-    b.synchronize()
-    return a.elapsed_time(b) / replays
+    return back_to_back(graphed(fn), replays, warmup=10)
 
 
 def peer_graph_time(fn, label, replays=200):
