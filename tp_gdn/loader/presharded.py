@@ -96,7 +96,8 @@ def write_presharded(src_dir: str | Path, out_dir: str | Path, tp: int, progress
             path = out_dir / rank_file(rank, tp)
             save_file(pieces, str(path), metadata={"format": "pt", "tp": str(tp), "rank": str(rank)})
             entries.append({"rank": rank, "file": path.name, "bytes": path.stat().st_size,
-                            "sha256_block_bytes": HASH_BLOCK, "sha256_blocks": sha256_blocks(path, HASH_BLOCK)})
+                            "sha256_block_bytes": HASH_BLOCK,
+                            "sha256_blocks": sha256_blocks(path, HASH_BLOCK)})
     shutil.copyfile(src_dir / "config.json", out_dir / "config.json")
     manifest = {
         "format": FORMAT,
