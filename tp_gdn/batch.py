@@ -135,14 +135,14 @@ class Batch:
             chunks = [x for i in prefill for c in range(0, self.seq_lens[i], CHUNK)
                       for x in (i, self.cu_seqlens[i] + c)]
             # the int32 indices travel in one copy, each part starting on a 16-byte boundary
+            parts = (self.cu_seqlens, self.has_state, decode, prefill, chunks)
             host, starts = [], []
-            for part in (self.cu_seqlens, self.has_state, decode, prefill, chunks):
+            for part in parts:
                 starts.append(len(host))
                 host.extend(part)
                 host.extend([0] * (-len(host) % 4))
             buf = torch.tensor(host, dtype=torch.int32).to(device, non_blocking=True)
-            cu, has, dec, pre, ch = (buf[a: a + len(p)] for a, p in
-                                     zip(starts, (self.cu_seqlens, self.has_state, decode, prefill, chunks)))
+            cu, has, dec, pre, ch = (buf[a: a + len(p)] for a, p in zip(starts, parts))
             self._meta[device] = BatchMeta(
                 cu_seqlens=cu,
                 slots=torch.tensor(self.slots, dtype=torch.int64).to(device, non_blocking=True),

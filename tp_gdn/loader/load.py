@@ -39,8 +39,8 @@ def load_layers(
     ones) and casts them to `dtype` on `device`. Every tensor is checked against config.json
     before any data is read; on any error nothing is returned. `stats`, if given, receives the
     bytes read and files opened. `progress`: a bar on rank 0 when stderr is a terminal (None),
-    always (True) or never (False). `verify`: check a pre-sharded file's sha256 (hashed in a thread
-    while the layers load; a mismatch raises and nothing is returned).
+    always (True) or never (False). `verify`: check a pre-sharded file's sha256 checksums (hashed
+    on background threads while the layers load; a mismatch raises and nothing is returned).
     """
     t0 = time.perf_counter()
     ckpt_dir = Path(ckpt_dir)
