@@ -29,7 +29,7 @@ class GraphedDecoder:
             raise ValueError("GraphedDecoder replays the Triton kernels; load the layers with backend 'triton'")
         self.layers, self.cache = layers, cache
         self.device, self.dtype, self.H = first.device, first.dtype, first.cfg.hidden_size
-        self._graphs: dict[int, tuple] = {}
+        self._graphs: dict[int, dict] = {}      # per batch size: graph, static buffers, last slots
 
     def _capture(self, B: int):
         batch = Batch([1] * B, list(range(B)), [True] * B)
