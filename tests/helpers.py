@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
+import importlib.abc
+import inspect
+import sys
 from pathlib import Path
 
 import torch
@@ -37,9 +41,50 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 # -- HF transformers checkpoints -------------------------------------------------------------------
+HF_GDN_MODULES = ("transformers.models.qwen3_next.modeling_qwen3_next", "transformers.models.qwen3_5.modeling_qwen3_5")
+HF_KERNEL_FUNCS = ("torch_chunk_gated_delta_rule", "torch_recurrent_gated_delta_rule", "causal_conv1d_fn",
+                   "causal_conv1d_update")
+HF_OPTIONAL_KERNELS = ("fla", "causal_conv1d")
+
+
+class _Hide(importlib.abc.MetaPathFinder):
+    def find_spec(self, fullname, path, target=None):
+        if fullname.split(".")[0] in HF_OPTIONAL_KERNELS:
+            raise ImportError(f"{fullname} is hidden while HF's GDN modeling modules are imported")
+        return None
+
+
+def import_hf_gdn_torch_only() -> None:
+    """Import HF's Qwen3-Next / Qwen3.5 modeling modules with fla-core and causal-conv1d hidden.
+
+    transformers binds those packages' kernels in place of its own torch code, at import time,
+    wherever they are installed (fla-core is, on the GPU machine): the HF oracle would then run
+    fla's kernels (and fail on CPU tensors), no longer an independent reference. Raises if a module
+    was imported earlier with a kernel bound."""
+    hidden = {n: m for n, m in sys.modules.items() if n.split(".")[0] in HF_OPTIONAL_KERNELS}
+    for n in hidden:
+        del sys.modules[n]
+    finder = _Hide()
+    sys.meta_path.insert(0, finder)
+    try:
+        mods = [importlib.import_module(m) for m in HF_GDN_MODULES]
+    finally:
+        sys.meta_path.remove(finder)
+        sys.modules.update(hidden)
+    for mod in mods:
+        for name in HF_KERNEL_FUNCS:
+            impl = inspect.getclosurevars(getattr(mod, name)).nonlocals.get("implementation")
+            if impl is None or impl.__module__ != mod.__name__:
+                raise RuntimeError(f"{mod.__name__}.{name} runs {getattr(impl, '__module__', impl)}, not transformers' "
+                                   "torch code: import the HF oracle before fla-core")
+
+
 def build_hf_model(kind: str, seed: int = 0):
-    """A tiny random Qwen3-Next or Qwen3.5 (text) model with non-default GDN parameters."""
+    """A tiny random Qwen3-Next or Qwen3.5 (text) model with non-default GDN parameters, on
+    transformers' own torch code (import_hf_gdn_torch_only)."""
     import transformers
+
+    import_hf_gdn_torch_only()
 
     torch.manual_seed(seed)
     common = dict(vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=4,

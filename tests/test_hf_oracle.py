@@ -1,6 +1,11 @@
 """Every linear-attention layer against HF transformers' own Qwen3NextGatedDeltaNet and
 Qwen3_5GatedDeltaNet, on tiny random checkpoints saved over several files."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -111,3 +116,25 @@ def test_tensor_parallel_ranks_match_hf(hf, tmp_path, tp, seed):
             for a, b in zip(results[0][i], results[r][i]):
                 assert torch.equal(a, b), f"rank {r} differs from rank 0 on layer {i}"
     check_against_hf(model, steps, results[0])
+
+
+def test_hf_oracle_runs_transformers_torch_code_where_fla_is_installed(tmp_path):
+    """transformers binds fla-core's kernels in place of its own code when fla is importable (as
+    on the GPU machine); the oracle must stay transformers' torch code, and say so when it cannot."""
+    pytest.importorskip("transformers")
+    fake = tmp_path / "fla"
+    (fake / "ops").mkdir(parents=True)
+    body = "def chunk_gated_delta_rule(*a, **k):\n    raise RuntimeError('fake fla ran')\n" \
+           "fused_recurrent_gated_delta_rule = chunk_gated_delta_rule\n"
+    for f in (fake / "__init__.py", fake / "ops" / "__init__.py", fake / "ops" / "gated_delta_rule.py"):
+        f.write_text(body)
+    tests = Path(__file__).parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(tests), os.environ.get("PYTHONPATH", "")])}
+    run = lambda code: subprocess.run([sys.executable, "-c", code], env=env, cwd=tests, capture_output=True, text=True)
+    ok = run("import fla, torch, helpers\n"
+             "m = helpers.build_hf_model('qwen3_next')\n"
+             "print(tuple(m.model.layers[0].linear_attn(torch.randn(1, 70, 32)).shape))")
+    assert ok.returncode == 0 and ok.stdout.strip() == "(1, 70, 32)", ok.stderr[-2000:]
+    late = run("import transformers.models.qwen3_next.modeling_qwen3_next, helpers\n"
+               "helpers.build_hf_model('qwen3_next')")
+    assert late.returncode != 0 and "runs fla, not transformers' torch code" in late.stderr, late.stderr[-2000:]
