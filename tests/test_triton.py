@@ -343,3 +343,31 @@ def test_gpu_decode_agrees_with_fla_core():
                                                      beta=torch.sigmoid(b.float())[:, None], initial_state=pool.float(),
                                                      output_final_state=True, use_qk_l2norm_in_kernel=True)
     assert rel_err(ours, theirs[:, 0]) < 1e-2
+
+
+@pytest.mark.gpu
+def test_gpu_layer_real_dims_bf16_matches_fp32_torch_layer(seed, monkeypatch):
+    """The whole layer as the benchmarks run it (Qwen3-Next-80B GDN dims, bf16, tp=1) against the
+    fp32 torch layer with the same bf16-rounded weights: a prefill-only step that takes the fused
+    path with one block spanning dv (4 sequences x 32 heads), decodes, a mixed step and a small
+    prefill that takes the split path; the prefill paths taken are recorded and checked."""
+    chunk, *_ = tri()
+    taken = []
+    real_choose = chunk.choose_path
+    monkeypatch.setattr(chunk, "choose_path", lambda *a: taken.append(real_choose(*a)) or taken[-1])
+    cfg = tiny_config(nk=16, nv=32, dk=128, dv=128, H=2048, K=4, layers=4)
+    full = {k: v.to(torch.bfloat16).float() if v.dim() > 1 else v for k, v in random_full_weights(cfg, seed).items()}
+    w = WorkloadBuilder(cfg.hidden_size, seed)
+    w.step([(0, 700, False), (1, 1030, False), (2, 64, False), (3, 513, False)])    # fused, BV 128
+    for _ in range(2):
+        w.step([(s, 1, True) for s in range(4)])                                    # decode kernel
+    w.step([(0, 1, True), (1, 200, True), (4, 77, False), (2, 1, True)])            # mixed: fused, BV 64
+    w.step([(5, 300, False)])                                                       # 32 programs: split, BV 32
+    want = run_steps({0: GDNLayer.from_full(cfg, 0, full, backend="torch", device=DEV)},
+                     StateCache(cfg, [0], 6, device=DEV, tp_size=1), w.steps)
+    cache = StateCache(cfg, [0], 6, device=DEV, dtype=torch.bfloat16, tp_size=1)
+    layer = GDNLayer.from_full(cfg, 0, full, backend="triton", device=DEV, dtype=torch.bfloat16)
+    got = run_steps({0: layer}, cache, w.steps)
+    for n, (g, e) in enumerate(zip(got[0], want[0])):
+        assert rel_err(g.float(), e) < 3e-2, f"step {n}"
+    assert taken == [("fused", 128), ("fused", 64), ("split", 32)]
