@@ -59,6 +59,11 @@ def test_missing_config_file_is_named(tmp_path):
         GDNConfig.from_pretrained(tmp_path)
 
 
+def test_missing_checkpoint_directory_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere: no such checkpoint directory"):
+        GDNConfig.from_pretrained(tmp_path / "nowhere")
+
+
 def test_tp_that_does_not_divide_key_heads_is_refused(tmp_path):
     cfg = GDNConfig.from_pretrained(write(tmp_path, dict(model_type="qwen3_next", **TEXT)))
     cfg.check_tp(8)

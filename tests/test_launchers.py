@@ -56,6 +56,13 @@ def test_the_job_refuses_a_tp_that_does_not_divide_the_heads(ckpt, capsys):
     assert "tp=3 does not divide linear_num_key_heads=4" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("tp", ["0", "-2"])
+def test_the_job_refuses_a_tp_below_one(tp):
+    """--tp 0 once ran the default tp (2 CPU ranks) as if no --tp had been given."""
+    with pytest.raises(SystemExit, match=f"--tp must be >= 1, got {tp}"):
+        cli(["run", "--device", "cpu", "--tp", tp])
+
+
 def test_help_explains_every_option(capsys):
     with pytest.raises(SystemExit):
         cli(["run", "--help"])

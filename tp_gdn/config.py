@@ -150,6 +150,8 @@ class GDNConfig:
     @classmethod
     def from_pretrained(cls, ckpt_dir: str | Path) -> "GDNConfig":
         path = Path(ckpt_dir) / "config.json"
+        if not Path(ckpt_dir).is_dir():
+            raise FileNotFoundError(f"{ckpt_dir}: no such checkpoint directory")
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no config.json in the checkpoint directory")
         try:

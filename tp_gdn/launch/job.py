@@ -286,7 +286,7 @@ def spec_from_args(args) -> JobSpec:
     device = args.device or ("cuda" if cuda else "cpu")
     if device == "cuda" and not cuda:
         raise SystemExit("--device cuda: no CUDA device is visible")
-    tp = args.tp or (torch.cuda.device_count() if device == "cuda" else 2)
+    tp = args.tp if args.tp is not None else (torch.cuda.device_count() if device == "cuda" else 2)
     if tp < 1:
         raise SystemExit(f"--tp must be >= 1, got {tp}")
     graphs_ok = device == "cuda" and args.backend != "torch"
