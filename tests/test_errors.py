@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from helpers import random_full_weights, tiny_config
-from tp_gdn import Batch, CheckpointError, GDNLayer, StateCache, load_layers
+from tp_gdn import Batch, CheckpointError, GDNLayer, LoadStats, StateCache, load_layers
 
 
 @pytest.fixture
@@ -88,6 +88,20 @@ def test_tp_that_does_not_divide_the_heads_is_refused(build):
 def test_load_with_tp_that_does_not_divide_the_heads_is_refused(hf_next):
     with pytest.raises(ValueError, match="tp=3 does not divide"):
         load_layers(hf_next[0], tp_rank=0, tp_size=3)
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.float8_e4m3fn, torch.complex64])
+def test_a_dtype_the_backend_does_not_compute_in_is_refused(dtype):
+    with pytest.raises(ValueError, match=f"dtype {dtype} is not one the 'torch' backend computes in"):
+        GDNLayer(tiny_config(), 0, dtype=dtype)
+
+
+def test_load_refuses_an_integer_dtype_before_reading_any_tensor(hf_next):
+    """It once cast the float weights to int8 and returned the layers."""
+    stats = LoadStats()
+    with pytest.raises(ValueError, match="dtype torch.int8 is not one the 'torch' backend computes in"):
+        load_layers(hf_next[0], dtype=torch.int8, tp_rank=0, tp_size=1, stats=stats)
+    assert stats.bytes_read == 0 and stats.files_opened == []
 
 
 def copy_checkpoint(src, dst):

@@ -31,6 +31,19 @@ OVERLAP_PIECES = 1
 OVERLAP_MIN_TOKENS = 8192
 
 
+# the dtypes each backend computes in (weights and activations; the recurrent state is fp32)
+DTYPES = {"torch": (torch.float64, torch.float32, torch.bfloat16, torch.float16),
+          "triton": (torch.float32, torch.bfloat16, torch.float16)}
+
+
+def check_dtype(dtype: torch.dtype, backend: str) -> None:
+    """Refuse a dtype that the (resolved) backend does not compute in, e.g. an integer or fp8
+    dtype, to which a load would otherwise silently cast the weights."""
+    if dtype not in DTYPES[backend]:
+        names = ", ".join(str(d).removeprefix("torch.") for d in DTYPES[backend])
+        raise ValueError(f"dtype {dtype} is not one the {backend!r} backend computes in ({names})")
+
+
 def full_shapes(cfg: GDNConfig) -> dict[str, tuple[int, ...]]:
     """Shapes of the unsharded layer's parameters, by parameter name."""
     kd, vd, nv = cfg.key_dim, cfg.value_dim, cfg.num_v_heads
@@ -57,6 +70,7 @@ class GDNLayer(nn.Module):
         self.tp_rank, self.tp_size, self.group = tp_rank, tp_size, group
         self.dtype, self.device = dtype, torch.device(device)
         self.backend = resolve_backend(backend, self.device)
+        check_dtype(dtype, self.backend)
         self.ops = get_ops(self.backend)
         self.nk, self.nv = cfg.num_k_heads // tp_size, cfg.num_v_heads // tp_size
         self.dk, self.dv = cfg.head_k_dim, cfg.head_v_dim

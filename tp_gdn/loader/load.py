@@ -10,7 +10,8 @@ import torch
 from tqdm import tqdm
 
 from ..config import GDNConfig
-from ..layer import GDNLayer
+from ..kernels import resolve_backend
+from ..layer import GDNLayer, check_dtype
 from ..parallel import Replicate, get_rank, get_world_size
 from .files import CheckpointError, LoadStats, SafetensorsCheckpoint
 from .presharded import MANIFEST, presharded_files
@@ -57,6 +58,7 @@ def load_layers(
         raise ValueError(f"layers {bad} are not linear-attention layers of {ckpt_dir} "
                          f"(those are {cfg.linear_layer_ids})")
 
+    check_dtype(dtype, resolve_backend(backend, device))    # before any tensor is read
     rules = tensor_rules(cfg)
     if (ckpt_dir / MANIFEST).is_file():
         # each tensor in the rank's file is already its local piece
