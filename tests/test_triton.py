@@ -177,6 +177,20 @@ def test_triton_layer_matches_torch_layer_on_mixed_workload(seed):
         assert rel_err(g.cpu(), w) < 1e-5, f"step {n}"
 
 
+def test_triton_layer_in_float16_matches_torch_layer(seed):
+    """float16 weights and activations through the Triton backend (the interpreter computes the
+    16-bit tiles, unlike bf16) against the fp32 torch layer with the same fp16-rounded weights."""
+    cfg = tiny_config(nk=2, nv=4, dk=16, dv=16, layers=2)
+    full = {k: v.half().float() if v.dim() > 1 else v for k, v in random_full_weights(cfg, seed).items()}
+    steps = mixed_workload(cfg.hidden_size, seed)[:5]       # prefills, decodes, then a mixed batch
+    want = run_steps({0: GDNLayer.from_full(cfg, 0, full, backend="torch")}, StateCache(cfg, [0], 8, tp_size=1), steps)
+    cache = StateCache(cfg, [0], 8, dtype=torch.float16, device=DEV, tp_size=1)
+    got = run_steps({0: GDNLayer.from_full(cfg, 0, full, backend="triton", device=DEV, dtype=torch.float16)},
+                    cache, steps)
+    for n, (g, w) in enumerate(zip(got[0], want[0])):
+        assert g.dtype == torch.float16 and rel_err(g.cpu(), w) < 1e-2, f"step {n}"
+
+
 def check_fused_gated_norm(lens, nk, nv, dk, dv, dtype, tol):
     """The fused pass storing the gated norm of o (z read at a column offset of a wider buffer)
     against the fp64 core followed by the reference gated RMSNorm; final states too."""
@@ -346,9 +360,10 @@ def test_gpu_decode_agrees_with_fla_core():
 
 
 @pytest.mark.gpu
-def test_gpu_layer_real_dims_bf16_matches_fp32_torch_layer(seed, monkeypatch):
-    """The whole layer as the benchmarks run it (Qwen3-Next-80B GDN dims, bf16, tp=1) against the
-    fp32 torch layer with the same bf16-rounded weights: a prefill-only step that takes the fused
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_layer_real_dims_matches_fp32_torch_layer(seed, monkeypatch, dtype):
+    """The whole layer as the benchmarks run it (Qwen3-Next-80B GDN dims, 16-bit, tp=1) against
+    the fp32 torch layer with the same rounded weights: a prefill-only step that takes the fused
     path with one block spanning dv (4 sequences x 32 heads), decodes, a mixed step and a small
     prefill that takes the split path; the prefill paths taken are recorded and checked."""
     chunk, *_ = tri()
@@ -356,7 +371,7 @@ def test_gpu_layer_real_dims_bf16_matches_fp32_torch_layer(seed, monkeypatch):
     real_choose = chunk.choose_path
     monkeypatch.setattr(chunk, "choose_path", lambda *a: taken.append(real_choose(*a)) or taken[-1])
     cfg = tiny_config(nk=16, nv=32, dk=128, dv=128, H=2048, K=4, layers=4)
-    full = {k: v.to(torch.bfloat16).float() if v.dim() > 1 else v for k, v in random_full_weights(cfg, seed).items()}
+    full = {k: v.to(dtype).float() if v.dim() > 1 else v for k, v in random_full_weights(cfg, seed).items()}
     w = WorkloadBuilder(cfg.hidden_size, seed)
     w.step([(0, 700, False), (1, 1030, False), (2, 64, False), (3, 513, False)])    # fused, BV 128
     for _ in range(2):
@@ -365,8 +380,8 @@ def test_gpu_layer_real_dims_bf16_matches_fp32_torch_layer(seed, monkeypatch):
     w.step([(5, 300, False)])                                                       # 32 programs: split, BV 32
     want = run_steps({0: GDNLayer.from_full(cfg, 0, full, backend="torch", device=DEV)},
                      StateCache(cfg, [0], 6, device=DEV, tp_size=1), w.steps)
-    cache = StateCache(cfg, [0], 6, device=DEV, dtype=torch.bfloat16, tp_size=1)
-    layer = GDNLayer.from_full(cfg, 0, full, backend="triton", device=DEV, dtype=torch.bfloat16)
+    cache = StateCache(cfg, [0], 6, device=DEV, dtype=dtype, tp_size=1)
+    layer = GDNLayer.from_full(cfg, 0, full, backend="triton", device=DEV, dtype=dtype)
     got = run_steps({0: layer}, cache, w.steps)
     for n, (g, e) in enumerate(zip(got[0], want[0])):
         assert rel_err(g.float(), e) < 3e-2, f"step {n}"
