@@ -63,6 +63,22 @@ def test_the_job_refuses_a_tp_below_one(tp):
         cli(["run", "--device", "cpu", "--tp", tp])
 
 
+def test_the_job_runs_a_presharded_checkpoint_and_checks_it_against_the_joined_layer(ckpt, tmp_path, capsys):
+    """The unsharded reference of a pre-sharded checkpoint is joined from every rank's file (the
+    job once tried to load it at tp=1 and failed); outputs equal those from the HF checkpoint."""
+    pre = tmp_path / "pre"
+    assert cli(["shard", str(ckpt), "--tp", "2", "--out", str(pre)]) == 0
+    hf_out, _ = run_cli(["--checkpoint", str(ckpt), "--tp", "2", *JOB], tmp_path, "hf")
+    pre_out, summary = run_cli(["--checkpoint", str(pre), "--tp", "2", *JOB], tmp_path, "pre")
+    assert summary["max_rel_err"] < 1e-5 and summary["checked_layers"] == sorted(pre_out)
+    for i in hf_out:
+        for a, b in zip(hf_out[i], pre_out[i]):
+            assert torch.equal(a, b)
+    capsys.readouterr()
+    assert cli(["run", "--checkpoint", str(pre), "--tp", "1", *JOB]) == 2
+    assert "is pre-sharded for tp=2, but this run has tp=1" in capsys.readouterr().err
+
+
 def test_help_explains_every_option(capsys):
     with pytest.raises(SystemExit):
         cli(["run", "--help"])

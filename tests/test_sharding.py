@@ -6,7 +6,7 @@ import torch
 from helpers import tiny_config
 from tp_gdn.layer import GDNLayer
 from tp_gdn.loader.rules import pack, tensor_rules
-from tp_gdn.parallel import Replicate, Split
+from tp_gdn.parallel import Replicate, Split, gather_full
 
 
 def test_split_takes_block_p_of_every_segment():
@@ -17,6 +17,24 @@ def test_split_takes_block_p_of_every_segment():
     assert rule.local_shape((16,), 4) == (4,)
     with pytest.raises(ValueError, match="do not split into 3"):
         rule.ranges(0, 3)
+
+
+def test_join_is_the_inverse_of_take():
+    rule = Split(1, (6, 2, 4))
+    full = torch.randn(3, 12)
+    for world in (1, 2):
+        assert torch.equal(rule.join([rule.take(full, r, world) for r in range(world)]), full)
+    assert torch.equal(Replicate().join([full, full]), full)
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_gather_full_rebuilds_the_unsharded_layer(tp):
+    cfg = tiny_config(nk=4, nv=8, dk=6, dv=5)
+    full = {n: p.detach().clone().normal_() for n, p in GDNLayer(cfg, 0).named_parameters()}
+    got = gather_full([GDNLayer.from_full(cfg, 0, full, r, tp) for r in range(tp)])
+    assert got.keys() == full.keys()
+    for name in full:
+        assert torch.equal(got[name], full[name]), name
 
 
 def random_checkpoint_tensors(cfg):

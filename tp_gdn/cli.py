@@ -17,12 +17,15 @@ from .launch.job import add_job_args, finish, spec_from_args
 def cmd_run(args) -> int:
     from .config import GDNConfig
     from .launch.job import default_checkpoint
+    from .loader.presharded import check_presharded_tp
 
     spec = spec_from_args(args)
     if args.launcher == "ray" and args.decode_graphs:
         raise SystemExit("--decode-graphs works with the local and torchrun launchers, not ray")
     # refuse a bad checkpoint or tp here, before any rank starts
-    GDNConfig.from_pretrained(spec.checkpoint or default_checkpoint(spec.device)).check_tp(spec.tp)
+    ckpt = spec.checkpoint or default_checkpoint(spec.device)
+    GDNConfig.from_pretrained(ckpt).check_tp(spec.tp)
+    check_presharded_tp(ckpt, spec.tp)
     if args.launcher == "torchrun":
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={spec.tp}",
                "-m", "tp_gdn.launch.job", f"--tp={spec.tp}", f"--device={spec.device}", f"--dtype={spec.dtype}",

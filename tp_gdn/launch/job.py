@@ -89,12 +89,18 @@ def reference_outputs(ckpt: Path, layer_ids: list[int], steps: list[Step], dtype
     from the weights a run in `dtype` holds (rounded to `dtype`, then widened): the error then
     measures the run's arithmetic, not the rounding of its checkpoint."""
     from ..layer import GDNLayer
+    from ..loader.presharded import presharded_tp
+    from ..parallel import gather_full
     from ..workload import run_steps
 
-    held = load_layers(ckpt, dtype=dtype, device="cpu", layer_ids=layer_ids, backend="torch", tp_rank=0, tp_size=1)
+    # a pre-sharded checkpoint holds no unsharded tensor: read every rank's file and join them
+    tp = presharded_tp(ckpt) or 1
+    held = [load_layers(ckpt, dtype=dtype, device="cpu", layer_ids=layer_ids, backend="torch", tp_rank=r, tp_size=tp)
+            for r in range(tp)]
     cfg = GDNConfig.from_pretrained(ckpt)
-    layers = {i: GDNLayer.from_full(cfg, i, {n: p.float() for n, p in layer.named_parameters()}, backend="torch")
-              for i, layer in held.items()}
+    layers = {i: GDNLayer.from_full(cfg, i, {n: t.float() for n, t in gather_full([h[i] for h in held]).items()},
+                                    backend="torch")
+              for i in layer_ids}
     num_slots = max(s for st in steps for s in st.batch.slots) + 1
     cache = StateCache(cfg, layer_ids, num_slots, tp_size=1)
     return run_steps(layers, cache, steps, device="cpu")

@@ -128,6 +128,21 @@ def read_manifest(ckpt_dir: Path) -> dict:
     return manifest
 
 
+def presharded_tp(ckpt_dir: str | Path) -> int | None:
+    """The tp a checkpoint directory is pre-sharded for, or None for an HF checkpoint."""
+    ckpt_dir = Path(ckpt_dir)
+    return read_manifest(ckpt_dir)["tp"] if (ckpt_dir / MANIFEST).is_file() else None
+
+
+def check_presharded_tp(ckpt_dir: str | Path, tp: int) -> None:
+    """Refuse to run a pre-sharded checkpoint at another tp than it was sharded for."""
+    have = presharded_tp(ckpt_dir)
+    if have is not None and have != tp:
+        raise CheckpointError(
+            f"{ckpt_dir} is pre-sharded for tp={have}, but this run has tp={tp}; "
+            f"shard the HF checkpoint again with `tp-gdn shard SRC --tp {tp} --out DIR`")
+
+
 def presharded_files(ckpt_dir: Path, cfg: GDNConfig, rank: int, tp: int, verify: bool = True
                      ) -> tuple[SafetensorsCheckpoint, Callable[[], None]]:
     """The rank's own file of a pre-sharded directory, after checking tp and layout, and a
@@ -136,10 +151,7 @@ def presharded_files(ckpt_dir: Path, cfg: GDNConfig, rank: int, tp: int, verify:
     time, up to HASH_THREADS; a version 1 manifest's whole-file hash in one), so it overlaps the
     load that reads the same bytes; call `finish()` before handing anything out."""
     manifest = read_manifest(ckpt_dir)
-    if manifest["tp"] != tp:
-        raise CheckpointError(
-            f"{ckpt_dir} is pre-sharded for tp={manifest['tp']}, but this run has tp={tp}; "
-            f"shard the HF checkpoint again with `tp-gdn shard SRC --tp {tp} --out DIR`")
+    check_presharded_tp(ckpt_dir, tp)
     if manifest["layout"] != cfg.layout or manifest["model_type"] != cfg.model_type:
         raise CheckpointError(f"{ckpt_dir / MANIFEST}: says {manifest['model_type']}/{manifest['layout']}, "
                               f"config.json says {cfg.model_type}/{cfg.layout}")

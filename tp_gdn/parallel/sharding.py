@@ -49,6 +49,17 @@ class Split:
         parts = [full.narrow(self.dim, a, b - a) for a, b in self.ranges(rank, world)]
         return torch.cat(parts, dim=self.dim) if len(parts) > 1 else parts[0]
 
+    def join(self, pieces: list[torch.Tensor]) -> torch.Tensor:
+        """The full tensor from every rank's piece (pieces[r] = take(full, r, len(pieces)))."""
+        world = len(pieces)
+        self.check(world)
+        out, off = [], 0
+        for size in self.sizes:
+            block = size // world
+            out += [p.narrow(self.dim, off, block) for p in pieces]
+            off += block
+        return torch.cat(out, dim=self.dim)
+
 
 @dataclass(frozen=True)
 class Replicate:
@@ -60,6 +71,9 @@ class Replicate:
 
     def take(self, full: torch.Tensor, rank: int, world: int) -> torch.Tensor:
         return full
+
+    def join(self, pieces: list[torch.Tensor]) -> torch.Tensor:
+        return pieces[0]
 
 
 Rule = Split | Replicate
@@ -87,3 +101,11 @@ def load_full_(module: nn.Module, full: dict[str, torch.Tensor], rank: int, worl
         if tuple(t.shape) != p.full_shape:
             raise ValueError(f"{name}: full tensor has shape {tuple(t.shape)}, expected {p.full_shape}")
         p.copy_(p.shard_rule.take(t, rank, world))
+
+
+@torch.no_grad()
+def gather_full(modules: list[nn.Module]) -> dict[str, torch.Tensor]:
+    """The unsharded weights from every rank's module (modules[r] holds rank r's shards): the
+    inverse of `load_full_`."""
+    by_rank = [dict(m.named_parameters()) for m in modules]
+    return {name: p.shard_rule.join([params[name] for params in by_rank]) for name, p in by_rank[0].items()}
