@@ -2,6 +2,7 @@
 against the single-process unsharded layer; Ray placement on two simulated nodes; failures."""
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -77,6 +78,13 @@ def test_the_job_runs_a_presharded_checkpoint_and_checks_it_against_the_joined_l
     capsys.readouterr()
     assert cli(["run", "--checkpoint", str(pre), "--tp", "1", *JOB]) == 2
     assert "is pre-sharded for tp=2, but this run has tp=1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("layers,message", [(["3"], r"--layers \[3\]: not linear-attention layers"),
+                                            (["0", "0"], r"--layers \[0, 0\]: a layer is listed twice")])
+def test_the_job_refuses_bad_layers_before_any_rank_starts(ckpt, capsys, layers, message):
+    assert cli(["run", "--checkpoint", str(ckpt), "--tp", "2", "--layers", *layers, *JOB]) == 2
+    assert re.search(message, capsys.readouterr().err)
 
 
 def test_help_explains_every_option(capsys):

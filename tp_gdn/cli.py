@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 from .launch.job import add_job_args, finish, spec_from_args
+from .loader.synthetic import PRESETS
 
 
 def cmd_run(args) -> int:
@@ -24,8 +25,15 @@ def cmd_run(args) -> int:
         raise SystemExit("--decode-graphs works with the local and torchrun launchers, not ray")
     # refuse a bad checkpoint or tp here, before any rank starts
     ckpt = spec.checkpoint or default_checkpoint(spec.device)
-    GDNConfig.from_pretrained(ckpt).check_tp(spec.tp)
+    cfg = GDNConfig.from_pretrained(ckpt)
+    cfg.check_tp(spec.tp)
     check_presharded_tp(ckpt, spec.tp)
+    if spec.layers:
+        bad = [i for i in spec.layers if i not in cfg.linear_layer_ids]
+        if bad:
+            raise ValueError(f"--layers {bad}: not linear-attention layers of {ckpt} (those are {cfg.linear_layer_ids})")
+        if len(set(spec.layers)) != len(spec.layers):
+            raise ValueError(f"--layers {spec.layers}: a layer is listed twice")
     if args.launcher == "torchrun":
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={spec.tp}",
                "-m", "tp_gdn.launch.job", f"--tp={spec.tp}", f"--device={spec.device}", f"--dtype={spec.dtype}",
@@ -60,14 +68,12 @@ def cmd_shard(args) -> int:
 
 
 def cmd_make_checkpoint(args) -> int:
-    from .loader.synthetic import PRESETS, write_checkpoint
+    from .loader.synthetic import write_checkpoint
 
     def progress(n, total):
         if sys.stderr.isatty():
             print(f"\r  layer {n}/{total}", end="" if n < total else "\n", file=sys.stderr, flush=True)
 
-    if args.preset not in PRESETS:
-        raise SystemExit(f"unknown preset {args.preset!r}")
     out = write_checkpoint(args.out, args.preset, args.gdn_layers, dtype=args.dtype, seed=args.seed, progress=progress)
     print(f"wrote {out}")
     return 0
@@ -102,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Write config.json, an index and several safetensors files with random "
                                     "GDN weights (only the linear-attention layers' tensors).")
     mk.add_argument("out", help="output directory")
-    mk.add_argument("--preset", default="tiny", help="tiny, qwen3-next-80b or qwen3.5 (default: tiny)")
+    mk.add_argument("--preset", default="tiny", choices=sorted(PRESETS),
+                    help="tiny, qwen3-next-80b (the 80B-A3B GDN dims) or qwen3.5 (split layout); default: tiny")
     mk.add_argument("--gdn-layers", type=int, default=None, help="number of GDN layers (default: the preset's)")
     mk.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
                     help="dtype of the weight matrices (default: bfloat16)")
