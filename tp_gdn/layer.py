@@ -32,15 +32,15 @@ OVERLAP_MIN_TOKENS = 8192
 
 
 # the dtypes each backend computes in (weights and activations; the recurrent state is fp32)
-DTYPES = {"torch": (torch.float64, torch.float32, torch.bfloat16, torch.float16),
-          "triton": (torch.float32, torch.bfloat16, torch.float16)}
+BACKEND_DTYPES = {"torch": (torch.float64, torch.float32, torch.bfloat16, torch.float16),
+                  "triton": (torch.float32, torch.bfloat16, torch.float16)}
 
 
 def check_dtype(dtype: torch.dtype, backend: str) -> None:
     """Refuse a dtype that the (resolved) backend does not compute in, e.g. an integer or fp8
     dtype, to which a load would otherwise silently cast the weights."""
-    if dtype not in DTYPES[backend]:
-        names = ", ".join(str(d).removeprefix("torch.") for d in DTYPES[backend])
+    if dtype not in BACKEND_DTYPES[backend]:
+        names = ", ".join(str(d).removeprefix("torch.") for d in BACKEND_DTYPES[backend])
         raise ValueError(f"dtype {dtype} is not one the {backend!r} backend computes in ({names})")
 
 
