@@ -78,6 +78,14 @@ def test_the_job_runs_a_presharded_checkpoint_and_checks_it_against_the_joined_l
     capsys.readouterr()
     assert cli(["run", "--checkpoint", str(pre), "--tp", "1", *JOB]) == 2
     assert "is pre-sharded for tp=2, but this run has tp=1" in capsys.readouterr().err
+    # started by torchrun itself: each rank says so in one line (no traceback of its own; torchrun
+    # adds its report of the failed child), before loading anything
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1",
+                        str(ROOT / "launch" / "torchrun_job.py"), "--checkpoint", str(pre), *JOB],
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode != 0
+    assert "tp_gdn job: error:" in r.stderr and "is pre-sharded for tp=2, but this run has tp=1" in r.stderr
+    assert "CheckpointError" not in r.stderr and "load_layers" not in r.stderr
 
 
 @pytest.mark.parametrize("layers,message", [(["3"], r"--layers \[3\]: not linear-attention layers"),

@@ -10,30 +10,20 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
+from dataclasses import replace
 
 from .launch.job import add_job_args, finish, spec_from_args
 from .loader.synthetic import PRESETS
 
 
 def cmd_run(args) -> int:
-    from .config import GDNConfig
-    from .launch.job import default_checkpoint
-    from .loader.presharded import check_presharded_tp
+    from .launch.job import check_spec, default_checkpoint
 
     spec = spec_from_args(args)
     if args.launcher == "ray" and args.decode_graphs:
         raise SystemExit("--decode-graphs works with the local and torchrun launchers, not ray")
-    # refuse a bad checkpoint or tp here, before any rank starts
-    ckpt = spec.checkpoint or default_checkpoint(spec.device)
-    cfg = GDNConfig.from_pretrained(ckpt)
-    cfg.check_tp(spec.tp)
-    check_presharded_tp(ckpt, spec.tp)
-    if spec.layers:
-        bad = [i for i in spec.layers if i not in cfg.linear_layer_ids]
-        if bad:
-            raise ValueError(f"--layers {bad}: not linear-attention layers of {ckpt} (those are {cfg.linear_layer_ids})")
-        if len(set(spec.layers)) != len(spec.layers):
-            raise ValueError(f"--layers {spec.layers}: a layer is listed twice")
+    # refuse a bad checkpoint, tp or layer list here, before any rank starts
+    check_spec(replace(spec, checkpoint=spec.checkpoint or str(default_checkpoint(spec.device))))
     if args.launcher == "torchrun":
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={spec.tp}",
                "-m", "tp_gdn.launch.job", f"--tp={spec.tp}", f"--device={spec.device}", f"--dtype={spec.dtype}",

@@ -79,6 +79,26 @@ def default_checkpoint(device: str = "cpu") -> Path:
     return path
 
 
+def check_spec(spec: JobSpec) -> None:
+    """Refuse, before any rank loads anything, a checkpoint that cannot run as asked: a tp that
+    does not divide its heads or differs from its pre-sharded tp, or --layers that are not its
+    GDN layers or repeat one. (The default checkpoint is generated later, and always fits.)"""
+    from ..loader.presharded import check_presharded_tp
+
+    if spec.checkpoint is None:
+        return
+    cfg = GDNConfig.from_pretrained(spec.checkpoint)
+    cfg.check_tp(spec.tp)
+    check_presharded_tp(spec.checkpoint, spec.tp)
+    if spec.layers:
+        bad = [i for i in spec.layers if i not in cfg.linear_layer_ids]
+        if bad:
+            raise ValueError(f"--layers {bad}: not linear-attention layers of {spec.checkpoint} "
+                             f"(those are {cfg.linear_layer_ids})")
+        if len(set(spec.layers)) != len(spec.layers):
+            raise ValueError(f"--layers {spec.layers}: a layer is listed twice")
+
+
 def checked_layers(spec: JobSpec, layer_ids: list[int]) -> list[int]:
     return {"all": layer_ids, "first": layer_ids[:1], "none": []}[spec.check_layers]
 
@@ -325,6 +345,11 @@ def main(argv=None) -> None:
         raise SystemExit(f"--tp {args.tp} but torchrun started {get_world_size()} ranks")
     args.tp = get_world_size()
     spec = spec_from_args(args)
+    try:
+        check_spec(spec)
+    except (ValueError, FileNotFoundError) as e:      # CheckpointError is a ValueError
+        destroy_distributed()
+        raise SystemExit(f"tp_gdn job: error: {e}") from None
     try:
         out = run_rank(spec)
         if out is not None:
