@@ -88,8 +88,8 @@ def test_the_job_runs_a_presharded_checkpoint_and_checks_it_against_the_joined_l
     assert "CheckpointError" not in r.stderr and "load_layers" not in r.stderr
 
 
-@pytest.mark.parametrize("layers,message", [(["3"], r"--layers \[3\]: not linear-attention layers"),
-                                            (["0", "0"], r"--layers \[0, 0\]: a layer is listed twice")])
+@pytest.mark.parametrize("layers,message", [(["3"], r"layers \[3\] are not linear-attention layers of "),
+                                            (["0", "0"], r"layers \[0, 0\]: a layer is listed twice")])
 def test_the_job_refuses_bad_layers_before_any_rank_starts(ckpt, capsys, layers, message):
     assert cli(["run", "--checkpoint", str(ckpt), "--tp", "2", "--layers", *layers, *JOB]) == 2
     assert re.search(message, capsys.readouterr().err)

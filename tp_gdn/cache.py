@@ -25,11 +25,7 @@ class StateCache:
         tp = get_world_size() if tp_size is None else tp_size
         cfg.check_tp(tp)
         layer_ids = list(layer_ids)
-        bad = [i for i in layer_ids if i not in cfg.linear_layer_ids]
-        if bad:
-            raise ValueError(f"layers {bad} are not linear-attention layers (those are {cfg.linear_layer_ids})")
-        if len(set(layer_ids)) != len(layer_ids):
-            raise ValueError(f"layer_ids has duplicates: {layer_ids}")
+        cfg.check_layer_ids(layer_ids)
         if not isinstance(num_slots, int) or num_slots < 1:
             raise ValueError(f"num_slots must be an integer >= 1, got {num_slots!r}")
         self.cfg, self.tp_size, self.num_slots = cfg, tp, num_slots

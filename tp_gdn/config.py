@@ -91,6 +91,17 @@ class GDNConfig:
     def linear_layer_ids(self) -> list[int]:
         return [i for i, t in enumerate(self.layer_types) if t == "linear_attention"]
 
+    def check_layer_ids(self, layer_ids, source=None) -> None:
+        """Refuse layer indices that are not linear-attention layers, or that repeat one;
+        `source` (a checkpoint) is named in the message."""
+        layer_ids = list(layer_ids)
+        bad = [i for i in layer_ids if i not in self.linear_layer_ids]
+        if bad:
+            of = f" of {source}" if source is not None else ""
+            raise ValueError(f"layers {bad} are not linear-attention layers{of} (those are {self.linear_layer_ids})")
+        if len(set(layer_ids)) != len(layer_ids):
+            raise ValueError(f"layers {layer_ids}: a layer is listed twice")
+
     def check_tp(self, tp_size: int) -> None:
         """Refuse a tensor-parallel size that does not split the heads evenly."""
         if tp_size < 1 or self.num_k_heads % tp_size:

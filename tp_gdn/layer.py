@@ -64,8 +64,7 @@ class GDNLayer(nn.Module):
         cfg.check_tp(tp_size)
         if not 0 <= tp_rank < tp_size:
             raise ValueError(f"tp_rank {tp_rank} is not in [0, {tp_size})")
-        if layer_id not in cfg.linear_layer_ids:
-            raise ValueError(f"layer {layer_id} is not a linear-attention layer (those are {cfg.linear_layer_ids})")
+        cfg.check_layer_ids([layer_id])
         self.cfg, self.layer_id = cfg, layer_id
         self.tp_rank, self.tp_size, self.group = tp_rank, tp_size, group
         self.dtype, self.device = dtype, torch.device(device)

@@ -91,12 +91,7 @@ def check_spec(spec: JobSpec) -> None:
     cfg.check_tp(spec.tp)
     check_presharded_tp(spec.checkpoint, spec.tp)
     if spec.layers:
-        bad = [i for i in spec.layers if i not in cfg.linear_layer_ids]
-        if bad:
-            raise ValueError(f"--layers {bad}: not linear-attention layers of {spec.checkpoint} "
-                             f"(those are {cfg.linear_layer_ids})")
-        if len(set(spec.layers)) != len(spec.layers):
-            raise ValueError(f"--layers {spec.layers}: a layer is listed twice")
+        cfg.check_layer_ids(spec.layers, spec.checkpoint)
 
 
 def checked_layers(spec: JobSpec, layer_ids: list[int]) -> list[int]:

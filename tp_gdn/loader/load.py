@@ -53,10 +53,7 @@ def load_layers(
         raise ValueError(f"tp_rank {rank} is not in [0, {world})")
     if layer_ids is None:
         layer_ids = cfg.linear_layer_ids
-    bad = [i for i in layer_ids if i not in cfg.linear_layer_ids]
-    if bad:
-        raise ValueError(f"layers {bad} are not linear-attention layers of {ckpt_dir} "
-                         f"(those are {cfg.linear_layer_ids})")
+    cfg.check_layer_ids(dict.fromkeys(layer_ids), ckpt_dir)   # a repeated index loads once, as before
 
     check_dtype(dtype, resolve_backend(backend, device))    # before any tensor is read
     rules = tensor_rules(cfg)

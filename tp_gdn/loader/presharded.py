@@ -134,9 +134,11 @@ def presharded_tp(ckpt_dir: str | Path) -> int | None:
     return read_manifest(ckpt_dir)["tp"] if (ckpt_dir / MANIFEST).is_file() else None
 
 
-def check_presharded_tp(ckpt_dir: str | Path, tp: int) -> None:
-    """Refuse to run a pre-sharded checkpoint at another tp than it was sharded for."""
-    have = presharded_tp(ckpt_dir)
+def check_presharded_tp(ckpt_dir: str | Path, tp: int, have: int | None = None) -> None:
+    """Refuse to run a pre-sharded checkpoint at another tp than it was sharded for (`have`, read
+    from its manifest unless given)."""
+    if have is None:
+        have = presharded_tp(ckpt_dir)
     if have is not None and have != tp:
         raise CheckpointError(
             f"{ckpt_dir} is pre-sharded for tp={have}, but this run has tp={tp}; "
@@ -151,7 +153,7 @@ def presharded_files(ckpt_dir: Path, cfg: GDNConfig, rank: int, tp: int, verify:
     time, up to HASH_THREADS; a version 1 manifest's whole-file hash in one), so it overlaps the
     load that reads the same bytes; call `finish()` before handing anything out."""
     manifest = read_manifest(ckpt_dir)
-    check_presharded_tp(ckpt_dir, tp)
+    check_presharded_tp(ckpt_dir, tp, manifest["tp"])
     if manifest["layout"] != cfg.layout or manifest["model_type"] != cfg.model_type:
         raise CheckpointError(f"{ckpt_dir / MANIFEST}: says {manifest['model_type']}/{manifest['layout']}, "
                               f"config.json says {cfg.model_type}/{cfg.layout}")
