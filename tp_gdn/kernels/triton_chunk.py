@@ -13,8 +13,9 @@ Two paths, both starting with the same launch:
 That is the "split" path. The "fused" path replaces 2 and 3 with `_fused_pass_kernel`, which
 forms w, u and the causal q k^T per chunk inside the sequential walk (o = e^G q S + P (u - w S)),
 so only T, G and beta go through memory; it needs many (sequence, head) programs, since that work
-lies on the sequential path. When one of its programs spans dv, it can also store the gated
-RMSNorm of o (gated_norm) in place of o. Splitting dv across programs keeps the split path's
+lies on the sequential path. It holds the state transposed (S^T), so that the two products on
+the chain from one chunk's state to the next take their left operand from registers. When one
+of its programs spans dv, it can also store the gated RMSNorm of o (gated_norm) in place of o. Splitting dv across programs keeps the split path's
 pass busy when a rank has few heads and one long sequence; `choose_path` picks. q/k may be
 given raw (NORM_QK: l2norm and q scale inside) or already normalised. Value head h reads key
 head h // R through strides; q/k are never repeated in memory.
@@ -36,6 +37,8 @@ LAUNCH = {
     "wu": dict(num_warps=8, num_stages=1),
     # num_stages=1 gave wrong results and faults on an H200 with Triton 3.6 (2026-11-27): keep >= 2
     "pass": dict(num_warps=8, num_stages=3),
+    # H100, 8x4096 at 16/32 and 8/16 heads, BV 128: 8 warps 2 stages 2.382 / 1.141 ms, 3 stages
+    # 2.356 / 1.299, 4 warps 2.880 / 1.579 (benchmarks/results/exp_fused_t_h100.log)
     "fused": dict(num_warps=8, num_stages=2),
 }
 # choose_path: the fused pass from this many (sequence, value head) pairs up, at this dv block
@@ -290,11 +293,16 @@ def _fused_pass_kernel(
     R, HV, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     NORM_QK: tl.constexpr, PREC: tl.constexpr, GATED_NORM: tl.constexpr,
 ):
-    """The w/u products and the sequential pass in one program per (sequence, head, dv block):
-    w, u, the causal q k^T and the output are formed per chunk in registers, so nothing but the
-    solve's T, G and beta goes through memory between launches. GATED_NORM (one block spans dv):
-    the output rows are stored as norm_w * o * rsqrt(mean(o^2) + eps) * silu(z) instead of o,
-    z's head h at columns z_col0 + h DV."""
+    """The fused pass with the state held transposed, S^T [BV, BK], and every tile that meets it
+    transposed too: U^T = u^T - S^T w^T, o^T = e^G (S^T q^T) + U^T P^T, S^T <- e^{G_last} S^T +
+    (U^T e^{G_last - G}) k. The products on the sequential chain (S^T w^T, then U^T k) then take
+    the value that came out of the previous product as their left operand, which tensor cores
+    read from registers; only operands formed from the chunk's inputs (w^T, k, q^T, P^T) go
+    through shared memory, and those do not wait for the state. (The untransposed form, with S
+    as the right operand, took 3.192 / 1.614 ms at 8x4096 with 16/32 / 8/16 heads against
+    2.382 / 1.141 on an H100.) One program per (sequence, head, dv block). GATED_NORM (one block
+    spans dv): the output rows are stored as norm_w * o * rsqrt(mean(o^2) + eps) * silu(z)
+    instead of o, z's head h at columns z_col0 + h DV."""
     i_s, h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n = tl.load(seqs + i_s).to(tl.int64)
     bos = tl.load(cu_seqlens + i_n).to(tl.int64)
@@ -306,9 +314,9 @@ def _fused_pass_kernel(
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < DV
     o_c = tl.arange(0, _C)
-    p_state = state_pool + slot * stride_ps + h * stride_ph + o_k[:, None] * DV + o_v[None, :]
-    m_state = m_k[:, None] & m_v[None, :]
-    S = tl.load(p_state, mask=tl.where(keep, m_state, False), other=0.0).to(tl.float32)
+    p_state = state_pool + slot * stride_ps + h * stride_ph + o_k[None, :] * DV + o_v[:, None]
+    m_state = m_v[:, None] & m_k[None, :]
+    St = tl.load(p_state, mask=tl.where(keep, m_state, False), other=0.0).to(tl.float32)
     hk = h // R
 
     n_chunks = ((eos - bos + _C - 1) // _C).to(tl.int32)
@@ -316,36 +324,39 @@ def _fused_pass_kernel(
         t0 = bos + i_t * _C
         o_t = t0 + o_c
         m_t = o_t < eos
-        kk = _load_qk(k, o_t, m_t, stride_k, k_col0 + hk * DK, o_k, m_k, NORM_QK, 1.0)
-        qq = _load_qk(q, o_t, m_t, stride_q, q_col0 + hk * DK, o_k, m_k, NORM_QK, scale)
-        mv = m_t[:, None] & m_v[None, :]
-        vv = tl.load(v + o_t[:, None] * stride_v + v_col0 + h * DV + o_v[None, :], mask=mv, other=0.0)
-        T = tl.load(Tin + o_t[:, None] * (HV * _C) + h * _C + o_c[None, :], mask=m_t[:, None], other=0.0)
+        kk = _load_qk(k, o_t, m_t, stride_k, k_col0 + hk * DK, o_k, m_k, NORM_QK, 1.0)      # [C, BK]
+        qq = _load_qk(q, o_t, m_t, stride_q, q_col0 + hk * DK, o_k, m_k, NORM_QK, scale)    # [C, BK]
+        mvt = m_v[:, None] & m_t[None, :]
+        vt = tl.load(v + o_t[None, :] * stride_v + v_col0 + h * DV + o_v[:, None], mask=mvt, other=0.0)  # [BV, C]
+        # Tt[j, i] = T[i, j]: T's row i is token t0 + i
+        Tt = tl.load(Tin + o_t[None, :] * (HV * _C) + h * _C + o_c[:, None], mask=m_t[None, :], other=0.0)
         G = tl.load(Gin + o_t * HV + h, mask=m_t, other=0.0)
         beta = tl.load(Bin + o_t * HV + h, mask=m_t, other=0.0)
         G_last = tl.load(Gin + (tl.minimum(t0 + _C, eos) - 1) * HV + h)
 
         dt = kk.dtype
         eG = tl.exp(G)
-        w = tl.dot(T, (kk.to(tl.float32) * (beta * eG)[:, None]).to(dt), input_precision=PREC)
-        u = tl.dot(T, (vv.to(tl.float32) * beta[:, None]).to(dt), input_precision=PREC)
-        causal = (o_c[:, None] >= o_c[None, :]) & m_t[:, None]
-        P = tl.dot(qq, tl.trans(kk), input_precision=PREC) * tl.exp(
-            tl.where(causal, G[:, None] - G[None, :], float("-inf")))
-        Sd = S.to(dt)
-        U = (u - tl.dot(w.to(dt), Sd, input_precision=PREC)).to(dt)
-        o = tl.dot(qq, Sd, input_precision=PREC) * eG[:, None] + tl.dot(P.to(dt), U, input_precision=PREC)
-        if GATED_NORM:                      # masked dv columns of o are zero
-            zz = tl.load(z + o_t[:, None] * stride_z + z_col0 + h * DV + o_v[None, :], mask=mv, other=0.0)
+        wt = tl.dot(tl.trans((kk.to(tl.float32) * (beta * eG)[:, None]).to(dt)), Tt, input_precision=PREC)  # [BK, C]
+        ut = tl.dot((vt.to(tl.float32) * beta[None, :]).to(dt), Tt, input_precision=PREC)                    # [BV, C]
+        # Pt[j, i] = (k_j . q_i) e^{G_i - G_j} for j <= i
+        causal = (o_c[:, None] <= o_c[None, :]) & m_t[None, :]
+        Pt = tl.dot(kk, tl.trans(qq), input_precision=PREC) * tl.exp(
+            tl.where(causal, G[None, :] - G[:, None], float("-inf")))
+        Sd = St.to(dt)
+        Ut = ut - tl.dot(Sd, wt.to(dt), input_precision=PREC)                                               # [BV, C]
+        ot = tl.dot(Sd, tl.trans(qq), input_precision=PREC) * eG[None, :] + tl.dot(
+            Ut.to(dt), Pt.to(dt), input_precision=PREC)
+        if GATED_NORM:                      # masked dv rows of ot are zero
+            zz = tl.load(z + o_t[None, :] * stride_z + z_col0 + h * DV + o_v[:, None], mask=mvt, other=0.0)
             zz = zz.to(tl.float32)
             nw = tl.load(norm_w + o_v, mask=m_v, other=0.0).to(tl.float32)
-            o = o * tl.rsqrt(tl.sum(o * o, axis=1) / DV + eps)[:, None] * nw[None, :] * (zz * tl.sigmoid(zz))
-        tl.store(out + o_t[:, None] * stride_out + h * DV + o_v[None, :], o.to(out.dtype.element_ty), mask=mv)
-        kd = (kk.to(tl.float32) * tl.exp(G_last - G)[:, None]).to(dt)
-        S = S * tl.exp(G_last) + tl.dot(tl.trans(kd), U, input_precision=PREC)
+            ot = ot * tl.rsqrt(tl.sum(ot * ot, axis=0) / DV + eps)[None, :] * nw[:, None] * (zz * tl.sigmoid(zz))
+        tl.store(out + o_t[None, :] * stride_out + h * DV + o_v[:, None], ot.to(out.dtype.element_ty), mask=mvt)
+        Ud = (Ut * tl.exp(G_last - G)[None, :]).to(dt)
+        St = St * tl.exp(G_last) + tl.dot(Ud, kk, input_precision=PREC)
 
     tl.debug_barrier()  # the initial state was read by every lane before it is overwritten
-    tl.store(p_state, S.to(state_pool.dtype.element_ty), mask=m_state)
+    tl.store(p_state, St.to(state_pool.dtype.element_ty), mask=m_state)
 
 
 def _prec(dtype: torch.dtype) -> str:
@@ -376,6 +387,23 @@ def split_bv(n_seq: int, nv: int, dv: int) -> int:
     loads)."""
     BVf = max(16, triton.next_power_of_2(dv))
     return next((bv for bv in (128, 64, 32) if bv <= BVf and n_seq * nv * triton.cdiv(dv, bv) >= 128), 16)
+
+
+def intra_solve(k, a, b, A_log, dt_bias, meta, k_col0: int, nk: int, nv: int, dk: int, normalize_qk: bool):
+    """The first launch of both paths, on its own: (T [tokens, nv, 64] in k's dtype, G and beta
+    [tokens, nv] fp32), per chunk T = (I + beta k k^T o Gamma)^-1 and the in-chunk cumulative
+    gate G (arguments as chunk_delta_rule_varlen's)."""
+    T, dev, dt = k.shape[0], k.device, k.dtype
+    Tbuf = torch.empty(T, nv, CHUNK, device=dev, dtype=dt)
+    G = torch.empty(T, nv, device=dev, dtype=torch.float32)
+    beta = torch.empty(T, nv, device=dev, dtype=torch.float32)
+    _intra_solve_kernel[(meta.num_chunks, nv)](
+        k, a, b, A_log, dt_bias, Tbuf, G, beta, meta.chunks, meta.cu_seqlens,
+        k.stride(0), a.stride(0), k_col0,
+        R=nv // nk, DK=dk, BK=max(16, triton.next_power_of_2(dk)), HV=nv, NORM_QK=normalize_qk, PREC=_prec(dt),
+        **LAUNCH["solve"],
+    )
+    return Tbuf, G, beta
 
 
 def chunk_delta_rule_varlen(
@@ -422,15 +450,8 @@ def chunk_delta_rule_varlen(
         raise ValueError(f"the gated norm runs inside the fused pass with one dv block only (got path {path!r}, "
                          f"BV={BV}, dv={dv})")
     prec = _prec(dt)
-    Tbuf = torch.empty(T, nv, CHUNK, device=dev, dtype=dt)
-    G = torch.empty(T, nv, device=dev, dtype=torch.float32)
-    beta = torch.empty(T, nv, device=dev, dtype=torch.float32)
+    Tbuf, G, beta = intra_solve(k, a, b, A_log, dt_bias, meta, k_col0, nk, nv, dk, normalize_qk)
     grid = (meta.num_chunks, nv)
-    _intra_solve_kernel[grid](
-        k, a, b, A_log, dt_bias, Tbuf, G, beta, meta.chunks, meta.cu_seqlens,
-        k.stride(0), a.stride(0), k_col0,
-        R=nv // nk, DK=dk, BK=BK, HV=nv, NORM_QK=normalize_qk, PREC=prec, **LAUNCH["solve"],
-    )
     seq_grid = (n_seq, nv, triton.cdiv(dv, BV))
     if path == "fused":
         z, z_col0, norm_w, eps = gated_norm or (out, 0, A_log, 0.0)     # unread without the norm
