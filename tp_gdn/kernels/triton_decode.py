@@ -46,6 +46,11 @@ def _decode_kernel(
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < DV
     ch_v = 2 * NK * DK + h * DV + o_v
+    # the state block is the bulk of the bytes: its load goes out first, so that its latency
+    # overlaps the conv, norm and gating work below
+    p_s = state_pool + slot * stride_ss + h * stride_sh + o_k[:, None] * DV + o_v[None, :]
+    m_s = m_k[:, None] & m_v[None, :]
+    S = tl.load(p_s, mask=tl.where(keep, m_s, False), other=0.0)
     if USE_CONV:
         q = _conv_token(proj, conv_pool, conv_w, t, slot, keep, hk * DK + o_k, m_k, stride_ps, stride_pw, K)
         k = _conv_token(proj, conv_pool, conv_w, t, slot, keep, (NK + hk) * DK + o_k, m_k, stride_ps, stride_pw, K)
@@ -75,12 +80,12 @@ def _decode_kernel(
     decay = tl.exp(-tl.exp(tl.load(A_log + h).to(tl.float32)) * softplus)
     beta = tl.sigmoid(tl.load(proj + t + b_col0 + h).to(tl.float32))
 
-    p_s = state_pool + slot * stride_ss + h * stride_sh + o_k[:, None] * DV + o_v[None, :]
-    m_s = m_k[:, None] & m_v[None, :]
-    S = tl.load(p_s, mask=tl.where(keep, m_s, False), other=0.0).to(tl.float32) * decay
-    u = beta * (v - tl.sum(S * k[:, None], 0))
-    S = S + k[:, None] * u[None, :]
-    o = tl.sum(S * q[:, None], 0)
+    # both reductions over dk read the old state, so they run side by side:
+    # u = beta (v - decay S^T k), o = S_new^T q = decay S^T q + (k . q) u
+    S = S.to(tl.float32)
+    u = beta * (v - decay * tl.sum(S * k[:, None], 0))
+    o = decay * tl.sum(S * q[:, None], 0) + tl.sum(k * q, 0) * u
+    S = S * decay + k[:, None] * u[None, :]
     # every lane has read the old state (and conv history) before any lane overwrites it
     tl.debug_barrier()
     if USE_CONV:
