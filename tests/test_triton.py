@@ -90,6 +90,22 @@ def test_fused_path_with_dv_split_in_blocks():
     run_prefill([70, 129], 1, 2, 16, 32, torch.float32, 1e-5, has=[True, False], path="fused", BV=16)
 
 
+@pytest.mark.parametrize("path", PATHS)
+def test_prefill_reads_no_buffer_element_it_did_not_write(path, monkeypatch):
+    """Every scratch buffer starts as NaN (the solve stores only T's blocks on and below the
+    diagonal, and its readers must mask the rest): a read of an unwritten element shows."""
+    tiny_fused_or_skip(path)
+    real_empty = torch.empty
+
+    def nan_empty(*args, **kw):
+        t = real_empty(*args, **kw)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
+    got = run_prefill([130, 2, 64, 65], 1, 2, 16, 16, torch.float32, 1e-5, path=path)
+    assert torch.isfinite(got).all()
+
+
 def test_choose_path_keeps_the_fused_path_to_many_16_bit_programs():
     chunk, *_ = tri()
     many = chunk.FUSED_MIN_PROGRAMS

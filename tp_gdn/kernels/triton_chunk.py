@@ -3,13 +3,13 @@
 Two paths, both starting with the same launch:
   1. `_intra_solve_kernel`  (chunks x value heads, all parallel): gating from raw a/b, the
      in-chunk cumulative decay G, A = beta k k^T o Gamma (strictly lower) and T = (I + A)^-1,
-     solved on 16-row blocks in registers.
+     solved on 16-row blocks in registers; only T's blocks on and below the diagonal are stored.
   2. `_intra_wu_kernel`     (chunks x value heads, all parallel): with 64-row products,
      w = T (beta e^G k), u = T (beta v), P = (q k^T o Gamma, j <= i), and the state-free parts
      Q' = e^G q - P w and O_c = P u of the chunk output.
   3. `_state_pass_kernel`   (sequences x value heads x dv blocks): walks the chunks in order,
      U = u - w S, o = O_c + Q' S, S <- e^{G_last} S + (e^{G_last - G} k)^T U, reading the initial
-     state from the slot pool and writing the final state back in place.
+     state from the slot pool and writing the final state back in place (it holds S^T; see below).
 That is the "split" path. The "fused" path replaces 2 and 3 with `_fused_pass_kernel`, which
 forms w, u and the causal q k^T per chunk inside the sequential walk (o = e^G q S + P (u - w S)),
 so only T, G and beta go through memory; it needs many (sequence, head) programs, since that work
@@ -32,7 +32,9 @@ _C = tl.constexpr(CHUNK)  # the chunk length as kernels see it
 
 # Launch settings per kernel (benchmarks/bench_kernels.py --sweep measures the alternatives).
 LAUNCH = {
-    "solve": dict(num_warps=2, num_stages=1),
+    # H200, 8x4096 at 16/32 and 8/16 heads: 1 warp 0.417 / 0.289 ms, 2 warps 0.609 / 0.334, 4 warps
+    # 1.083 / 0.623, with T bit-equal (benchmarks/results/exp_solve_h200x4_s4.log)
+    "solve": dict(num_warps=1, num_stages=1),
     # num_warps=4 faulted (illegal address) for bf16 with dk = dv = 16 on an H200, Triton 3.6
     "wu": dict(num_warps=8, num_stages=1),
     # num_stages=1 gave wrong results and faults on an H200 with Triton 3.6 (2026-11-27): keep >= 2
@@ -41,14 +43,15 @@ LAUNCH = {
     # 2.356 / 1.299, 4 warps 2.880 / 1.579 (benchmarks/results/exp_fused_t_h100.log)
     "fused": dict(num_warps=8, num_stages=2),
 }
-# choose_path: the fused pass from this many (sequence, value head) pairs up, at this dv block
-# (H100, bench_kernels.py: fused BV64 beat split at 8x4096 with 8, 16 and 32 heads and lost 2.3x
-# at 1x32768 with 8 heads)
+# choose_path: the fused pass from this many (sequence, value head) pairs up, at this dv block,
+# and one block spanning dv (which lets the gated norm run inside it) from FUSED_FULL_DV_MIN_PROGRAMS
+# pairs up. H200, bench_kernels.py, 8x4096 (benchmarks/results/kernels_h200x4_s4.log):
+#   32 heads: fused BV128 1.778 ms, fused BV64 2.912, split BV128 2.376
+#   16 heads: fused BV128 0.931 ms, fused BV64 1.470, split BV128 1.218
+#    8 heads: fused BV64 0.772 ms, fused BV128 0.802, split BV64 0.745 (within noise)
+# and 1x32768 at 8 heads: split BV16 1.768 ms, fused BV64 4.858.
 FUSED_MIN_PROGRAMS = 64
 FUSED_BV = 64
-# ... and one block spanning dv (which lets the gated norm run inside it) from this many pairs up
-# (8x4096 prefill at 32 and 16 heads: BV 128 took 2.904 / 1.448 ms against 2.993 / 1.493 at BV 64
-# on an H200, 3.097 / 1.571 against 3.109 / 1.539 on an H100; at 8 heads it lost 25% on both)
 FUSED_FULL_DV_MIN_PROGRAMS = 128
 FUSED_MAX_BV = 128
 
@@ -85,15 +88,27 @@ def _decay(Gi, Gj, STRICT: tl.constexpr):
 
 
 @triton.jit
-def _invert_unit_lower(A):
-    """(I + A)^-1 for a strictly lower 16x16 A, by forward substitution on rows."""
+def _invert_unit_lower4(A0, A1, A2, A3):
+    """(I + A)^-1 for four strictly lower 16x16 blocks, by forward substitution on rows. One loop
+    steps all four: their chains are independent, so their latencies overlap."""
     o = tl.arange(0, 16)
-    Ai = -A
+    X0, X1, X2, X3 = -A0, -A1, -A2, -A3
     for i in range(2, 16):
-        row = tl.sum(tl.where((o == i)[:, None], -A, 0.0), 0)
-        row = row + tl.sum(row[:, None] * Ai, 0)
-        Ai = tl.where((o == i)[:, None], row[None, :], Ai)
-    return Ai + (o[:, None] == o[None, :]).to(tl.float32)
+        sel = (o == i)[:, None]
+        r0 = tl.sum(tl.where(sel, -A0, 0.0), 0)
+        r1 = tl.sum(tl.where(sel, -A1, 0.0), 0)
+        r2 = tl.sum(tl.where(sel, -A2, 0.0), 0)
+        r3 = tl.sum(tl.where(sel, -A3, 0.0), 0)
+        r0 = r0 + tl.sum(r0[:, None] * X0, 0)
+        r1 = r1 + tl.sum(r1[:, None] * X1, 0)
+        r2 = r2 + tl.sum(r2[:, None] * X2, 0)
+        r3 = r3 + tl.sum(r3[:, None] * X3, 0)
+        X0 = tl.where(sel, r0[None, :], X0)
+        X1 = tl.where(sel, r1[None, :], X1)
+        X2 = tl.where(sel, r2[None, :], X2)
+        X3 = tl.where(sel, r3[None, :], X3)
+    eye = (o[:, None] == o[None, :]).to(tl.float32)
+    return X0 + eye, X1 + eye, X2 + eye, X3 + eye
 
 
 @triton.jit
@@ -141,10 +156,7 @@ def _intra_solve_kernel(
     A31 = tl.dot(k3, kt1, input_precision=PREC) * tl.exp(G3[:, None] - G1[None, :]) * b3[:, None]
     A32 = tl.dot(k3, kt2, input_precision=PREC) * tl.exp(G3[:, None] - G2[None, :]) * b3[:, None]
 
-    T00 = _invert_unit_lower(A00)
-    T11 = _invert_unit_lower(A11)
-    T22 = _invert_unit_lower(A22)
-    T33 = _invert_unit_lower(A33)
+    T00, T11, T22, T33 = _invert_unit_lower4(A00, A11, A22, A33)
     # off-diagonal blocks of the inverse: T_ij = -T_ii sum_{j<=m<i} A_im T_mj
     T10 = -tl.dot(T11, tl.dot(A10, T00, input_precision=PREC), input_precision=PREC)
     T21 = -tl.dot(T22, tl.dot(A21, T11, input_precision=PREC), input_precision=PREC)
@@ -156,23 +168,17 @@ def _intra_solve_kernel(
     T30 = -tl.dot(T33, tl.dot(A30, T00, input_precision=PREC) + tl.dot(A31, T10, input_precision=PREC)
                   + tl.dot(A32, T20, input_precision=PREC), input_precision=PREC)
 
-    # Tout: [T, HV, 64], row = token, column = position in its chunk (upper blocks zero)
+    # Tout: [T, HV, 64], row = token, column = position in its chunk. Only the blocks on and below
+    # the diagonal are stored (readers mask their loads to j <= i; T is lower triangular).
     ty = Tout.dtype.element_ty
-    z = tl.zeros([16, 16], dtype=ty)
     base = Tout + h * _C
     c = o16[None, :]
     tl.store(base + r0[:, None] * (HV * _C) + c, T00.to(ty), mask=m0[:, None])
-    tl.store(base + r0[:, None] * (HV * _C) + 16 + c, z, mask=m0[:, None])
-    tl.store(base + r0[:, None] * (HV * _C) + 32 + c, z, mask=m0[:, None])
-    tl.store(base + r0[:, None] * (HV * _C) + 48 + c, z, mask=m0[:, None])
     tl.store(base + r1[:, None] * (HV * _C) + c, T10.to(ty), mask=m1[:, None])
     tl.store(base + r1[:, None] * (HV * _C) + 16 + c, T11.to(ty), mask=m1[:, None])
-    tl.store(base + r1[:, None] * (HV * _C) + 32 + c, z, mask=m1[:, None])
-    tl.store(base + r1[:, None] * (HV * _C) + 48 + c, z, mask=m1[:, None])
     tl.store(base + r2[:, None] * (HV * _C) + c, T20.to(ty), mask=m2[:, None])
     tl.store(base + r2[:, None] * (HV * _C) + 16 + c, T21.to(ty), mask=m2[:, None])
     tl.store(base + r2[:, None] * (HV * _C) + 32 + c, T22.to(ty), mask=m2[:, None])
-    tl.store(base + r2[:, None] * (HV * _C) + 48 + c, z, mask=m2[:, None])
     tl.store(base + r3[:, None] * (HV * _C) + c, T30.to(ty), mask=m3[:, None])
     tl.store(base + r3[:, None] * (HV * _C) + 16 + c, T31.to(ty), mask=m3[:, None])
     tl.store(base + r3[:, None] * (HV * _C) + 32 + c, T32.to(ty), mask=m3[:, None])
@@ -211,7 +217,8 @@ def _intra_wu_kernel(
     qq = _load_qk(q, o_t, m_t, stride_q, q_col0 + hk * DK, o_k, m_k, NORM_QK, scale)
     vv = tl.load(v + o_t[:, None] * stride_v + v_col0 + h * DV + o_v[None, :],
                  mask=m_t[:, None] & m_v[None, :], other=0.0)
-    T = tl.load(Tin + o_t[:, None] * (HV * _C) + h * _C + o_c[None, :], mask=m_t[:, None], other=0.0)
+    T = tl.load(Tin + o_t[:, None] * (HV * _C) + h * _C + o_c[None, :],
+                mask=m_t[:, None] & (o_c[None, :] <= o_c[:, None]), other=0.0)          # stored for j <= i
     G = tl.load(Gin + o_t * HV + h, mask=m_t, other=0.0)
     beta = tl.load(Bin + o_t * HV + h, mask=m_t, other=0.0)
 
@@ -252,9 +259,11 @@ def _state_pass_kernel(
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < DV
     o_c = tl.arange(0, _C)
-    p_state = state_pool + slot * stride_ps + h * stride_ph + o_k[:, None] * DV + o_v[None, :]
-    m_state = m_k[:, None] & m_v[None, :]
-    S = tl.load(p_state, mask=tl.where(keep, m_state, False), other=0.0).to(tl.float32)
+    # the state transposed, S^T [BV, BK], as in the fused pass: U^T = u^T - S^T w^T,
+    # o^T = O_c^T + S^T Q'^T, S^T <- e^{G_last} S^T + (U^T e^{G_last - G}) k
+    p_state = state_pool + slot * stride_ps + h * stride_ph + o_k[None, :] * DV + o_v[:, None]
+    m_state = m_v[:, None] & m_k[None, :]
+    St = tl.load(p_state, mask=tl.where(keep, m_state, False), other=0.0).to(tl.float32)
     col_k = k_col0 + (h // R) * DK
 
     n_chunks = ((eos - bos + _C - 1) // _C).to(tl.int32)
@@ -262,27 +271,27 @@ def _state_pass_kernel(
         t0 = bos + i_t * _C
         o_t = t0 + o_c
         m_t = o_t < eos
-        row_k = o_t[:, None] * (HV * DK) + h * DK + o_k[None, :]
-        row_v = o_t[:, None] * (HV * DV) + h * DV + o_v[None, :]
-        mk = m_t[:, None] & m_k[None, :]
-        mv = m_t[:, None] & m_v[None, :]
-        w = tl.load(w_in + row_k, mask=mk, other=0.0)
-        qp = tl.load(qp_in + row_k, mask=mk, other=0.0)
+        col_kt = o_t[None, :] * (HV * DK) + h * DK + o_k[:, None]       # [BK, C]
+        col_vt = o_t[None, :] * (HV * DV) + h * DV + o_v[:, None]       # [BV, C]
+        mkt = m_k[:, None] & m_t[None, :]
+        mvt = m_v[:, None] & m_t[None, :]
+        wt = tl.load(w_in + col_kt, mask=mkt, other=0.0)
+        qpt = tl.load(qp_in + col_kt, mask=mkt, other=0.0)
         kk = _load_qk(k, o_t, m_t, stride_k, col_k, o_k, m_k, NORM_QK, 1.0)
-        u = tl.load(u_in + row_v, mask=mv, other=0.0).to(tl.float32)
-        oc = tl.load(oc_in + row_v, mask=mv, other=0.0).to(tl.float32)
+        ut = tl.load(u_in + col_vt, mask=mvt, other=0.0).to(tl.float32)
+        oct = tl.load(oc_in + col_vt, mask=mvt, other=0.0).to(tl.float32)
         G = tl.load(Gin + o_t * HV + h, mask=m_t, other=0.0)
         G_last = tl.load(Gin + (tl.minimum(t0 + _C, eos) - 1) * HV + h)
 
-        Sd = S.to(w.dtype)
-        U = u - tl.dot(w, Sd, input_precision=PREC)
-        o = oc + tl.dot(qp, Sd, input_precision=PREC)
-        tl.store(out + o_t[:, None] * stride_out + h * DV + o_v[None, :], o.to(out.dtype.element_ty), mask=mv)
-        kd = (kk.to(tl.float32) * tl.exp(G_last - G)[:, None]).to(w.dtype)
-        S = S * tl.exp(G_last) + tl.dot(tl.trans(kd), U.to(w.dtype), input_precision=PREC)
+        Sd = St.to(wt.dtype)
+        Ut = ut - tl.dot(Sd, wt, input_precision=PREC)
+        ot = oct + tl.dot(Sd, qpt, input_precision=PREC)
+        tl.store(out + o_t[None, :] * stride_out + h * DV + o_v[:, None], ot.to(out.dtype.element_ty), mask=mvt)
+        Ud = (Ut * tl.exp(G_last - G)[None, :]).to(wt.dtype)
+        St = St * tl.exp(G_last) + tl.dot(Ud, kk, input_precision=PREC)
 
     tl.debug_barrier()  # the initial state was read by every lane before it is overwritten
-    tl.store(p_state, S.to(state_pool.dtype.element_ty), mask=m_state)
+    tl.store(p_state, St.to(state_pool.dtype.element_ty), mask=m_state)
 
 
 @triton.jit
@@ -329,7 +338,8 @@ def _fused_pass_kernel(
         mvt = m_v[:, None] & m_t[None, :]
         vt = tl.load(v + o_t[None, :] * stride_v + v_col0 + h * DV + o_v[:, None], mask=mvt, other=0.0)  # [BV, C]
         # Tt[j, i] = T[i, j]: T's row i is token t0 + i
-        Tt = tl.load(Tin + o_t[None, :] * (HV * _C) + h * _C + o_c[:, None], mask=m_t[None, :], other=0.0)
+        Tt = tl.load(Tin + o_t[None, :] * (HV * _C) + h * _C + o_c[:, None],
+                     mask=m_t[None, :] & (o_c[:, None] <= o_c[None, :]), other=0.0)     # stored for j <= i
         G = tl.load(Gin + o_t * HV + h, mask=m_t, other=0.0)
         beta = tl.load(Bin + o_t * HV + h, mask=m_t, other=0.0)
         G_last = tl.load(Gin + (tl.minimum(t0 + _C, eos) - 1) * HV + h)
@@ -442,8 +452,9 @@ def chunk_delta_rule_varlen(
         else:
             BV = min(BVf, FUSED_BV) if path == "fused" else split_bv(n_seq, nv, dv)
     if path == "fused" and q.is_cuda and (dt == torch.float32 or BV < 64):
-        # 2026-11-28, H100, Triton 3.6: fp32 tiles overflow shared memory, and BV=32 gave wrong
-        # results (4 warps) or an illegal address (8 warps); the split path takes these
+        # 2026-11-28, H100, Triton 3.6, the untransposed fused kernel: fp32 tiles overflowed shared
+        # memory, and BV=32 gave wrong results (4 warps) or an illegal address (8 warps). The
+        # transposed kernel has not been tried there; the split path takes these
         raise ValueError(f"the fused prefill path takes 16-bit inputs and BV >= 64 on GPUs (got {dt}, BV={BV}); "
                          "use path='split'")
     if gated_norm is not None and (path != "fused" or BV < dv):

@@ -17,9 +17,9 @@ from .triton_norm import gated_rmsnorm
 __all__ = ["gdn_mix", "gdn_mix_norm", "gated_rmsnorm", "gdn_prefill", "gdn_decode"]
 
 # gdn_mix_norm forms the gated norm inside the fused prefill pass where it can (fused_norm_applies)
-# only when this is True. Off: on an H200 at 8x4096 tokens, tp=1, the fused pass with the norm
-# inside took 2.916 ms against 1.908 ms plus 0.206 ms for the norm kernel (BV 128; the layer
-# 6.939 ms against 6.001 ms; benchmarks/bench_layer.py prints both).
+# only when this is True. Off: on an H200 at 8x4096 tokens, tp=1, the layer took 6.021 ms with the
+# norm inside the (transposed) fused pass against 5.193 ms with the norm kernel (0.207 ms) apart
+# (benchmarks/bench_layer.py prints both; benchmarks/results/layer_h200x4_s4_tp1.log).
 FUSE_NORM = False
 
 
