@@ -9,7 +9,7 @@ inside on both sides, initial states read and final states written on both sides
   sides) and called eagerly.
 Times are medians of CUDA-event timings after warm-up; ratio = fla time / our time. Each prefill
 row also times both kernel paths ("split", "fused") at several dv blocks, next to the one
-`choose_path` picks. `--sweep` first tries launch settings and keeps the fastest.
+`choose_path` picks, and the solve launch that both paths start with on its own. `--sweep` first tries launch settings and keeps the fastest.
 """
 
 from __future__ import annotations
@@ -69,6 +69,14 @@ def prefill_inputs(n_seq, seq_len, nk, nv, seed=0):
 def ours_prefill(x, pool, BV=None, path=None):
     return lambda: gdn_prefill(x["q"], x["k"], x["v"], x["a"], x["b"], x["A_log"], x["dt_bias"], pool, x["batch"],
                                BV=BV, path=path)
+
+
+def solve_alone(x, nk, nv):
+    """The intra-chunk solve (gating, T = (I + A)^-1) on its own, as both prefill paths launch it."""
+    T = x["q"].shape[0]
+    meta = x["batch"].meta(x["q"].device)
+    return lambda: triton_chunk.intra_solve(x["k"].reshape(T, -1), x["a"], x["b"], x["A_log"], x["dt_bias"], meta,
+                                            0, nk, nv, DK, True)
 
 
 def fla_prefill(x, varlen: bool):
@@ -250,6 +258,7 @@ def main():
                 bv = triton_chunk.split_bv(n, nv, DV)
             if f"{path} BV{bv}" not in variants:
                 variants[f"{path} BV{bv}"] = timeit(ours_prefill(x, pool.clone(), bv, path), iters=10)
+        variants["solve alone"] = timeit(solve_alone(x, nk, nv), iters=10)   # the first launch of both paths
         print(f"{name}: " + ", ".join(f"{k} {t:.3f}" for k, t in variants.items()) + f" ms; chosen {chosen}",
               flush=True)
         fla_var, fla_bat = fla_prefill(x, True), fla_prefill(x, False)
