@@ -15,8 +15,9 @@ forms w, u and the causal q k^T per chunk inside the sequential walk (o = e^G q 
 so only T, G and beta go through memory; it needs many (sequence, head) programs, since that work
 lies on the sequential path. It holds the state transposed (S^T), so that the two products on
 the chain from one chunk's state to the next take their left operand from registers. When one
-of its programs spans dv, it can also store the gated RMSNorm of o (gated_norm) in place of o. Splitting dv across programs keeps the split path's
-pass busy when a rank has few heads and one long sequence; `choose_path` picks. q/k may be
+of its programs spans dv, it can also store the gated RMSNorm of o (gated_norm) in place of o.
+Splitting dv across programs keeps the split path's pass busy when a rank has few heads and one
+long sequence; `choose_path` picks. q/k may be
 given raw (NORM_QK: l2norm and q scale inside) or already normalised. Value head h reads key
 head h // R through strides; q/k are never repeated in memory.
 """
