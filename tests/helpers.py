@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import importlib.abc
 import inspect
 import sys
@@ -157,3 +158,35 @@ def run_ranks(world: int, fn, tmp_path: Path, *args, timeout: float = 600) -> li
     from tp_gdn.launch.local import spawn_ranks
 
     return spawn_ranks(world, _with_rank, fn, *args, timeout_s=timeout, workdir=tmp_path)
+
+
+# -- the main job under every launcher -----------------------------------------------------------
+def job_across_launchers(tmp_path: Path, job_args: list[str], tp: int, tol: float) -> dict[str, dict]:
+    """`tp-gdn run *job_args` at tp under the local launcher, torchrun and (where ray is importable)
+    Ray, and at tp=1. Asserts that the launchers' outputs are bit-equal, that they lie within
+    `tol` of the tp=1 run's, and that every run's own check against the unsharded fp32 layer
+    (max_rel_err) is within `tol`. Returns each run's summary by launcher."""
+    import json
+
+    from tp_gdn.cli import main as cli
+
+    def run(name, *extra):
+        out, js = tmp_path / f"{name}.pt", tmp_path / f"{name}.json"
+        assert cli(["run", *job_args, *extra, "--save-outputs", str(out), "--json", str(js)]) == 0, name
+        return torch.load(out)["outputs"], json.loads(js.read_text())
+
+    one, one_summary = run("tp1", "--tp", "1")
+    launchers = ["local", "torchrun"] + (["ray"] if importlib.util.find_spec("ray") else [])
+    outputs, summaries = {}, {"tp1": one_summary}
+    for launcher in launchers:
+        outputs[launcher], summaries[launcher] = run(launcher, "--tp", str(tp), "--launcher", launcher)
+    for name, summary in summaries.items():
+        assert summary["max_rel_err"] < tol, (name, summary["max_rel_err"])
+    assert len(summaries["local"]["ranks"]) == tp and set(outputs["local"]) == set(one)
+    for i in one:
+        for n, want in enumerate(one[i]):
+            got = outputs["local"][i][n]
+            assert rel_err(got, want) < tol, (i, n)
+            for launcher in launchers[1:]:
+                assert torch.equal(outputs[launcher][i][n], got), (launcher, i, n)
+    return summaries

@@ -2,7 +2,8 @@
 
 Tests parametrized by tp skip where fewer GPUs are visible (run them on nvidia-h100-x4): NCCL runs
 at tp = 1, 2, 4 against the fp32 reference and HF, tp = 2, 4 against tp = 1, torchrun against
-Ray, and prefill-then-decode against one prefill.
+Ray, and prefill-then-decode against one prefill. The real-dims check under every launcher also
+runs at tp = 8 where eight GPUs are visible (nvidia-h100-x8; issue 7).
 """
 
 import json
@@ -13,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import hf_layer_oracle, random_full_weights, rel_err, tiny_config, with_weights_rounded_to
+from helpers import (hf_layer_oracle, job_across_launchers, random_full_weights, rel_err, tiny_config,
+                     with_weights_rounded_to)
 from tp_gdn import Batch, GDNLayer, StateCache
 from tp_gdn.cli import main as cli
 from tp_gdn.workload import expected_outputs, mixed_workload
@@ -94,6 +96,29 @@ def test_torchrun_and_ray_give_identical_numbers_on_gpus(tmp_path, tp):
         for a, b in zip(ray_out[i], tr_out[i]):
             assert torch.equal(a, b)
     assert ray_sum["max_rel_err"] < BF16_TOL
+
+
+@pytest.fixture(scope="module")
+def real_dims_checkpoints(tmp_path_factory):
+    from tp_gdn.loader.synthetic import write_checkpoint
+
+    root = tmp_path_factory.mktemp("real_dims")
+    return {p: write_checkpoint(root / p, p, gdn_layers=2, dtype="bfloat16", seed=7)
+            for p in ("qwen3-next-80b", "qwen3.5")}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("preset", ["qwen3-next-80b", "qwen3.5"])
+@pytest.mark.parametrize("tp", tps(2, 4, 8))
+def test_real_dims_give_the_same_numbers_under_every_launcher_on_gpus(tmp_path, real_dims_checkpoints, preset, tp):
+    """Two GDN layers at Qwen3-Next-80B dims (nk 16, nv 32: at tp=8 two key and four value heads a
+    rank) or in the Qwen3.5 split layout (nk 16, nv 64), bf16: local processes, torchrun and Ray
+    give bit-equal outputs, within bf16 tolerance of the one-GPU run and of the unsharded fp32
+    layer (tests/helpers.job_across_launchers; the CPU runs it at tp=2 in test_launchers.py)."""
+    job = ["--checkpoint", str(real_dims_checkpoints[preset]), "--device", "cuda", "--seqs", "4", "--prompt-len",
+           "150", "--decode-steps", "4", "--check-layers", "all", "--no-decode-graphs"]
+    summaries = job_across_launchers(tmp_path, job, tp, BF16_TOL)
+    assert summaries["local"]["spec"]["dtype"] == "bfloat16" and len(summaries["local"]["ranks"]) == tp
 
 
 @pytest.mark.gpu

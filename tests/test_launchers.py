@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import rel_err
+from helpers import job_across_launchers, rel_err
 from tp_gdn import Batch, GDNConfig, StateCache, load_layers
 from tp_gdn.cli import main as cli
 from tp_gdn.loader.synthetic import write_checkpoint
@@ -173,6 +173,17 @@ def test_job_serves_decode_steps_through_a_step_function_and_keeps_copies(ckpt, 
     for i in ids:
         for n, (g, w) in enumerate(zip(got[i], want[i])):
             assert torch.equal(g, w), (i, n)
+
+
+def test_real_dims_split_layout_gives_the_same_numbers_under_every_launcher(tmp_path):
+    """One Qwen3.5-layout GDN layer at its real dims (H 2048, nk 16, nv 64, dk = dv 128, split
+    projections) at tp=2: the CPU run of the check that tests/test_gpu_launch.py makes on GPUs
+    up to tp=8."""
+    ckpt = write_checkpoint(tmp_path / "qwen3.5", "qwen3.5", gdn_layers=1, dtype="bfloat16", seed=5)
+    job = ["--checkpoint", str(ckpt), "--seqs", "2", "--prompt-len", "70", "--decode-steps", "2",
+           "--check-layers", "all"]
+    summaries = job_across_launchers(tmp_path, job, 2, 1e-5)
+    assert summaries["local"]["checked_layers"] == [0]
 
 
 # -- Ray ----------------------------------------------------------------------------------------
