@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import importlib.abc
+import importlib.util
 import inspect
 import sys
 from pathlib import Path
