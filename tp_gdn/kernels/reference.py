@@ -252,12 +252,16 @@ def gdn_mix(proj_TP, nk: int, nv: int, dk: int, dv: int, conv_weight_CK, A_log_H
                                    batch.has_state)
 
 
+def proj_z(proj_TP, nk: int, nv: int, dk: int, dv: int) -> torch.Tensor:
+    """The gate input z [T, nv, dv] of the fused projection [q | k | v | z | b | a] (a view)."""
+    kd, vd = nk * dk, nv * dv
+    return proj_TP[:, 2 * kd + vd: 2 * kd + 2 * vd].reshape(proj_TP.shape[0], nv, dv)
+
+
 def gdn_mix_norm(proj_TP, nk: int, nv: int, dk: int, dv: int, conv_weight_CK, A_log_H, dt_bias_H,
                  conv_pool_SWC, ssm_pool_SHKV, batch, meta, norm_weight_V, eps: float,
                  out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """gdn_mix, then the gated RMSNorm with z from the projection: y [T, nv, dv]."""
-    T, kd, vd = proj_TP.shape[0], nk * dk, nv * dv
     o = gdn_mix(proj_TP, nk, nv, dk, dv, conv_weight_CK, A_log_H, dt_bias_H, conv_pool_SWC, ssm_pool_SHKV,
                 batch, meta)
-    z = proj_TP[:, 2 * kd + vd: 2 * kd + 2 * vd].reshape(T, nv, dv)
-    return gated_rmsnorm(o, z, norm_weight_V, eps, out_dtype=out_dtype)
+    return gated_rmsnorm(o, proj_z(proj_TP, nk, nv, dk, dv), norm_weight_V, eps, out_dtype=out_dtype)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from .reference import proj_z
 from .triton_chunk import choose_path, chunk_delta_rule_varlen
 from .triton_conv import conv_prefill, conv_state_update
 from .triton_decode import decode_step
@@ -63,13 +64,10 @@ def gdn_mix_norm(proj_TP, nk: int, nv: int, dk: int, dv: int, conv_weight_CK, A_
                  out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """gdn_mix and the gated RMSNorm with z from the projection: y [T, nv, dv]. The norm runs
     inside the fused prefill pass where `fused_norm_applies`, else as its own kernel."""
-    T, kd, vd = proj_TP.shape[0], nk * dk, nv * dv
     args = (proj_TP, nk, nv, dk, dv, conv_weight_CK, A_log_H, dt_bias_H, conv_pool_SWC, ssm_pool_SHKV, batch, meta)
     if (out_dtype is None or out_dtype == proj_TP.dtype) and fused_norm_applies(meta, nv, dv, proj_TP.dtype):
         return gdn_mix(*args, gated_norm=(norm_weight_V, eps))
-    o = gdn_mix(*args)
-    z = proj_TP[:, 2 * kd + vd: 2 * kd + 2 * vd].reshape(T, nv, dv)
-    return gated_rmsnorm(o, z, norm_weight_V, eps, out_dtype=out_dtype)
+    return gated_rmsnorm(gdn_mix(*args), proj_z(proj_TP, nk, nv, dk, dv), norm_weight_V, eps, out_dtype=out_dtype)
 
 
 def gdn_prefill(q_THK, k_THK, v_THV, a_TH, b_TH, A_log_H, dt_bias_H, state_pool_SHKV, batch,
