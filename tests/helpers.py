@@ -161,19 +161,24 @@ def run_ranks(world: int, fn, tmp_path: Path, *args, timeout: float = 600) -> li
 
 
 # -- the main job under every launcher -----------------------------------------------------------
+def run_main_job(args: list[str], tmp_path: Path, name: str) -> tuple[dict, dict]:
+    """`tp-gdn run *args`, which must succeed: (the checked layers' saved outputs, the summary)."""
+    import json
+
+    from tp_gdn.cli import main as cli
+
+    out, js = tmp_path / f"{name}.pt", tmp_path / f"{name}.json"
+    assert cli(["run", *args, "--save-outputs", str(out), "--json", str(js)]) == 0, name
+    return torch.load(out)["outputs"], json.loads(js.read_text())
+
+
 def job_across_launchers(tmp_path: Path, job_args: list[str], tp: int, tol: float) -> dict[str, dict]:
     """`tp-gdn run *job_args` at tp under the local launcher, torchrun and (where ray is importable)
     Ray, and at tp=1. Asserts that the launchers' outputs are bit-equal, that they lie within
     `tol` of the tp=1 run's, and that every run's own check against the unsharded fp32 layer
     (max_rel_err) is within `tol`. Returns each run's summary by launcher."""
-    import json
-
-    from tp_gdn.cli import main as cli
-
     def run(name, *extra):
-        out, js = tmp_path / f"{name}.pt", tmp_path / f"{name}.json"
-        assert cli(["run", *job_args, *extra, "--save-outputs", str(out), "--json", str(js)]) == 0, name
-        return torch.load(out)["outputs"], json.loads(js.read_text())
+        return run_main_job([*job_args, *extra], tmp_path, name)
 
     one, one_summary = run("tp1", "--tp", "1")
     launchers = ["local", "torchrun"] + (["ray"] if importlib.util.find_spec("ray") else [])

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import (hf_layer_oracle, job_across_launchers, random_full_weights, rel_err, tiny_config,
-                     with_weights_rounded_to)
+from helpers import (hf_layer_oracle, job_across_launchers, random_full_weights, rel_err, run_main_job,
+                     tiny_config, with_weights_rounded_to)
 from tp_gdn import Batch, GDNLayer, StateCache
 from tp_gdn.cli import main as cli
 from tp_gdn.workload import expected_outputs, mixed_workload
@@ -32,9 +32,7 @@ def job_args():
 
 
 def run_job(tmp_path, name, *args):
-    out, js = tmp_path / f"{name}.pt", tmp_path / f"{name}.json"
-    assert cli(["run", *job_args(), *args, "--save-outputs", str(out), "--json", str(js)]) == 0
-    return torch.load(out)["outputs"], json.loads(js.read_text())
+    return run_main_job([*job_args(), *args], tmp_path, name)
 
 
 @pytest.mark.gpu

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import job_across_launchers, rel_err
+from helpers import job_across_launchers, rel_err, run_main_job
 from tp_gdn import Batch, GDNConfig, StateCache, load_layers
 from tp_gdn.cli import main as cli
 from tp_gdn.loader.synthetic import write_checkpoint
@@ -26,21 +26,15 @@ def ckpt(tmp_path_factory):
     return write_checkpoint(tmp_path_factory.mktemp("ckpt"), "tiny", dtype="float32", seed=3)
 
 
-def run_cli(args, tmp_path, name):
-    out, js = tmp_path / f"{name}.pt", tmp_path / f"{name}.json"
-    assert cli(["run", *args, "--save-outputs", str(out), "--json", str(js)]) == 0
-    return torch.load(out)["outputs"], json.loads(js.read_text())
-
-
 def test_local_launcher_matches_the_unsharded_layer(ckpt, tmp_path, capsys):
-    outputs, summary = run_cli(["--checkpoint", str(ckpt), "--tp", "2", *JOB], tmp_path, "local")
+    outputs, summary = run_main_job(["--checkpoint", str(ckpt), "--tp", "2", *JOB], tmp_path, "local")
     assert summary["max_rel_err"] < 1e-5 and summary["checked_layers"] == [0, 1, 2]
     assert len(summary["ranks"]) == 2 and all(r["peak_memory_bytes"] > 0 for r in summary["ranks"])
     assert "tokens/s" in capsys.readouterr().out
 
 
 def test_torchrun_gives_the_same_numbers_as_local_processes(ckpt, tmp_path):
-    local, _ = run_cli(["--checkpoint", str(ckpt), "--tp", "2", *JOB], tmp_path, "local")
+    local, _ = run_main_job(["--checkpoint", str(ckpt), "--tp", "2", *JOB], tmp_path, "local")
     out, js = tmp_path / "tr.pt", tmp_path / "tr.json"
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                     str(ROOT / "launch" / "torchrun_job.py"), "--checkpoint", str(ckpt), *JOB,
@@ -69,8 +63,8 @@ def test_the_job_runs_a_presharded_checkpoint_and_checks_it_against_the_joined_l
     job once tried to load it at tp=1 and failed); outputs equal those from the HF checkpoint."""
     pre = tmp_path / "pre"
     assert cli(["shard", str(ckpt), "--tp", "2", "--out", str(pre)]) == 0
-    hf_out, _ = run_cli(["--checkpoint", str(ckpt), "--tp", "2", *JOB], tmp_path, "hf")
-    pre_out, summary = run_cli(["--checkpoint", str(pre), "--tp", "2", *JOB], tmp_path, "pre")
+    hf_out, _ = run_main_job(["--checkpoint", str(ckpt), "--tp", "2", *JOB], tmp_path, "hf")
+    pre_out, summary = run_main_job(["--checkpoint", str(pre), "--tp", "2", *JOB], tmp_path, "pre")
     assert summary["max_rel_err"] < 1e-5 and summary["checked_layers"] == sorted(pre_out)
     for i in hf_out:
         for a, b in zip(hf_out[i], pre_out[i]):
@@ -198,8 +192,8 @@ def local_ray():
 
 
 def test_ray_job_gives_the_same_numbers_as_local_processes(ckpt, tmp_path, local_ray):
-    local, _ = run_cli(["--checkpoint", str(ckpt), "--tp", "2", *JOB], tmp_path, "local")
-    got, summary = run_cli(["--checkpoint", str(ckpt), "--tp", "2", "--launcher", "ray", *JOB], tmp_path, "ray")
+    local, _ = run_main_job(["--checkpoint", str(ckpt), "--tp", "2", *JOB], tmp_path, "local")
+    got, summary = run_main_job(["--checkpoint", str(ckpt), "--tp", "2", "--launcher", "ray", *JOB], tmp_path, "ray")
     assert summary["max_rel_err"] < 1e-5 and summary["ray_overhead_ms"] > 0
     for i in local:
         for a, b in zip(got[i], local[i]):
