@@ -37,13 +37,15 @@ CFG = GDNConfig(model_type="qwen3_next", hidden_size=2048, num_k_heads=16, num_v
 
 def full_weights(seed=0):
     from tp_gdn.layer import full_shapes
+    from tp_gdn.loader.synthetic import gate_parameters
 
     g = torch.Generator().manual_seed(seed)
     s = full_shapes(CFG)
+    A_log, dt_bias = gate_parameters(CFG.num_v_heads, g)
     return {"in_proj.weight": torch.randn(s["in_proj.weight"], generator=g) / CFG.hidden_size ** 0.5,
             "conv_weight": torch.randn(s["conv_weight"], generator=g) / 2,
-            "A_log": torch.log(torch.rand(s["A_log"], generator=g) * 15 + 1),
-            "dt_bias": torch.randn(s["dt_bias"], generator=g) * 0.5,
+            "A_log": A_log,
+            "dt_bias": dt_bias,
             "norm_weight": 1 + 0.3 * torch.randn(s["norm_weight"], generator=g),
             "out_proj.weight": torch.randn(s["out_proj.weight"], generator=g) / CFG.value_dim ** 0.5}
 

@@ -18,6 +18,7 @@ from tp_gdn import Batch
 from tp_gdn.kernels import reference as ref
 from tp_gdn.kernels import triton_chunk
 from tp_gdn.kernels.triton_ops import gdn_prefill
+from tp_gdn.loader.synthetic import gate_parameters
 
 BVS = {"split": (16, 32, 64, 128), "fused": (64, 128)}
 
@@ -29,7 +30,7 @@ def worst_error(path):
         T = sum(lens)
         r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)
         q, k, v, a, b = r(T, nk, 128), r(T, nk, 128), r(T, nv, 128), r(T, nv), r(T, nv)
-        A_log, dt = torch.log(torch.rand(nv, generator=g, dtype=torch.float64) * 15 + 1), r(nv) * 0.5
+        A_log, dt = gate_parameters(nv, g, torch.float64)
         pool = r(len(lens), nv, 128, 128) * 0.1
         batch = Batch(lens, list(range(len(lens))), [i % 2 == 0 for i in range(len(lens))])
         gg, beta = ref.gdn_gating(a, b, A_log, dt)

@@ -13,6 +13,7 @@ import torch
 
 from tp_gdn import GDNConfig
 from tp_gdn.layer import full_shapes
+from tp_gdn.loader.synthetic import gate_parameters
 
 
 def tiny_config(model_type="qwen3_next", nk=4, nv=8, dk=16, dv=16, H=32, K=4, layers=4) -> GDNConfig:
@@ -25,11 +26,12 @@ def random_full_weights(cfg: GDNConfig, seed: int = 0, dtype=torch.float32) -> d
     """Random unsharded layer weights with realistic scales and non-default A_log/dt_bias/norm."""
     g = torch.Generator().manual_seed(seed)
     s = full_shapes(cfg)
+    A_log, dt_bias = gate_parameters(cfg.num_v_heads, g)
     w = {
         "in_proj.weight": torch.randn(s["in_proj.weight"], generator=g) / cfg.hidden_size ** 0.5,
         "conv_weight": torch.randn(s["conv_weight"], generator=g) / cfg.conv_kernel ** 0.5,
-        "A_log": torch.log(torch.rand(s["A_log"], generator=g) * 15 + 1),
-        "dt_bias": torch.randn(s["dt_bias"], generator=g) * 0.5,
+        "A_log": A_log,
+        "dt_bias": dt_bias,
         "norm_weight": 1 + 0.3 * torch.randn(s["norm_weight"], generator=g),
         "out_proj.weight": torch.randn(s["out_proj.weight"], generator=g) / cfg.value_dim ** 0.5,
     }
@@ -108,8 +110,9 @@ def build_hf_model(kind: str, seed: int = 0):
         for layer in model.model.layers:
             if getattr(layer, "linear_attn", None) is not None:
                 la = layer.linear_attn
-                la.A_log.copy_(torch.log(torch.rand_like(la.A_log) * 15 + 1))
-                la.dt_bias.copy_(torch.randn_like(la.dt_bias) * 0.5)
+                A_log, dt_bias = gate_parameters(la.A_log.numel())
+                la.A_log.copy_(A_log)
+                la.dt_bias.copy_(dt_bias)
                 la.norm.weight.copy_(1 + 0.3 * torch.randn_like(la.norm.weight))
     return model.eval()
 

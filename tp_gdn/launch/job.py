@@ -46,8 +46,8 @@ class JobSpec:
 
 # the embedded defaults: (directory name, write_checkpoint arguments) per device type
 DEFAULT_CHECKPOINTS = {
-    "cpu": ("tiny-qwen3-next-v1", dict(preset="tiny", dtype="float32")),
-    "cuda": ("qwen3-next-80b-dims-4gdn-v1", dict(preset="qwen3-next-80b", gdn_layers=4, dtype="bfloat16",
+    "cpu": ("tiny-qwen3-next-v2", dict(preset="tiny", dtype="float32")),
+    "cuda": ("qwen3-next-80b-dims-4gdn-v2", dict(preset="qwen3-next-80b", gdn_layers=4, dtype="bfloat16",
                                                   max_file_bytes=100 << 20)),
 }
 

@@ -55,14 +55,26 @@ def preset_config(preset: str, gdn_layers: int | None = None, **overrides) -> di
     return raw
 
 
+def gate_parameters(nv: int, gen: torch.Generator | None = None, dtype: torch.dtype = torch.float32):
+    """(A_log, dt_bias) [nv] as trained checkpoints hold them: A in [1, 16] (HF's init range) and
+    dt_bias = softplus^-1(dt), dt log-spaced over [1e-3, 1e-1] across the heads in random order
+    (Mamba's init range). With unit-scale gate inputs a, the weakest heads then keep their state
+    over thousands of tokens and the strongest forget it within one chunk, so states passed
+    between chunks matter. (dt_bias ~ N(0, 0.25) made every head forget its state within a few
+    tokens, which hid how states pass from chunk to chunk.)"""
+    A_log = torch.log(torch.rand(nv, generator=gen, dtype=dtype) * 15 + 1)
+    dt = torch.exp(torch.linspace(math.log(1e-3), math.log(1e-1), nv, dtype=dtype))
+    dt = dt[torch.randperm(nv, generator=gen)]
+    return A_log, dt + torch.log(-torch.expm1(-dt))
+
+
 def random_tensors(cfg: GDNConfig, gen: torch.Generator, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """One layer's checkpoint tensors (names relative to `linear_attn.`)."""
     out = {}
+    gates = dict(zip(("A_log", "dt_bias"), gate_parameters(cfg.num_v_heads, gen)))
     for name, (shape, _) in tensor_rules(cfg).items():
-        if name == "A_log":
-            t = torch.log(torch.rand(shape, generator=gen) * 15 + 1)
-        elif name == "dt_bias":
-            t = torch.randn(shape, generator=gen) * 0.5
+        if name in gates:
+            t = gates[name]
         elif name == "norm.weight":
             t = 1 + 0.3 * torch.randn(shape, generator=gen)
         else:
