@@ -8,8 +8,9 @@ inside on both sides, initial states read and final states written on both sides
   decode 256 sequences at nv 32 and 1 sequence at nv 32, each replayed from a CUDA graph (both
   sides) and called eagerly.
 Times are medians of CUDA-event timings after warm-up; ratio = fla time / our time. Each prefill
-row also times both kernel paths ("split", "fused") at several dv blocks, next to the one
-`choose_path` picks, and the solve launch that both paths start with on its own. `--sweep` first tries launch settings and keeps the fastest.
+row also times the kernel paths ("split", "fused" at several dv blocks, "scan" at its own
+blocks and segment length), next to the one `choose_path` picks, and the solve launch that every
+path starts with on its own. `--sweep` first tries launch settings and keeps the fastest.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 from tp_gdn import Batch
 from tp_gdn.kernels import triton_chunk, triton_decode
 from tp_gdn.kernels.triton_ops import gdn_decode, gdn_prefill
+from tp_gdn.loader.synthetic import gate_parameters
 
 sys.path.insert(0, str(Path(__file__).parent))
 from timing import back_to_back, graphed, rel, timeit  # noqa: E402
@@ -58,9 +60,9 @@ def prefill_inputs(n_seq, seq_len, nk, nv, seed=0):
     T = n_seq * seq_len
     bf = torch.bfloat16
     r = lambda *s: torch.randn(*s, device="cuda", generator=g)
+    A_log, dt_bias = (t.cuda() for t in gate_parameters(nv, torch.Generator().manual_seed(seed)))
     x = dict(q=r(T, nk, DK).to(bf), k=r(T, nk, DK).to(bf), v=r(T, nv, DV).to(bf), a=r(T, nv).to(bf),
-             b=r(T, nv).to(bf), A_log=torch.log(torch.rand(nv, device="cuda", generator=g) * 15 + 1),
-             dt_bias=r(nv) * 0.5, h0=r(n_seq, nv, DK, DV) * 0.1)
+             b=r(T, nv).to(bf), A_log=A_log, dt_bias=dt_bias, h0=r(n_seq, nv, DK, DV) * 0.1)
     x["batch"] = Batch([seq_len] * n_seq, list(range(n_seq)), [True] * n_seq)
     x["cu"] = torch.tensor(x["batch"].cu_seqlens, device="cuda", dtype=torch.long)
     return x
@@ -96,9 +98,9 @@ def decode_inputs(N, nv, seed=0):
     nk = nv // 2
     g = torch.Generator(device="cuda").manual_seed(seed)
     r = lambda *s: torch.randn(*s, device="cuda", generator=g)
+    A_log, dt_bias = (t.cuda() for t in gate_parameters(nv, torch.Generator().manual_seed(seed)))
     x = dict(nk=nk, nv=nv, qkvba=r(N, 2 * nk * DK + nv * DV + 2 * nv).to(torch.bfloat16),
-             A_log=torch.log(torch.rand(nv, device="cuda", generator=g) * 15 + 1), dt_bias=r(nv) * 0.5,
-             pool=r(N, nv, DK, DV) * 0.1)
+             A_log=A_log, dt_bias=dt_bias, pool=r(N, nv, DK, DV) * 0.1)
     x["batch"] = Batch([1] * N, list(range(N)), [True] * N)
     x["batch"].meta("cuda")
     return x
@@ -226,7 +228,10 @@ def main():
     ap.add_argument("--launch", default=None,
                     help='JSON launch settings to use, e.g. \'{"fused": {"num_warps": 8, "num_stages": 2}}\'')
     ap.add_argument("--json", help="write the results here as JSON")
+    ap.add_argument("--rows", nargs="+", default=None, metavar="TEXT",
+                    help="run only the workloads whose name contains one of these (e.g. 1x32768 decode)")
     args = ap.parse_args()
+    want = lambda name: args.rows is None or any(r in name for r in args.rows)
     import fla
     dev = torch.cuda.get_device_name()
     print(f"device: {dev}; torch {torch.__version__}; triton {__import__('triton').__version__}; fla {fla.__version__}")
@@ -245,19 +250,20 @@ def main():
     print("launch settings:", triton_chunk.LAUNCH, triton_decode.LAUNCH, flush=True)
 
     rows = []
-    for name, n, L, nk, nv in PREFILL:
+    for name, n, L, nk, nv in filter(lambda w: want(w[0]), PREFILL):
         x = prefill_inputs(n, L, nk, nv)
         pool = x["h0"].clone()
         ours = ours_prefill(x, pool)
         o_ours = ours()
         pool_after_one = pool.clone()
-        chosen = triton_chunk.choose_path(n, nv, DV)
+        chosen = triton_chunk.choose_path(n, nv, DV, num_chunks=x["batch"].meta("cuda").num_chunks)
         variants = {}
-        for path, bv in [("split", None), ("split", 16), ("fused", 64), ("fused", 128)]:
-            if bv is None:
+        for path, bv in [("split", None), ("split", 16), ("fused", 64), ("fused", 128), ("scan", None)]:
+            if bv is None and path == "split":
                 bv = triton_chunk.split_bv(n, nv, DV)
-            if f"{path} BV{bv}" not in variants:
-                variants[f"{path} BV{bv}"] = timeit(ours_prefill(x, pool.clone(), bv, path), iters=10)
+            label = f"{path} BV{bv}" if bv else path
+            if label not in variants:
+                variants[label] = timeit(ours_prefill(x, pool.clone(), bv, path), iters=10)
         variants["solve alone"] = timeit(solve_alone(x, nk, nv), iters=10)   # the first launch of both paths
         print(f"{name}: " + ", ".join(f"{k} {t:.3f}" for k, t in variants.items()) + f" ms; chosen {chosen}",
               flush=True)
@@ -278,6 +284,19 @@ def main():
               f"x{t_fla / t_ours:.2f}, |ours-fla|/|fla| = {rows[-1]['rel_err_vs_fla']:.1e} "
               f"(state {rows[-1]['state_rel_err_vs_fla']:.1e})", flush=True)
 
+    for decode_row in (decode_256_row, decode_1_row):
+        if want(decode_row.__doc__):
+            rows.append(decode_row(bw))
+    print_table(rows, dev)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(device=dev, copy_TBps=bw / 1e12, launch=dict(chunk=triton_chunk.LAUNCH,
+                                                                         decode=triton_decode.LAUNCH), rows=rows), f,
+                      indent=1)
+
+
+def decode_256_row(bw):
+    """decode 256 seqs, nv 32"""
     x = decode_inputs(256, 32)
     pool = x["pool"].clone()
     ours, fla_f = ours_decode(x, pool), fla_decode(x, x["pool"])
@@ -287,16 +306,20 @@ def main():
     t_fla = peer_graph_time(fla_f, "decode 256", replays=50)
     t_ours_eager, t_fla_eager = timeit(ours, iters=50), timeit(fla_f, iters=50)
     state_bytes = 2 * x["pool"].numel() * 4
-    rows.append(dict(workload="decode 256 seqs, nv 32", ours_ms=t_ours, fla_ms=t_fla, ratio=t_fla / t_ours,
-                     ours_eager_ms=t_ours_eager, fla_eager_ms=t_fla_eager,
-                     ours_state_TBps=state_bytes / (t_ours * 1e-3) / 1e12,
-                     fla_state_TBps=state_bytes / (t_fla * 1e-3) / 1e12,
-                     fraction_of_copy=state_bytes / (t_ours * 1e-3) / bw, rel_err_vs_fla=err))
-    print(f"decode 256 (graph replay): ours {t_ours * 1e3:.0f} us ({rows[-1]['ours_state_TBps']:.2f} TB/s state, "
-          f"{100 * rows[-1]['fraction_of_copy']:.0f}% of copy), fla {t_fla * 1e3:.0f} us "
-          f"({rows[-1]['fla_state_TBps']:.2f} TB/s); eager: ours {t_ours_eager * 1e3:.0f} us, fla "
+    row = dict(workload="decode 256 seqs, nv 32", ours_ms=t_ours, fla_ms=t_fla, ratio=t_fla / t_ours,
+               ours_eager_ms=t_ours_eager, fla_eager_ms=t_fla_eager,
+               ours_state_TBps=state_bytes / (t_ours * 1e-3) / 1e12,
+               fla_state_TBps=state_bytes / (t_fla * 1e-3) / 1e12,
+               fraction_of_copy=state_bytes / (t_ours * 1e-3) / bw, rel_err_vs_fla=err)
+    print(f"decode 256 (graph replay): ours {t_ours * 1e3:.0f} us ({row['ours_state_TBps']:.2f} TB/s state, "
+          f"{100 * row['fraction_of_copy']:.0f}% of copy), fla {t_fla * 1e3:.0f} us "
+          f"({row['fla_state_TBps']:.2f} TB/s); eager: ours {t_ours_eager * 1e3:.0f} us, fla "
           f"{t_fla_eager * 1e3:.0f} us; err {err:.1e}", flush=True)
+    return row
 
+
+def decode_1_row(bw):
+    """decode 1 seq, nv 32"""
     x = decode_inputs(1, 32)
     pool = x["pool"].clone()
     ours, fla_f = ours_decode(x, pool), fla_decode(x, x["pool"])
@@ -305,11 +328,14 @@ def main():
     t_eager = timeit(ours, iters=100)
     t_fla = timeit(fla_f, iters=100)
     t_fla_graph = peer_graph_time(fla_f, "decode 1")
-    rows.append(dict(workload="decode 1 seq, nv 32", ours_graph_us=t_graph * 1e3, ours_eager_us=t_eager * 1e3,
-                     fla_eager_us=t_fla * 1e3, fla_graph_us=t_fla_graph * 1e3, rel_err_vs_fla=err))
+    row = dict(workload="decode 1 seq, nv 32", ours_graph_us=t_graph * 1e3, ours_eager_us=t_eager * 1e3,
+               fla_eager_us=t_fla * 1e3, fla_graph_us=t_fla_graph * 1e3, rel_err_vs_fla=err)
     print(f"decode 1: ours graph replay {t_graph * 1e3:.1f} us (eager {t_eager * 1e3:.1f} us), fla eager "
           f"{t_fla * 1e3:.1f} us, fla graph {t_fla_graph * 1e3:.1f} us, err {err:.1e}")
+    return row
 
+
+def print_table(rows, dev):
     print(f"\n| workload ({dev}) | ours | fla-core 0.6.0 | fla / ours |")
     print("|---|---|---|---|")
     for r in rows:
@@ -321,11 +347,6 @@ def main():
                   f"({100 * r['fraction_of_copy']:.0f}% of copy) | {r['fla_ms'] * 1e3:.0f} us | {r['ratio']:.2f} |")
         else:
             print(f"| {r['workload']} | {r['ours_ms']:.3f} ms | {r['fla_ms']:.3f} ms | {r['ratio']:.2f} |")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(device=dev, copy_TBps=bw / 1e12, launch=dict(chunk=triton_chunk.LAUNCH,
-                                                                         decode=triton_decode.LAUNCH), rows=rows), f,
-                      indent=1)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from helpers import random_full_weights, rel_err, tiny_config
 from tp_gdn import Batch, GDNLayer, StateCache
 from tp_gdn.kernels import reference as ref
+from tp_gdn.loader.synthetic import gate_parameters
 from tp_gdn.workload import WorkloadBuilder, mixed_workload, run_steps
 
 CUDA = torch.cuda.is_available()
@@ -29,8 +30,7 @@ def raw_inputs(T, nk, nv, dk, dv, dtype, S=None):
     v = torch.randn(T, nv, dv, dtype=torch.float64)
     a = torch.randn(T, nv, dtype=torch.float64)
     b = torch.randn(T, nv, dtype=torch.float64)
-    A_log = torch.log(torch.rand(nv, dtype=torch.float64) * 15 + 1)
-    dt_bias = torch.randn(nv, dtype=torch.float64) * 0.5
+    A_log, dt_bias = gate_parameters(nv, dtype=torch.float64)
     pool = torch.randn(S or 4, nv, dk, dv, dtype=torch.float64) * 0.3
     return q, k, v, a, b, A_log, dt_bias, pool
 
@@ -43,8 +43,12 @@ def reference_core(q, k, v, a, b, A_log, dt_bias, pool, batch):
                                        batch.seq_lens, batch.slots, batch.has_state)
 
 
-def run_prefill(lens, nk, nv, dk, dv, dtype, tol, has=None, path=None, BV=None):
+def run_prefill(lens, nk, nv, dk, dv, dtype, tol, has=None, path=None, BV=None, seg_chunks=None):
+    """gdn_prefill against the fp64 reference (output and final states). The scan path runs on
+    one-chunk segments unless told otherwise, so that every sequence over 64 tokens spans several."""
     *_, ops = tri()
+    if path == "scan" and seg_chunks is None:
+        seg_chunks = 1
     S = len(lens) + 2
     q, k, v, a, b, A_log, dt_bias, pool = raw_inputs(sum(lens), nk, nv, dk, dv, dtype, S)
     has = has or [i % 2 == 0 for i in range(len(lens))]
@@ -54,14 +58,14 @@ def run_prefill(lens, nk, nv, dk, dv, dtype, tol, has=None, path=None, BV=None):
     pool_t = pool.float().to(DEV)
     c = lambda x: x.to(DEV, dtype)
     got = ops.gdn_prefill(c(q), c(k), c(v), c(a), c(b), A_log.float().to(DEV), dt_bias.float().to(DEV),
-                          pool_t, batch, BV=BV, path=path)
+                          pool_t, batch, BV=BV, path=path, seg_chunks=seg_chunks)
     assert got.dtype == dtype
     assert rel_err(got.cpu(), want) < tol
     assert rel_err(pool_t.cpu(), pool64) < tol
     return got
 
 
-PATHS = ["split", "fused"]
+PATHS = ["split", "fused", "scan"]
 
 
 def tiny_fused_or_skip(path):
@@ -83,6 +87,13 @@ def test_chunked_prefill_matches_fp64_reference(nk, nv, path):
 def test_chunked_prefill_handles_dk_unlike_dv(path):
     tiny_fused_or_skip(path)
     run_prefill([70, 3], 1, 2, 32, 8, torch.float32, 1e-5, has=[True, False], path=path)
+
+
+@pytest.mark.parametrize("seg_chunks", [2, 3])
+def test_scan_path_with_longer_segments_and_dv_blocks(seg_chunks):
+    """Segments of several chunks, the last one of a sequence partial; the pass's dv in blocks."""
+    run_prefill([300, 2, 129, 64, 450], 1, 2, 16, 32, torch.float32, 1e-5, has=[True, False, True, True, False],
+                path="scan", BV=16, seg_chunks=seg_chunks)
 
 
 def test_fused_path_with_dv_split_in_blocks():
@@ -117,6 +128,16 @@ def test_choose_path_keeps_the_fused_path_to_many_16_bit_programs():
     assert chunk.choose_path(many, 1, 16)[0] == "split"                  # dv below the fused block
 
 
+def test_choose_path_takes_the_scan_for_very_few_long_sequences():
+    chunk, *_ = tri()
+    assert chunk.choose_path(1, 8, 128, num_chunks=512) == ("scan", None)        # 1x32768 on a tp=4 rank
+    assert chunk.scan_seg_chunks(512, 8) == 32                                   # 16 segments x 8 heads
+    assert chunk.choose_path(2, 8, 128, num_chunks=512) == ("scan", None)
+    assert chunk.choose_path(1, 8, 128, num_chunks=8)[0] == "split"              # one segment: nothing to scan
+    assert chunk.choose_path(8, 4, 128, num_chunks=512)[0] != "scan"             # 32 pairs: enough for split
+    assert chunk.choose_path(1, 8, 128) == ("split", 16)                         # lengths unknown
+
+
 def test_unknown_prefill_path_is_refused():
     *_, ops = tri()
     q, k, v, a, b, A_log, dt_bias, pool = (x.float().to(DEV) for x in raw_inputs(5, 1, 1, 16, 16, torch.float32))
@@ -135,7 +156,7 @@ def test_decode_step_matches_reference_with_conv_update():
     conv_w = torch.randn(cfg.conv_dim, 4) * 0.5
     conv_pool = torch.randn(S, 3, cfg.conv_dim)
     ssm_pool = torch.randn(S, nv, dk, dv) * 0.3
-    A_log, dt_bias = torch.log(torch.rand(nv) * 15 + 1), torch.randn(nv)
+    A_log, dt_bias = gate_parameters(nv)
     batch = Batch([1] * N, [6, 0, 3, 7, 1], [True, False, True, True, False])
     cp_ref, sp_ref = conv_pool.clone(), ssm_pool.clone()
     want = ref.gdn_mix(proj, nk, nv, dk, dv, conv_w, A_log, dt_bias, cp_ref, sp_ref, batch)
@@ -250,7 +271,7 @@ def test_triton_layer_with_the_norm_inside_the_fused_pass_matches_torch_layer(se
     path); steps with decodes do not."""
     tiny_fused_or_skip("fused")
     chunk, *_, ops = tri()
-    full_dv = lambda n_seq, nv, dv, dtype=None: ("fused", max(16, 1 << (dv - 1).bit_length()))
+    full_dv = lambda n_seq, nv, dv, dtype=None, num_chunks=None: ("fused", max(16, 1 << (dv - 1).bit_length()))
     monkeypatch.setattr(chunk, "choose_path", full_dv)
     monkeypatch.setattr(ops, "choose_path", full_dv)
     monkeypatch.setattr(ops, "FUSE_NORM", True)     # off by default (slower on an H200)
@@ -275,14 +296,17 @@ def test_triton_layer_with_the_norm_inside_the_fused_pass_matches_torch_layer(se
 
 # -- GPU: real shapes, bfloat16, and fla-core as a peer -------------------------------------------
 GPU_PATHS = [(torch.bfloat16, 1e-2, "split", None), (torch.float32, 1e-5, "split", None),
-             (torch.bfloat16, 1e-2, "fused", 64), (torch.bfloat16, 1e-2, "fused", 128)]
+             (torch.bfloat16, 1e-2, "fused", 64), (torch.bfloat16, 1e-2, "fused", 128),
+             (torch.bfloat16, 1e-2, "scan", None), (torch.float32, 1e-5, "scan", None)]
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype,tol,path,BV", GPU_PATHS)
 @pytest.mark.parametrize("nk,nv", [(4, 4), (4, 8), (2, 8)])
 def test_gpu_prefill_real_dims_matches_fp64(nk, nv, dtype, tol, path, BV):
-    run_prefill([1000, 64, 65, 2100, 130, 2, 63, 517], nk, nv, 128, 128, dtype, tol, path=path, BV=BV)
+    """The scan path at segments of 4 chunks: the 2100-token sequence spans 9, the 1000-token one 4."""
+    run_prefill([1000, 64, 65, 2100, 130, 2, 63, 517], nk, nv, 128, 128, dtype, tol, path=path, BV=BV,
+                seg_chunks=4 if path == "scan" else None)
 
 
 @pytest.mark.gpu

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import operator
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -24,6 +24,54 @@ class BatchMeta:
     chunks: torch.Tensor       # [NC, 2] int32, (sequence, first token of the chunk) of longer ones
     num_decode: int
     num_chunks: int
+    # host copy: (first token, end token) of each prefill sequence, in prefill_seqs order
+    prefill_bounds: tuple = ()
+    _segments: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def segments(self, seg_chunks: int) -> "SegmentMeta":
+        """The prefill sequences cut into segments of `seg_chunks` chunks (the last one of each
+        sequence shorter), as tables on this meta's device, built once per segment length."""
+        if seg_chunks < 1:
+            raise ValueError(f"seg_chunks must be >= 1, got {seg_chunks}")
+        if seg_chunks not in self._segments:
+            step = seg_chunks * CHUNK
+            bounds, first = [], [0]
+            for bos, eos in self.prefill_bounds:
+                for t in range(bos, eos, step):
+                    bounds += [t, min(t + step, eos)]
+                first.append(len(bounds) // 2)
+            G = len(bounds) // 2
+            parts = (bounds, first, range(0, 2 * G, 2), [1] * (2 * G))
+            host, starts = [], []
+            for part in parts:
+                starts.append(len(host))
+                host.extend(part)
+                host.extend([0] * (-len(host) % 4))
+            buf = torch.tensor(host, dtype=torch.int32).to(self.cu_seqlens.device, non_blocking=True)
+            b, f, pairs, ones = (buf[a: a + len(p)] for a, p in zip(starts, parts))
+            slots = torch.arange(2 * G, dtype=torch.int64).div_(2, rounding_mode="floor")
+            self._segments[seg_chunks] = SegmentMeta(
+                bounds=b, seq_first=f, pairs=pairs, ones=ones,
+                slots=slots.to(self.cu_seqlens.device, non_blocking=True), num_segments=G)
+        return self._segments[seg_chunks]
+
+
+@dataclass(frozen=True)
+class SegmentMeta:
+    """Prefill sequences cut into segments (BatchMeta.segments), for the chunk-parallel scan.
+
+    Segment g spans tokens [bounds[2g], bounds[2g + 1]); prefill sequence i (in prefill_seqs
+    order) owns segments [seq_first[i], seq_first[i + 1]). pairs = 2g, slots[2g] = g and
+    ones let the segments stand in for sequences of a kernel that reads (cu_seqlens[n],
+    cu_seqlens[n + 1]), slots[n] and has_state[n] for n = seqs[i]: each segment starts from
+    its own entry g of a scratch state buffer."""
+
+    bounds: torch.Tensor     # [2G] int32
+    seq_first: torch.Tensor  # [Np + 1] int32
+    pairs: torch.Tensor      # [G] int32, 2g
+    ones: torch.Tensor       # [2G] int32
+    slots: torch.Tensor      # [2G] int64, n // 2
+    num_segments: int
 
 
 def _as_int(value, what: str) -> int:
@@ -152,5 +200,6 @@ class Batch:
                 chunks=ch.view(len(chunks) // 2, 2),
                 num_decode=len(decode),
                 num_chunks=len(chunks) // 2,
+                prefill_bounds=tuple((self.cu_seqlens[i], self.cu_seqlens[i + 1]) for i in prefill),
             )
         return self._meta[device]

@@ -1,6 +1,6 @@
 """Triton chunked gated delta rule for packed prefill sequences (chunk 64).
 
-Two paths, both starting with the same launch:
+Three paths, all starting with the same launch:
   1. `_intra_solve_kernel`  (chunks x value heads, all parallel): gating from raw a/b, the
      in-chunk cumulative decay G, A = beta k k^T o Gamma (strictly lower) and T = (I + A)^-1,
      solved on 16-row blocks in registers; only T's blocks on and below the diagonal are stored.
@@ -16,9 +16,17 @@ so only T, G and beta go through memory; it needs many (sequence, head) programs
 lies on the sequential path. It holds the state transposed (S^T), so that the two products on
 the chain from one chunk's state to the next take their left operand from registers. When one
 of its programs spans dv, it can also store the gated RMSNorm of o (gated_norm) in place of o.
-Splitting dv across programs keeps the split path's pass busy when a rank has few heads and one
-long sequence; `choose_path` picks. q/k may be
-given raw (NORM_QK: l2norm and q scale inside) or already normalised. Value head h reads key
+Splitting dv across programs keeps the split path's pass busy when a rank has a few heads and
+sequences; when it has very few (one long sequence on a tp=4 rank: 8 programs of 512 steps),
+the "scan" path cuts each sequence into segments of several chunks and runs step 3 on all
+segments in parallel. Over a segment the recurrence is affine, S_end = M S_start + L, so
+  a. `_segment_summary_kernel` (segments x heads x blocks of dv + dk columns) forms L (from S = 0)
+     and M (from S = I with u = 0) of every segment in parallel;
+  b. `_segment_chain_kernel` (sequences x heads x dv blocks) walks each sequence's segments,
+     S <- M S + L from the slot's state, storing each segment's start state and the final state;
+  c. `_state_pass_kernel` runs on the segments from those start states.
+`choose_path` picks the path. q/k may be given raw (NORM_QK: l2norm and q scale inside) or
+already normalised. Value head h reads key
 head h // R through strides; q/k are never repeated in memory.
 """
 
@@ -43,6 +51,7 @@ LAUNCH = {
     # H100, 8x4096 at 16/32 and 8/16 heads, BV 128: 8 warps 2 stages 2.382 / 1.141 ms, 3 stages
     # 2.356 / 1.299, 4 warps 2.880 / 1.579 (benchmarks/results/exp_fused_t_h100.log)
     "fused": dict(num_warps=8, num_stages=2),
+    "chain": dict(num_warps=4, num_stages=2),
 }
 # choose_path: the fused pass from this many (sequence, value head) pairs up, at this dv block,
 # and one block spanning dv (which lets the gated norm run inside it) from FUSED_FULL_DV_MIN_PROGRAMS
@@ -51,6 +60,19 @@ LAUNCH = {
 #   16 heads: fused BV128 0.931 ms, fused BV64 1.470, split BV128 1.218
 #    8 heads: fused BV64 0.772 ms, fused BV128 0.802, split BV64 0.745 (within noise)
 # and 1x32768 at 8 heads: split BV16 1.768 ms, fused BV64 4.858.
+PATHS = ("split", "fused", "scan")
+# The scan path: segments of this many chunks (None: scan_seg_chunks), and the dv blocks of its
+# phase 1 (summary, over dv + dk columns; None: the widest giving >= 128 programs, scan_bvs) and
+# phase 2 (chain). choose_path takes it up to SCAN_MAX_PAIRS (sequence, value head) pairs where
+# the sequences span >= 2 segments on average. H200, 8 value heads (benchmarks/results/
+# exp_scan_h200x2_s5.log), scan (best segment length) against split:
+#   1x32768: 0.940 ms (32 chunks) against 1.864;  2x16384: 0.858 (32) against 1.133
+#   16 heads, 1x8192: 0.560 (8), 0.606 (16) against 0.761
+#   32 heads, 1x4096: 0.492 (16) against 0.474;  8 heads, 8x4096: 0.908 (32) against 0.766
+SCAN = dict(seg_chunks=None, summary_bv=None, chain_bv=16)
+SCAN_MAX_PAIRS = 16
+SCAN_MIN_SEG_CHUNKS = 8
+SCAN_TARGET_PAIRS = 128
 FUSED_MIN_PROGRAMS = 64
 FUSED_BV = 64
 FUSED_FULL_DV_MIN_PROGRAMS = 128
@@ -195,6 +217,14 @@ def _intra_solve_kernel(
 
 
 @triton.jit
+def _advance(St, Ut, kk, G, G_last, PREC: tl.constexpr):
+    """One chunk's state update on the transposed state: S^T <- e^{G_last} S^T + (U^T e^{G_last - G}) k,
+    with U^T = u^T - S^T w^T [BV, C] and k [C, BK] of the chunk (the product in k's dtype)."""
+    Ud = (Ut * tl.exp(G_last - G)[None, :]).to(kk.dtype)
+    return St * tl.exp(G_last) + tl.dot(Ud, kk, input_precision=PREC)
+
+
+@triton.jit
 def _intra_wu_kernel(
     q, k, v, Tin, Gin, Bin, w_out, qp_out, u_out, oc_out, chunks, cu_seqlens,
     stride_q, stride_k, stride_v, q_col0, k_col0, v_col0, scale,
@@ -288,11 +318,88 @@ def _state_pass_kernel(
         Ut = ut - tl.dot(Sd, wt, input_precision=PREC)
         ot = oct + tl.dot(Sd, qpt, input_precision=PREC)
         tl.store(out + o_t[None, :] * stride_out + h * DV + o_v[:, None], ot.to(out.dtype.element_ty), mask=mvt)
-        Ud = (Ut * tl.exp(G_last - G)[None, :]).to(wt.dtype)
-        St = St * tl.exp(G_last) + tl.dot(Ud, kk, input_precision=PREC)
+        St = _advance(St, Ut, kk, G, G_last, PREC)
 
     tl.debug_barrier()  # the initial state was read by every lane before it is overwritten
     tl.store(p_state, St.to(state_pool.dtype.element_ty), mask=m_state)
+
+
+@triton.jit
+def _segment_summary_kernel(
+    k, w_in, u_in, Gin, summary, bounds,
+    stride_k, k_col0,
+    R, HV, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NVB,
+    NORM_QK: tl.constexpr, PREC: tl.constexpr,
+):
+    """Scan, phase 1 (segments x value heads x column blocks, all parallel). Over one segment the
+    recurrence is affine, S_end = M S_start + L: this walks the segment's chunks twice over in
+    one grid, from S = 0 with the segment's u (blocks i_b < NVB: rows of L^T) and from S = I with
+    u = 0 (blocks i_b >= NVB: rows of M^T, a dk-wide "value" block each), and stores
+    summary[g, h] = [L^T; M^T] ([DV + DK, DK] fp32)."""
+    i_g, h, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    bos = tl.load(bounds + 2 * i_g).to(tl.int64)
+    eos = tl.load(bounds + 2 * i_g + 1).to(tl.int64)
+    is_m = i_b >= NVB
+    o_k = tl.arange(0, BK)
+    m_k = o_k < DK
+    o_r = tl.where(is_m, i_b - NVB, i_b) * BV + tl.arange(0, BV)    # value column, or key index of M^T's row
+    m_r = o_r < tl.where(is_m, DK, DV)
+    m_u = m_r & ((i_b + 0 * o_r) < NVB)
+    o_c = tl.arange(0, _C)
+    St = ((o_r[:, None] == o_k[None, :]) & m_r[:, None] & is_m).to(tl.float32)   # [BV, BK]
+    col_k = k_col0 + (h // R) * DK
+
+    n_chunks = ((eos - bos + _C - 1) // _C).to(tl.int32)
+    for i_t in range(0, n_chunks):
+        t0 = bos + i_t * _C
+        o_t = t0 + o_c
+        m_t = o_t < eos
+        wt = tl.load(w_in + o_t[None, :] * (HV * DK) + h * DK + o_k[:, None], mask=m_k[:, None] & m_t[None, :],
+                     other=0.0)
+        kk = _load_qk(k, o_t, m_t, stride_k, col_k, o_k, m_k, NORM_QK, 1.0)
+        ut = tl.load(u_in + o_t[None, :] * (HV * DV) + h * DV + o_r[:, None], mask=m_u[:, None] & m_t[None, :],
+                     other=0.0).to(tl.float32)
+        G = tl.load(Gin + o_t * HV + h, mask=m_t, other=0.0)
+        G_last = tl.load(Gin + (tl.minimum(t0 + _C, eos) - 1) * HV + h)
+        Ut = ut - tl.dot(St.to(wt.dtype), wt, input_precision=PREC)
+        St = _advance(St, Ut, kk, G, G_last, PREC)
+
+    row = tl.where(is_m, DV, 0) + o_r
+    tl.store(summary + (i_g * HV + h).to(tl.int64) * ((DV + DK) * DK) + row[:, None] * DK + o_k[None, :], St,
+             mask=m_r[:, None] & m_k[None, :])
+
+
+@triton.jit
+def _segment_chain_kernel(
+    summary, starts, state_pool, seqs, seq_first, slots, has_state, stride_ps, stride_ph,
+    HV, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+):
+    """Scan, phase 2 (sequences x value heads x dv blocks): the short sequential walk over one
+    sequence's segments, S^T <- S^T M^T + L^T from the slot's initial state. Stores the state each
+    segment starts from into starts[g] ([DK, DV] per head, the pool's layout) and the final state
+    into the slot."""
+    i_s, h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_n = tl.load(seqs + i_s).to(tl.int64)
+    slot = tl.load(slots + i_n).to(tl.int64)
+    keep = tl.load(has_state + i_n) != 0
+    g0 = tl.load(seq_first + i_s)
+    g1 = tl.load(seq_first + i_s + 1)
+    o_k = tl.arange(0, BK)
+    m_k = o_k < DK
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < DV
+    at = o_k[None, :] * DV + o_v[:, None]
+    m_state = m_v[:, None] & m_k[None, :]
+    p_state = state_pool + slot * stride_ps + h * stride_ph + at
+    St = tl.load(p_state, mask=tl.where(keep, m_state, False), other=0.0).to(tl.float32)     # [BV, BK]
+    for g in range(g0, g1):
+        tl.store(starts + (g * HV + h).to(tl.int64) * (DK * DV) + at, St, mask=m_state)
+        base = summary + (g * HV + h).to(tl.int64) * ((DV + DK) * DK)
+        Lt = tl.load(base + o_v[:, None] * DK + o_k[None, :], mask=m_state, other=0.0)
+        Mt = tl.load(base + (DV + o_k[:, None]) * DK + o_k[None, :], mask=m_k[:, None] & m_k[None, :], other=0.0)
+        St = tl.dot(St, Mt, input_precision=PREC) + Lt
+    tl.debug_barrier()  # the initial state was read by every lane before it is overwritten
+    tl.store(p_state, St, mask=m_state)
 
 
 @triton.jit
@@ -363,8 +470,7 @@ def _fused_pass_kernel(
             nw = tl.load(norm_w + o_v, mask=m_v, other=0.0).to(tl.float32)
             ot = ot * tl.rsqrt(tl.sum(ot * ot, axis=0) / DV + eps)[None, :] * nw[:, None] * (zz * tl.sigmoid(zz))
         tl.store(out + o_t[None, :] * stride_out + h * DV + o_v[:, None], ot.to(out.dtype.element_ty), mask=mvt)
-        Ud = (Ut * tl.exp(G_last - G)[None, :]).to(dt)
-        St = St * tl.exp(G_last) + tl.dot(Ud, kk, input_precision=PREC)
+        St = _advance(St, Ut, kk, G, G_last, PREC)
 
     tl.debug_barrier()  # the initial state was read by every lane before it is overwritten
     tl.store(p_state, St.to(state_pool.dtype.element_ty), mask=m_state)
@@ -376,14 +482,29 @@ def _prec(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def choose_path(n_seq: int, nv: int, dv: int, dtype: torch.dtype = torch.bfloat16) -> tuple[str, int]:
-    """(path, BV) for a prefill of n_seq sequences with nv local value heads.
+def scan_seg_chunks(num_chunks: int, nv: int) -> int:
+    """The scan path's segment length: the shortest power of two >= SCAN_MIN_SEG_CHUNKS chunks
+    that keeps (segment, value head) pairs to about SCAN_TARGET_PAIRS (shorter segments add
+    summary and chain work; longer ones leave SMs idle)."""
+    want = -(-num_chunks * nv // SCAN_TARGET_PAIRS)
+    return max(SCAN_MIN_SEG_CHUNKS, triton.next_power_of_2(max(1, want)))
+
+
+def choose_path(n_seq: int, nv: int, dv: int, dtype: torch.dtype = torch.bfloat16,
+                num_chunks: int | None = None) -> tuple[str, int | None]:
+    """(path, BV) for a prefill of n_seq sequences (num_chunks chunks in all) with nv local value
+    heads; BV None for "scan", which picks its blocks from its segment count (scan_bvs).
 
     "fused" (w/u inside the sequential pass) moves the least memory but repeats the w and q k^T
     products in every dv block and runs them on the sequential path, so it needs many (sequence,
     head) programs; "split" (w/u in a parallel launch, a light pass that can cut dv finely)
-    keeps the SMs busy when there are few. Thresholds: benchmarks/bench_kernels.py --sweep.
+    keeps the SMs busy when there are few; "scan" (split's launches, its pass run over segments
+    in parallel from start states that a short chain per sequence forms) takes over when there
+    are very few and long. Thresholds: benchmarks/bench_kernels.py (--sweep) and the notes at SCAN.
     """
+    if num_chunks is not None and n_seq * nv <= SCAN_MAX_PAIRS and \
+            num_chunks >= 2 * n_seq * scan_seg_chunks(num_chunks, nv):
+        return "scan", None
     if n_seq * nv >= FUSED_MIN_PROGRAMS and dtype != torch.float32 and dv >= FUSED_BV:
         full = max(16, triton.next_power_of_2(dv))
         if n_seq * nv >= FUSED_FULL_DV_MIN_PROGRAMS and full <= FUSED_MAX_BV:
@@ -400,8 +521,18 @@ def split_bv(n_seq: int, nv: int, dv: int) -> int:
     return next((bv for bv in (128, 64, 32) if bv <= BVf and n_seq * nv * triton.cdiv(dv, bv) >= 128), 16)
 
 
+def scan_bvs(n_seg: int, nv: int, dk: int, dv: int) -> tuple[int, int, int]:
+    """The scan path's dv blocks: (summary, chain, pass). The summary and the pass each take the
+    widest block that still gives >= 128 programs over the segments (as split_bv)."""
+    BVf = max(16, triton.next_power_of_2(max(dk, dv)))
+    sum_bv = SCAN["summary_bv"] or next(
+        (bv for bv in (128, 64, 32) if bv <= BVf and n_seg * nv * (triton.cdiv(dv, bv) + triton.cdiv(dk, bv)) >= 128),
+        16)
+    return sum_bv, SCAN["chain_bv"], split_bv(n_seg, nv, dv)
+
+
 def intra_solve(k, a, b, A_log, dt_bias, meta, k_col0: int, nk: int, nv: int, dk: int, normalize_qk: bool):
-    """The first launch of both paths, on its own: (T [tokens, nv, 64] in k's dtype, G and beta
+    """The first launch of every path, on its own: (T [tokens, nv, 64] in k's dtype, G and beta
     [tokens, nv] fp32), per chunk T = (I + beta k k^T o Gamma)^-1 and the in-chunk cumulative
     gate G (arguments as chunk_delta_rule_varlen's)."""
     T, dev, dt = k.shape[0], k.device, k.dtype
@@ -420,7 +551,7 @@ def intra_solve(k, a, b, A_log, dt_bias, meta, k_col0: int, nk: int, nv: int, dk
 def chunk_delta_rule_varlen(
     q, k, v, a, b, A_log, dt_bias, state_pool, out, meta, q_col0: int, k_col0: int, v_col0: int,
     nk: int, nv: int, dk: int, dv: int, normalize_qk: bool, BV: int | None = None, path: str | None = None,
-    gated_norm: tuple | None = None,
+    gated_norm: tuple | None = None, seg_chunks: int | None = None,
 ):
     """Chunked gated delta rule over the prefill sequences of `meta` (those longer than 1 token).
 
@@ -430,24 +561,26 @@ def chunk_delta_rule_varlen(
     state_pool: [S, nv, dk, dv] (fp32), read for has_state sequences and overwritten with each
     final state; out: [T, *] receives o of value head h at columns h dv.
     normalize_qk: l2-normalise q and k and scale q by dk^-0.5 inside (else they come normalised).
-    path, BV: "split" or "fused" and the dv block of the sequential pass (default: choose_path).
+    path, BV: "split", "fused" or "scan" and the dv block of the sequential pass (default:
+    choose_path; for "scan", scan_bvs). seg_chunks: the scan path's segment length in chunks
+    (default SCAN["seg_chunks"], else scan_seg_chunks).
     gated_norm: (z, z_col0, weight, eps) to store norm_w * rmsnorm(o) * silu(z) instead of o,
     inside the fused pass; only where that pass runs with one dv block (fused_norm_applies).
     """
     if meta.num_chunks == 0:
         return
-    if path not in (None, "split", "fused"):
-        raise ValueError(f"path must be 'split' or 'fused', got {path!r}")
+    if path not in (None, *PATHS):
+        raise ValueError(f"path must be one of {PATHS}, got {path!r}")
     T = q.shape[0]
     dev, dt = q.device, q.dtype
     assert state_pool.is_contiguous() and state_pool.dtype == torch.float32
     BK = max(16, triton.next_power_of_2(dk))
     BVf = max(16, triton.next_power_of_2(dv))
     n_seq = meta.prefill_seqs.numel()
-    auto_path, auto_bv = choose_path(n_seq, nv, dv, dt)
+    auto_path, auto_bv = choose_path(n_seq, nv, dv, dt, meta.num_chunks)
     if path is None:
         path = auto_path
-    if BV is None:
+    if BV is None and path != "scan":         # the scan path picks its blocks from its segment count
         if path == auto_path:
             BV = auto_bv
         else:
@@ -464,10 +597,9 @@ def chunk_delta_rule_varlen(
     prec = _prec(dt)
     Tbuf, G, beta = intra_solve(k, a, b, A_log, dt_bias, meta, k_col0, nk, nv, dk, normalize_qk)
     grid = (meta.num_chunks, nv)
-    seq_grid = (n_seq, nv, triton.cdiv(dv, BV))
     if path == "fused":
         z, z_col0, norm_w, eps = gated_norm or (out, 0, A_log, 0.0)     # unread without the norm
-        _fused_pass_kernel[seq_grid](
+        _fused_pass_kernel[(n_seq, nv, triton.cdiv(dv, BV))](
             q, k, v, Tbuf, G, beta, out, state_pool, meta.prefill_seqs, meta.cu_seqlens, meta.slots,
             meta.has_state, q.stride(0), k.stride(0), v.stride(0), q_col0, k_col0, v_col0, dk ** -0.5,
             out.stride(0), state_pool.stride(0), state_pool.stride(1), z, z.stride(0), z_col0, norm_w, eps,
@@ -487,8 +619,32 @@ def chunk_delta_rule_varlen(
     pass_launch = dict(LAUNCH["pass"])
     if dt == torch.float32:  # fp32 tiles at dk = dv = 128 overflow shared memory at 3 stages (H100)
         pass_launch["num_stages"] = min(pass_launch["num_stages"], 2)
-    _state_pass_kernel[seq_grid](
-        k, w, qp, u, oc, G, out, state_pool, meta.prefill_seqs, meta.cu_seqlens, meta.slots, meta.has_state,
-        k.stride(0), k_col0, out.stride(0), state_pool.stride(0), state_pool.stride(1),
-        R=nv // nk, DK=dk, DV=dv, BK=BK, BV=BV, HV=nv, NORM_QK=normalize_qk, PREC=prec, **pass_launch,
+    if path == "split":
+        _state_pass_kernel[(n_seq, nv, triton.cdiv(dv, BV))](
+            k, w, qp, u, oc, G, out, state_pool, meta.prefill_seqs, meta.cu_seqlens, meta.slots, meta.has_state,
+            k.stride(0), k_col0, out.stride(0), state_pool.stride(0), state_pool.stride(1),
+            R=nv // nk, DK=dk, DV=dv, BK=BK, BV=BV, HV=nv, NORM_QK=normalize_qk, PREC=prec, **pass_launch,
+        )
+        return
+    # scan: the sequential pass over segments in parallel, from start states chained per sequence
+    seg = meta.segments(seg_chunks or SCAN["seg_chunks"] or scan_seg_chunks(meta.num_chunks, nv))
+    n_seg = seg.num_segments
+    summary = torch.empty(n_seg, nv, dv + dk, dk, device=dev, dtype=torch.float32)
+    starts = torch.empty(n_seg, nv, dk, dv, device=dev, dtype=torch.float32)
+    sum_bv, chain_bv, pass_bv = scan_bvs(n_seg, nv, dk, dv)
+    pass_bv = BV or pass_bv
+    nvb = triton.cdiv(dv, sum_bv)
+    _segment_summary_kernel[(n_seg, nv, nvb + triton.cdiv(dk, sum_bv))](
+        k, w, u, G, summary, seg.bounds, k.stride(0), k_col0,
+        R=nv // nk, DK=dk, DV=dv, BK=BK, BV=sum_bv, NVB=nvb, HV=nv, NORM_QK=normalize_qk, PREC=prec, **pass_launch,
+    )
+    _segment_chain_kernel[(n_seq, nv, triton.cdiv(dv, chain_bv))](
+        summary, starts, state_pool, meta.prefill_seqs, seg.seq_first, meta.slots, meta.has_state,
+        state_pool.stride(0), state_pool.stride(1), HV=nv, DK=dk, DV=dv, BK=BK, BV=chain_bv, PREC=prec,
+        **LAUNCH["chain"],
+    )
+    _state_pass_kernel[(n_seg, nv, triton.cdiv(dv, pass_bv))](
+        k, w, qp, u, oc, G, out, starts, seg.pairs, seg.bounds, seg.slots, seg.ones,
+        k.stride(0), k_col0, out.stride(0), starts.stride(0), starts.stride(1),
+        R=nv // nk, DK=dk, DV=dv, BK=BK, BV=pass_bv, HV=nv, NORM_QK=normalize_qk, PREC=prec, **pass_launch,
     )

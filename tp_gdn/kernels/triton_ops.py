@@ -55,7 +55,7 @@ def fused_norm_applies(meta, nv: int, dv: int, dtype: torch.dtype) -> bool:
     decode kernel writes plain o) on the fused path with one block spanning dv."""
     if not FUSE_NORM or meta.num_decode or not meta.num_chunks:
         return False
-    path, BV = choose_path(meta.prefill_seqs.numel(), nv, dv, dtype)
+    path, BV = choose_path(meta.prefill_seqs.numel(), nv, dv, dtype, meta.num_chunks)
     return path == "fused" and BV >= dv
 
 
@@ -71,14 +71,15 @@ def gdn_mix_norm(proj_TP, nk: int, nv: int, dk: int, dv: int, conv_weight_CK, A_
 
 
 def gdn_prefill(q_THK, k_THK, v_THV, a_TH, b_TH, A_log_H, dt_bias_H, state_pool_SHKV, batch,
-                BV: int | None = None, path: str | None = None) -> torch.Tensor:
+                BV: int | None = None, path: str | None = None, seg_chunks: int | None = None) -> torch.Tensor:
     """The core of a prefill, on its own: chunked gated delta rule with l2norm and gating inside.
 
     q, k: [T, Hk, dk] raw (l2-normalised here, q scaled by dk^-0.5); v: [T, Hv, dv];
     a, b: [T, Hv] raw gate inputs (g = -exp(A_log) softplus(a + dt_bias), beta = sigmoid(b));
     state_pool: [S, Hv, dk, dv] fp32, read where batch.has_state and overwritten with final
     states. Every sequence of `batch` must be longer than one token. Returns o [T, Hv, dv].
-    path, BV: the kernel path and dv block (triton_chunk.choose_path picks them by default).
+    path, BV: the kernel path and dv block (triton_chunk.choose_path picks them by default);
+    seg_chunks: the scan path's segment length in chunks (triton_chunk.SCAN by default).
     """
     T, nk, dk = q_THK.shape
     nv, dv = v_THV.shape[1:]
@@ -88,7 +89,7 @@ def gdn_prefill(q_THK, k_THK, v_THV, a_TH, b_TH, A_log_H, dt_bias_H, state_pool_
     o = torch.empty(T, nv, dv, device=q_THK.device, dtype=v_THV.dtype)
     chunk_delta_rule_varlen(q_THK.reshape(T, -1), k_THK.reshape(T, -1), v_THV.reshape(T, -1), a_TH, b_TH, A_log_H,
                             dt_bias_H, state_pool_SHKV, o.view(T, -1), meta, 0, 0, 0, nk, nv, dk, dv,
-                            normalize_qk=True, BV=BV, path=path)
+                            normalize_qk=True, BV=BV, path=path, seg_chunks=seg_chunks)
     return o
 
 
