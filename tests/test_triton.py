@@ -96,6 +96,27 @@ def test_scan_path_with_longer_segments_and_dv_blocks(seg_chunks):
                 path="scan", BV=16, seg_chunks=seg_chunks)
 
 
+def test_segment_tables_cut_each_prefill_sequence():
+    """Segments of 2 chunks (128 tokens) over prefill sequences with a decode between them."""
+    meta = Batch([300, 1, 128, 129], [0, 1, 2, 3], [True, True, False, False]).meta("cpu")
+    seg = meta.segments(2)
+    assert seg.num_segments == 3 + 1 + 2
+    assert seg.bounds.tolist() == [0, 128, 128, 256, 256, 300, 301, 429, 429, 557, 557, 558]
+    assert seg.seq_first.tolist() == [0, 3, 4, 6]
+    assert seg.pairs.tolist() == [0, 2, 4, 6, 8, 10]
+    assert seg.slots.tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5] and seg.ones.tolist() == [1] * 12
+    assert meta.segments(2) is seg                   # built once per length
+    with pytest.raises(ValueError, match="seg_chunks must be >= 1"):
+        meta.segments(0)
+
+
+def test_segment_length_is_refused_off_the_scan_path():
+    *_, ops = tri()
+    q, k, v, a, b, A_log, dt_bias, pool = (x.float().to(DEV) for x in raw_inputs(130, 1, 2, 16, 16, torch.float32))
+    with pytest.raises(ValueError, match="scan path only"):
+        ops.gdn_prefill(q, k, v, a, b, A_log, dt_bias, pool, Batch([130], [0], [False]), path="split", seg_chunks=2)
+
+
 def test_fused_path_with_dv_split_in_blocks():
     tiny_fused_or_skip("fused")
     run_prefill([70, 129], 1, 2, 16, 32, torch.float32, 1e-5, has=[True, False], path="fused", BV=16)
@@ -292,6 +313,29 @@ def test_triton_layer_with_the_norm_inside_the_fused_pass_matches_torch_layer(se
     for n, (g, w) in enumerate(zip(got[0], want[0])):
         assert rel_err(g.cpu(), w) < 1e-5, f"step {n}"
     assert fused_calls == [True, False, True, False]
+
+
+def test_triton_layer_on_the_scan_path_matches_torch_layer(seed, monkeypatch):
+    """The layer with every prefill on the scan path at one-chunk segments: decodes between the
+    prefill sequences of a batch, continued prefills, and sequences of one segment."""
+    chunk, *_ = tri()
+    scans = []
+    real_bvs = chunk.scan_bvs
+    monkeypatch.setattr(chunk, "choose_path", lambda *a, **kw: ("scan", None))
+    monkeypatch.setattr(chunk, "scan_bvs", lambda *a: scans.append(a) or real_bvs(*a))
+    monkeypatch.setitem(chunk.SCAN, "seg_chunks", 1)
+    cfg = tiny_config(nk=2, nv=4, dk=16, dv=16, layers=2)
+    full = random_full_weights(cfg, seed)
+    w = WorkloadBuilder(cfg.hidden_size, seed)
+    w.step([(0, 200, False), (1, 1, False), (2, 64, False)])
+    w.step([(1, 1, True), (0, 130, True), (2, 1, True), (3, 2, False)])
+    steps = w.steps
+    want = run_steps({0: GDNLayer.from_full(cfg, 0, full, backend="torch")}, StateCache(cfg, [0], 4, tp_size=1), steps)
+    cache = StateCache(cfg, [0], 4, device=DEV, tp_size=1)
+    got = run_steps({0: GDNLayer.from_full(cfg, 0, full, backend="triton", device=DEV)}, cache, steps)
+    for n, (g, w) in enumerate(zip(got[0], want[0])):
+        assert rel_err(g.cpu(), w) < 1e-5, f"step {n}"
+    assert [a[0] for a in scans] == [4 + 1, 3 + 1]      # segments per step: 200 + 64, then 130 + 2 tokens
 
 
 # -- GPU: real shapes, bfloat16, and fla-core as a peer -------------------------------------------

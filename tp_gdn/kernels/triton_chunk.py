@@ -591,6 +591,8 @@ def chunk_delta_rule_varlen(
         # transposed kernel has not been tried there; the split path takes these
         raise ValueError(f"the fused prefill path takes 16-bit inputs and BV >= 64 on GPUs (got {dt}, BV={BV}); "
                          "use path='split'")
+    if seg_chunks is not None and path != "scan":
+        raise ValueError(f"seg_chunks applies to the scan path only (this call takes path {path!r})")
     if gated_norm is not None and (path != "fused" or BV < dv):
         raise ValueError(f"the gated norm runs inside the fused pass with one dv block only (got path {path!r}, "
                          f"BV={BV}, dv={dv})")
@@ -627,12 +629,14 @@ def chunk_delta_rule_varlen(
         )
         return
     # scan: the sequential pass over segments in parallel, from start states chained per sequence
-    seg = meta.segments(seg_chunks or SCAN["seg_chunks"] or scan_seg_chunks(meta.num_chunks, nv))
+    if seg_chunks is None:
+        seg_chunks = SCAN["seg_chunks"] or scan_seg_chunks(meta.num_chunks, nv)
+    seg = meta.segments(seg_chunks)
     n_seg = seg.num_segments
     summary = torch.empty(n_seg, nv, dv + dk, dk, device=dev, dtype=torch.float32)
     starts = torch.empty(n_seg, nv, dk, dv, device=dev, dtype=torch.float32)
     sum_bv, chain_bv, pass_bv = scan_bvs(n_seg, nv, dk, dv)
-    pass_bv = BV or pass_bv
+    pass_bv = pass_bv if BV is None else BV
     nvb = triton.cdiv(dv, sum_bv)
     _segment_summary_kernel[(n_seg, nv, nvb + triton.cdiv(dk, sum_bv))](
         k, w, u, G, summary, seg.bounds, k.stride(0), k_col0,
