@@ -15,7 +15,7 @@ from tp_gdn import CheckpointError, GDNConfig, GDNLayer, LoadStats, load_layers
 from tp_gdn.cli import main as cli
 from tp_gdn.loader import files as loader_files
 from tp_gdn.loader.rules import pack, tensor_rules
-from tp_gdn.loader.synthetic import write_checkpoint
+from tp_gdn.loader.synthetic import gate_parameters, write_checkpoint
 
 MID = dict(hidden_size=256, linear_num_key_heads=8, linear_num_value_heads=16, linear_key_head_dim=32,
            linear_value_head_dim=32)
@@ -183,6 +183,20 @@ def test_generated_checkpoint_spans_files_and_loads(tmp_path, preset, layout):
     for (n, p), (_, q) in zip(got.named_parameters(), ref.named_parameters()):
         assert torch.equal(p, q), n
     assert cfg.torch_dtype == "bfloat16" and tensors[cfg.tensor_prefix(i) + "A_log"].dtype == torch.float32
+
+
+def test_generated_gates_keep_state_in_some_heads_and_forget_it_in_others():
+    """The gate parameters that tests, benchmarks and generated checkpoints share: with unit-scale
+    gate inputs, the weakest head keeps most of its state over a 64-token chunk and the
+    strongest forgets it within one chunk, so states passed between chunks matter in tests."""
+    A_log, dt_bias = gate_parameters(8, torch.Generator().manual_seed(0))
+    a = torch.randn(4096, 8, generator=torch.Generator().manual_seed(1))
+    g = -A_log.exp() * torch.nn.functional.softplus(a + dt_bias)     # the layer's gate per token
+    kept_per_chunk = (64 * g.mean(0)).exp()
+    assert kept_per_chunk.max() > 0.3 and kept_per_chunk.min() < 1e-3
+    dt = torch.nn.functional.softplus(dt_bias)                       # log-spaced over [1e-3, 1e-1]
+    assert torch.allclose(dt.sort().values, torch.logspace(-3, -1, 8), rtol=1e-4)
+    assert not torch.equal(dt, dt.sort().values)                      # in random order across heads
 
 
 def test_make_checkpoint_command_writes_a_loadable_checkpoint(tmp_path):
