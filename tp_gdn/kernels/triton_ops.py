@@ -79,7 +79,8 @@ def gdn_prefill(q_THK, k_THK, v_THV, a_TH, b_TH, A_log_H, dt_bias_H, state_pool_
     state_pool: [S, Hv, dk, dv] fp32, read where batch.has_state and overwritten with final
     states. Every sequence of `batch` must be longer than one token. Returns o [T, Hv, dv].
     path, BV: the kernel path and dv block (triton_chunk.choose_path picks them by default);
-    seg_chunks: the scan path's segment length in chunks (triton_chunk.SCAN by default).
+    seg_chunks: the scan path's segment length in chunks (default: triton_chunk.SCAN, else
+    scan_seg_chunks); refused on the other paths.
     """
     T, nk, dk = q_THK.shape
     nv, dv = v_THV.shape[1:]
