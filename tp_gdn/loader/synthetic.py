@@ -60,7 +60,7 @@ def gate_parameters(nv: int, gen: torch.Generator | None = None, dtype: torch.dt
     dt_bias = softplus^-1(dt), dt log-spaced over [1e-3, 1e-1] across the heads in random order
     (Mamba's init range). With unit-scale gate inputs a, the weakest head then keeps about half
     of its state over a 64-token chunk and the strongest forgets it within one chunk, so states
-    passed between chunks matter. (dt_bias ~ N(0, 0.25) made every head forget its state within a few
+    passed between chunks matter. (dt_bias = 0.5 N(0, 1) made every head forget its state within a few
     tokens, which hid how states pass from chunk to chunk.)"""
     A_log = torch.log(torch.rand(nv, generator=gen, dtype=dtype) * 15 + 1)
     dt = torch.exp(torch.linspace(math.log(1e-3), math.log(1e-1), nv, dtype=dtype))
