@@ -224,15 +224,21 @@ def test_gated_rmsnorm_matches_reference():
     assert rel_err(got.cpu(), ref.gated_rmsnorm(o, z, w, 1e-6)) < 1e-6
 
 
+def check_triton_layer_against_torch(cfg, full, steps, num_slots, tol=1e-5, dtype=torch.float32):
+    """The Triton layer in `dtype` over `steps`, step by step against the fp32 torch layer with the
+    same weights (its outputs in `dtype`)."""
+    want = run_steps({0: GDNLayer.from_full(cfg, 0, full, backend="torch")},
+                     StateCache(cfg, [0], num_slots, tp_size=1), steps)
+    cache = StateCache(cfg, [0], num_slots, dtype=dtype, device=DEV, tp_size=1)
+    got = run_steps({0: GDNLayer.from_full(cfg, 0, full, backend="triton", device=DEV, dtype=dtype)}, cache, steps)
+    for n, (g, w) in enumerate(zip(got[0], want[0])):
+        assert g.dtype == dtype and rel_err(g.cpu(), w) < tol, f"step {n}"
+
+
 def test_triton_layer_matches_torch_layer_on_mixed_workload(seed):
     cfg = tiny_config(nk=2, nv=4, dk=16, dv=16, layers=2)
     full = random_full_weights(cfg, seed)
-    steps = mixed_workload(cfg.hidden_size, seed)
-    want = run_steps({0: GDNLayer.from_full(cfg, 0, full, backend="torch")}, StateCache(cfg, [0], 8, tp_size=1), steps)
-    cache = StateCache(cfg, [0], 8, device=DEV, tp_size=1)
-    got = run_steps({0: GDNLayer.from_full(cfg, 0, full, backend="triton", device=DEV)}, cache, steps)
-    for n, (g, w) in enumerate(zip(got[0], want[0])):
-        assert rel_err(g.cpu(), w) < 1e-5, f"step {n}"
+    check_triton_layer_against_torch(cfg, full, mixed_workload(cfg.hidden_size, seed), 8)
 
 
 def test_triton_layer_in_float16_matches_torch_layer(seed):
@@ -241,12 +247,7 @@ def test_triton_layer_in_float16_matches_torch_layer(seed):
     cfg = tiny_config(nk=2, nv=4, dk=16, dv=16, layers=2)
     full = {k: v.half().float() if v.dim() > 1 else v for k, v in random_full_weights(cfg, seed).items()}
     steps = mixed_workload(cfg.hidden_size, seed)[:5]       # prefills, decodes, then a mixed batch
-    want = run_steps({0: GDNLayer.from_full(cfg, 0, full, backend="torch")}, StateCache(cfg, [0], 8, tp_size=1), steps)
-    cache = StateCache(cfg, [0], 8, dtype=torch.float16, device=DEV, tp_size=1)
-    got = run_steps({0: GDNLayer.from_full(cfg, 0, full, backend="triton", device=DEV, dtype=torch.float16)},
-                    cache, steps)
-    for n, (g, w) in enumerate(zip(got[0], want[0])):
-        assert g.dtype == torch.float16 and rel_err(g.cpu(), w) < 1e-2, f"step {n}"
+    check_triton_layer_against_torch(cfg, full, steps, 8, tol=1e-2, dtype=torch.float16)
 
 
 def check_fused_gated_norm(lens, nk, nv, dk, dv, dtype, tol):
@@ -306,12 +307,7 @@ def test_triton_layer_with_the_norm_inside_the_fused_pass_matches_torch_layer(se
     w.step([(0, 1, True), (1, 1, True)])                           # decode: norm kernel
     w.step([(0, 65, True), (2, 64, True), (3, 2, False)])          # continued prefills: norm inside
     w.step([(1, 5, True), (0, 1, True)])                           # mixed: norm kernel
-    steps = w.steps
-    want = run_steps({0: GDNLayer.from_full(cfg, 0, full, backend="torch")}, StateCache(cfg, [0], 4, tp_size=1), steps)
-    cache = StateCache(cfg, [0], 4, device=DEV, tp_size=1)
-    got = run_steps({0: GDNLayer.from_full(cfg, 0, full, backend="triton", device=DEV)}, cache, steps)
-    for n, (g, w) in enumerate(zip(got[0], want[0])):
-        assert rel_err(g.cpu(), w) < 1e-5, f"step {n}"
+    check_triton_layer_against_torch(cfg, full, w.steps, 4)
     assert fused_calls == [True, False, True, False]
 
 
@@ -329,12 +325,7 @@ def test_triton_layer_on_the_scan_path_matches_torch_layer(seed, monkeypatch):
     w = WorkloadBuilder(cfg.hidden_size, seed)
     w.step([(0, 200, False), (1, 1, False), (2, 64, False)])
     w.step([(1, 1, True), (0, 130, True), (2, 1, True), (3, 2, False)])
-    steps = w.steps
-    want = run_steps({0: GDNLayer.from_full(cfg, 0, full, backend="torch")}, StateCache(cfg, [0], 4, tp_size=1), steps)
-    cache = StateCache(cfg, [0], 4, device=DEV, tp_size=1)
-    got = run_steps({0: GDNLayer.from_full(cfg, 0, full, backend="triton", device=DEV)}, cache, steps)
-    for n, (g, w) in enumerate(zip(got[0], want[0])):
-        assert rel_err(g.cpu(), w) < 1e-5, f"step {n}"
+    check_triton_layer_against_torch(cfg, full, w.steps, 4)
     assert [a[0] for a in scans] == [4 + 1, 3 + 1]      # segments per step: 200 + 64, then 130 + 2 tokens
 
 
