@@ -138,6 +138,81 @@ def test_prefill_reads_no_buffer_element_it_did_not_write(path, monkeypatch):
     assert torch.isfinite(got).all()
 
 
+def solve_inputs(lens, nk, nv, dk, hard, seed=0):
+    """Raw k and gate inputs for the solve. hard: the keys of each head nearly parallel, beta
+    near 1 and almost no decay, so A's entries are near 1 below the diagonal (its inverse's
+    Neumann series then cancels by orders of magnitude: a solve that summed it would show)."""
+    gen = torch.Generator().manual_seed(seed)
+    T = sum(lens)
+    if hard:
+        k = torch.randn(1, nk, dk, generator=gen, dtype=torch.float64) + \
+            0.05 * torch.randn(T, nk, dk, generator=gen, dtype=torch.float64)
+        a = torch.full((T, nv), -12.0, dtype=torch.float64)
+        b = torch.full((T, nv), 7.0, dtype=torch.float64)
+    else:
+        k = torch.randn(T, nk, dk, generator=gen, dtype=torch.float64)
+        a, b = (torch.randn(T, nv, generator=gen, dtype=torch.float64) for _ in range(2))
+    A_log, dt_bias = gate_parameters(nv, gen, dtype=torch.float64)
+    return k, a, b, A_log, dt_bias
+
+
+def solve_reference(k, a, b, A_log, dt_bias, lens, nv):
+    """fp64 T [tokens, nv, 64]: per chunk and value head, row i of (I + A)^-1 at token i, with
+    A_ij = beta_i (k_i . k_j) exp(G_i - G_j) for j < i (G the in-chunk cumulative gate); and the
+    smallest mean of A's entries below the diagonal over the chunks of two or more tokens."""
+    R = nv // k.shape[1]
+    g, beta = ref.gdn_gating(a, b, A_log, dt_bias)
+    kn = ref.l2norm(k).repeat_interleave(R, dim=1)
+    T = torch.zeros(k.shape[0], nv, 64, dtype=torch.float64)
+    least = float("inf")
+    t0 = 0
+    for n in lens:
+        for c0 in range(t0, t0 + n, 64):
+            c1 = min(c0 + 64, t0 + n)
+            L = c1 - c0
+            G = g[c0:c1].cumsum(0)                                              # [L, nv]
+            kk = kn[c0:c1].transpose(0, 1)                                       # [nv, L, dk]
+            decay = (G.T[:, :, None] - G.T[:, None, :]).tril(-1).exp()                # j < i: <= 1
+            A = ((kk @ kk.transpose(1, 2)) * decay * beta[c0:c1].T[:, :, None]).tril(-1)
+            if L > 1:
+                least = min(least, A.sum().item() / (nv * L * (L - 1) / 2))
+            T[c0:c1, :, :L] = torch.linalg.inv(torch.eye(L, dtype=torch.float64) + A).transpose(0, 1)
+        t0 += n
+    return T, least
+
+
+def check_solve(lens, nk, nv, dk, dtype, tol, hard):
+    chunk, *_ = tri()
+    k, a, b, A_log, dt_bias = solve_inputs(lens, nk, nv, dk, hard)
+    k, a, b = (x.to(dtype).double() for x in (k, a, b))       # the solve's error, not the inputs' rounding
+    A_log, dt_bias = A_log.float().double(), dt_bias.float().double()
+    want, least = solve_reference(k, a, b, A_log, dt_bias, lens, nv)
+    if hard:    # as hard as it claims
+        assert least > 0.9
+    batch = Batch(lens, list(range(len(lens))), [False] * len(lens))
+    c = lambda x: x.to(DEV, dtype)
+    got, _, _ = chunk.intra_solve(c(k).reshape(len(k), -1), c(a), c(b), A_log.float().to(DEV),
+                                  dt_bias.float().to(DEV), batch.meta(DEV), 0, nk, nv, dk, True)
+    lower = torch.zeros(64, 64, dtype=torch.bool)
+    t0 = 0
+    for n in lens:           # the stored part: row i of each chunk up to column i
+        for c0 in range(t0, t0 + n, 64):
+            L = min(64, t0 + n - c0)
+            lower[:L, :L] = torch.ones(L, L, dtype=torch.bool).tril()
+            rows = got[c0:c0 + L].double().cpu()[:, :, :64]
+            diff = (rows - want[c0:c0 + L]).abs().masked_fill(~lower[:L, None, :], 0)
+            assert diff.max() <= tol * want[c0:c0 + L].abs().max(), (c0, diff.max().item())
+        t0 += n
+
+
+@pytest.mark.parametrize("hard", [False, True])
+def test_solve_inverts_each_chunk_against_fp64(hard):
+    """T against an fp64 inverse of (I + A) per chunk, including hard chunks (A near 1 below the
+    diagonal, where a series inversion would cancel by orders of magnitude): fp32 inputs must
+    keep rounding-level error there too."""
+    check_solve([70, 64, 5], 1, 2, 16, torch.float32, 2e-5, hard)
+
+
 def test_choose_path_keeps_the_fused_path_to_many_16_bit_programs():
     chunk, *_ = tri()
     many = chunk.FUSED_MIN_PROGRAMS
@@ -342,6 +417,15 @@ def test_gpu_prefill_real_dims_matches_fp64(nk, nv, dtype, tol, path, BV):
     """The scan path at segments of 4 chunks: the 2100-token sequence spans 9, the 1000-token one 4."""
     run_prefill([1000, 64, 65, 2100, 130, 2, 63, 517], nk, nv, 128, 128, dtype, tol, path=path, BV=BV,
                 seg_chunks=4 if path == "scan" else None)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("hard", [False, True])
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 8e-3), (torch.float32, 2e-5)])
+def test_gpu_solve_real_dims_against_fp64(dtype, tol, hard):
+    """The compiled solve on real dims; bf16 T is stored in bf16, whose rounding (2^-9 relative)
+    sets the tolerance."""
+    check_solve([1000, 64, 65, 130, 2, 63], 4, 8, 128, dtype, tol, hard)
 
 
 @pytest.mark.gpu
