@@ -48,9 +48,12 @@ LAUNCH = {
     "wu": dict(num_warps=8, num_stages=1),
     # num_stages=1 gave wrong results and faults on an H200 with Triton 3.6 (2026-11-27): keep >= 2
     "pass": dict(num_warps=8, num_stages=3),
-    # H100, 8x4096 at 16/32 and 8/16 heads, BV 128: 8 warps 2 stages 2.382 / 1.141 ms, 3 stages
-    # 2.356 / 1.299, 4 warps 2.880 / 1.579 (benchmarks/results/exp_fused_t_h100.log)
-    "fused": dict(num_warps=8, num_stages=2),
+    # H200, whole core at 8x4096, 16/32 and 8/16 heads (BV 128) and 4/8 (BV 64): 8 warps 1 stage
+    # 1.793 / 0.857 / 0.684 ms, 2 stages 1.773 / 0.934 / 0.776, 3 stages 1.939 / 0.995 / 0.846, bit-equal
+    # outputs; every variant holds 255 registers per thread with spills, one program per SM
+    # (benchmarks/results/exp_occupancy_h200_s6.log). H100, 8 warps 2 stages 2.382 / 1.141, 3 stages
+    # 2.356 / 1.299, 4 warps 2.880 / 1.579 (exp_fused_t_h100.log)
+    "fused": dict(num_warps=8, num_stages=1),
     "chain": dict(num_warps=4, num_stages=2),
 }
 # choose_path: the fused pass from this many (sequence, value head) pairs up, at this dv block,
