@@ -4,6 +4,13 @@ On a CPU machine they run in Triton's interpreter on tiny float32 shapes; on a G
 run compiled, and the tests marked `gpu` add real shapes, bfloat16 and fla-core 0.6.0.
 """
 
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -545,3 +552,41 @@ def test_gpu_layer_real_dims_matches_fp32_torch_layer(seed, monkeypatch, dtype):
     for n, (g, e) in enumerate(zip(got[0], want[0])):
         assert rel_err(g.float(), e) < 3e-2, f"step {n}"
     assert taken == [("fused", 128), ("fused", 64), ("split", 32)]
+
+
+def test_kernel_resources_compiles_the_kernels_a_layer_call_launches_for_hopper():
+    """benchmarks/kernel_resources.py (a subprocess: here the kernels are interpreted) compiles, for
+    sm_90a and without running them, exactly the kernels of the split path's layer call, with
+    plausible resources and each launch's program count."""
+    import triton
+    if not any((Path(triton.__file__).parent / "backends/nvidia/bin" / n).exists() for n in ("ptxas", "ptxas-blackwell")):
+        pytest.skip("this Triton build has no ptxas")
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, str(root / "benchmarks/kernel_resources.py"), "--heads", "1/2",
+                          "--seqs", "1x130"], capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = re.findall(r"^\s+(_\w+_kernel) .*?(\d+) warps (\d+) stages: +(\d+) regs, spills +(\d+) / +(\d+) B, "
+                      r"shared +(\d+) B -> (\d+) per SM; (\d+) programs$", run.stdout, re.M)
+    assert [r[0] for r in rows] == ["_conv_prefill_kernel", "_conv_state_update_kernel", "_intra_solve_kernel",
+                                    "_intra_wu_kernel", "_state_pass_kernel", "_gated_rmsnorm_kernel"], run.stdout
+    for name, warps, stages, regs, *_, per_sm, programs in rows:
+        assert 0 < int(regs) <= 255 and int(per_sm) >= 1, (name, regs, per_sm)
+    programs = {r[0]: int(r[-1]) for r in rows}
+    assert programs["_intra_solve_kernel"] == 3 * 2          # 3 chunks x 2 value heads
+    assert programs["_state_pass_kernel"] == 1 * 2 * 8       # 1 sequence x 2 heads x (128 / BV 16)
+    bad = subprocess.run([sys.executable, str(root / "benchmarks/kernel_resources.py"), "--heads", "2/3"],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert bad.returncode != 0 and "NV a multiple of NK" in bad.stderr
+
+
+def test_kernel_resources_programs_per_sm():
+    path = Path(__file__).resolve().parents[1] / "benchmarks/kernel_resources.py"
+    spec = importlib.util.spec_from_file_location("kernel_resources", path)
+    kr = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(kr)
+    assert kr.programs_per_sm(255, 8, 73728) == 1           # the fused pass: registers bound it
+    assert kr.programs_per_sm(127, 4, 1024) == 4            # the decode kernel
+    assert kr.programs_per_sm(128, 8, 73728) == 2           # 128 registers at 8 warps: two would fit
+    assert kr.programs_per_sm(20, 4, 512) == 16             # small kernels: warps per SM bound them
+    assert kr.programs_per_sm(40, 1, 0) == 32               # programs per SM bound one-warp kernels

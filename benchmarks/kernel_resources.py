@@ -1,0 +1,197 @@
+"""Registers, spills and shared memory of the layer's Triton kernels, compiled for Hopper (sm_90a)
+on any machine, with or without a GPU; no kernel runs.
+
+    python benchmarks/kernel_resources.py [--heads NK/NV ...] [--seqs NxL ...] [--core]
+
+The layer's mixer (`triton_ops.gdn_mix_norm`, or with --core `gdn_prefill` on raw q/k as
+bench_kernels.py times it) is called on CPU tensors of the real shapes (dk = dv = 128, K = 4) with
+every kernel swapped for a stand-in. The stand-in binds the arguments the way Triton's launcher
+does for a GPU, with the same constexprs, the same specialisation of 16-divisible integers and
+16-byte-aligned pointers, and the kernel's launch settings. It compiles the kernel for sm_90a and
+runs ptxas -v over the PTX instead of launching it.
+
+Programs per SM come from 64 K registers (in 256-register units per warp) and 228 KB of shared
+memory (1 KB reserved per program). The numbers are those of the Triton version imported here.
+The GPU machines run Triton 3.6, so install it beside the local one:
+`pip install --no-deps --target DIR triton==3.6.0` and run with `PYTHONPATH=DIR`. Other versions
+compile differently: Triton 3.9 gave the fused pass at BV128 2,020 B of spill stores, where
+Triton 3.6 gives 260 B.
+
+Checked against the driver on an H200 (Triton 3.6, benchmarks/results/exp_occupancy_h200_s6.log).
+Shared memory was equal for the fused pass at BV 64 and 128, on 1 and 2 stages. Spill bytes were
+within 10% of the driver's local memory size (its "spills" x 4).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import triton
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tp_gdn import Batch  # noqa: E402
+from tp_gdn.kernels import triton_chunk, triton_conv, triton_decode, triton_norm, triton_ops  # noqa: E402
+
+DK = DV = 128
+CONV_K = 4
+SM_REGS, SM_SHARED, SM_WARPS, SM_PROGRAMS = 65536, 228 * 1024, 64, 32
+KERNEL_MODULES = (triton_chunk, triton_conv, triton_decode, triton_norm)
+
+
+def _ptxas() -> str:
+    """The ptxas that Triton bundles for this PTX (ptxas-blackwell takes the newer PTX versions)."""
+    bin_dir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    for name in ("ptxas-blackwell", "ptxas"):
+        if (bin_dir / name).exists():
+            return str(bin_dir / name)
+    raise SystemExit(f"no ptxas in {bin_dir}: this Triton build cannot compile for NVIDIA GPUs here")
+
+
+def programs_per_sm(regs: int, warps: int, shared: int) -> int:
+    per_warp = math.ceil(regs * 32 / 256) * 256
+    by_regs = SM_REGS // (per_warp * warps)
+    by_shared = SM_SHARED // (shared + 1024)
+    return min(by_regs, by_shared, SM_WARPS // warps, SM_PROGRAMS)
+
+
+def compile_for_hopper(fn, args, kwargs) -> dict:
+    """Bind (args, kwargs) as Triton's launcher would, compile for sm_90a and read ptxas -v."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    target = GPUTarget("cuda", 90, 32)
+    backend = make_backend(target)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
+    compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = Path(tmp) / "k.ptx"
+        ptx.write_text(compiled.asm["ptx"])
+        log = subprocess.run([_ptxas(), "-arch=sm_90a", "-v", str(ptx), "-o", str(Path(tmp) / "k.cubin")],
+                             capture_output=True, text=True)
+    text = log.stderr + log.stdout
+    regs = re.search(r"Used (\d+) registers", text)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
+    if log.returncode or not regs or not spills:
+        raise RuntimeError(f"ptxas failed on {fn.__name__}: {text[-500:]}")
+    warps = options.num_warps
+    shared = compiled.metadata.shared
+    r = int(regs.group(1))
+    return dict(kernel=fn.__name__, warps=warps, stages=options.num_stages, regs=r,
+                spill_stores=int(spills.group(1)), spill_loads=int(spills.group(2)), shared=shared,
+                per_sm=programs_per_sm(r, warps, shared),
+                constexprs={k: kwargs[k] for k in ("BV", "NORM_QK", "GATED_NORM") if k in kwargs})
+
+
+class _StandIn:
+    """Takes a kernel's place: kernel[grid](...) compiles it and records its resources and grid."""
+
+    def __init__(self, fn, rows: list):
+        self.fn, self.rows = fn, rows
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            row = compile_for_hopper(self.fn, args, kwargs)
+            row["programs"] = math.prod(grid)
+            self.rows.append(row)
+        return launch
+
+
+def swap_kernels(rows: list) -> list:
+    """Swap every launched kernel of the kernel modules for a stand-in; returns the undo list."""
+    undo = []
+    for mod in KERNEL_MODULES:
+        for name, obj in list(vars(mod).items()):
+            if name.endswith("_kernel") and isinstance(obj, triton.runtime.jit.JITFunction):
+                undo.append((mod, name, obj))
+                setattr(mod, name, _StandIn(obj, rows))
+    if not undo:
+        raise RuntimeError("found no compiled Triton kernel to stand in for")
+    return undo
+
+
+def layer_call(nk: int, nv: int, seq_lens: list[int]) -> None:
+    """The Triton mixer and gated norm of one rank's layer call (bf16, fp32 state), on CPU tensors."""
+    T = sum(seq_lens)
+    kd, vd = nk * DK, nv * DV
+    bf = torch.bfloat16
+    batch = Batch(seq_lens, list(range(len(seq_lens))), [True] * len(seq_lens))
+    S = len(seq_lens)
+    triton_ops.gdn_mix_norm(
+        torch.empty(T, 2 * kd + 2 * vd + 2 * nv, dtype=bf), nk, nv, DK, DV,
+        torch.empty(2 * kd + vd, CONV_K, dtype=bf), torch.empty(nv), torch.empty(nv),
+        torch.empty(S, CONV_K - 1, 2 * kd + vd, dtype=bf), torch.empty(S, nv, DK, DV), batch,
+        batch.meta("cpu"), torch.empty(DV), 1e-6, out_dtype=bf)
+
+
+def core_call(nk: int, nv: int, seq_lens: list[int]) -> None:
+    """gdn_prefill on raw bf16 q/k/v (l2norm and gating inside), as bench_kernels.py times it."""
+    T = sum(seq_lens)
+    bf = torch.bfloat16
+    batch = Batch(seq_lens, list(range(len(seq_lens))), [True] * len(seq_lens))
+    triton_ops.gdn_prefill(torch.empty(T, nk, DK, dtype=bf), torch.empty(T, nk, DK, dtype=bf),
+                           torch.empty(T, nv, DV, dtype=bf), torch.empty(T, nv, dtype=bf),
+                           torch.empty(T, nv, dtype=bf), torch.empty(nv), torch.empty(nv),
+                           torch.empty(len(seq_lens), nv, DK, DV), batch)
+
+
+def parse_seqs(text: str) -> list[int]:
+    m = re.fullmatch(r"(\d+)x(\d+)", text)
+    if not m or int(m.group(1)) < 1 or int(m.group(2)) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected NxL, e.g. 8x4096 (N sequences of L tokens)")
+    return [int(m.group(2))] * int(m.group(1))
+
+
+def parse_heads(text: str) -> tuple[int, int]:
+    m = re.fullmatch(r"(\d+)/(\d+)", text)
+    if not m or int(m.group(1)) < 1 or int(m.group(2)) % int(m.group(1)):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected NK/NV with NV a multiple of NK, e.g. 16/32")
+    return int(m.group(1)), int(m.group(2))
+
+
+def main(argv=None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--heads", type=parse_heads, nargs="+", default=[(16, 32), (8, 16), (4, 8)],
+                    help="local key/value heads of one rank (default: 16/32 8/16 4/8, i.e. tp 1, 2, 4)")
+    ap.add_argument("--seqs", type=parse_seqs, nargs="+", default=[[4096] * 8, [32768], [1] * 256],
+                    help="sequences per call as NxL (default: 8x4096 1x32768 256x1)")
+    ap.add_argument("--core", action="store_true",
+                    help="compile gdn_prefill on raw q/k (as bench_kernels.py) instead of the layer's mixer")
+    args = ap.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise SystemExit("kernel_resources.py compiles the kernels for a GPU; unset TRITON_INTERPRET "
+                         "(under it the kernels are interpreted functions, with nothing to compile)")
+    print(f"Triton {triton.__version__}, sm_90a; the GPU machines run Triton 3.6", flush=True)
+    rows: list[dict] = []
+    undo = swap_kernels(rows)
+    try:
+        for nk, nv in args.heads:
+            for lens in args.seqs:
+                if args.core and max(lens) < 2:
+                    continue
+                rows.clear()
+                (core_call if args.core else layer_call)(nk, nv, lens)
+                what = "gdn_prefill" if args.core else "layer mixer"
+                print(f"== {what}, {nk}/{nv} heads, {len(lens)}x{lens[0]}", flush=True)
+                for r in rows:
+                    print(f"  {r['kernel']:<26} {r['constexprs']!s:<48} {r['warps']:>2} warps {r['stages']} stages: "
+                          f"{r['regs']:>3} regs, spills {r['spill_stores']:>5} / {r['spill_loads']:>5} B, "
+                          f"shared {r['shared']:>6} B -> {r['per_sm']} per SM; {r['programs']} programs", flush=True)
+    finally:
+        for mod, name, obj in undo:
+            setattr(mod, name, obj)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
