@@ -1,7 +1,7 @@
 """Registers, spills and shared memory of the layer's Triton kernels, compiled for Hopper (sm_90a)
 on any machine, with or without a GPU; no kernel runs.
 
-    python benchmarks/kernel_resources.py [--heads NK/NV ...] [--seqs NxL ...] [--core]
+    python benchmarks/kernel_resources.py [--heads NK/NV ...] [--seqs NxL ...] [--core] [--sass DIR]
 
 The layer's mixer (`triton_ops.gdn_mix_norm`, or with --core `gdn_prefill` on raw q/k as
 bench_kernels.py times it) is called on CPU tensors of the real shapes (dk = dv = 128, K = 4) with
@@ -16,6 +16,10 @@ The GPU machines run Triton 3.6, so install it beside the local one:
 `pip install --no-deps --target DIR triton==3.6.0` and run with `PYTHONPATH=DIR`. Other versions
 compile differently: Triton 3.9 gave the fused pass at BV128 2,020 B of spill stores, where
 Triton 3.6 gives 260 B.
+
+--sass DIR also writes each compiled kernel's machine code (cuobjdump -sass, line numbers left
+out) to DIR. Two runs, before and after a change, then show whether the change alters the code a
+GPU would run.
 
 Checked against the driver on an H200 (Triton 3.6, benchmarks/results/exp_occupancy_h200_s6.log).
 Shared memory was equal for the fused pass at BV 64 and 128, on 1 and 2 stages. Spill bytes were
@@ -62,8 +66,9 @@ def programs_per_sm(regs: int, warps: int, shared: int) -> int:
     return min(by_regs, by_shared, SM_WARPS // warps, SM_PROGRAMS)
 
 
-def compile_for_hopper(fn, args, kwargs) -> dict:
-    """Bind (args, kwargs) as Triton's launcher would, compile for sm_90a and read ptxas -v."""
+def compile_for_hopper(fn, args, kwargs, sass_path: Path | None = None) -> dict:
+    """Bind (args, kwargs) as Triton's launcher would, compile for sm_90a and read ptxas -v;
+    with sass_path, write the compiled kernel's machine code there."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
     from triton.runtime.jit import create_function_from_signature
@@ -84,6 +89,8 @@ def compile_for_hopper(fn, args, kwargs) -> dict:
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
     if log.returncode or not regs or not spills:
         raise RuntimeError(f"ptxas failed on {fn.__name__}: {text[-500:]}")
+    if sass_path is not None:
+        sass_path.write_text(_sass(compiled.asm["cubin"]))
     warps = options.num_warps
     shared = compiled.metadata.shared
     r = int(regs.group(1))
@@ -93,28 +100,49 @@ def compile_for_hopper(fn, args, kwargs) -> dict:
                 constexprs={k: kwargs[k] for k in ("BV", "NORM_QK", "GATED_NORM") if k in kwargs})
 
 
+def _sass(cubin: bytes) -> str:
+    """The machine code of a cubin, without the lines that only say where it came from."""
+    cuobjdump = Path(_ptxas()).with_name("cuobjdump")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "k.cubin"
+        path.write_bytes(cubin)
+        out = subprocess.run([str(cuobjdump), "-sass", str(path)], capture_output=True, text=True, check=True).stdout
+    return "".join(line + "\n" for line in out.splitlines() if line.strip() and not line.lstrip().startswith("//##"))
+
+
+class Recorder:
+    """What the stand-ins record into: the rows of the current workload, and where its machine
+    code goes (None: nowhere)."""
+
+    def __init__(self):
+        self.rows: list[dict] = []
+        self.sass_dir: Path | None = None
+
+
 class _StandIn:
     """Takes a kernel's place: kernel[grid](...) compiles it and records its resources and grid."""
 
-    def __init__(self, fn, rows: list):
-        self.fn, self.rows = fn, rows
+    def __init__(self, fn, rec: Recorder):
+        self.fn, self.rec = fn, rec
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
-            row = compile_for_hopper(self.fn, args, kwargs)
+            rec = self.rec
+            sass = None if rec.sass_dir is None else rec.sass_dir / f"{len(rec.rows):02d}{self.fn.__name__}.sass"
+            row = compile_for_hopper(self.fn, args, kwargs, sass)
             row["programs"] = math.prod(grid)
-            self.rows.append(row)
+            rec.rows.append(row)
         return launch
 
 
-def swap_kernels(rows: list) -> list:
+def swap_kernels(rec: Recorder) -> list:
     """Swap every launched kernel of the kernel modules for a stand-in; returns the undo list."""
     undo = []
     for mod in KERNEL_MODULES:
         for name, obj in list(vars(mod).items()):
             if name.endswith("_kernel") and isinstance(obj, triton.runtime.jit.JITFunction):
                 undo.append((mod, name, obj))
-                setattr(mod, name, _StandIn(obj, rows))
+                setattr(mod, name, _StandIn(obj, rec))
     if not undo:
         raise RuntimeError("found no compiled Triton kernel to stand in for")
     return undo
@@ -167,30 +195,36 @@ def main(argv=None) -> list[dict]:
                     help="sequences per call as NxL (default: 8x4096 1x32768 256x1)")
     ap.add_argument("--core", action="store_true",
                     help="compile gdn_prefill on raw q/k (as bench_kernels.py) instead of the layer's mixer")
+    ap.add_argument("--sass", type=Path, default=None, metavar="DIR",
+                    help="also write each compiled kernel's machine code here (one file per launch and workload)")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("kernel_resources.py compiles the kernels for a GPU; unset TRITON_INTERPRET "
                          "(under it the kernels are interpreted functions, with nothing to compile)")
     print(f"Triton {triton.__version__}, sm_90a; the GPU machines run Triton 3.6", flush=True)
-    rows: list[dict] = []
-    undo = swap_kernels(rows)
+    rec = Recorder()
+    undo = swap_kernels(rec)
     try:
         for nk, nv in args.heads:
             for lens in args.seqs:
                 if args.core and max(lens) < 2:
                     continue
-                rows.clear()
+                rec.rows = []
+                rec.sass_dir = None
+                if args.sass is not None:
+                    rec.sass_dir = args.sass / f"{nk}-{nv}_{len(lens)}x{lens[0]}{'_core' if args.core else ''}"
+                    rec.sass_dir.mkdir(parents=True, exist_ok=True)
                 (core_call if args.core else layer_call)(nk, nv, lens)
                 what = "gdn_prefill" if args.core else "layer mixer"
                 print(f"== {what}, {nk}/{nv} heads, {len(lens)}x{lens[0]}", flush=True)
-                for r in rows:
+                for r in rec.rows:
                     print(f"  {r['kernel']:<26} {r['constexprs']!s:<48} {r['warps']:>2} warps {r['stages']} stages: "
                           f"{r['regs']:>3} regs, spills {r['spill_stores']:>5} / {r['spill_loads']:>5} B, "
                           f"shared {r['shared']:>6} B -> {r['per_sm']} per SM; {r['programs']} programs", flush=True)
     finally:
         for mod, name, obj in undo:
             setattr(mod, name, obj)
-    return rows
+    return rec.rows
 
 
 if __name__ == "__main__":
