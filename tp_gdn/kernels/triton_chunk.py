@@ -36,6 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_common import sequence_of
+
 CHUNK = 64
 _C = tl.constexpr(CHUNK)  # the chunk length as kernels see it
 
@@ -220,6 +222,26 @@ def _intra_solve_kernel(
 
 
 @triton.jit
+def _walk_start(seqs, cu_seqlens, slots, has_state, state_pool, stride_ps, stride_ph, i_s, h, i_v,
+                DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """What a sequential pass over one sequence's chunks starts from: the sequence's tokens
+    [bos, eos), and the [BV, BK] block (dv block i_v) of its slot's head-h state, held
+    transposed (S^T: rows o_v, columns o_k) in fp32, zero where the sequence starts fresh.
+    Returns bos, eos, S^T, o_k, m_k, o_v, m_v, o_c (positions in a chunk), the block's mask and
+    its pool pointers (for the final store)."""
+    bos, eos, slot, keep = sequence_of(seqs, cu_seqlens, slots, has_state, i_s)
+    o_k = tl.arange(0, BK)
+    m_k = o_k < DK
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < DV
+    o_c = tl.arange(0, _C)
+    p_state = state_pool + slot * stride_ps + h * stride_ph + o_k[None, :] * DV + o_v[:, None]
+    m_state = m_v[:, None] & m_k[None, :]
+    St = tl.load(p_state, mask=tl.where(keep, m_state, False), other=0.0).to(tl.float32)
+    return bos, eos, St, o_k, m_k, o_v, m_v, o_c, m_state, p_state
+
+
+@triton.jit
 def _advance(St, Ut, kk, G, G_last, PREC: tl.constexpr):
     """One chunk's state update on the transposed state: S^T <- e^{G_last} S^T + (U^T e^{G_last - G}) k,
     with U^T = u^T - S^T w^T [BV, C] and k [C, BK] of the chunk (the product in k's dtype)."""
@@ -283,21 +305,10 @@ def _state_pass_kernel(
     NORM_QK: tl.constexpr, PREC: tl.constexpr,
 ):
     i_s, h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_n = tl.load(seqs + i_s).to(tl.int64)
-    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-    eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
-    slot = tl.load(slots + i_n).to(tl.int64)
-    keep = tl.load(has_state + i_n) != 0
-    o_k = tl.arange(0, BK)
-    m_k = o_k < DK
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_v = o_v < DV
-    o_c = tl.arange(0, _C)
     # the state transposed, S^T [BV, BK], as in the fused pass: U^T = u^T - S^T w^T,
     # o^T = O_c^T + S^T Q'^T, S^T <- e^{G_last} S^T + (U^T e^{G_last - G}) k
-    p_state = state_pool + slot * stride_ps + h * stride_ph + o_k[None, :] * DV + o_v[:, None]
-    m_state = m_v[:, None] & m_k[None, :]
-    St = tl.load(p_state, mask=tl.where(keep, m_state, False), other=0.0).to(tl.float32)
+    bos, eos, St, o_k, m_k, o_v, m_v, o_c, m_state, p_state = _walk_start(
+        seqs, cu_seqlens, slots, has_state, state_pool, stride_ps, stride_ph, i_s, h, i_v, DK, DV, BK, BV)
     col_k = k_col0 + (h // R) * DK
 
     n_chunks = ((eos - bos + _C - 1) // _C).to(tl.int32)
@@ -424,19 +435,8 @@ def _fused_pass_kernel(
     spans dv): the output rows are stored as norm_w * o * rsqrt(mean(o^2) + eps) * silu(z)
     instead of o, z's head h at columns z_col0 + h DV."""
     i_s, h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_n = tl.load(seqs + i_s).to(tl.int64)
-    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-    eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
-    slot = tl.load(slots + i_n).to(tl.int64)
-    keep = tl.load(has_state + i_n) != 0
-    o_k = tl.arange(0, BK)
-    m_k = o_k < DK
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_v = o_v < DV
-    o_c = tl.arange(0, _C)
-    p_state = state_pool + slot * stride_ps + h * stride_ph + o_k[None, :] * DV + o_v[:, None]
-    m_state = m_v[:, None] & m_k[None, :]
-    St = tl.load(p_state, mask=tl.where(keep, m_state, False), other=0.0).to(tl.float32)
+    bos, eos, St, o_k, m_k, o_v, m_v, o_c, m_state, p_state = _walk_start(
+        seqs, cu_seqlens, slots, has_state, state_pool, stride_ps, stride_ph, i_s, h, i_v, DK, DV, BK, BV)
     hk = h // R
 
     n_chunks = ((eos - bos + _C - 1) // _C).to(tl.int32)

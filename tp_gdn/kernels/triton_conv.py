@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_common import sequence_of
+
 CHUNK = 64
 # launch settings (benchmarks/bench_kernels.py --sweep conv). "v_block": channels per program of
 # the v part (q and k blocks are one head wide, for their l2norm). H200, 8x4096 tokens at tp=1:
@@ -94,11 +96,7 @@ def _conv_state_update_kernel(
     """Grid (sequences, channel blocks): slot <- the sequence's last W inputs (oldest first),
     taking older carried inputs from the slot itself when the sequence is shorter than W."""
     i_s, i_c = tl.program_id(0), tl.program_id(1)
-    i_n = tl.load(seqs + i_s).to(tl.int64)
-    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-    eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
-    slot = tl.load(slots + i_n).to(tl.int64)
-    keep = tl.load(has_state + i_n) != 0
+    bos, eos, slot, keep = sequence_of(seqs, cu_seqlens, slots, has_state, i_s)
     o_w = tl.arange(0, BW)
     ch = i_c * BC + tl.arange(0, BC)
     m_c = ch < C
