@@ -208,6 +208,8 @@ def main(argv=None) -> list[dict]:
         for nk, nv in args.heads:
             for lens in args.seqs:
                 if args.core and max(lens) < 2:
+                    print(f"== gdn_prefill, {nk}/{nv} heads, {len(lens)}x{lens[0]}: skipped (it takes sequences "
+                          "longer than one token; the layer mixer covers decode)", flush=True)
                     continue
                 rec.rows = []
                 rec.sass_dir = None
