@@ -1,6 +1,7 @@
 """Core GDN kernels, ours against fla-core, on one GPU, in the same run on the same inputs.
 
     python benchmarks/bench_kernels.py [--sweep split|fused|all|decode] [--launch JSON] [--json OUT.json]
+                                       [--rows TEXT ...] [--no-variants]
 
 Workloads (Qwen3-Next-80B GDN dims, dk = dv = 128, bf16 q/k/v, fp32 state, l2norm and gating
 inside on both sides, initial states read and final states written on both sides):
@@ -10,7 +11,8 @@ inside on both sides, initial states read and final states written on both sides
 Times are medians of CUDA-event timings after warm-up; ratio = fla time / our time. Each prefill
 row also times the kernel paths ("split", "fused" at several dv blocks, "scan" at its own
 blocks and segment length), next to the one `choose_path` picks, and the solve launch that every
-path starts with on its own. `--sweep` first tries launch settings and keeps the fastest.
+path starts with on its own; `--no-variants` leaves those out (they take most of the run's time).
+`--sweep` first tries launch settings and keeps the fastest.
 """
 
 from __future__ import annotations
@@ -230,6 +232,9 @@ def main():
     ap.add_argument("--json", help="write the results here as JSON")
     ap.add_argument("--rows", nargs="+", default=None, metavar="TEXT",
                     help="run only the workloads whose name contains one of these (e.g. 1x32768 decode)")
+    ap.add_argument("--no-variants", action="store_true",
+                    help="time only the path choose_path picks (and fla), not every path and the solve alone: "
+                         "each variant compiles and runs, which takes most of a full table's time")
     args = ap.parse_args()
     want = lambda name: args.rows is None or any(r in name for r in args.rows)
     import fla
@@ -258,15 +263,17 @@ def main():
         pool_after_one = pool.clone()
         chosen = triton_chunk.choose_path(n, nv, DV, num_chunks=x["batch"].meta("cuda").num_chunks)
         variants = {}
-        for path, bv in [("split", None), ("split", 16), ("fused", 64), ("fused", 128), ("scan", None)]:
+        for path, bv in [] if args.no_variants else [("split", None), ("split", 16), ("fused", 64), ("fused", 128),
+                                                     ("scan", None)]:
             if bv is None and path == "split":
                 bv = triton_chunk.split_bv(n, nv, DV)
             label = f"{path} BV{bv}" if bv else path
             if label not in variants:
                 variants[label] = timeit(ours_prefill(x, pool.clone(), bv, path), iters=10)
-        variants["solve alone"] = timeit(solve_alone(x, nk, nv), iters=10)   # the first launch of both paths
-        print(f"{name}: " + ", ".join(f"{k} {t:.3f}" for k, t in variants.items()) + f" ms; chosen {chosen}",
-              flush=True)
+        if not args.no_variants:
+            variants["solve alone"] = timeit(solve_alone(x, nk, nv), iters=10)   # the first launch of every path
+            print(f"{name}: " + ", ".join(f"{k} {t:.3f}" for k, t in variants.items()) + f" ms; chosen {chosen}",
+                  flush=True)
         fla_var, fla_bat = fla_prefill(x, True), fla_prefill(x, False)
         o_fla = fla_var()
         t_ours = timeit(ours)
@@ -280,7 +287,8 @@ def main():
         rows.append(dict(workload=name, path=chosen, variants_ms=variants, ours_ms=t_ours, fla_ms=t_fla, fla_varlen_ms=t_var, fla_batched_ms=t_bat,
                          ratio=t_fla / t_ours, tokens_per_s=n * L / (t_ours * 1e-3),
                          rel_err_vs_fla=rel(o_ours, o_fla), state_rel_err_vs_fla=rel(pool_after_one, h_fla)))
-        print(f"{name}: ours {t_ours:.3f} ms, fla {t_fla:.3f} ms (varlen {t_var:.3f}, batched {t_bat:.3f}), "
+        print(f"{name}: ours {t_ours:.3f} ms ({chosen[0]}), fla {t_fla:.3f} ms "
+              f"(varlen {t_var:.3f}, batched {t_bat:.3f}), "
               f"x{t_fla / t_ours:.2f}, |ours-fla|/|fla| = {rows[-1]['rel_err_vs_fla']:.1e} "
               f"(state {rows[-1]['state_rel_err_vs_fla']:.1e})", flush=True)
 
