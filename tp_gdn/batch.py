@@ -12,6 +12,18 @@ import torch
 CHUNK = 64  # chunk length of the chunked delta rule; prefill work is scheduled in these units
 
 
+def _int32_on(device, *parts) -> tuple[torch.Tensor, ...]:
+    """The int32 sequences `parts` on `device` as views of one buffer that travels in one copy,
+    each part starting on a 16-byte boundary."""
+    host, starts = [], []
+    for part in parts:
+        starts.append(len(host))
+        host.extend(part)
+        host.extend([0] * (-len(host) % 4))
+    buf = torch.tensor(host, dtype=torch.int32).to(device, non_blocking=True)
+    return tuple(buf[a: a + len(p)] for a, p in zip(starts, parts))
+
+
 @dataclass(frozen=True)
 class BatchMeta:
     """A batch's index tensors on one device, built once and shared by every layer's call."""
@@ -41,14 +53,7 @@ class BatchMeta:
                     bounds += [t, min(t + step, eos)]
                 first.append(len(bounds) // 2)
             G = len(bounds) // 2
-            parts = (bounds, first, range(0, 2 * G, 2), [1] * (2 * G))
-            host, starts = [], []
-            for part in parts:
-                starts.append(len(host))
-                host.extend(part)
-                host.extend([0] * (-len(host) % 4))
-            buf = torch.tensor(host, dtype=torch.int32).to(self.cu_seqlens.device, non_blocking=True)
-            b, f, pairs, ones = (buf[a: a + len(p)] for a, p in zip(starts, parts))
+            b, f, pairs, ones = _int32_on(self.cu_seqlens.device, bounds, first, range(0, 2 * G, 2), [1] * (2 * G))
             slots = torch.arange(2 * G, dtype=torch.int64).div_(2, rounding_mode="floor")
             self._segments[seg_chunks] = SegmentMeta(
                 bounds=b, seq_first=f, pairs=pairs, ones=ones,
@@ -182,15 +187,7 @@ class Batch:
             prefill = [i for i, n in enumerate(self.seq_lens) if n > 1]
             chunks = [x for i in prefill for c in range(0, self.seq_lens[i], CHUNK)
                       for x in (i, self.cu_seqlens[i] + c)]
-            # the int32 indices travel in one copy, each part starting on a 16-byte boundary
-            parts = (self.cu_seqlens, self.has_state, decode, prefill, chunks)
-            host, starts = [], []
-            for part in parts:
-                starts.append(len(host))
-                host.extend(part)
-                host.extend([0] * (-len(host) % 4))
-            buf = torch.tensor(host, dtype=torch.int32).to(device, non_blocking=True)
-            cu, has, dec, pre, ch = (buf[a: a + len(p)] for a, p in zip(starts, parts))
+            cu, has, dec, pre, ch = _int32_on(device, self.cu_seqlens, self.has_state, decode, prefill, chunks)
             self._meta[device] = BatchMeta(
                 cu_seqlens=cu,
                 slots=torch.tensor(self.slots, dtype=torch.int64).to(device, non_blocking=True),

@@ -516,21 +516,23 @@ def choose_path(n_seq: int, nv: int, dv: int, dtype: torch.dtype = torch.bfloat1
     return "split", split_bv(n_seq, nv, dv)
 
 
+def _widest_block(widest: int, programs) -> int:
+    """The widest of 128, 64, 32 (up to `widest`) at which programs(block) >= 128, else 16."""
+    return next((bv for bv in (128, 64, 32) if bv <= widest and programs(bv) >= 128), 16)
+
+
 def split_bv(n_seq: int, nv: int, dv: int) -> int:
     """The split path's dv block: the widest that still gives the sequential pass >= 128 programs
     (measured on an H200: fewer, wider programs leave SMs idle; more, narrower ones redo the w/k
     loads)."""
-    BVf = max(16, triton.next_power_of_2(dv))
-    return next((bv for bv in (128, 64, 32) if bv <= BVf and n_seq * nv * triton.cdiv(dv, bv) >= 128), 16)
+    return _widest_block(max(16, triton.next_power_of_2(dv)), lambda bv: n_seq * nv * triton.cdiv(dv, bv))
 
 
 def scan_bvs(n_seg: int, nv: int, dk: int, dv: int) -> tuple[int, int, int]:
     """The scan path's dv blocks: (summary, chain, pass). The summary and the pass each take the
     widest block that still gives >= 128 programs over the segments (as split_bv)."""
-    BVf = max(16, triton.next_power_of_2(max(dk, dv)))
-    sum_bv = SCAN["summary_bv"] or next(
-        (bv for bv in (128, 64, 32) if bv <= BVf and n_seg * nv * (triton.cdiv(dv, bv) + triton.cdiv(dk, bv)) >= 128),
-        16)
+    sum_bv = SCAN["summary_bv"] or _widest_block(max(16, triton.next_power_of_2(max(dk, dv))),
+                                                  lambda bv: n_seg * nv * (triton.cdiv(dv, bv) + triton.cdiv(dk, bv)))
     return sum_bv, SCAN["chain_bv"], split_bv(n_seg, nv, dv)
 
 
