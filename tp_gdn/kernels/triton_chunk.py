@@ -457,16 +457,20 @@ def _fused_pass_kernel(
 
         dt = kk.dtype
         eG = tl.exp(G)
-        wt = tl.dot(tl.trans((kk.to(tl.float32) * (beta * eG)[:, None]).to(dt)), Tt, input_precision=PREC)  # [BK, C]
+        # w^T and P^T are only ever read as 16-bit operands: cast once, where they are formed (fp32
+        # tiles that live until their use took registers; H200, 8x4096, 8/16 heads: 0.805 against
+        # 0.892 ms, outputs bit-equal; benchmarks/results/exp_fused_variants_h200x2_s8.log)
+        wt = tl.dot(tl.trans((kk.to(tl.float32) * (beta * eG)[:, None]).to(dt)), Tt,
+                    input_precision=PREC).to(dt)                                                           # [BK, C]
         ut = tl.dot((vt.to(tl.float32) * beta[None, :]).to(dt), Tt, input_precision=PREC)                    # [BV, C]
         # Pt[j, i] = (k_j . q_i) e^{G_i - G_j} for j <= i
         causal = (o_c[:, None] <= o_c[None, :]) & m_t[None, :]
-        Pt = tl.dot(kk, tl.trans(qq), input_precision=PREC) * tl.exp(
-            tl.where(causal, G[None, :] - G[:, None], float("-inf")))
+        Pt = (tl.dot(kk, tl.trans(qq), input_precision=PREC) * tl.exp(
+            tl.where(causal, G[None, :] - G[:, None], float("-inf")))).to(dt)
         Sd = St.to(dt)
-        Ut = ut - tl.dot(Sd, wt.to(dt), input_precision=PREC)                                               # [BV, C]
+        Ut = ut - tl.dot(Sd, wt, input_precision=PREC)                                                      # [BV, C]
         ot = tl.dot(Sd, tl.trans(qq), input_precision=PREC) * eG[None, :] + tl.dot(
-            Ut.to(dt), Pt.to(dt), input_precision=PREC)
+            Ut.to(dt), Pt, input_precision=PREC)
         if GATED_NORM:                      # masked dv rows of ot are zero
             zz = tl.load(z + o_t[None, :] * stride_z + z_col0 + h * DV + o_v[:, None], mask=mvt, other=0.0)
             zz = zz.to(tl.float32)
