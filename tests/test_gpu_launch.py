@@ -207,3 +207,57 @@ def test_prefill_then_decode_equals_one_prefill_on_gpus(hf_next, seed, tp, dtype
     for i, (whole, stepped, state_err) in results[0].items():
         assert rel_err(stepped, whole) < tol, i
         assert state_err < tol, i
+
+
+def _all_reduce_paths(rank, world, cfg, full, seed):
+    """The same prefill and decode steps with TP_GDN_ALL_REDUCE=nccl (all eager) and =auto (the
+    symmetric-memory all-reduce: the prefill and the first decode step eager, the rest replayed
+    from a CUDA graph): {mode: (the all-reduce kind for these rows, outputs)}."""
+    import os
+
+    from tp_gdn.graphs import GraphedDecoder
+
+    dev, bf, H = f"cuda:{rank}", torch.bfloat16, cfg.hidden_size
+    out = {}
+    for mode in ("nccl", "auto"):
+        os.environ["TP_GDN_ALL_REDUCE"] = mode
+        layer = GDNLayer.from_full(cfg, 0, full, rank, world, dtype=bf, device=dev)
+        cache = StateCache(cfg, [0], 4, dtype=bf, device=dev, tp_size=world)
+        g = torch.Generator().manual_seed(seed)
+        ys = [layer(torch.randn(70, H, generator=g).to(dev, bf), Batch([30, 40], [3, 1], [False, False]), cache)]
+        decoder = GraphedDecoder({0: layer}, cache) if mode == "auto" else None
+        for t in range(4):
+            x = torch.randn(2, H, generator=g).to(dev, bf)
+            if decoder is None or t == 0:
+                ys.append(layer(x, Batch([1, 1], [3, 1], [True, True]), cache))
+            else:
+                ys.append(decoder(x, [3, 1])[0].clone())
+        out[mode] = (layer.out_proj.all_reduce_kind(70), [y.float().cpu() for y in ys])
+    return out
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tp", tps(2, 4))
+def test_symmetric_memory_all_reduce_equals_nccl_on_gpus(seed, tp):
+    """Small outputs take the one-shot all-reduce over symmetric memory by default on GPUs of one
+    host; its outputs, eager and from CUDA graphs, agree with NCCL's and with the unsharded fp32
+    layer, and every rank returns the same numbers."""
+    from tp_gdn.launch.local import spawn_ranks
+
+    from helpers import _with_rank
+
+    cfg = tiny_config(nk=4, nv=8, dk=32, dv=32, H=64, layers=1)
+    full = random_full_weights(cfg, seed)
+    results = spawn_ranks(tp, _with_rank, _all_reduce_paths, cfg, full, seed, backend="nccl")
+    ref_layer = GDNLayer.from_full(cfg, 0, full)
+    cache = StateCache(cfg, [0], 4)
+    g = torch.Generator().manual_seed(seed)
+    want = [ref_layer(torch.randn(70, 64, generator=g).to(torch.bfloat16).float(), Batch([30, 40], [3, 1], [False, False]), cache)]
+    for _ in range(4):
+        want.append(ref_layer(torch.randn(2, 64, generator=g).to(torch.bfloat16).float(), Batch([1, 1], [3, 1], [True, True]), cache))
+    assert results[0]["nccl"][0] == "group" and results[0]["auto"][0] == "symm"
+    for r in range(tp):
+        for n, (a, b, w) in enumerate(zip(results[r]["auto"][1], results[r]["nccl"][1], want)):
+            assert torch.equal(a, results[0]["auto"][1][n]), (r, n)
+            assert rel_err(a, b) < 1e-2, (r, n, rel_err(a, b))
+            assert rel_err(a, w) < BF16_TOL, (r, n, rel_err(a, w))

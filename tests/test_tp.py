@@ -59,3 +59,30 @@ def test_overlapped_all_reduce_gives_the_unsharded_result(tmp_path, pieces, seed
         for n, w in enumerate(want[i]):
             assert torch.equal(results[1][i][n], results[0][i][n])
             assert rel_err(results[0][i][n], w) < 1e-5, f"layer {i} step {n}"
+
+
+def test_all_reduce_mode_is_checked(monkeypatch):
+    from tp_gdn.parallel.comm import all_reduce_mode
+
+    monkeypatch.delenv("TP_GDN_ALL_REDUCE", raising=False)
+    assert all_reduce_mode() == "auto"
+    monkeypatch.setenv("TP_GDN_ALL_REDUCE", " NCCL ")
+    assert all_reduce_mode() == "nccl"
+    monkeypatch.setenv("TP_GDN_ALL_REDUCE", "nvls")
+    with pytest.raises(ValueError, match="TP_GDN_ALL_REDUCE='nvls': expected one of auto, nccl, symm"):
+        all_reduce_mode()
+
+
+def test_symmetric_all_reduce_does_not_apply_to_gloo_ranks(tmp_path, seed):
+    """On CPU ranks (gloo) "auto" takes the group's all-reduce for every size, and "symm" refuses
+    to build the layer, saying why, on every rank alike."""
+    from workers import all_reduce_choice
+
+    cfg = tiny_config(nk=2, nv=4)
+    full = random_full_weights(cfg, seed)
+    assert run_ranks(2, all_reduce_choice, tmp_path, cfg, full, "auto") == [("group", "group")] * 2
+    assert run_ranks(2, all_reduce_choice, tmp_path, cfg, full, "nccl") == [("group", "group")] * 2
+    refused = run_ranks(2, all_reduce_choice, tmp_path, cfg, full, "symm")
+    assert refused[0] == refused[1] and "symmetric memory does not apply: the layer is on cpu" in refused[0]
+    # one rank holds the whole sum: no all-reduce at all
+    assert GDNLayer.from_full(cfg, 0, full).out_proj.all_reduce_kind(1) == "none"

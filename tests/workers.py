@@ -32,3 +32,16 @@ def overlapped_workload(rank, world, cfg, full_by_layer, steps, num_slots, piece
         for i, layer in layers.items():
             out[i].append(layer(st.x, st.batch, cache, overlap=pieces))
     return out
+
+
+def all_reduce_choice(rank, world, cfg, full, mode):
+    """Build a layer under TP_GDN_ALL_REDUCE=mode and report which all-reduce its out_proj takes
+    for 1 and 10^6 rows, or the error its construction raised."""
+    import os
+
+    os.environ["TP_GDN_ALL_REDUCE"] = mode
+    try:
+        layer = GDNLayer.from_full(cfg, 0, full, rank, world)
+    except ValueError as e:
+        return f"ValueError: {e}"
+    return layer.out_proj.all_reduce_kind(1), layer.out_proj.all_reduce_kind(10 ** 6)

@@ -1,9 +1,33 @@
-"""The collectives the tensor-parallel layer uses, each one call, visible at its call site."""
+"""The collectives the tensor-parallel layer uses, each one call, visible at its call site.
+
+Small all-reduces (a decode step's output) can run as one kernel over CUDA symmetric memory
+instead of through NCCL: every rank writes its partial sum into a buffer that every rank of the
+group has mapped, and one kernel on each rank reads all of them over NVLink and sums
+(`SymmetricAllReduce`). The environment variable TP_GDN_ALL_REDUCE picks the mode, read where a
+row-parallel layer is built:
+  auto (default)  symmetric memory for outputs of up to SYMM_MAX_BYTES where it applies (NCCL
+                  group of CUDA ranks on one host whose GPUs reach each other peer to peer),
+                  NCCL for the rest and everywhere else;
+  nccl            always the process group's own all-reduce;
+  symm            as auto, but an error where symmetric memory does not apply.
+"""
 
 from __future__ import annotations
 
+import os
+import socket
+
 import torch
 import torch.distributed as dist
+
+ALL_REDUCE_MODES = ("auto", "nccl", "symm")
+# outputs up to this size take the symmetric-memory all-reduce (a decode step of up to 512
+# sequences at hidden size 2048 in bf16). H200 x2, graph replay back to back: the all-reduce of
+# [1, 2048] bf16 alone, NCCL 11.5 us, one-shot 9.6; [256, 2048], 20.2 against 16.6
+# (benchmarks/results/exp_allreduce_h200x2_s8.log); the layer's decode step at tp=2 (80B dims)
+# of 1 / 4 / 16 sequences, NCCL 58.5 / 73.8 / 72.6 us, one-shot 31.4 / 32.0 / 44.8
+# (exp_decode_variants_tp2_h200x2_s8.log)
+SYMM_MAX_BYTES = 2 << 20
 
 
 def all_reduce_sum_(x: torch.Tensor, group=None) -> torch.Tensor:
@@ -19,3 +43,114 @@ def all_reduce_sum_async_(x: torch.Tensor, group=None):
     if dist.is_initialized() and dist.get_world_size(group) > 1:
         return dist.all_reduce(x, op=dist.ReduceOp.SUM, group=group, async_op=True)
     return None
+
+
+def all_reduce_mode() -> str:
+    """TP_GDN_ALL_REDUCE (default "auto"), checked."""
+    mode = os.environ.get("TP_GDN_ALL_REDUCE", "auto").strip().lower()
+    if mode not in ALL_REDUCE_MODES:
+        raise ValueError(f"TP_GDN_ALL_REDUCE={mode!r}: expected one of {', '.join(ALL_REDUCE_MODES)}")
+    return mode
+
+
+class SymmetricAllReduce:
+    """One-shot sum of small tensors over CUDA symmetric memory, for the ranks of one group on one
+    host. A caller writes its partial sum into `staging(shape, dtype)` (a view of this rank's
+    mapped buffer) and calls `reduce_out(staged, out)`: one kernel waits until every rank has
+    written, sums the ranks' buffers into `out`, and waits again until every rank has read, so
+    the buffer can be written again by the next call. It runs on the current stream, with no
+    host synchronisation, and can be captured in a CUDA graph. Build it on every rank of the
+    group at the same point (it is a collective)."""
+
+    def __init__(self, group, device: torch.device, max_bytes: int = SYMM_MAX_BYTES):
+        import torch.distributed._symmetric_memory as symm
+
+        self.group = group or dist.group.WORLD
+        self.group_name = self.group.group_name
+        self.device, self.max_bytes = device, max_bytes
+        if hasattr(symm, "enable_symm_mem_for_group"):   # needed by torch <= 2.9, a no-op after
+            symm.enable_symm_mem_for_group(self.group_name)
+        self.buffer = symm.empty(max_bytes, dtype=torch.uint8, device=device)
+        self.handle = symm.rendezvous(self.buffer, self.group_name)
+
+    def fits(self, numel: int, dtype: torch.dtype) -> bool:
+        return numel * dtype.itemsize <= self.max_bytes
+
+    def staging(self, shape, dtype: torch.dtype) -> torch.Tensor:
+        numel = 1
+        for s in shape:
+            numel *= s
+        if not self.fits(numel, dtype):
+            raise ValueError(f"{tuple(shape)} {dtype} does not fit the {self.max_bytes}-byte symmetric buffer")
+        return self.buffer[: numel * dtype.itemsize].view(dtype).view(shape)
+
+    def reduce_out(self, staged: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        torch.ops.symm_mem.one_shot_all_reduce_out(staged, "sum", self.group_name, out)
+        return out
+
+
+_SYMM: dict[tuple, SymmetricAllReduce | None] = {}
+
+
+def _why_not_symmetric(group, device: torch.device) -> str | None:
+    """Why the symmetric-memory all-reduce does not apply to `group` on `device` (None: it does).
+    Past the first checks (the same on every rank) it is a collective, and every rank returns the
+    same answer."""
+    if not dist.is_initialized():
+        return "no process group is initialised"
+    if device.type != "cuda":
+        return f"the layer is on {device}, not CUDA"
+    if dist.get_backend(group) != "nccl":
+        return f"the process group's backend is {dist.get_backend(group)}, not nccl"
+    try:
+        import torch.distributed._symmetric_memory  # noqa: F401
+        have = True
+    except ImportError:
+        have = False
+    visible = [str(torch.cuda.get_device_properties(i).uuid) for i in range(torch.cuda.device_count())]
+    mine = visible[device.index]
+    where = [None] * dist.get_world_size(group)
+    dist.all_gather_object(where, (socket.gethostname(), mine, have), group=group)
+    why = None
+    if not all(h for _, _, h in where):
+        why = "a rank's torch has no torch.distributed._symmetric_memory"
+    elif len({host for host, _, _ in where}) > 1:
+        why = "the group's ranks are on more than one host"
+    else:
+        for r, (_, uuid, _) in enumerate(where):
+            if uuid not in visible:
+                why = f"rank {r}'s GPU is not visible to every rank (each sees its own CUDA_VISIBLE_DEVICES)"
+                break
+            peer = visible.index(uuid)
+            if peer != device.index and not torch.cuda.can_device_access_peer(device.index, peer):
+                why = f"GPU {device.index} cannot reach GPU {peer} peer to peer"
+                break
+    verdicts = [None] * len(where)
+    dist.all_gather_object(verdicts, why, group=group)     # one rank's reason holds for all
+    return next((v for v in verdicts if v is not None), None)
+
+
+def symmetric_all_reduce_for(group, device) -> SymmetricAllReduce | None:
+    """The group's symmetric-memory all-reduce on `device`, built once and shared by every layer
+    (None where TP_GDN_ALL_REDUCE=nccl, or, with "auto", where it does not apply; with "symm"
+    that is an error). Call it on every rank of the group at the same point."""
+    mode = all_reduce_mode()
+    if mode == "nccl" or not dist.is_initialized() or dist.get_world_size(group) == 1:
+        if mode == "symm" and not dist.is_initialized():
+            raise ValueError("TP_GDN_ALL_REDUCE=symm: no process group is initialised")
+        return None
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    key = ((group or dist.group.WORLD).group_name, device.type, device.index)
+    if key not in _SYMM:
+        why = _why_not_symmetric(group, device)
+        if why is not None and mode == "symm":
+            raise ValueError(f"TP_GDN_ALL_REDUCE=symm, but symmetric memory does not apply: {why}")
+        _SYMM[key] = None if why is not None else SymmetricAllReduce(group, device)
+    return _SYMM[key]
+
+
+def release_symmetric_buffers() -> None:
+    """Drop the symmetric buffers (before the process group goes)."""
+    _SYMM.clear()

@@ -9,6 +9,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from .comm import release_symmetric_buffers
+
 
 def init_distributed(
     backend: str | None = None,
@@ -51,6 +53,7 @@ def init_distributed(
 
 def destroy_distributed() -> None:
     if dist.is_initialized():
+        release_symmetric_buffers()
         dist.destroy_process_group()
 
 

@@ -3,7 +3,9 @@
 ColumnParallelLinear: each rank holds a block of output rows (of every segment of a fused
 projection) and produces its slice of the output; no communication.
 RowParallelLinear: each rank holds a block of input columns, so each rank's product is a partial
-sum; `forward` all-reduces it, so every rank returns the full output.
+sum; `forward` all-reduces it, so every rank returns the full output. Small outputs go through
+the symmetric-memory all-reduce where it applies (comm.symmetric_all_reduce_for): the product is
+written straight into the mapped buffer, and one kernel sums the ranks' buffers.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .comm import all_reduce_sum_
+from .comm import all_reduce_sum_, symmetric_all_reduce_for
 from .sharding import Split, sharded_parameter
 
 
@@ -32,12 +34,27 @@ class RowParallelLinear(nn.Module):
         self.group, self.world = group, world
         self.weight = sharded_parameter((out_features, in_features), Split(1, (in_features,)),
                                         world, dtype, device)
+        # a collective where tp > 1 under a process group: every rank builds its layers in the same order
+        self.symm = symmetric_all_reduce_for(group, device) if world > 1 else None
+
+    def all_reduce_kind(self, rows: int) -> str:
+        """Which all-reduce `forward` runs on an output of `rows` rows: "none" (tp = 1), "symm"
+        (comm.SymmetricAllReduce) or "group" (the process group's own: NCCL, or gloo on CPUs)."""
+        if self.world == 1:
+            return "none"
+        fits = self.symm is not None and self.symm.fits(rows * self.weight.shape[0], self.weight.dtype)
+        return "symm" if fits else "group"
 
     def partial(self, x_TI: torch.Tensor) -> torch.Tensor:
         """This rank's partial sum of the output, before the all-reduce."""
         return F.linear(x_TI, self.weight)
 
     def forward(self, x_TI: torch.Tensor) -> torch.Tensor:
+        kind = self.all_reduce_kind(x_TI.numel() // x_TI.shape[-1])
+        if kind == "symm":      # the product goes straight into this rank's mapped buffer
+            staged = self.symm.staging((*x_TI.shape[:-1], self.weight.shape[0]), x_TI.dtype)
+            torch.matmul(x_TI, self.weight.t(), out=staged)
+            return self.symm.reduce_out(staged, torch.empty_like(staged))
         y = self.partial(x_TI)
         # a layer sharded for one rank holds the whole sum, even inside a larger process group
-        return all_reduce_sum_(y, self.group) if self.world > 1 else y
+        return all_reduce_sum_(y, self.group) if kind == "group" else y
