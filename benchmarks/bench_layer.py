@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -215,6 +216,10 @@ def bench_prefill(layer, n, L, dev, g, tp, rank, report, rows, profile=False):
     err = rel(y_ours, y_peer)
     t_ours = timeit(lambda: layer(x, batch, cache), 5)
     t_peer = timeit(lambda: peer.prefill(x, cu, slots), 5)
+    # calls issued back to back, as a model's layers are: the host's launch work overlaps the
+    # GPU's work of the call before (each timed call above starts on an idle GPU)
+    b2b_ours = back_to_back(lambda: layer(x, batch, cache), 10)
+    b2b_peer = back_to_back(lambda: peer.prefill(x, cu, slots), 10)
     # the other setting of the gated norm (inside the fused pass, or its own kernel), where the
     # batch takes the fused path with one block spanning dv
     from tp_gdn.kernels import triton_ops
@@ -225,9 +230,10 @@ def bench_prefill(layer, n, L, dev, g, tp, rank, report, rows, profile=False):
     triton_ops.FUSE_NORM = default
     where = lambda inside: "inside the fused pass" if inside else "as its own kernel"
     report(f"prefill {n}x{L}", t_ours, t_peer, err,
-           note=f"(gated norm {where(default)}; {where(not default)}: " +
-                (f"{t_other:.3f} ms)" if other else "not on this path)"))
-    rows[-1].update(norm_inside_pass=default, ours_other_norm_ms=t_other)
+           note=f"(back to back: ours {b2b_ours:.3f} ms, peer {b2b_peer:.3f} ms; gated norm {where(default)}; "
+                f"{where(not default)}: " + (f"{t_other:.3f} ms)" if other else "not on this path)"))
+    rows[-1].update(norm_inside_pass=default, ours_other_norm_ms=t_other, ours_back_to_back_ms=b2b_ours,
+                    peer_back_to_back_ms=b2b_peer, all_reduce=layer.out_proj.all_reduce_kind(T))
     if tp > 1:
         out = torch.empty(T, H, device=dev, dtype=bf)
         t_ar = timeit(lambda: dist.all_reduce(out), 5)
@@ -274,10 +280,29 @@ def bench_decode(layer, B, dev, g, tp, rank, report, rows, profile=False):
     b2b_ours = back_to_back(lambda: decoder(x, slots), 50)
     b2b_peer = back_to_back(graphed(lambda: peer.decode(x, slots_t)) if t_peer_graph == t_peer_graph
                             else lambda: peer.decode(x, slots_t), 50)
+    kind = layer.out_proj.all_reduce_kind(B)
+    other = ""
+    if kind == "symm":
+        # the same step with the process group's own all-reduce (NCCL), for comparison
+        saved = os.environ.get("TP_GDN_ALL_REDUCE")
+        os.environ["TP_GDN_ALL_REDUCE"] = "nccl"
+        try:
+            nccl_layer = GDNLayer.from_full(CFG, 0, full_weights(), rank, tp, dtype=torch.bfloat16, device=dev,
+                                            backend="triton")
+        finally:
+            os.environ.pop("TP_GDN_ALL_REDUCE")
+            if saved is not None:
+                os.environ["TP_GDN_ALL_REDUCE"] = saved
+        nccl_decoder = GraphedDecoder({0: nccl_layer}, cache)
+        t_nccl, b2b_nccl = timeit(lambda: nccl_decoder(x, slots), 50), back_to_back(lambda: nccl_decoder(x, slots), 50)
+        rows_nccl = dict(ours_nccl_ms=t_nccl, ours_nccl_back_to_back_ms=b2b_nccl)
+        other = f"; with NCCL's all-reduce: {t_nccl:.3f} ms, {b2b_nccl:.3f} back to back"
     report(f"decode {B} seqs", t_ours, best_peer, err,
-           note=f"(ours graph; ours eager {t_eager:.3f} ms; peer eager {t_peer:.3f} ms, peer graph "
-                f"{t_peer_graph:.3f} ms; back to back: ours {b2b_ours:.3f} ms, peer {b2b_peer:.3f} ms)")
-    rows[-1].update(ours_back_to_back_ms=b2b_ours, peer_back_to_back_ms=b2b_peer)
+           note=f"(ours graph, all-reduce {kind}; ours eager {t_eager:.3f} ms; peer eager {t_peer:.3f} ms, peer graph "
+                f"{t_peer_graph:.3f} ms; back to back: ours {b2b_ours:.3f} ms, peer {b2b_peer:.3f} ms{other})")
+    rows[-1].update(ours_back_to_back_ms=b2b_ours, peer_back_to_back_ms=b2b_peer, all_reduce=kind)
+    if other:
+        rows[-1].update(rows_nccl)
     if profile:
         profile_kernels(lambda: decoder(x, slots), rank, f"decode {B} (graph), tp={tp}")
     if B == 256:
