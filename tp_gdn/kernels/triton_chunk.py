@@ -46,8 +46,14 @@ LAUNCH = {
     # H200, 8x4096 at 16/32 and 8/16 heads: 1 warp 0.417 / 0.289 ms, 2 warps 0.609 / 0.334, 4 warps
     # 1.083 / 0.623, with T bit-equal (benchmarks/results/exp_solve_h200x4_s4.log)
     "solve": dict(num_warps=1, num_stages=1),
-    # num_warps=4 faulted (illegal address) for bf16 with dk = dv = 16 on an H200, Triton 3.6
-    "wu": dict(num_warps=8, num_stages=1),
+    # H200, whole core, the w/u kernel that stores each product as soon as it is formed: 4 warps
+    # (255 registers, 2 per SM) against 8 (159-177, 1 per SM): 1x32768 4/8 (scan) 0.829 against
+    # 0.868 / 0.916 ms, 1x4096 16/32 (split) 0.471 against 0.631 / 0.550, 8x4096 4/8 (split) 0.763
+    # against 0.811 / 0.805, outputs bit-equal (benchmarks/results/exp_wu_h200x2_s8.log). Below
+    # dk or dv 64 "wu_small" applies: the kernel before that rewrite faulted (illegal address) with
+    # 4 warps for bf16 at dk = dv = 16 on an H200, Triton 3.6, and the rewrite was not tried there
+    "wu": dict(num_warps=4, num_stages=1),
+    "wu_small": dict(num_warps=8, num_stages=1),
     # num_stages=1 gave wrong results and faults on an H200 with Triton 3.6 (2026-11-27): keep >= 2
     "pass": dict(num_warps=8, num_stages=3),
     # H200, whole core at 8x4096, 16/32 and 8/16 heads (BV 128) and 4/8 (BV 64): 8 warps 1 stage
@@ -280,20 +286,22 @@ def _intra_wu_kernel(
 
     dt = kk.dtype
     eG = tl.exp(G)
-    w = tl.dot(T, (kk.to(tl.float32) * (beta * eG)[:, None]).to(dt), input_precision=PREC)
-    u = tl.dot(T, (vv.to(tl.float32) * beta[:, None]).to(dt), input_precision=PREC)
-    causal = (o_c[:, None] >= o_c[None, :]) & m_t[:, None]
-    P = tl.dot(qq, tl.trans(kk), input_precision=PREC) * tl.exp(tl.where(causal, G[:, None] - G[None, :], float("-inf")))
-    qp = qq.to(tl.float32) * eG[:, None] - tl.dot(P.to(dt), w.to(dt), input_precision=PREC)
-    oc = tl.dot(P.to(dt), u.to(dt), input_precision=PREC)
-
     row_k = o_t[:, None] * (HV * DK) + h * DK + o_k[None, :]
     row_v = o_t[:, None] * (HV * DV) + h * DV + o_v[None, :]
     mk = m_t[:, None] & m_k[None, :]
     mv = m_t[:, None] & m_v[None, :]
-    tl.store(w_out + row_k, w.to(w_out.dtype.element_ty), mask=mk)
+    # each product is stored, and kept only in the 16 bits its later reader takes, as soon as it
+    # is formed, so that no fp32 tile lives longer than it must (w_out, u_out hold k's dtype)
+    w = tl.dot(T, (kk.to(tl.float32) * (beta * eG)[:, None]).to(dt), input_precision=PREC).to(dt)
+    tl.store(w_out + row_k, w, mask=mk)
+    u = tl.dot(T, (vv.to(tl.float32) * beta[:, None]).to(dt), input_precision=PREC).to(dt)
+    tl.store(u_out + row_v, u, mask=mv)
+    causal = (o_c[:, None] >= o_c[None, :]) & m_t[:, None]
+    P = (tl.dot(qq, tl.trans(kk), input_precision=PREC) *
+         tl.exp(tl.where(causal, G[:, None] - G[None, :], float("-inf")))).to(dt)
+    qp = qq.to(tl.float32) * eG[:, None] - tl.dot(P, w, input_precision=PREC)
     tl.store(qp_out + row_k, qp.to(qp_out.dtype.element_ty), mask=mk)
-    tl.store(u_out + row_v, u.to(u_out.dtype.element_ty), mask=mv)
+    oc = tl.dot(P, u, input_precision=PREC)
     tl.store(oc_out + row_v, oc.to(oc_out.dtype.element_ty), mask=mv)
 
 
@@ -625,7 +633,8 @@ def chunk_delta_rule_varlen(
     _intra_wu_kernel[grid](
         q, k, v, Tbuf, G, beta, w, qp, u, oc, meta.chunks, meta.cu_seqlens,
         q.stride(0), k.stride(0), v.stride(0), q_col0, k_col0, v_col0, dk ** -0.5,
-        R=nv // nk, DK=dk, DV=dv, BK=BK, BV=BVf, HV=nv, NORM_QK=normalize_qk, PREC=prec, **LAUNCH["wu"],
+        R=nv // nk, DK=dk, DV=dv, BK=BK, BV=BVf, HV=nv, NORM_QK=normalize_qk, PREC=prec,
+        **LAUNCH["wu" if min(dk, dv) >= 64 else "wu_small"],
     )
     pass_launch = dict(LAUNCH["pass"])
     if dt == torch.float32:  # fp32 tiles at dk = dv = 128 overflow shared memory at 3 stages (H100)
