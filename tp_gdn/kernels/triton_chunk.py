@@ -49,12 +49,15 @@ LAUNCH = {
     # H200, whole core, the w/u kernel that stores each product as soon as it is formed: 4 warps
     # (255 registers, 2 per SM) against 8 (159-177, 1 per SM): 1x32768 4/8 (scan) 0.829 against
     # 0.868 / 0.916 ms, 1x4096 16/32 (split) 0.471 against 0.631 / 0.550, 8x4096 4/8 (split) 0.763
-    # against 0.811 / 0.805, outputs bit-equal (benchmarks/results/exp_wu_h200x2_s8.log). Below
+    # against 0.811 / 0.805, outputs bit-equal (benchmarks/results/exp_wu_h200x2_s7.log). Below
     # dk or dv 64 "wu_small" applies: the kernel before that rewrite faulted (illegal address) with
     # 4 warps for bf16 at dk = dv = 16 on an H200, Triton 3.6, and the rewrite was not tried there
     "wu": dict(num_warps=4, num_stages=1),
     "wu_small": dict(num_warps=8, num_stages=1),
-    # num_stages=1 gave wrong results and faults on an H200 with Triton 3.6 (2026-11-27): keep >= 2
+    # num_stages=1 gave wrong results and faults on an H200 with Triton 3.6 (2026-11-27, an earlier
+    # kernel); the seventh session's run gave bit-equal outputs at 1 stage on four split and scan
+    # workloads at real dims, and no gain (0.900 against 0.887 ms at 1x32768 4/8; 4 warps 1.3-1.9x
+    # slower; benchmarks/results/exp_launch_variants_h200x2_s7.log)
     "pass": dict(num_warps=8, num_stages=3),
     # H200, whole core at 8x4096, 16/32 and 8/16 heads (BV 128) and 4/8 (BV 64): 8 warps 1 stage
     # 1.793 / 0.857 / 0.684 ms, 2 stages 1.773 / 0.934 / 0.776, 3 stages 1.939 / 0.995 / 0.846, bit-equal
@@ -467,7 +470,7 @@ def _fused_pass_kernel(
         eG = tl.exp(G)
         # w^T and P^T are only ever read as 16-bit operands: cast once, where they are formed (fp32
         # tiles that live until their use took registers; H200, 8x4096, 8/16 heads: 0.805 against
-        # 0.892 ms, outputs bit-equal; benchmarks/results/exp_fused_variants_h200x2_s8.log)
+        # 0.892 ms, outputs bit-equal; benchmarks/results/exp_fused_variants_h200x2_s7.log)
         wt = tl.dot(tl.trans((kk.to(tl.float32) * (beta * eG)[:, None]).to(dt)), Tt,
                     input_precision=PREC).to(dt)                                                           # [BK, C]
         ut = tl.dot((vt.to(tl.float32) * beta[None, :]).to(dt), Tt, input_precision=PREC)                    # [BV, C]

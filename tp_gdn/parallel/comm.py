@@ -24,9 +24,9 @@ ALL_REDUCE_MODES = ("auto", "nccl", "symm")
 # outputs up to this size take the symmetric-memory all-reduce (a decode step of up to 512
 # sequences at hidden size 2048 in bf16). H200 x2, graph replay back to back: the all-reduce of
 # [1, 2048] bf16 alone, NCCL 11.5 us, one-shot 9.6; [256, 2048], 20.2 against 16.6
-# (benchmarks/results/exp_allreduce_h200x2_s8.log); the layer's decode step at tp=2 (80B dims)
+# (benchmarks/results/exp_allreduce_h200x2_s7.log); the layer's decode step at tp=2 (80B dims)
 # of 1 / 4 / 16 sequences, NCCL 58.5 / 73.8 / 72.6 us, one-shot 31.4 / 32.0 / 44.8
-# (exp_decode_variants_tp2_h200x2_s8.log)
+# (exp_decode_variants_tp2_h200x2_s7.log)
 SYMM_MAX_BYTES = 2 << 20
 
 
