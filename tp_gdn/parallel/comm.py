@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import socket
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -68,8 +69,12 @@ class SymmetricAllReduce:
         self.group = group or dist.group.WORLD
         self.group_name = self.group.group_name
         self.device, self.max_bytes = device, max_bytes
-        if hasattr(symm, "enable_symm_mem_for_group"):   # needed by torch <= 2.9, a no-op after
-            symm.enable_symm_mem_for_group(self.group_name)
+        if hasattr(symm, "enable_symm_mem_for_group"):
+            # older torch needs this before a rendezvous; torch 2.11 (where this ran) calls it
+            # deprecated and unneeded, and would warn on every rank
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                symm.enable_symm_mem_for_group(self.group_name)
         self.buffer = symm.empty(max_bytes, dtype=torch.uint8, device=device)
         self.handle = symm.rendezvous(self.buffer, self.group_name)
 
