@@ -86,3 +86,23 @@ def test_symmetric_all_reduce_does_not_apply_to_gloo_ranks(tmp_path, seed):
     assert refused[0] == refused[1] and "symmetric memory does not apply: the layer is on cpu" in refused[0]
     # one rank holds the whole sum: no all-reduce at all
     assert GDNLayer.from_full(cfg, 0, full).out_proj.all_reduce_kind(1) == "none"
+
+
+def test_symmetric_all_reduce_verdict_from_what_the_ranks_report():
+    """The decision each rank takes from the gathered (host, GPU uuid, has symmetric memory) of
+    every rank: one host whose GPUs each rank sees and reaches applies; anything else gives a
+    reason naming what is wrong."""
+    from tp_gdn.parallel.comm import _local_verdict
+
+    uuids = ["GPU-a", "GPU-b", "GPU-c", "GPU-d"]
+    reach = lambda i, j: True                                   # noqa: E731
+    two = [("node0", "GPU-a", True), ("node0", "GPU-c", True)]
+    assert _local_verdict(two, uuids, 0, reach) is None
+    assert _local_verdict(two, uuids, 2, reach) is None
+    assert "more than one host" in _local_verdict([("node0", "GPU-a", True), ("node1", "GPU-a", True)], uuids, 0, reach)
+    # Ray actors: each process sees only its own GPU
+    assert "rank 1's GPU is not visible" in _local_verdict(two, ["GPU-a"], 0, reach)
+    no_p2p = lambda i, j: {i, j} != {0, 2}                      # noqa: E731
+    assert _local_verdict(two, uuids, 0, no_p2p) == "GPU 0 cannot reach GPU 2 peer to peer"
+    assert "no torch.distributed._symmetric_memory" in _local_verdict(
+        [("node0", "GPU-a", True), ("node0", "GPU-b", False)], uuids, 0, reach)

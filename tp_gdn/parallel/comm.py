@@ -97,6 +97,23 @@ class SymmetricAllReduce:
 _SYMM: dict[tuple, SymmetricAllReduce | None] = {}
 
 
+def _local_verdict(where: list, visible: list, index: int, can_access) -> str | None:
+    """This rank's reason why the symmetric all-reduce does not apply (None: no reason), from every
+    rank's (host name, GPU uuid, has symmetric memory), the uuids of the GPUs this process sees,
+    the index of its own, and can_access(i, j) (peer access between visible GPUs i and j)."""
+    if not all(h for _, _, h in where):
+        return "a rank's torch has no torch.distributed._symmetric_memory"
+    if len({host for host, _, _ in where}) > 1:
+        return "the group's ranks are on more than one host"
+    for r, (_, uuid, _) in enumerate(where):
+        if uuid not in visible:
+            return f"rank {r}'s GPU is not visible to every rank (each sees its own CUDA_VISIBLE_DEVICES)"
+        peer = visible.index(uuid)
+        if peer != index and not can_access(index, peer):
+            return f"GPU {index} cannot reach GPU {peer} peer to peer"
+    return None
+
+
 def _why_not_symmetric(group, device: torch.device) -> str | None:
     """Why the symmetric-memory all-reduce does not apply to `group` on `device` (None: it does).
     Past the first checks (the same on every rank) it is a collective, and every rank returns the
@@ -113,23 +130,9 @@ def _why_not_symmetric(group, device: torch.device) -> str | None:
     except ImportError:
         have = False
     visible = [str(torch.cuda.get_device_properties(i).uuid) for i in range(torch.cuda.device_count())]
-    mine = visible[device.index]
     where = [None] * dist.get_world_size(group)
-    dist.all_gather_object(where, (socket.gethostname(), mine, have), group=group)
-    why = None
-    if not all(h for _, _, h in where):
-        why = "a rank's torch has no torch.distributed._symmetric_memory"
-    elif len({host for host, _, _ in where}) > 1:
-        why = "the group's ranks are on more than one host"
-    else:
-        for r, (_, uuid, _) in enumerate(where):
-            if uuid not in visible:
-                why = f"rank {r}'s GPU is not visible to every rank (each sees its own CUDA_VISIBLE_DEVICES)"
-                break
-            peer = visible.index(uuid)
-            if peer != device.index and not torch.cuda.can_device_access_peer(device.index, peer):
-                why = f"GPU {device.index} cannot reach GPU {peer} peer to peer"
-                break
+    dist.all_gather_object(where, (socket.gethostname(), visible[device.index], have), group=group)
+    why = _local_verdict(where, visible, device.index, torch.cuda.can_device_access_peer)
     verdicts = [None] * len(where)
     dist.all_gather_object(verdicts, why, group=group)     # one rank's reason holds for all
     return next((v for v in verdicts if v is not None), None)
