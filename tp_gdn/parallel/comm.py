@@ -14,6 +14,7 @@ row-parallel layer is built:
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import warnings
@@ -66,8 +67,7 @@ class SymmetricAllReduce:
     def __init__(self, group, device: torch.device, max_bytes: int = SYMM_MAX_BYTES):
         import torch.distributed._symmetric_memory as symm
 
-        self.group = group or dist.group.WORLD
-        self.group_name = self.group.group_name
+        self.group, self.group_name = group, group.group_name
         self.device, self.max_bytes = device, max_bytes
         if hasattr(symm, "enable_symm_mem_for_group"):
             # older torch needs this before a rendezvous; torch 2.11 (where this ran) calls it
@@ -82,9 +82,7 @@ class SymmetricAllReduce:
         return numel * dtype.itemsize <= self.max_bytes
 
     def staging(self, shape, dtype: torch.dtype) -> torch.Tensor:
-        numel = 1
-        for s in shape:
-            numel *= s
+        numel = math.prod(shape)
         if not self.fits(numel, dtype):
             raise ValueError(f"{tuple(shape)} {dtype} does not fit the {self.max_bytes}-byte symmetric buffer")
         return self.buffer[: numel * dtype.itemsize].view(dtype).view(shape)
@@ -118,12 +116,11 @@ def _why_not_symmetric(group, device: torch.device) -> str | None:
     """Why the symmetric-memory all-reduce does not apply to `group` on `device` (None: it does).
     Past the first checks (the same on every rank) it is a collective, and every rank returns the
     same answer."""
-    if not dist.is_initialized():
-        return "no process group is initialised"
     if device.type != "cuda":
         return f"the layer is on {device}, not CUDA"
-    if dist.get_backend(group) != "nccl":
-        return f"the process group's backend is {dist.get_backend(group)}, not nccl"
+    backend = dist.get_backend(group)
+    if backend != "nccl":
+        return f"the process group's backend is {backend}, not nccl"
     try:
         import torch.distributed._symmetric_memory  # noqa: F401
         have = True
@@ -147,10 +144,11 @@ def symmetric_all_reduce_for(group, device) -> SymmetricAllReduce | None:
         if mode == "symm" and not dist.is_initialized():
             raise ValueError("TP_GDN_ALL_REDUCE=symm: no process group is initialised")
         return None
+    group = group or dist.group.WORLD
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    key = ((group or dist.group.WORLD).group_name, device.type, device.index)
+    key = (group.group_name, device.type, device.index)
     if key not in _SYMM:
         why = _why_not_symmetric(group, device)
         if why is not None and mode == "symm":
