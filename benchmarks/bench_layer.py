@@ -263,10 +263,13 @@ def bench_decode(layer, B, dev, g, tp, rank, report, rows, profile=False):
     slots = list(range(B))
     slots_t = torch.arange(B, device=dev)
     decoder = GraphedDecoder({0: layer}, cache)
-    y_ours = decoder(x, slots)[0].clone()
+    # the step's input written into the graph's own buffer, as the peer's graph reads x in place
+    x_graph = decoder.input_buffer(B)
+    x_graph.copy_(x)
+    y_ours = decoder(x_graph, slots)[0].clone()
     y_peer = peer.decode(x, slots_t)
     err = rel(y_ours, y_peer)
-    t_ours = timeit(lambda: decoder(x, slots), 50)
+    t_ours = timeit(lambda: decoder(x_graph, slots), 50)
     t_eager = timeit(lambda: layer(x, Batch([1] * B, slots, [True] * B), cache), 50)
     t_peer = timeit(lambda: peer.decode(x, slots_t), 50)
     try:
@@ -277,7 +280,7 @@ def bench_decode(layer, B, dev, g, tp, rank, report, rows, profile=False):
             print(f"  peer decode could not be captured: {type(e).__name__}: {e}")
     best_peer = min(t_peer, t_peer_graph) if t_peer_graph == t_peer_graph else t_peer
     # steps issued back to back (no wait on each): the GPU's time per step, host launch hidden
-    b2b_ours = back_to_back(lambda: decoder(x, slots), 50)
+    b2b_ours = back_to_back(lambda: decoder(x_graph, slots), 50)
     b2b_peer = back_to_back(graphed(lambda: peer.decode(x, slots_t)) if t_peer_graph == t_peer_graph
                             else lambda: peer.decode(x, slots_t), 50)
     kind = layer.out_proj.all_reduce_kind(B)
@@ -294,7 +297,10 @@ def bench_decode(layer, B, dev, g, tp, rank, report, rows, profile=False):
             if saved is not None:
                 os.environ["TP_GDN_ALL_REDUCE"] = saved
         nccl_decoder = GraphedDecoder({0: nccl_layer}, cache)
-        t_nccl, b2b_nccl = timeit(lambda: nccl_decoder(x, slots), 50), back_to_back(lambda: nccl_decoder(x, slots), 50)
+        x_nccl = nccl_decoder.input_buffer(B)
+        x_nccl.copy_(x)
+        t_nccl = timeit(lambda: nccl_decoder(x_nccl, slots), 50)
+        b2b_nccl = back_to_back(lambda: nccl_decoder(x_nccl, slots), 50)
         rows_nccl = dict(ours_nccl_ms=t_nccl, ours_nccl_back_to_back_ms=b2b_nccl)
         other = f"; with NCCL's all-reduce: {t_nccl:.3f} ms, {b2b_nccl:.3f} back to back"
     report(f"decode {B} seqs", t_ours, best_peer, err,
@@ -304,7 +310,7 @@ def bench_decode(layer, B, dev, g, tp, rank, report, rows, profile=False):
     if other:
         rows[-1].update(rows_nccl)
     if profile:
-        profile_kernels(lambda: decoder(x, slots), rank, f"decode {B} (graph), tp={tp}")
+        profile_kernels(lambda: decoder(x_graph, slots), rank, f"decode {B} (graph), tp={tp}")
     if B == 256:
         state_bytes = 2 * cache.ssm[0].numel() * 4
         weight_bytes = sum(p.numel() * p.element_size() for p in layer.parameters())

@@ -51,6 +51,13 @@ def test_graphed_decode_equals_eager_decode(seed):
         eager = layer(x, Batch([1, 1], slots, [True, True]), caches[0])
         assert torch.equal(decoder(x, slots)[0], eager)
     assert torch.equal(caches[0].ssm[0], caches[1].ssm[0]) and torch.equal(caches[0].conv[0], caches[1].conv[0])
+    # the input written into the graph's own buffer: no copy, the same step
+    buf = decoder.input_buffer(2)
+    for slots in ([1, 4], [4, 1]):
+        buf.copy_(torch.randn(2, 64, device="cuda", dtype=torch.bfloat16))
+        eager = layer(buf.clone(), Batch([1, 1], slots, [True, True]), caches[0])
+        assert torch.equal(decoder(buf, slots)[0], eager)
+    assert torch.equal(caches[0].ssm[0], caches[1].ssm[0]) and torch.equal(caches[0].conv[0], caches[1].conv[0])
     for bad, message in (([4, 4], "used twice"), ([4, 6], "out of range"), ([-1, 4], "slots are >= 0")):
         with pytest.raises(ValueError, match=message):
             decoder(x, bad)

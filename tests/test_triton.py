@@ -306,13 +306,16 @@ def test_gated_rmsnorm_matches_reference():
 
 def check_triton_layer_against_torch(cfg, full, steps, num_slots, tol=1e-5, dtype=torch.float32):
     """The Triton layer in `dtype` over `steps`, step by step against the fp32 torch layer with the
-    same weights (its outputs in `dtype`)."""
-    want = run_steps({0: GDNLayer.from_full(cfg, 0, full, backend="torch")},
-                     StateCache(cfg, [0], num_slots, tp_size=1), steps)
+    same weights (its outputs in `dtype`); after the last step both caches (conv and recurrent
+    state of every slot) must agree too, which also covers state that no later output reads."""
+    ref_cache = StateCache(cfg, [0], num_slots, tp_size=1)
+    want = run_steps({0: GDNLayer.from_full(cfg, 0, full, backend="torch")}, ref_cache, steps)
     cache = StateCache(cfg, [0], num_slots, dtype=dtype, device=DEV, tp_size=1)
     got = run_steps({0: GDNLayer.from_full(cfg, 0, full, backend="triton", device=DEV, dtype=dtype)}, cache, steps)
     for n, (g, w) in enumerate(zip(got[0], want[0])):
         assert g.dtype == dtype and rel_err(g.cpu(), w) < tol, f"step {n}"
+    assert rel_err(cache.conv[0].cpu().float(), ref_cache.conv[0]) < tol
+    assert rel_err(cache.ssm[0].cpu(), ref_cache.ssm[0]) < tol
 
 
 def test_triton_layer_matches_torch_layer_on_mixed_workload(seed):

@@ -6,8 +6,9 @@ included (NCCL collectives are captured too). A step copies the input rows into 
 static buffer and replays it: no allocation, no host synchronisation. The slot indices go to
 the graph's index buffer through a pinned host buffer only when they differ from the last
 step's (and are checked then), so a steady decode loop costs one copy and one replay on the
-host. The graph is bound to this cache's tensors; the returned outputs are the graph's static
-buffers, valid until the next step.
+host. A caller that writes the step's input straight into `input_buffer(B)` and passes that
+buffer saves the copy too (as a model's previous stage would). The graph is bound to this
+cache's tensors; the returned outputs are the graph's static buffers, valid until the next step.
 """
 
 from __future__ import annotations
@@ -58,6 +59,12 @@ class GraphedDecoder:
         if B not in self._graphs:
             self._graphs[B] = self._capture(B)
 
+    def input_buffer(self, B: int) -> torch.Tensor:
+        """The graph's static input [B, H] for B sequences (captured now if it is not yet): write a
+        step's rows into it and pass it to the step, which then copies nothing."""
+        self.prepare(B)
+        return self._graphs[B]["x"]
+
     def _check_slots(self, slots: tuple) -> tuple:
         """The slots as plain ints, after a Batch's checks plus the cache's range."""
         slots = Batch([1] * len(slots), slots, [True] * len(slots)).slots
@@ -90,6 +97,7 @@ class GraphedDecoder:
             g["meta"].slots.copy_(g["host"], non_blocking=True)
             g["copied"].record()
             g["last"] = key
-        g["x"].copy_(x_BH, non_blocking=True)
+        if x_BH.data_ptr() != g["x"].data_ptr() or x_BH.stride() != g["x"].stride():
+            g["x"].copy_(x_BH, non_blocking=True)
         g["graph"].replay()
         return g["ys"]

@@ -4,8 +4,10 @@ Grid (decode sequences, value heads, dv blocks). Each program convolves its key 
 channels (from the slot's conv state and the new input), normalises them, convolves its own v
 channels and updates their conv state, computes g and beta, and updates its [dk, BV] block of
 the slot's recurrent state in place. q/k channels are read by every value head and dv block of
-their key head, so their conv state is shifted by a second launch (`_shift_qk_state_kernel`)
-once all have read it. No host synchronisation; both launches can be captured in a CUDA graph.
+their key head, so their conv state is shifted by a later launch once all have read it: its own
+(`_shift_qk_state_kernel`), or extra programs of the gated norm's launch, which follows the
+decode kernel in a layer call (triton_norm.gated_rmsnorm's `qk_shift`). No host synchronisation;
+every launch can be captured in a CUDA graph.
 """
 
 from __future__ import annotations
@@ -95,10 +97,10 @@ def _decode_kernel(
 
 
 @triton.jit
-def _shift_qk_state_kernel(proj, conv_pool, seqs, cu_seqlens, slots, has_state, stride_proj, stride_ps, stride_pw,
-                           NQK: tl.constexpr, W: tl.constexpr, BW: tl.constexpr, BC: tl.constexpr):
-    """conv state of the q|k channels <- (old rows 1..W-1, new input): one token appended."""
-    i_s, i_c = tl.program_id(0), tl.program_id(1)
+def shift_qk_block(proj, conv_pool, seqs, cu_seqlens, slots, has_state, stride_proj, stride_ps, stride_pw, i_s, i_c,
+                   NQK: tl.constexpr, W: tl.constexpr, BW: tl.constexpr, BC: tl.constexpr):
+    """conv state of q|k channels [i_c BC, (i_c + 1) BC) of decode sequence seqs[i_s] <- (old rows
+    1..W-1, new input): one token appended."""
     i_n = tl.load(seqs + i_s).to(tl.int64)
     t = tl.load(cu_seqlens + i_n).to(tl.int64)
     slot = tl.load(slots + i_n).to(tl.int64)
@@ -115,9 +117,28 @@ def _shift_qk_state_kernel(proj, conv_pool, seqs, cu_seqlens, slots, has_state, 
              mask=(o_w < W)[:, None] & m_c[None, :])
 
 
+@triton.jit
+def _shift_qk_state_kernel(proj, conv_pool, seqs, cu_seqlens, slots, has_state, stride_proj, stride_ps, stride_pw,
+                           NQK: tl.constexpr, W: tl.constexpr, BW: tl.constexpr, BC: tl.constexpr):
+    """Grid (decode sequences, q|k channel blocks): shift_qk_block for each."""
+    shift_qk_block(proj, conv_pool, seqs, cu_seqlens, slots, has_state, stride_proj, stride_ps, stride_pw,
+                   tl.program_id(0), tl.program_id(1), NQK, W, BW, BC)
+
+
+def qk_shift_launch(proj_TP, conv_pool_SWC, meta, nqk: int) -> dict:
+    """Arguments of shift_qk_block for the decode sequences of `meta`: `args` (tensors and
+    strides, in its order), `meta` (its constexprs) and `blocks` (channel blocks per sequence)."""
+    W = conv_pool_SWC.shape[1]
+    BC = min(256, triton.next_power_of_2(nqk))
+    args = (proj_TP, conv_pool_SWC, meta.decode_seqs, meta.cu_seqlens, meta.slots, meta.has_state,
+            proj_TP.stride(0), conv_pool_SWC.stride(0), conv_pool_SWC.stride(1))
+    return dict(args=args, meta=dict(NQK=nqk, W=W, BW=triton.next_power_of_2(W), BC=BC),
+                blocks=triton.cdiv(nqk, BC))
+
+
 def decode_step(proj_TP, conv_weight_CK, conv_pool_SWC, A_log, dt_bias, state_pool, out, meta,
                 nk: int, nv: int, dk: int, dv: int, BV: int | None = None, use_conv: bool = True,
-                b_col0: int | None = None) -> None:
+                b_col0: int | None = None, shift_qk: bool = True) -> None:
     """One recurrent step for each single-token sequence of `meta` (fused conv update, l2norm,
     gating), writing o [value head h at columns h dv of `out`] and updating both pools in place.
 
@@ -125,7 +146,8 @@ def decode_step(proj_TP, conv_weight_CK, conv_pool_SWC, A_log, dt_bias, state_po
     the b|a columns (default 2kd + 2vd, right after z);
     conv_weight_CK: [2kd+vd, K]; conv_pool_SWC: [S, K-1, 2kd+vd]; state_pool: [S, nv, dk, dv] fp32.
     use_conv=False reads q|k|v as already convolved (the pure recurrence, for comparisons with
-    other recurrent kernels) and leaves the conv pool alone.
+    other recurrent kernels) and leaves the conv pool alone. shift_qk=False leaves the q|k
+    channels' conv state unshifted: the caller's next launch must shift it (qk_shift_launch).
     """
     if meta.num_decode == 0:
         return
@@ -147,12 +169,7 @@ def decode_step(proj_TP, conv_weight_CK, conv_pool_SWC, A_log, dt_bias, state_po
         R=nv // nk, NK=nk, DK=dk, DV=dv, K=K, BK=BK, BV=BV, BW=triton.next_power_of_2(K - 1), USE_CONV=use_conv,
         **LAUNCH["decode"],
     )
-    if not use_conv:
+    if not (use_conv and shift_qk):
         return
-    W = K - 1
-    BC = min(256, triton.next_power_of_2(2 * kd))
-    _shift_qk_state_kernel[(meta.num_decode, triton.cdiv(2 * kd, BC))](
-        proj_TP, conv_pool_SWC, meta.decode_seqs, meta.cu_seqlens, meta.slots, meta.has_state,
-        proj_TP.stride(0), conv_pool_SWC.stride(0), conv_pool_SWC.stride(1),
-        NQK=2 * kd, W=W, BW=triton.next_power_of_2(W), BC=BC,
-    )
+    shift = qk_shift_launch(proj_TP, conv_pool_SWC, meta, 2 * kd)
+    _shift_qk_state_kernel[(meta.num_decode, shift["blocks"])](*shift["args"], **shift["meta"])

@@ -1,4 +1,8 @@
-"""Triton gated RMSNorm: y = w * o * rsqrt(mean(o^2) + eps) * silu(z), per head over dv."""
+"""Triton gated RMSNorm: y = w * o * rsqrt(mean(o^2) + eps) * silu(z), per head over dv.
+
+In a layer call with decode sequences, the same launch also shifts their q|k conv state
+(`qk_shift`): the decode kernel leaves that to the next launch, and this is the next launch.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +10,12 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_decode import qk_shift_launch, shift_qk_block
+
 
 @triton.jit
-def _gated_rmsnorm_kernel(o, z, w, y, T, stride_o, stride_z, stride_y, eps,
-                          DV: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr):
-    """Grid (token blocks, heads); o/z/y rows hold head h at columns h DV."""
-    i_t, h = tl.program_id(0), tl.program_id(1)
+def _norm_rows(o, z, w, y, T, i_t, h, stride_o, stride_z, stride_y, eps,
+               DV: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr):
     rows = (i_t * BT + tl.arange(0, BT)).to(tl.int64)
     cols = tl.arange(0, BV)
     m = (rows < T)[:, None] & (cols < DV)[None, :]
@@ -23,18 +27,53 @@ def _gated_rmsnorm_kernel(o, z, w, y, T, stride_o, stride_z, stride_y, eps,
     tl.store(y + rows[:, None] * stride_y + h * DV + cols[None, :], out.to(y.dtype.element_ty), mask=m)
 
 
+@triton.jit
+def _gated_rmsnorm_kernel(o, z, w, y, T, stride_o, stride_z, stride_y, eps,
+                          proj, conv_pool, seqs, cu_seqlens, slots, has_state, stride_proj, stride_ps, stride_pw,
+                          n_shift,
+                          DV: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, SHIFT: tl.constexpr,
+                          NQK: tl.constexpr, W: tl.constexpr, BW: tl.constexpr, BC: tl.constexpr, NCB: tl.constexpr):
+    """Grid (token blocks [+ shift rows], heads); o/z/y rows hold head h at columns h DV. With
+    SHIFT, programs past the token blocks each shift one (decode sequence, channel block) of
+    the n_shift = sequences x NCB, in row-major order over the grid's rows of heads."""
+    i_t, h = tl.program_id(0), tl.program_id(1)
+    if SHIFT:
+        n_t = tl.cdiv(T, BT)
+        if i_t >= n_t:
+            j = (i_t - n_t) * tl.num_programs(1) + h
+            if j < n_shift:
+                shift_qk_block(proj, conv_pool, seqs, cu_seqlens, slots, has_state, stride_proj, stride_ps,
+                               stride_pw, j // NCB, j % NCB, NQK, W, BW, BC)
+        else:
+            _norm_rows(o, z, w, y, T, i_t, h, stride_o, stride_z, stride_y, eps, DV, BT, BV)
+    else:
+        _norm_rows(o, z, w, y, T, i_t, h, stride_o, stride_z, stride_y, eps, DV, BT, BV)
+
+
 def gated_rmsnorm(o_THV: torch.Tensor, z_THV: torch.Tensor, weight_V: torch.Tensor, eps: float,
-                  out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """o, z: [T, H, dv] (z may be a strided view of the projection); returns y [T, H, dv]."""
+                  out_dtype: torch.dtype | None = None, qk_shift: tuple | None = None) -> torch.Tensor:
+    """o, z: [T, H, dv] (z may be a strided view of the projection); returns y [T, H, dv].
+
+    qk_shift = (proj_TP, conv_pool_SWC, meta, nqk): also shift the q|k conv state of meta's
+    decode sequences, as triton_decode.decode_step(shift_qk=False) left it.
+    """
     T, H, dv = o_THV.shape
     assert o_THV.stride(2) == 1 and z_THV.stride(2) == 1 and o_THV.stride(1) == dv and z_THV.stride(1) == dv
     y = torch.empty(T, H, dv, device=o_THV.device, dtype=out_dtype or z_THV.dtype)
+    if qk_shift is not None and qk_shift[2].num_decode:
+        shift = qk_shift_launch(*qk_shift)
+        n_shift = qk_shift[2].num_decode * shift["blocks"]
+        extra = dict(SHIFT=True, NCB=shift["blocks"], **shift["meta"])
+        args = (*shift["args"], n_shift)
+    else:
+        n_shift, extra = 0, dict(SHIFT=False, NQK=1, W=1, BW=1, BC=1, NCB=1)
+        args = (o_THV,) * 6 + (0, 0, 0, 0)
     if T == 0:
         return y
     BV = triton.next_power_of_2(dv)
     BT = max(1, min(64, 4096 // BV))
-    _gated_rmsnorm_kernel[(triton.cdiv(T, BT), H)](
-        o_THV, z_THV, weight_V, y, T, o_THV.stride(0), z_THV.stride(0), y.stride(0), eps,
-        DV=dv, BT=BT, BV=BV, num_warps=4,
+    _gated_rmsnorm_kernel[(triton.cdiv(T, BT) + triton.cdiv(n_shift, H), H)](
+        o_THV, z_THV, weight_V, y, T, o_THV.stride(0), z_THV.stride(0), y.stride(0), eps, *args,
+        DV=dv, BT=BT, BV=BV, num_warps=4, **extra,
     )
     return y

@@ -25,16 +25,18 @@ FUSE_NORM = False
 
 
 def gdn_mix(proj_TP, nk: int, nv: int, dk: int, dv: int, conv_weight_CK, A_log_H, dt_bias_H,
-            conv_pool_SWC, ssm_pool_SHKV, batch, meta, gated_norm: tuple | None = None) -> torch.Tensor:
+            conv_pool_SWC, ssm_pool_SHKV, batch, meta, gated_norm: tuple | None = None,
+            shift_qk: bool = True) -> torch.Tensor:
     """From the fused projection [q | k | v | z | b | a] of the local heads to o [T, nv, dv]
     (or, with gated_norm = (weight, eps) for a prefill-only batch on the fused one-block path,
-    to the gated-norm output, formed inside the fused pass)."""
+    to the gated-norm output, formed inside the fused pass). shift_qk=False leaves the decode
+    sequences' q|k conv state for the caller's next launch to shift (gated_rmsnorm's qk_shift)."""
     T = proj_TP.shape[0]
     kd, vd = nk * dk, nv * dv
     o = torch.empty(T, nv, dv, device=proj_TP.device, dtype=proj_TP.dtype)
     o_T = o.view(T, vd)
     decode_step(proj_TP, conv_weight_CK, conv_pool_SWC, A_log_H, dt_bias_H, ssm_pool_SHKV, o_T, meta,
-                nk, nv, dk, dv)
+                nk, nv, dk, dv, shift_qk=shift_qk)
     if meta.num_chunks:
         C = 2 * kd + vd
         mixed = torch.empty(T, C, device=proj_TP.device, dtype=proj_TP.dtype)
@@ -63,11 +65,14 @@ def gdn_mix_norm(proj_TP, nk: int, nv: int, dk: int, dv: int, conv_weight_CK, A_
                  conv_pool_SWC, ssm_pool_SHKV, batch, meta, norm_weight_V, eps: float,
                  out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """gdn_mix and the gated RMSNorm with z from the projection: y [T, nv, dv]. The norm runs
-    inside the fused prefill pass where `fused_norm_applies`, else as its own kernel."""
+    inside the fused prefill pass where `fused_norm_applies`, else as its own kernel, whose
+    launch also shifts the decode sequences' q|k conv state (one launch fewer per step)."""
     args = (proj_TP, nk, nv, dk, dv, conv_weight_CK, A_log_H, dt_bias_H, conv_pool_SWC, ssm_pool_SHKV, batch, meta)
     if (out_dtype is None or out_dtype == proj_TP.dtype) and fused_norm_applies(meta, nv, dv, proj_TP.dtype):
         return gdn_mix(*args, gated_norm=(norm_weight_V, eps))
-    return gated_rmsnorm(gdn_mix(*args), proj_z(proj_TP, nk, nv, dk, dv), norm_weight_V, eps, out_dtype=out_dtype)
+    o = gdn_mix(*args, shift_qk=False)
+    return gated_rmsnorm(o, proj_z(proj_TP, nk, nv, dk, dv), norm_weight_V, eps, out_dtype=out_dtype,
+                         qk_shift=(proj_TP, conv_pool_SWC, meta, 2 * nk * dk))
 
 
 def gdn_prefill(q_THK, k_THK, v_THV, a_TH, b_TH, A_log_H, dt_bias_H, state_pool_SHKV, batch,
