@@ -88,8 +88,11 @@ def test_tp_equals_tp1_on_gpus(tmp_path, tp):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("tp", tps(2, 4))
-def test_torchrun_and_ray_give_identical_numbers_on_gpus(tmp_path, tp):
+def test_torchrun_and_ray_give_identical_numbers_on_gpus(tmp_path, monkeypatch, tp):
     pytest.importorskip("ray")
+    # Ray's actors (one visible GPU each) all-reduce through NCCL; torchrun's ranks would take the
+    # symmetric-memory all-reduce, which sums in another order (bits differ at tp > 2), so both use NCCL
+    monkeypatch.setenv("TP_GDN_ALL_REDUCE", "nccl")
     ray_out, ray_sum = run_job(tmp_path, "ray", "--tp", str(tp), "--launcher", "ray")
     out = tmp_path / "tr.pt"
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={tp}",
@@ -115,11 +118,14 @@ def real_dims_checkpoints(tmp_path_factory):
 @pytest.mark.gpu
 @pytest.mark.parametrize("preset", ["qwen3-next-80b", "qwen3.5"])
 @pytest.mark.parametrize("tp", tps(2, 4, 8))
-def test_real_dims_give_the_same_numbers_under_every_launcher_on_gpus(tmp_path, real_dims_checkpoints, preset, tp):
+def test_real_dims_give_the_same_numbers_under_every_launcher_on_gpus(tmp_path, monkeypatch, real_dims_checkpoints,
+                                                                     preset, tp):
     """Two GDN layers at Qwen3-Next-80B dims (nk 16, nv 32: at tp=8 two key and four value heads a
     rank) or in the Qwen3.5 split layout (nk 16, nv 64), bf16: local processes, torchrun and Ray
     give bit-equal outputs, within bf16 tolerance of the one-GPU run and of the unsharded fp32
-    layer (tests/helpers.job_across_launchers; the CPU runs it at tp=2 in test_launchers.py)."""
+    layer (tests/helpers.job_across_launchers; the CPU runs it at tp=2 in test_launchers.py).
+    Every launcher all-reduces through NCCL here, as Ray's actors do (see the test above)."""
+    monkeypatch.setenv("TP_GDN_ALL_REDUCE", "nccl")
     job = ["--checkpoint", str(real_dims_checkpoints[preset]), "--device", "cuda", "--seqs", "4", "--prompt-len",
            "150", "--decode-steps", "4", "--check-layers", "all", "--no-decode-graphs"]
     summaries = job_across_launchers(tmp_path, job, tp, BF16_TOL)
