@@ -29,23 +29,28 @@ def _norm_rows(o, z, w, y, T, i_t, h, stride_o, stride_z, stride_y, eps,
 
 @triton.jit
 def _gated_rmsnorm_kernel(o, z, w, y, T, stride_o, stride_z, stride_y, eps,
-                          proj, conv_pool, seqs, cu_seqlens, slots, has_state, stride_proj, stride_ps, stride_pw,
-                          n_shift,
-                          DV: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, SHIFT: tl.constexpr,
-                          NQK: tl.constexpr, W: tl.constexpr, BW: tl.constexpr, BC: tl.constexpr, NCB: tl.constexpr):
-    """Grid (token blocks [+ shift rows], heads); o/z/y rows hold head h at columns h DV. With
-    SHIFT, programs past the token blocks each shift one (decode sequence, channel block) of
-    the n_shift = sequences x NCB, in row-major order over the grid's rows of heads."""
+                          DV: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr):
+    """Grid (token blocks, heads); o/z/y rows hold head h at columns h DV."""
+    _norm_rows(o, z, w, y, T, tl.program_id(0), tl.program_id(1), stride_o, stride_z, stride_y, eps, DV, BT, BV)
+
+
+@triton.jit
+def _gated_rmsnorm_shift_kernel(o, z, w, y, T, stride_o, stride_z, stride_y, eps,
+                                proj, conv_pool, seqs, cu_seqlens, slots, has_state, stride_proj, stride_ps,
+                                stride_pw, n_shift, DV: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
+                                NQK: tl.constexpr, W: tl.constexpr, BW: tl.constexpr, BC: tl.constexpr,
+                                NCB: tl.constexpr):
+    """_gated_rmsnorm_kernel's grid plus rows of programs that each shift one (decode sequence,
+    channel block) of the n_shift = sequences x NCB, in row-major order over the grid's rows of
+    heads. A kernel of its own, so that calls without decode sequences (prefill) launch the
+    plain kernel, with its shorter argument list (host time per launch)."""
     i_t, h = tl.program_id(0), tl.program_id(1)
-    if SHIFT:
-        n_t = tl.cdiv(T, BT)
-        if i_t >= n_t:
-            j = (i_t - n_t) * tl.num_programs(1) + h
-            if j < n_shift:
-                shift_qk_block(proj, conv_pool, seqs, cu_seqlens, slots, has_state, stride_proj, stride_ps,
-                               stride_pw, j // NCB, j % NCB, NQK, W, BW, BC)
-        else:
-            _norm_rows(o, z, w, y, T, i_t, h, stride_o, stride_z, stride_y, eps, DV, BT, BV)
+    n_t = tl.cdiv(T, BT)
+    if i_t >= n_t:
+        j = (i_t - n_t) * tl.num_programs(1) + h
+        if j < n_shift:
+            shift_qk_block(proj, conv_pool, seqs, cu_seqlens, slots, has_state, stride_proj, stride_ps,
+                           stride_pw, j // NCB, j % NCB, NQK, W, BW, BC)
     else:
         _norm_rows(o, z, w, y, T, i_t, h, stride_o, stride_z, stride_y, eps, DV, BT, BV)
 
@@ -60,20 +65,17 @@ def gated_rmsnorm(o_THV: torch.Tensor, z_THV: torch.Tensor, weight_V: torch.Tens
     T, H, dv = o_THV.shape
     assert o_THV.stride(2) == 1 and z_THV.stride(2) == 1 and o_THV.stride(1) == dv and z_THV.stride(1) == dv
     y = torch.empty(T, H, dv, device=o_THV.device, dtype=out_dtype or z_THV.dtype)
-    if qk_shift is not None and qk_shift[2].num_decode:
-        shift = qk_shift_launch(*qk_shift)
-        n_shift = qk_shift[2].num_decode * shift["blocks"]
-        extra = dict(SHIFT=True, NCB=shift["blocks"], **shift["meta"])
-        args = (*shift["args"], n_shift)
-    else:
-        n_shift, extra = 0, dict(SHIFT=False, NQK=1, W=1, BW=1, BC=1, NCB=1)
-        args = (o_THV,) * 6 + (0, 0, 0, 0)
     if T == 0:
         return y
     BV = triton.next_power_of_2(dv)
     BT = max(1, min(64, 4096 // BV))
-    _gated_rmsnorm_kernel[(triton.cdiv(T, BT) + triton.cdiv(n_shift, H), H)](
-        o_THV, z_THV, weight_V, y, T, o_THV.stride(0), z_THV.stride(0), y.stride(0), eps, *args,
-        DV=dv, BT=BT, BV=BV, num_warps=4, **extra,
+    args = (o_THV, z_THV, weight_V, y, T, o_THV.stride(0), z_THV.stride(0), y.stride(0), eps)
+    if qk_shift is None or not qk_shift[2].num_decode:
+        _gated_rmsnorm_kernel[(triton.cdiv(T, BT), H)](*args, DV=dv, BT=BT, BV=BV, num_warps=4)
+        return y
+    shift = qk_shift_launch(*qk_shift)
+    n_shift = qk_shift[2].num_decode * shift["blocks"]
+    _gated_rmsnorm_shift_kernel[(triton.cdiv(T, BT) + triton.cdiv(n_shift, H), H)](
+        *args, *shift["args"], n_shift, DV=dv, BT=BT, BV=BV, NCB=shift["blocks"], num_warps=4, **shift["meta"],
     )
     return y
