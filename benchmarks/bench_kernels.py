@@ -31,7 +31,7 @@ from tp_gdn.kernels.triton_ops import gdn_decode, gdn_prefill
 from tp_gdn.loader.synthetic import gate_parameters
 
 sys.path.insert(0, str(Path(__file__).parent))
-from timing import back_to_back, graphed, rel, timeit  # noqa: E402
+from timing import back_to_back, copy_bandwidth, graphed, rel, timeit  # noqa: E402
 
 DK = DV = 128
 
@@ -48,13 +48,6 @@ def peer_graph_time(fn, label, replays=200):
     except Exception as e:
         print(f"fla {label} could not be captured in a CUDA graph: {type(e).__name__}: {e}")
         return float("nan")
-
-
-def copy_bandwidth():
-    x = torch.empty(2 << 30, dtype=torch.uint8, device="cuda")
-    y = torch.empty_like(x)
-    ms = timeit(lambda: y.copy_(x), iters=10)
-    return 2 * x.numel() / (ms * 1e-3)
 
 
 def prefill_inputs(n_seq, seq_len, nk, nv, seed=0):

@@ -48,6 +48,14 @@ def back_to_back(fn, iters: int = 50, warmup: int = 3) -> float:
     return a.elapsed_time(b) / iters
 
 
+def copy_bandwidth() -> float:
+    """Bytes per second (read + written) of a 2 GiB device-to-device copy on the current GPU."""
+    x = torch.empty(2 << 30, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    ms = timeit(lambda: y.copy_(x), iters=10)
+    return 2 * x.numel() / (ms * 1e-3)
+
+
 def graphed(fn):
     """Capture fn in a CUDA graph (after a warm-up on a side stream); return its replay."""
     s = torch.cuda.Stream()
