@@ -222,18 +222,21 @@ def test_prefill_then_decode_equals_one_prefill_on_gpus(hf_next, seed, tp, dtype
         assert state_err < tol, i
 
 
+ALL_REDUCE_PATHS = {"nccl": ("nccl", "push"), "push": ("auto", "push"), "oneshot": ("auto", "oneshot")}
+
+
 def _all_reduce_paths(rank, world, cfg, full, seed):
-    """The same prefill and decode steps with TP_GDN_ALL_REDUCE=nccl (all eager) and =auto (the
-    symmetric-memory all-reduce: the prefill and the first decode step eager, the rest replayed
-    from a CUDA graph): {mode: (the all-reduce kind for these rows, outputs)}."""
+    """The same prefill and decode steps with TP_GDN_ALL_REDUCE=nccl (all eager) and =auto with
+    each symmetric-memory kernel (the prefill and the first decode step eager, the rest replayed
+    from a CUDA graph): {path: (the all-reduce kind for these rows, outputs)}."""
     import os
 
     from tp_gdn.graphs import GraphedDecoder
 
     dev, bf, H = f"cuda:{rank}", torch.bfloat16, cfg.hidden_size
     out = {}
-    for mode in ("nccl", "auto"):
-        os.environ["TP_GDN_ALL_REDUCE"] = mode
+    for path, (mode, kernel) in ALL_REDUCE_PATHS.items():
+        os.environ["TP_GDN_ALL_REDUCE"], os.environ["TP_GDN_SYMM_KERNEL"] = mode, kernel
         layer = GDNLayer.from_full(cfg, 0, full, rank, world, dtype=bf, device=dev)
         cache = StateCache(cfg, [0], 4, dtype=bf, device=dev, tp_size=world)
         g = torch.Generator().manual_seed(seed)
@@ -245,16 +248,16 @@ def _all_reduce_paths(rank, world, cfg, full, seed):
                 ys.append(layer(x, Batch([1, 1], [3, 1], [True, True]), cache))
             else:
                 ys.append(decoder(x, [3, 1])[0].clone())
-        out[mode] = (layer.out_proj.all_reduce_kind(70), [y.float().cpu() for y in ys])
+        out[path] = (layer.out_proj.all_reduce_kind(70), [y.float().cpu() for y in ys])
     return out
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("tp", tps(2, 4))
 def test_symmetric_memory_all_reduce_equals_nccl_on_gpus(seed, tp):
-    """Small outputs take the one-shot all-reduce over symmetric memory by default on GPUs of one
-    host; its outputs, eager and from CUDA graphs, agree with NCCL's and with the unsharded fp32
-    layer, and every rank returns the same numbers."""
+    """Small outputs take an all-reduce over symmetric memory by default on GPUs of one host; with
+    either kernel (ours, torch's one-shot) its outputs, eager and from CUDA graphs, agree with
+    NCCL's and with the unsharded fp32 layer, and every rank returns the same numbers."""
     from tp_gdn.launch.local import spawn_ranks
 
     from helpers import _with_rank
@@ -268,9 +271,66 @@ def test_symmetric_memory_all_reduce_equals_nccl_on_gpus(seed, tp):
     want = [ref_layer(torch.randn(70, 64, generator=g).to(torch.bfloat16).float(), Batch([30, 40], [3, 1], [False, False]), cache)]
     for _ in range(4):
         want.append(ref_layer(torch.randn(2, 64, generator=g).to(torch.bfloat16).float(), Batch([1, 1], [3, 1], [True, True]), cache))
-    assert results[0]["nccl"][0] == "group" and results[0]["auto"][0] == "symm"
+    assert [results[0][p][0] for p in ALL_REDUCE_PATHS] == ["group", "symm", "symm"]
     for r in range(tp):
-        for n, (a, b, w) in enumerate(zip(results[r]["auto"][1], results[r]["nccl"][1], want)):
-            assert torch.equal(a, results[0]["auto"][1][n]), (r, n)
-            assert rel_err(a, b) < 1e-2, (r, n, rel_err(a, b))
-            assert rel_err(a, w) < BF16_TOL, (r, n, rel_err(a, w))
+        for path in ("push", "oneshot"):
+            for n, (a, b, w) in enumerate(zip(results[r][path][1], results[r]["nccl"][1], want)):
+                assert torch.equal(a, results[0][path][1][n]), (path, r, n)
+                assert rel_err(a, b) < 1e-2, (path, r, n, rel_err(a, b))
+                assert rel_err(a, w) < BF16_TOL, (path, r, n, rel_err(a, w))
+
+
+def _push_back_to_back(rank, world, seed, calls):
+    """`calls` push all-reduces of uneven sizes issued back to back (no host wait between them,
+    so a rank may run ahead of its peers by a call), then the same from a CUDA graph; returns
+    (calls that differ from the fp32 sum in rank order of every rank's input, rounded once)."""
+    import torch.distributed as dist
+
+    from tp_gdn.parallel.comm import SymmetricAllReduce
+
+    dev = torch.device("cuda", rank)
+    ar = SymmetricAllReduce(dist.group.WORLD, dev, kernel="push")
+    g = torch.Generator().manual_seed(seed)
+    sizes = torch.randint(1, (ar.max_bytes // 2) + 1, (calls,), generator=g).tolist()
+    sizes[:4] = [1, 2048, ar.max_bytes // 2, 1023]
+    xs = [torch.randn(world, n, generator=g).to(dev, torch.bfloat16) for n in sizes]
+
+    def in_rank_order(x):
+        acc = x[0].float()
+        for row in x[1:]:
+            acc = acc + row.float()
+        return acc.to(torch.bfloat16)
+
+    wants = [in_rank_order(x) for x in xs]
+
+    def run(outs):
+        for x, out in zip(xs, outs):
+            staged = ar.staging(out.shape, out.dtype)
+            staged.copy_(x[rank])
+            ar.reduce_out(staged, out)
+
+    eager = [torch.empty(n, device=dev, dtype=torch.bfloat16) for n in sizes]
+    run(eager)
+    graphed = [torch.empty(n, device=dev, dtype=torch.bfloat16) for n in sizes[:8]]
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run(graphed)
+    bad = [i for i, (o, w) in enumerate(zip(eager, wants)) if not torch.equal(o, w)]
+    for _ in range(20):
+        graph.replay()
+    torch.cuda.synchronize(dev)
+    bad += [f"graph {i}" for i, (o, w) in enumerate(zip(graphed, wants)) if not torch.equal(o, w)]
+    return bad
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tp", tps(2, 4))
+def test_push_all_reduce_back_to_back_on_gpus(seed, tp):
+    """Our push kernel, 200 calls issued back to back and 20 replays of a graph of 8, on every rank:
+    each output equals the fp32 sum of the ranks' inputs in rank order (so every rank's bits agree)."""
+    from tp_gdn.launch.local import spawn_ranks
+
+    from helpers import _with_rank
+
+    results = spawn_ranks(tp, _with_rank, _push_back_to_back, seed, 200, backend="nccl")
+    assert results == [[]] * tp

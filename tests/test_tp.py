@@ -73,6 +73,18 @@ def test_all_reduce_mode_is_checked(monkeypatch):
         all_reduce_mode()
 
 
+def test_symmetric_all_reduce_kernel_is_checked(monkeypatch):
+    from tp_gdn.parallel.comm import symm_kernel
+
+    monkeypatch.delenv("TP_GDN_SYMM_KERNEL", raising=False)
+    assert symm_kernel() == "push"
+    monkeypatch.setenv("TP_GDN_SYMM_KERNEL", " OneShot ")
+    assert symm_kernel() == "oneshot"
+    monkeypatch.setenv("TP_GDN_SYMM_KERNEL", "two_shot")
+    with pytest.raises(ValueError, match="TP_GDN_SYMM_KERNEL='two_shot': expected one of push, oneshot"):
+        symm_kernel()
+
+
 def test_symmetric_all_reduce_does_not_apply_to_gloo_ranks(tmp_path, seed):
     """On CPU ranks (gloo) "auto" takes the group's all-reduce for every size, and "symm" refuses
     to build the layer, saying why, on every rank alike."""

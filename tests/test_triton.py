@@ -269,6 +269,34 @@ def test_decode_step_matches_reference_with_conv_update():
     assert rel_err(sp.cpu(), sp_ref) < 1e-5
 
 
+@pytest.mark.parametrize("world,dtype", [(2, torch.float32), (3, torch.float16)])
+def test_push_all_reduce_plays_every_rank_in_one_process(world, dtype):
+    """The push all-reduce's kernel, every rank played here on one device: all ranks' pushes,
+    then all ranks' reduces, over several calls of uneven sizes (parities and epochs advance per
+    program). Every rank gets the fp32 sum in rank order, rounded once: the same bits on all."""
+    from tp_gdn.kernels.triton_allreduce import BLOCK, push_all_reduce
+
+    slot, programs = 3 * BLOCK, 4
+    recv = [torch.zeros(2 * world * slot, dtype=dtype, device=DEV) for _ in range(world)]
+    flags = [torch.zeros(programs, world, dtype=torch.int64, device=DEV) for _ in range(world)]
+    epochs = [torch.zeros(programs, dtype=torch.int64, device=DEV) for _ in range(world)]
+    recv_ptrs = torch.tensor([t.data_ptr() for t in recv], dtype=torch.int64, device=DEV)
+    flag_ptrs = torch.tensor([t.data_ptr() for t in flags], dtype=torch.int64, device=DEV)
+    for n in [BLOCK + 300, 7, 3 * BLOCK, 2 * BLOCK - 1]:
+        xs = [torch.randn(n).to(DEV, dtype) for _ in range(world)]
+        outs = [torch.full((n,), float("nan"), device=DEV, dtype=dtype) for _ in range(world)]
+        for phase in ("push", "reduce"):
+            for r in range(world):
+                push_all_reduce(xs[r], outs[r], recv_ptrs, flag_ptrs, epochs[r], r, slot, phases=phase)
+        want = xs[0].float()
+        for x in xs[1:]:
+            want = want + x.float()
+        for r in range(world):
+            assert torch.equal(outs[r], want.to(dtype)), (n, r)
+    assert all(torch.equal(e, epochs[0]) for e in epochs)
+    assert epochs[0].tolist() == [4, 3, 1, 0]     # calls that used each program
+
+
 def check_conv_prefill(nk, dk, vd, lens, slots, has, dtype, tol, S=6, K=4):
     _, conv, *_ = tri()
     C = 2 * nk * dk + vd

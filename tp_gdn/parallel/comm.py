@@ -1,9 +1,9 @@
 """The collectives the tensor-parallel layer uses, each one call, visible at its call site.
 
 Small all-reduces (a decode step's output) can run as one kernel over CUDA symmetric memory
-instead of through NCCL: every rank writes its partial sum into a buffer that every rank of the
-group has mapped, and one kernel on each rank reads all of them over NVLink and sums
-(`SymmetricAllReduce`). The environment variable TP_GDN_ALL_REDUCE picks the mode, read where a
+instead of through NCCL: one kernel per rank moves the partial sums over NVLink between buffers
+that every rank of the group has mapped, and sums them (`SymmetricAllReduce`; our push kernel by
+default, TP_GDN_SYMM_KERNEL=oneshot takes torch's one-shot kernel). The environment variable TP_GDN_ALL_REDUCE picks the mode, read where a
 row-parallel layer is built:
   auto (default)  symmetric memory for outputs of up to SYMM_MAX_BYTES where it applies (NCCL
                   group of CUDA ranks on one host whose GPUs reach each other peer to peer),
@@ -55,28 +55,67 @@ def all_reduce_mode() -> str:
     return mode
 
 
-class SymmetricAllReduce:
-    """One-shot sum of small tensors over CUDA symmetric memory, for the ranks of one group on one
-    host. A caller writes its partial sum into `staging(shape, dtype)` (a view of this rank's
-    mapped buffer) and calls `reduce_out(staged, out)`: one kernel waits until every rank has
-    written, sums the ranks' buffers into `out`, and waits again until every rank has read, so
-    the buffer can be written again by the next call. It runs on the current stream, with no
-    host synchronisation, and can be captured in a CUDA graph. Build it on every rank of the
-    group at the same point (it is a collective)."""
+SYMM_KERNELS = ("push", "oneshot")
 
-    def __init__(self, group, device: torch.device, max_bytes: int = SYMM_MAX_BYTES):
+
+def symm_kernel() -> str:
+    """TP_GDN_SYMM_KERNEL (default "push"), checked: which kernel the symmetric all-reduce runs."""
+    kernel = os.environ.get("TP_GDN_SYMM_KERNEL", "push").strip().lower()
+    if kernel not in SYMM_KERNELS:
+        raise ValueError(f"TP_GDN_SYMM_KERNEL={kernel!r}: expected one of {', '.join(SYMM_KERNELS)}")
+    return kernel
+
+
+class SymmetricAllReduce:
+    """Sum of small tensors over CUDA symmetric memory, for the ranks of one group on one host.
+    A caller writes its partial sum into `staging(shape, dtype)` and calls
+    `reduce_out(staged, out)`. It runs on the current stream, with no host synchronisation, and
+    can be captured in a CUDA graph. Build it on every rank of the group at the same point (it is
+    a collective). Two kernels (TP_GDN_SYMM_KERNEL, read here):
+
+    push (default)  ours (kernels/triton_allreduce.py): each rank writes its partial sum into
+                    every peer's mapped buffer and raises a flag there; one wait, then each rank
+                    sums what it received, in rank order (every rank gets the same bits). On
+                    two H200s the tp=2 decode step of one sequence (80B dims, graph, back to
+                    back) took 23.6-23.8 us, against 28.1-28.3 with oneshot and 28.6-29.4 with
+                    NCCL (benchmarks/results/dec_tp2_*_s9.log, "norm launch apart" column);
+    oneshot         torch's one_shot_all_reduce: staging is this rank's mapped buffer; the kernel
+                    waits until every rank has written, reads and sums every rank's buffer, and
+                    waits again until every rank has read.
+    """
+
+    def __init__(self, group, device: torch.device, max_bytes: int = SYMM_MAX_BYTES, kernel: str | None = None):
         import torch.distributed._symmetric_memory as symm
 
         self.group, self.group_name = group, group.group_name
         self.device, self.max_bytes = device, max_bytes
+        self.kernel = symm_kernel() if kernel is None else kernel
         if hasattr(symm, "enable_symm_mem_for_group"):
             # older torch needs this before a rendezvous; torch 2.11 (where this ran) calls it
             # deprecated and unneeded, and would warn on every rank
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", FutureWarning)
                 symm.enable_symm_mem_for_group(self.group_name)
-        self.buffer = symm.empty(max_bytes, dtype=torch.uint8, device=device)
+        if self.kernel == "oneshot":
+            self.buffer = symm.empty(max_bytes, dtype=torch.uint8, device=device)
+            self.handle = symm.rendezvous(self.buffer, self.group_name)
+            return
+        from ..kernels.triton_allreduce import BLOCK
+
+        world = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        programs = math.ceil(max_bytes // 2 / BLOCK)          # the most a 2-byte dtype needs
+        recv_bytes = 2 * world * max_bytes                     # [parity, source rank, max_bytes]
+        self.buffer = symm.empty(recv_bytes + programs * world * 8, dtype=torch.uint8, device=device)
         self.handle = symm.rendezvous(self.buffer, self.group_name)
+        self.buffer[recv_bytes:].zero_()                       # the flags start at epoch 0
+        self.staged = torch.empty(max_bytes, dtype=torch.uint8, device=device)
+        self.epochs = torch.zeros(programs, dtype=torch.int64, device=device)
+        ptrs = list(self.handle.buffer_ptrs)
+        self.recv_ptrs = torch.tensor(ptrs, dtype=torch.int64, device=device)
+        self.flag_ptrs = torch.tensor([q + recv_bytes for q in ptrs], dtype=torch.int64, device=device)
+        torch.cuda.synchronize(device)
+        dist.barrier(group=group)                              # no rank pushes before every rank zeroed
 
     def fits(self, numel: int, dtype: torch.dtype) -> bool:
         return numel * dtype.itemsize <= self.max_bytes
@@ -85,11 +124,17 @@ class SymmetricAllReduce:
         numel = math.prod(shape)
         if not self.fits(numel, dtype):
             raise ValueError(f"{tuple(shape)} {dtype} does not fit the {self.max_bytes}-byte symmetric buffer")
-        return self.buffer[: numel * dtype.itemsize].view(dtype).view(shape)
+        source = self.buffer if self.kernel == "oneshot" else self.staged
+        return source[: numel * dtype.itemsize].view(dtype).view(shape)
 
     def reduce_out(self, staged: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        torch.ops.symm_mem.one_shot_all_reduce_out(staged, "sum", self.group_name, out)
-        return out
+        if self.kernel == "oneshot":
+            torch.ops.symm_mem.one_shot_all_reduce_out(staged, "sum", self.group_name, out)
+            return out
+        from ..kernels.triton_allreduce import push_all_reduce
+
+        return push_all_reduce(staged, out, self.recv_ptrs, self.flag_ptrs, self.epochs, self.rank,
+                               self.max_bytes // staged.element_size())
 
 
 _SYMM: dict[tuple, SymmetricAllReduce | None] = {}
@@ -148,12 +193,13 @@ def symmetric_all_reduce_for(group, device) -> SymmetricAllReduce | None:
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    key = (group.group_name, device.type, device.index)
+    kernel = symm_kernel()
+    key = (group.group_name, device.type, device.index, kernel)
     if key not in _SYMM:
         why = _why_not_symmetric(group, device)
         if why is not None and mode == "symm":
             raise ValueError(f"TP_GDN_ALL_REDUCE=symm, but symmetric memory does not apply: {why}")
-        _SYMM[key] = None if why is not None else SymmetricAllReduce(group, device)
+        _SYMM[key] = None if why is not None else SymmetricAllReduce(group, device, kernel=kernel)
     return _SYMM[key]
 
 

@@ -1,0 +1,90 @@
+"""Triton all-reduce (sum) for small tensors over memory that every rank of a group has mapped.
+
+One launch per rank, one cross-GPU wait. Each rank's buffer holds two halves (parities) of
+`world` receive regions. Program c of rank r, for the elements [c BLOCK, (c+1) BLOCK):
+
+1. takes epoch e = epochs[c] + 1 (a counter in this rank's memory; every rank runs the same
+   calls, so the counters agree) and parity e % 2;
+2. push: writes its partial sum into region (parity, r) of every peer, then, after a barrier,
+   sets flag (c, r) of every peer to e with release semantics at system scope;
+3. waits until its own flags (c, p) of every peer p reach e (acquire, system scope);
+4. sums the regions (parity, p) for p = 0..world-1 in that order, in fp32 (its own part from
+   registers), so every rank produces the same bits, and stores epochs[c] = e.
+
+Why one wait is enough: a peer writes region (parity, r) of step e + 2 only after finishing
+step e + 1, which needed this rank's flag of step e + 1, set only after this rank's step e
+(which read that region) had finished. Flags only grow (int64), so a flag already at e + 1
+when this rank waits for e also passes.
+
+No host synchronisation; the launch can be captured in a CUDA graph (the epochs live on the GPU).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK = 1024        # elements per program (2 KiB of bf16)
+
+
+@triton.jit
+def _push_all_reduce_kernel(send, out, recv_ptrs, flag_ptrs, epochs, numel, rank, slot,
+                            WORLD: tl.constexpr, BLOCK: tl.constexpr, PUSH: tl.constexpr,
+                            REDUCE: tl.constexpr):
+    c = tl.program_id(0)
+    offs = c * BLOCK + tl.arange(0, BLOCK)
+    m = offs < numel
+    epoch = tl.load(epochs + c) + 1
+    parity = epoch % 2
+    x = tl.load(send + offs, mask=m, other=0.0)
+    if PUSH:
+        for p in tl.static_range(WORLD):
+            if p != rank:
+                dst = tl.load(recv_ptrs + p).to(tl.pointer_type(send.dtype.element_ty))
+                # pointers read from memory carry no alignment the compiler can see; the regions
+                # start 16-byte aligned (aligned bases, slot a multiple of 8 elements): 16-byte stores
+                dst = dst + (parity * WORLD + rank) * slot + offs
+                tl.store(tl.max_contiguous(tl.multiple_of(dst, 16), BLOCK), x, mask=m)
+        tl.debug_barrier()      # every lane's stores are issued before the flags release them
+        for p in tl.static_range(WORLD):
+            if p != rank:
+                flag = tl.load(flag_ptrs + p).to(tl.pointer_type(tl.int64))
+                tl.atomic_xchg(flag + c * WORLD + rank, epoch, sem="release", scope="sys")
+    if REDUCE:
+        mine = tl.load(flag_ptrs + rank).to(tl.pointer_type(tl.int64))
+        for p in tl.static_range(WORLD):
+            if p != rank:
+                while tl.atomic_add(mine + c * WORLD + p, 0, sem="acquire", scope="sys") < epoch:
+                    pass
+        tl.debug_barrier()
+        recv = tl.load(recv_ptrs + rank).to(tl.pointer_type(send.dtype.element_ty))
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for p in tl.static_range(WORLD):
+            # .cg: straight from L2, never a line this SM cached two steps ago. This rank's own
+            # region is never written; its part comes from registers
+            src = recv + (parity * WORLD + p) * slot + offs
+            v = tl.load(tl.max_contiguous(tl.multiple_of(src, 16), BLOCK), mask=m, other=0.0, cache_modifier=".cg")
+            acc += tl.where(p == rank, x, v).to(tl.float32)
+        tl.store(out + offs, acc.to(out.dtype.element_ty), mask=m)
+        tl.store(epochs + c, epoch)
+
+
+def push_all_reduce(send: torch.Tensor, out: torch.Tensor, recv_ptrs: torch.Tensor, flag_ptrs: torch.Tensor,
+                    epochs: torch.Tensor, rank: int, slot: int, phases: str = "both") -> torch.Tensor:
+    """out <- sum over ranks of `send` (contiguous, same shape and dtype on every rank).
+
+    recv_ptrs / flag_ptrs: [world] int64 device addresses, as this rank maps them, of every rank's
+    receive buffer (2 x world regions of `slot` elements of send's dtype) and flags ([programs,
+    world] int64, zero at start); epochs: [programs] int64 in this rank's memory, zero at start.
+    phases "push" / "reduce" run one half (for tests that play every rank in one process: all
+    pushes, then all reduces); "both" is the real thing.
+    """
+    numel = send.numel()
+    assert send.is_contiguous() and out.is_contiguous() and out.numel() == numel and numel <= slot and slot % 8 == 0
+    grid = triton.cdiv(numel, BLOCK)
+    assert grid <= epochs.numel(), f"{numel} elements need {grid} programs, the buffers hold {epochs.numel()}"
+    _push_all_reduce_kernel[(grid,)](
+        send, out, recv_ptrs, flag_ptrs, epochs, numel, rank, slot, WORLD=recv_ptrs.numel(), BLOCK=BLOCK,
+        PUSH=phases in ("both", "push"), REDUCE=phases in ("both", "reduce"), num_warps=4)
+    return out
