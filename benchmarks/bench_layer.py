@@ -16,6 +16,7 @@ graphs (GraphedDecoder). Every rank runs the same fixed number of iterations.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -172,6 +173,21 @@ def main():
     destroy_distributed()
 
 
+@contextlib.contextmanager
+def environ(values: dict):
+    """Set environment variables for the block (a layer reads TP_GDN_* when it is built)."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k)
+            else:
+                os.environ[k] = v
+
+
 def run_guarded(name, rank, fn):
     """Run one workload; an error (the same on every rank, as every rank runs the same code) is
     reported and the next workload runs."""
@@ -284,31 +300,30 @@ def bench_decode(layer, B, dev, g, tp, rank, report, rows, profile=False):
     b2b_peer = back_to_back(graphed(lambda: peer.decode(x, slots_t)) if t_peer_graph == t_peer_graph
                             else lambda: peer.decode(x, slots_t), 50)
     kind = layer.out_proj.all_reduce_kind(B)
-    other = ""
+    # where the all-reduce is over symmetric memory, the same step with NCCL's and with torch's
+    # one-shot kernel in its place, each replayed from its own graph
+    variants = {}
     if kind == "symm":
-        # the same step with the process group's own all-reduce (NCCL), for comparison
-        saved = os.environ.get("TP_GDN_ALL_REDUCE")
-        os.environ["TP_GDN_ALL_REDUCE"] = "nccl"
-        try:
-            nccl_layer = GDNLayer.from_full(CFG, 0, full_weights(), rank, tp, dtype=torch.bfloat16, device=dev,
-                                            backend="triton")
-        finally:
-            os.environ.pop("TP_GDN_ALL_REDUCE")
-            if saved is not None:
-                os.environ["TP_GDN_ALL_REDUCE"] = saved
-        nccl_decoder = GraphedDecoder({0: nccl_layer}, cache)
-        x_nccl = nccl_decoder.input_buffer(B)
-        x_nccl.copy_(x)
-        t_nccl = timeit(lambda: nccl_decoder(x_nccl, slots), 50)
-        b2b_nccl = back_to_back(lambda: nccl_decoder(x_nccl, slots), 50)
-        rows_nccl = dict(ours_nccl_ms=t_nccl, ours_nccl_back_to_back_ms=b2b_nccl)
-        other = f"; with NCCL's all-reduce: {t_nccl:.3f} ms, {b2b_nccl:.3f} back to back"
+        for name, env in (("NCCL all-reduce", {"TP_GDN_ALL_REDUCE": "nccl"}),
+                          ("torch one-shot all-reduce", {"TP_GDN_SYMM_KERNEL": "oneshot"})):
+            with environ(env):
+                variants[name] = GDNLayer.from_full(CFG, 0, full_weights(), rank, tp, dtype=torch.bfloat16,
+                                                    device=dev, backend="triton")
+    timed = {}
+    for name, other_layer in variants.items():
+        other_decoder = GraphedDecoder({0: other_layer}, cache)
+        x_other = other_decoder.input_buffer(B)
+        x_other.copy_(x)
+        timed[name] = (timeit(lambda: other_decoder(x_other, slots), 50),
+                       back_to_back(lambda: other_decoder(x_other, slots), 50))
+    others = "".join(f"; {n}: {t:.4f} ms, {b:.4f} back to back" for n, (t, b) in timed.items())
     report(f"decode {B} seqs", t_ours, best_peer, err,
            note=f"(ours graph, all-reduce {kind}; ours eager {t_eager:.3f} ms; peer eager {t_peer:.3f} ms, peer graph "
-                f"{t_peer_graph:.3f} ms; back to back: ours {b2b_ours:.3f} ms, peer {b2b_peer:.3f} ms{other})")
-    rows[-1].update(ours_back_to_back_ms=b2b_ours, peer_back_to_back_ms=b2b_peer, all_reduce=kind)
-    if other:
-        rows[-1].update(rows_nccl)
+                f"{t_peer_graph:.3f} ms; back to back: ours {b2b_ours:.4f} ms, peer {b2b_peer:.4f} ms{others})")
+    rows[-1].update(ours_back_to_back_ms=b2b_ours, peer_back_to_back_ms=b2b_peer, all_reduce=kind,
+                    variants={n: dict(single_ms=t, back_to_back_ms=b) for n, (t, b) in timed.items()})
+    if "NCCL all-reduce" in timed:
+        rows[-1].update(ours_nccl_ms=timed["NCCL all-reduce"][0], ours_nccl_back_to_back_ms=timed["NCCL all-reduce"][1])
     if profile:
         profile_kernels(lambda: decoder(x_graph, slots), rank, f"decode {B} (graph), tp={tp}")
     if B == 256:
