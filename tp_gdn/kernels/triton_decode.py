@@ -131,7 +131,10 @@ def qk_shift_launch(proj_TP, conv_pool_SWC, meta, nqk: int) -> dict:
     """Arguments of shift_qk_block for the decode sequences of `meta`: `args` (tensors and
     strides, in its order), `meta` (its constexprs) and `blocks` (channel blocks per sequence)."""
     W = conv_pool_SWC.shape[1]
-    BC = min(256, triton.next_power_of_2(nqk))
+    # 1024 channels a program: on an H200, decode 256 at 80B dims, the norm launch with the shift
+    # took 3.98-4.31 us against 5.03-5.56 with 256, at 4 or 8 tokens and 2 or 4 warps per norm
+    # program (benchmarks/results/exp_norm_shift_h200x2_s9.log)
+    BC = min(1024, triton.next_power_of_2(nqk))
     args = (proj_TP, conv_pool_SWC, meta.decode_seqs, meta.cu_seqlens, meta.slots, meta.has_state,
             proj_TP.stride(0), conv_pool_SWC.stride(0), conv_pool_SWC.stride(1))
     return dict(args=args, meta=dict(NQK=nqk, W=W, BW=triton.next_power_of_2(W), BC=BC),
