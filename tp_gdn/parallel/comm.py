@@ -77,8 +77,8 @@ class SymmetricAllReduce:
                     every peer's mapped buffer and raises a flag there; one wait, then each rank
                     sums what it received, in rank order (every rank gets the same bits). On
                     two H200s the tp=2 decode step of one sequence (80B dims, graph, back to
-                    back) took 23.6-23.8 us, against 28.1-28.3 with oneshot and 28.6-29.4 with
-                    NCCL (benchmarks/results/dec_tp2_*_s9.log, "norm launch apart" column);
+                    back, one run) took 23.6 us, against 27.0 with oneshot and 27.8 with NCCL
+                    (benchmarks/results/layer_dec_tp2_h200x2_s9.log);
     oneshot         torch's one_shot_all_reduce: staging is this rank's mapped buffer; the kernel
                     waits until every rank has written, reads and sums every rank's buffer, and
                     waits again until every rank has read.
