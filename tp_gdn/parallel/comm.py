@@ -3,8 +3,8 @@
 Small all-reduces (a decode step's output) can run as one kernel over CUDA symmetric memory
 instead of through NCCL: one kernel per rank moves the partial sums over NVLink between buffers
 that every rank of the group has mapped, and sums them (`SymmetricAllReduce`; our push kernel by
-default, TP_GDN_SYMM_KERNEL=oneshot takes torch's one-shot kernel). The environment variable TP_GDN_ALL_REDUCE picks the mode, read where a
-row-parallel layer is built:
+default, TP_GDN_SYMM_KERNEL=oneshot takes torch's one-shot kernel). The environment variable
+TP_GDN_ALL_REDUCE picks the mode, read where a row-parallel layer is built:
   auto (default)  symmetric memory for outputs of up to SYMM_MAX_BYTES where it applies (NCCL
                   group of CUDA ranks on one host whose GPUs reach each other peer to peer),
                   NCCL for the rest and everywhere else;
@@ -28,7 +28,8 @@ ALL_REDUCE_MODES = ("auto", "nccl", "symm")
 # [1, 2048] bf16 alone, NCCL 11.5 us, one-shot 9.6; [256, 2048], 20.2 against 16.6
 # (benchmarks/results/exp_allreduce_h200x2_s7.log); the layer's decode step at tp=2 (80B dims)
 # of 1 / 4 / 16 sequences, NCCL 58.5 / 73.8 / 72.6 us, one-shot 31.4 / 32.0 / 44.8
-# (exp_decode_variants_tp2_h200x2_s7.log)
+# (exp_decode_variants_tp2_h200x2_s7.log). Those are torch's one-shot kernel; ours (push) was
+# timed in the layer at one sequence only (benchmarks/RESULTS.md, ninth session)
 SYMM_MAX_BYTES = 2 << 20
 
 
