@@ -281,9 +281,10 @@ def test_symmetric_memory_all_reduce_equals_nccl_on_gpus(seed, tp):
 
 
 def _push_back_to_back(rank, world, seed, calls):
-    """`calls` push all-reduces of uneven sizes issued back to back (no host wait between them,
-    so a rank may run ahead of its peers by a call), then the same from a CUDA graph; returns
-    (calls that differ from the fp32 sum in rank order of every rank's input, rounded once)."""
+    """`calls` push all-reduces of uneven sizes, bf16 and fp32 mixed, issued back to back (no host
+    wait between them, so a rank may run ahead of its peers by a call), then the same from a CUDA
+    graph; returns (calls that differ from the fp32 sum in rank order of every rank's input,
+    rounded once)."""
     import torch.distributed as dist
 
     from tp_gdn.parallel.comm import SymmetricAllReduce
@@ -291,15 +292,16 @@ def _push_back_to_back(rank, world, seed, calls):
     dev = torch.device("cuda", rank)
     ar = SymmetricAllReduce(dist.group.WORLD, dev, kernel="push")
     g = torch.Generator().manual_seed(seed)
-    sizes = torch.randint(1, (ar.max_bytes // 2) + 1, (calls,), generator=g).tolist()
-    sizes[:4] = [1, 2048, ar.max_bytes // 2, 1023]
-    xs = [torch.randn(world, n, generator=g).to(dev, torch.bfloat16) for n in sizes]
+    dtypes = [(torch.bfloat16, torch.float32)[i] for i in torch.randint(0, 2, (calls,), generator=g).tolist()]
+    sizes = [int(torch.randint(1, ar.max_bytes // dt.itemsize + 1, (1,), generator=g)) for dt in dtypes]
+    sizes[:4] = [1, 2048, ar.max_bytes // dtypes[2].itemsize, 1023]
+    xs = [torch.randn(world, n, generator=g).to(dev, dt) for n, dt in zip(sizes, dtypes)]
 
     def in_rank_order(x):
         acc = x[0].float()
         for row in x[1:]:
             acc = acc + row.float()
-        return acc.to(torch.bfloat16)
+        return acc.to(x.dtype)
 
     wants = [in_rank_order(x) for x in xs]
 
@@ -309,9 +311,9 @@ def _push_back_to_back(rank, world, seed, calls):
             staged.copy_(x[rank])
             ar.reduce_out(staged, out)
 
-    eager = [torch.empty(n, device=dev, dtype=torch.bfloat16) for n in sizes]
+    eager = [torch.empty(n, device=dev, dtype=dt) for n, dt in zip(sizes, dtypes)]
     run(eager)
-    graphed = [torch.empty(n, device=dev, dtype=torch.bfloat16) for n in sizes[:8]]
+    graphed = [torch.empty(n, device=dev, dtype=dt) for n, dt in zip(sizes[:8], dtypes)]
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         run(graphed)
@@ -326,8 +328,9 @@ def _push_back_to_back(rank, world, seed, calls):
 @pytest.mark.gpu
 @pytest.mark.parametrize("tp", tps(2, 4))
 def test_push_all_reduce_back_to_back_on_gpus(seed, tp):
-    """Our push kernel, 200 calls issued back to back and 20 replays of a graph of 8, on every rank:
-    each output equals the fp32 sum of the ranks' inputs in rank order (so every rank's bits agree)."""
+    """Our push kernel, 200 calls (bf16 and fp32 mixed) issued back to back and 20 replays of a
+    graph of 8, on every rank: each output equals the fp32 sum of the ranks' inputs in rank order
+    (so every rank's bits agree)."""
     from tp_gdn.launch.local import spawn_ranks
 
     from helpers import _with_rank

@@ -274,8 +274,9 @@ def test_push_all_reduce_plays_every_rank_in_one_process(world, dtype):
     """The push all-reduce's kernel, every rank played here on one device: all ranks' pushes,
     then all ranks' reduces, over several calls of uneven sizes (parities and epochs advance per
     program). Every rank gets the fp32 sum in rank order, rounded once: the same bits on all."""
-    from tp_gdn.kernels.triton_allreduce import BLOCK, push_all_reduce
+    from tp_gdn.kernels.triton_allreduce import BLOCK_BYTES, push_all_reduce
 
+    BLOCK = BLOCK_BYTES // dtype.itemsize        # elements per program
     slot, programs = 3 * BLOCK, 4
     recv = [torch.zeros(2 * world * slot, dtype=dtype, device=DEV) for _ in range(world)]
     flags = [torch.zeros(programs, world, dtype=torch.int64, device=DEV) for _ in range(world)]

@@ -1,7 +1,9 @@
 """Triton all-reduce (sum) for small tensors over memory that every rank of a group has mapped.
 
 One launch per rank, one cross-GPU wait. Each rank's buffer holds two halves (parities) of
-`world` receive regions. Program c of rank r, for the elements [c BLOCK, (c+1) BLOCK):
+`world` receive regions. Program c of rank r, for bytes [c BLOCK_BYTES, (c+1) BLOCK_BYTES) of
+the tensor (the same bytes of every region whatever the dtype, so that the parity argument
+below holds across calls of different dtypes):
 
 1. takes epoch e = epochs[c] + 1 (a counter in this rank's memory; every rank runs the same
    calls, so the counters agree) and parity e % 2;
@@ -25,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK = 1024        # elements per program (2 KiB of bf16)
+BLOCK_BYTES = 2048  # bytes per program: 1024 bf16 elements, 512 fp32
 
 
 @triton.jit
@@ -43,7 +45,7 @@ def _push_all_reduce_kernel(send, out, recv_ptrs, flag_ptrs, epochs, numel, rank
             if p != rank:
                 dst = tl.load(recv_ptrs + p).to(tl.pointer_type(send.dtype.element_ty))
                 # pointers read from memory carry no alignment the compiler can see; the regions
-                # start 16-byte aligned (aligned bases, slot a multiple of 8 elements): 16-byte stores
+                # start 16-byte aligned (aligned bases, whole programs of 2 KiB): 16-byte stores
                 dst = dst + (parity * WORLD + rank) * slot + offs
                 tl.store(tl.max_contiguous(tl.multiple_of(dst, 16), BLOCK), x, mask=m)
         tl.debug_barrier()      # every lane's stores are issued before the flags release them
@@ -81,10 +83,12 @@ def push_all_reduce(send: torch.Tensor, out: torch.Tensor, recv_ptrs: torch.Tens
     pushes, then all reduces); "both" is the real thing.
     """
     numel = send.numel()
-    assert send.is_contiguous() and out.is_contiguous() and out.numel() == numel and numel <= slot and slot % 8 == 0
-    grid = triton.cdiv(numel, BLOCK)
+    assert send.is_contiguous() and out.is_contiguous() and out.numel() == numel and numel <= slot
+    block = BLOCK_BYTES // send.element_size()
+    assert slot % block == 0, f"regions of {slot} elements are not whole programs of {block}"
+    grid = triton.cdiv(numel, block)
     assert grid <= epochs.numel(), f"{numel} elements need {grid} programs, the buffers hold {epochs.numel()}"
     _push_all_reduce_kernel[(grid,)](
-        send, out, recv_ptrs, flag_ptrs, epochs, numel, rank, slot, WORLD=recv_ptrs.numel(), BLOCK=BLOCK,
+        send, out, recv_ptrs, flag_ptrs, epochs, numel, rank, slot, WORLD=recv_ptrs.numel(), BLOCK=block,
         PUSH=phases in ("both", "push"), REDUCE=phases in ("both", "reduce"), num_warps=4)
     return out

@@ -91,6 +91,8 @@ class SymmetricAllReduce:
         self.group, self.group_name = group, group.group_name
         self.device, self.max_bytes = device, max_bytes
         self.kernel = symm_kernel() if kernel is None else kernel
+        if self.kernel not in SYMM_KERNELS:
+            raise ValueError(f"kernel {self.kernel!r}: expected one of {', '.join(SYMM_KERNELS)}")
         if hasattr(symm, "enable_symm_mem_for_group"):
             # older torch needs this before a rendezvous; torch 2.11 (where this ran) calls it
             # deprecated and unneeded, and would warn on every rank
@@ -101,11 +103,12 @@ class SymmetricAllReduce:
             self.buffer = symm.empty(max_bytes, dtype=torch.uint8, device=device)
             self.handle = symm.rendezvous(self.buffer, self.group_name)
             return
-        from ..kernels.triton_allreduce import BLOCK
+        from ..kernels.triton_allreduce import BLOCK_BYTES
 
         world = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
-        programs = math.ceil(max_bytes // 2 / BLOCK)          # the most a 2-byte dtype needs
+        max_bytes = self.max_bytes = -(-max_bytes // BLOCK_BYTES) * BLOCK_BYTES   # whole programs
+        programs = max_bytes // BLOCK_BYTES
         recv_bytes = 2 * world * max_bytes                     # [parity, source rank, max_bytes]
         self.buffer = symm.empty(recv_bytes + programs * world * 8, dtype=torch.uint8, device=device)
         self.handle = symm.rendezvous(self.buffer, self.group_name)
