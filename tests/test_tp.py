@@ -61,28 +61,21 @@ def test_overlapped_all_reduce_gives_the_unsharded_result(tmp_path, pieces, seed
             assert rel_err(results[0][i][n], w) < 1e-5, f"layer {i} step {n}"
 
 
-def test_all_reduce_mode_is_checked(monkeypatch):
-    from tp_gdn.parallel.comm import all_reduce_mode
+@pytest.mark.parametrize("var,getter,default,spelled,value,bad,choices", [
+    ("TP_GDN_ALL_REDUCE", "all_reduce_mode", "auto", " NCCL ", "nccl", "nvls", "auto, nccl, symm"),
+    ("TP_GDN_SYMM_KERNEL", "symm_kernel", "push", " OneShot ", "oneshot", "two_shot", "push, oneshot"),
+])
+def test_all_reduce_settings_are_checked(monkeypatch, var, getter, default, spelled, value, bad, choices):
+    from tp_gdn.parallel import comm
 
-    monkeypatch.delenv("TP_GDN_ALL_REDUCE", raising=False)
-    assert all_reduce_mode() == "auto"
-    monkeypatch.setenv("TP_GDN_ALL_REDUCE", " NCCL ")
-    assert all_reduce_mode() == "nccl"
-    monkeypatch.setenv("TP_GDN_ALL_REDUCE", "nvls")
-    with pytest.raises(ValueError, match="TP_GDN_ALL_REDUCE='nvls': expected one of auto, nccl, symm"):
-        all_reduce_mode()
-
-
-def test_symmetric_all_reduce_kernel_is_checked(monkeypatch):
-    from tp_gdn.parallel.comm import symm_kernel
-
-    monkeypatch.delenv("TP_GDN_SYMM_KERNEL", raising=False)
-    assert symm_kernel() == "push"
-    monkeypatch.setenv("TP_GDN_SYMM_KERNEL", " OneShot ")
-    assert symm_kernel() == "oneshot"
-    monkeypatch.setenv("TP_GDN_SYMM_KERNEL", "two_shot")
-    with pytest.raises(ValueError, match="TP_GDN_SYMM_KERNEL='two_shot': expected one of push, oneshot"):
-        symm_kernel()
+    read = getattr(comm, getter)
+    monkeypatch.delenv(var, raising=False)
+    assert read() == default
+    monkeypatch.setenv(var, spelled)
+    assert read() == value
+    monkeypatch.setenv(var, bad)
+    with pytest.raises(ValueError, match=f"{var}='{bad}': expected one of {choices}"):
+        read()
 
 
 def test_symmetric_all_reduce_does_not_apply_to_gloo_ranks(tmp_path, seed):

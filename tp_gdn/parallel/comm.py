@@ -48,12 +48,17 @@ def all_reduce_sum_async_(x: torch.Tensor, group=None):
     return None
 
 
+def _env_choice(name: str, choices: tuple[str, ...]) -> str:
+    """Environment variable `name`, trimmed and lower-cased (default: choices[0]), checked."""
+    value = os.environ.get(name, choices[0]).strip().lower()
+    if value not in choices:
+        raise ValueError(f"{name}={value!r}: expected one of {', '.join(choices)}")
+    return value
+
+
 def all_reduce_mode() -> str:
     """TP_GDN_ALL_REDUCE (default "auto"), checked."""
-    mode = os.environ.get("TP_GDN_ALL_REDUCE", "auto").strip().lower()
-    if mode not in ALL_REDUCE_MODES:
-        raise ValueError(f"TP_GDN_ALL_REDUCE={mode!r}: expected one of {', '.join(ALL_REDUCE_MODES)}")
-    return mode
+    return _env_choice("TP_GDN_ALL_REDUCE", ALL_REDUCE_MODES)
 
 
 SYMM_KERNELS = ("push", "oneshot")
@@ -61,10 +66,7 @@ SYMM_KERNELS = ("push", "oneshot")
 
 def symm_kernel() -> str:
     """TP_GDN_SYMM_KERNEL (default "push"), checked: which kernel the symmetric all-reduce runs."""
-    kernel = os.environ.get("TP_GDN_SYMM_KERNEL", "push").strip().lower()
-    if kernel not in SYMM_KERNELS:
-        raise ValueError(f"TP_GDN_SYMM_KERNEL={kernel!r}: expected one of {', '.join(SYMM_KERNELS)}")
-    return kernel
+    return _env_choice("TP_GDN_SYMM_KERNEL", SYMM_KERNELS)
 
 
 class SymmetricAllReduce:
