@@ -188,6 +188,19 @@ def environ(values: dict):
                 os.environ[k] = v
 
 
+@contextlib.contextmanager
+def patched(module, **values):
+    """Set module attributes for the block (a graph captured inside keeps what they chose)."""
+    saved = {k: getattr(module, k) for k in values}
+    for k, v in values.items():
+        setattr(module, k, v)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            setattr(module, k, v)
+
+
 def run_guarded(name, rank, fn):
     """Run one workload; an error (the same on every rank, as every rank runs the same code) is
     reported and the next workload runs."""
@@ -300,19 +313,23 @@ def bench_decode(layer, B, dev, g, tp, rank, report, rows, profile=False):
     b2b_peer = back_to_back(graphed(lambda: peer.decode(x, slots_t)) if t_peer_graph == t_peer_graph
                             else lambda: peer.decode(x, slots_t), 50)
     kind = layer.out_proj.all_reduce_kind(B)
-    # where the all-reduce is over symmetric memory, the same step with NCCL's and with torch's
-    # one-shot kernel in its place, each replayed from its own graph
-    variants = {}
+    # the same step other ways, each replayed from its own graph: the decode kernel with the index
+    # loads of a mixed call; and, where the all-reduce is over symmetric memory, NCCL's and
+    # torch's one-shot kernel in its place
+    from tp_gdn.kernels import triton_decode
+    variants = {"decode kernel with mixed-call indexing":
+                (layer, lambda: patched(triton_decode, ALL_DECODE_INDEXING=False))}
     if kind == "symm":
         for name, env in (("NCCL all-reduce", {"TP_GDN_ALL_REDUCE": "nccl"}),
                           ("torch one-shot all-reduce", {"TP_GDN_SYMM_KERNEL": "oneshot"})):
             with environ(env):
-                variants[name] = GDNLayer.from_full(CFG, 0, full_weights(), rank, tp, dtype=torch.bfloat16,
-                                                    device=dev, backend="triton")
+                variants[name] = (GDNLayer.from_full(CFG, 0, full_weights(), rank, tp, dtype=torch.bfloat16,
+                                                     device=dev, backend="triton"), contextlib.nullcontext)
     timed = {}
-    for name, other_layer in variants.items():
+    for name, (other_layer, setting) in variants.items():
         other_decoder = GraphedDecoder({0: other_layer}, cache)
-        x_other = other_decoder.input_buffer(B)
+        with setting():
+            x_other = other_decoder.input_buffer(B)      # the graph is captured here
         x_other.copy_(x)
         timed[name] = (timeit(lambda: other_decoder(x_other, slots), 50),
                        back_to_back(lambda: other_decoder(x_other, slots), 50))

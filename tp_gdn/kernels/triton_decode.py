@@ -17,6 +17,9 @@ import triton.language as tl
 
 # Launch settings (benchmarks/bench_kernels.py --sweep measures the alternatives).
 LAUNCH = {"decode": dict(num_warps=4, num_stages=1)}
+# a call whose sequences are all single tokens indexes sequence i as token row i, without the
+# index loads a mixed call needs (benchmarks/bench_layer.py measures both settings)
+ALL_DECODE_INDEXING = True
 
 
 @triton.jit
@@ -34,11 +37,17 @@ def _decode_kernel(
     proj, conv_w, conv_pool, A_log, dt_bias, state_pool, out, seqs, cu_seqlens, slots, has_state,
     stride_proj, stride_ps, stride_pw, stride_ss, stride_sh, stride_out, b_col0, a_col0, scale,
     R, NK, DK: tl.constexpr, DV: tl.constexpr, K: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, BW: tl.constexpr, USE_CONV: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, BW: tl.constexpr, USE_CONV: tl.constexpr, ALL_DECODE: tl.constexpr,
 ):
     i_s, h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_n = tl.load(seqs + i_s).to(tl.int64)
-    row = tl.load(cu_seqlens + i_n).to(tl.int64)
+    if ALL_DECODE:
+        # every sequence of the call is one token: sequence i_s is token row i_s, and the state
+        # load waits on one index load (the slot), not three in a chain
+        i_n = i_s.to(tl.int64)
+        row = i_n
+    else:
+        i_n = tl.load(seqs + i_s).to(tl.int64)
+        row = tl.load(cu_seqlens + i_n).to(tl.int64)
     t = row * stride_proj
     slot = tl.load(slots + i_n).to(tl.int64)
     keep = tl.load(has_state + i_n) != 0
@@ -172,7 +181,7 @@ def decode_step(proj_TP, conv_weight_CK, conv_pool_SWC, A_log, dt_bias, state_po
         state_pool.stride(0), state_pool.stride(1), out.stride(0),
         b_col0, b_col0 + nv, dk ** -0.5,
         R=nv // nk, NK=nk, DK=dk, DV=dv, K=K, BK=BK, BV=BV, BW=triton.next_power_of_2(K - 1), USE_CONV=use_conv,
-        **LAUNCH["decode"],
+        ALL_DECODE=ALL_DECODE_INDEXING and meta.num_decode == meta.slots.numel(), **LAUNCH["decode"],
     )
     if not (use_conv and shift_qk):
         return
