@@ -5,7 +5,8 @@ projection) and produces its slice of the output; no communication.
 RowParallelLinear: each rank holds a block of input columns, so each rank's product is a partial
 sum; `forward` all-reduces it, so every rank returns the full output. Small outputs go through
 the symmetric-memory all-reduce where it applies (comm.symmetric_all_reduce_for): the product is
-written straight into the mapped buffer, and one kernel sums the ranks' buffers.
+written straight into its staging buffer (with torch's one-shot kernel, the mapped buffer
+itself), and one kernel per rank sums the ranks' partial outputs.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x_TI: torch.Tensor) -> torch.Tensor:
         kind = self.all_reduce_kind(x_TI.numel() // x_TI.shape[-1])
-        if kind == "symm":      # the product goes straight into this rank's mapped buffer
+        if kind == "symm":      # the product goes straight into the all-reduce's staging buffer
             staged = self.symm.staging((*x_TI.shape[:-1], self.weight.shape[0]), x_TI.dtype)
             torch.matmul(x_TI, self.weight.t(), out=staged)
             return self.symm.reduce_out(staged, torch.empty_like(staged))
