@@ -321,8 +321,18 @@ def check_conv_prefill(nk, dk, vd, lens, slots, has, dtype, tol, S=6, K=4):
     assert torch.equal(p.cpu().float(), pool_ref)  # the carried inputs, exactly
 
 
-def test_conv_prefill_matches_reference_and_updates_conv_state():
-    check_conv_prefill(2, 16, 40, [130, 2, 64, 65], [5, 0, 2, 3], [True, True, False, True], torch.float32, 1e-6)
+@pytest.mark.parametrize("rows", [64, 16])
+def test_conv_prefill_matches_reference_and_updates_conv_state(monkeypatch, rows):
+    # rows per program: pieces of a chunk that start past a sequence's end must store nothing
+    monkeypatch.setitem(tri()[1].LAUNCH, "rows", rows)
+    check_conv_prefill(2, 16, 40, [130, 2, 64, 65, 3], [5, 0, 2, 3, 1], [True, True, False, True, True],
+                       torch.float32, 1e-6)
+
+
+def test_conv_prefill_refuses_rows_that_do_not_divide_the_chunk(monkeypatch):
+    monkeypatch.setitem(tri()[1].LAUNCH, "rows", 24)
+    with pytest.raises(ValueError, match="must divide the chunk length 64"):
+        check_conv_prefill(1, 16, 16, [70], [0], [False], torch.float32, 1e-6)
 
 
 def test_gated_rmsnorm_matches_reference():

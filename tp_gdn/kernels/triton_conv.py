@@ -1,10 +1,10 @@
 """Triton causal depthwise conv1d + silu over packed prefill chunks, with l2norm and q scale fused.
 
-`conv_prefill` reads q|k|v projection columns of each 64-token chunk (and, at a sequence's
-start, the K-1 carried inputs from its conv-state slot), writes silu(conv) with q and k already
-l2-normalised (q also scaled by dk^-0.5), and `conv_state_update` then stores each sequence's
-last K-1 inputs into its slot. Two launches, so no program can read a slot another program has
-already overwritten.
+`conv_prefill` reads q|k|v projection columns of each 64-token chunk, a few rows a program
+(and, at a sequence's start, the K-1 carried inputs from its conv-state slot), writes silu(conv)
+with q and k already l2-normalised (q also scaled by dk^-0.5), and `conv_state_update` then
+stores each sequence's last K-1 inputs into its slot. Two launches, so no program can read a slot
+another program has already overwritten.
 """
 
 from __future__ import annotations
@@ -16,11 +16,16 @@ import triton.language as tl
 from .triton_common import sequence_of
 
 CHUNK = 64
+_CHUNK = tl.constexpr(CHUNK)
 # launch settings (benchmarks/bench_kernels.py --sweep conv). "v_block": channels per program of
-# the v part (q and k blocks are one head wide, for their l2norm). H200, 8x4096 tokens at tp=1:
-# 8 warps with 128-channel v blocks took 0.529 ms (2.03 TB/s of q|k|v in and out; fla's
-# causal_conv1d, without the l2norm, 0.570 ms); 4 warps 0.556-0.689, 16 warps 0.698-0.824.
-LAUNCH = {"conv": dict(num_warps=8), "v_block": 128}
+# the v part (q and k blocks are one head wide, for their l2norm); "rows": tokens per program, a
+# divisor of CHUNK. H200, conv alone, back to back (benchmarks/results/exp_conv2_h200x2_s10.log):
+# 16 rows and 2 warps took 0.415 ms at 8x4096 tokens, tp=1 (2.59 TB/s of q|k|v in and out),
+# 0.058 at 1x4096, 0.109 at 8x4096 on a tp=4 rank; 32 rows and 4 warps within 1% of that; the
+# setting before, 64 rows and 8 warps, 0.501 / 0.069 / 0.134. The same 32 values a thread with
+# more warps a program were slower (32 rows, 8 warps: 0.650 ms). 128-channel v blocks beat 64 and
+# 256 (exp_conv_h200_s10.log). Outputs bit-equal across settings.
+LAUNCH = {"conv": dict(num_warps=2), "v_block": 128, "rows": 16}
 
 
 @triton.jit
@@ -67,12 +72,14 @@ def _conv_prefill_kernel(
     NK: tl.constexpr, DK: tl.constexpr, C: tl.constexpr, K: tl.constexpr,
     BD: tl.constexpr, BDV: tl.constexpr, BT: tl.constexpr, scale,
 ):
-    """Grid (chunks, channel blocks). Block j < NK is q head j, NK <= j < 2NK is k head j - NK,
-    the rest cover the v channels BDV at a time. A chunk that does not start its sequence has no
-    business with the conv state, so only first chunks of stateful sequences read it."""
-    i_c, i_d = tl.program_id(0), tl.program_id(1)
+    """Grid (chunk pieces, channel blocks); a piece is BT rows of one chunk. Block j < NK is q
+    head j, NK <= j < 2NK is k head j - NK, the rest cover the v channels BDV at a time. A piece
+    that does not start its sequence has no business with the conv state, so only first pieces
+    of stateful sequences read it."""
+    i_p, i_d = tl.program_id(0), tl.program_id(1)
+    i_c = i_p // (_CHUNK // BT)
     i_n = tl.load(chunks + i_c * 2)
-    t0 = tl.load(chunks + i_c * 2 + 1).to(tl.int64)
+    t0 = tl.load(chunks + i_c * 2 + 1).to(tl.int64) + (i_p % (_CHUNK // BT)) * BT
     bos = tl.load(cu_seqlens + i_n).to(tl.int64)
     eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
     from_state = (t0 == bos) & (tl.load(has_state + i_n) != 0)
@@ -125,12 +132,14 @@ def conv_prefill(proj_TP: torch.Tensor, conv_weight_CK: torch.Tensor, conv_pool_
     C, K = conv_weight_CK.shape
     if num_chunks == 0:
         return
-    BDV = LAUNCH["v_block"]
+    BDV, BT = LAUNCH["v_block"], LAUNCH["rows"]
+    if CHUNK % BT:
+        raise ValueError(f"LAUNCH['rows'] must divide the chunk length {CHUNK}, got {BT}")
     n_blocks = 2 * nk + triton.cdiv(C - 2 * nk * dk, BDV)
-    _conv_prefill_kernel[(num_chunks, n_blocks)](
+    _conv_prefill_kernel[(num_chunks * (CHUNK // BT), n_blocks)](
         proj_TP, conv_weight_CK, conv_pool_SWC, out_TC, chunks_N2, cu_seqlens, slots, has_state,
         proj_TP.stride(0), conv_pool_SWC.stride(0), conv_pool_SWC.stride(1), out_TC.stride(0),
-        NK=nk, DK=dk, C=C, K=K, BD=triton.next_power_of_2(dk), BDV=BDV, BT=CHUNK, scale=dk ** -0.5,
+        NK=nk, DK=dk, C=C, K=K, BD=triton.next_power_of_2(dk), BDV=BDV, BT=BT, scale=dk ** -0.5,
         **LAUNCH["conv"],
     )
 
