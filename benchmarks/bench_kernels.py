@@ -170,7 +170,8 @@ def sweep_decode():
 def sweep_conv():
     """The prefill conv (+ l2norm) alone on the tp=1 layer's projection of 8x4096 tokens, at each
     rows-per-program and warp count (and two other v-channel blocks); every setting's output is
-    checked against the fp32 torch reference, and fla-core's causal_conv1d (conv + silu, no l2norm) is timed on the same input."""
+    checked against the fp32 torch reference, and fla-core's causal_conv1d (conv + silu, no
+    l2norm) is timed on the same input."""
     from tp_gdn.kernels import reference as ref
     from tp_gdn.kernels import triton_conv
 
