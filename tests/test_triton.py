@@ -14,10 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 from helpers import random_full_weights, rel_err, tiny_config
 from tp_gdn import Batch, GDNLayer, StateCache
 from tp_gdn.kernels import reference as ref
+from tp_gdn.kernels.triton_common import _COMPILED, exp_ftz
 from tp_gdn.loader.synthetic import gate_parameters
 from tp_gdn.workload import WorkloadBuilder, mixed_workload, run_steps
 
@@ -486,6 +489,37 @@ def test_gpu_conv_prefill_real_dims_bf16():
     """Head-wide q/k blocks of 128 channels and several v blocks, the last one partial."""
     check_conv_prefill(4, 128, 8 * 128 + 64, [1000, 64, 65, 2, 130, 517, 3], [5, 0, 2, 3, 1, 4, 6],
                        [True, True, False, True, False, True, True], torch.bfloat16, 1e-2, S=7)
+
+
+@triton.jit
+def _exp_both_ways(x, y_ftz, y_exp, n, B: tl.constexpr):
+    o = tl.program_id(0) * B + tl.arange(0, B)
+    m = o < n
+    v = tl.load(x + o, mask=m, other=0.0)
+    tl.store(y_ftz + o, exp_ftz(v, True), mask=m)
+    tl.store(y_exp + o, exp_ftz(v, False), mask=m)
+
+
+def test_exp_ftz_against_torch_exp():
+    """triton_common.exp_ftz on fresh random fp32 inputs, against torch.exp in float64: within the
+    approximate exp's error where exp(x) is a normal fp32 number, both settings. Below 2^-126,
+    FTZ=True gives 0 when compiled (ex2.approx.ftz) and the interpreter's tl.exp otherwise;
+    FTZ=False is tl.exp, whose results there are subnormal or 0."""
+    x = torch.cat([torch.empty(4000).uniform_(-85.0, 85.0), torch.empty(1000).uniform_(-100.0, -87.5),
+                   torch.tensor([float("-inf"), 0.0, -87.0, -88.0])]).to(DEV)
+    y_ftz, y_exp = torch.empty_like(x), torch.empty_like(x)
+    _exp_both_ways[(triton.cdiv(x.numel(), 1024),)](x, y_ftz, y_exp, x.numel(), B=1024)
+    want = torch.exp(x.double())
+    normal = want >= 2.0 ** -126
+    assert normal.sum() > 4000 and (~normal).sum() > 900
+    for y in (y_ftz, y_exp):
+        # ex2.approx of x log2(e): the product's rounding costs up to |x| 2^-24 relative, 85 at most here
+        assert ((y.double() - want).abs() / want)[normal].max() < 1e-5
+    assert torch.all(y_exp[~normal].double() <= 2.0 ** -126)
+    if _COMPILED:
+        assert torch.all(y_ftz[~normal] == 0)
+    else:
+        assert torch.equal(y_ftz, y_exp)
 
 
 @pytest.mark.gpu

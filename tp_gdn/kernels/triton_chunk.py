@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import sequence_of
+from .triton_common import exp_ftz, sequence_of
 
 CHUNK = 64
 _C = tl.constexpr(CHUNK)  # the chunk length as kernels see it
@@ -114,14 +114,14 @@ def _gate_block(a_ptr, b_ptr, rows, m, stride_ab, h, A_log, dt_bias):
 
 
 @triton.jit
-def _decay(Gi, Gj, STRICT: tl.constexpr):
+def _decay(Gi, Gj, STRICT: tl.constexpr, FTZ: tl.constexpr):
     """exp(G_i - G_j) where j < i (or j <= i), else 0; the mask goes in before the exp."""
     o = tl.arange(0, 16)
     if STRICT:
         m = o[:, None] > o[None, :]
     else:
         m = o[:, None] >= o[None, :]
-    return tl.exp(tl.where(m, Gi[:, None] - Gj[None, :], float("-inf")))
+    return exp_ftz(tl.where(m, Gi[:, None] - Gj[None, :], float("-inf")), FTZ)
 
 
 @triton.jit
@@ -182,16 +182,16 @@ def _intra_solve_kernel(
     kt0, kt1, kt2 = tl.trans(k0), tl.trans(k1), tl.trans(k2)
 
     # A_ij = beta_i (k_i . k_j) exp(G_i - G_j), blocks of 16 rows; row scaling by beta after the dot
-    A00 = tl.dot(k0, kt0, input_precision=PREC) * _decay(G0, G0, True) * b0[:, None]
-    A11 = tl.dot(k1, kt1, input_precision=PREC) * _decay(G1, G1, True) * b1[:, None]
-    A22 = tl.dot(k2, kt2, input_precision=PREC) * _decay(G2, G2, True) * b2[:, None]
-    A33 = tl.dot(k3, tl.trans(k3), input_precision=PREC) * _decay(G3, G3, True) * b3[:, None]
-    A10 = tl.dot(k1, kt0, input_precision=PREC) * tl.exp(G1[:, None] - G0[None, :]) * b1[:, None]
-    A20 = tl.dot(k2, kt0, input_precision=PREC) * tl.exp(G2[:, None] - G0[None, :]) * b2[:, None]
-    A21 = tl.dot(k2, kt1, input_precision=PREC) * tl.exp(G2[:, None] - G1[None, :]) * b2[:, None]
-    A30 = tl.dot(k3, kt0, input_precision=PREC) * tl.exp(G3[:, None] - G0[None, :]) * b3[:, None]
-    A31 = tl.dot(k3, kt1, input_precision=PREC) * tl.exp(G3[:, None] - G1[None, :]) * b3[:, None]
-    A32 = tl.dot(k3, kt2, input_precision=PREC) * tl.exp(G3[:, None] - G2[None, :]) * b3[:, None]
+    A00 = tl.dot(k0, kt0, input_precision=PREC) * _decay(G0, G0, True, PREC != "ieee") * b0[:, None]
+    A11 = tl.dot(k1, kt1, input_precision=PREC) * _decay(G1, G1, True, PREC != "ieee") * b1[:, None]
+    A22 = tl.dot(k2, kt2, input_precision=PREC) * _decay(G2, G2, True, PREC != "ieee") * b2[:, None]
+    A33 = tl.dot(k3, tl.trans(k3), input_precision=PREC) * _decay(G3, G3, True, PREC != "ieee") * b3[:, None]
+    A10 = tl.dot(k1, kt0, input_precision=PREC) * exp_ftz(G1[:, None] - G0[None, :], PREC != "ieee") * b1[:, None]
+    A20 = tl.dot(k2, kt0, input_precision=PREC) * exp_ftz(G2[:, None] - G0[None, :], PREC != "ieee") * b2[:, None]
+    A21 = tl.dot(k2, kt1, input_precision=PREC) * exp_ftz(G2[:, None] - G1[None, :], PREC != "ieee") * b2[:, None]
+    A30 = tl.dot(k3, kt0, input_precision=PREC) * exp_ftz(G3[:, None] - G0[None, :], PREC != "ieee") * b3[:, None]
+    A31 = tl.dot(k3, kt1, input_precision=PREC) * exp_ftz(G3[:, None] - G1[None, :], PREC != "ieee") * b3[:, None]
+    A32 = tl.dot(k3, kt2, input_precision=PREC) * exp_ftz(G3[:, None] - G2[None, :], PREC != "ieee") * b3[:, None]
 
     T00, T11, T22, T33 = _invert_unit_lower4(A00, A11, A22, A33)
     # off-diagonal blocks of the inverse: T_ij = -T_ii sum_{j<=m<i} A_im T_mj
@@ -251,10 +251,10 @@ def _walk_start(seqs, cu_seqlens, slots, has_state, state_pool, stride_ps, strid
 
 
 @triton.jit
-def _advance(St, Ut, kk, G, G_last, PREC: tl.constexpr):
+def _advance(St, Ut, kk, G, G_last, PREC: tl.constexpr, FTZ: tl.constexpr):
     """One chunk's state update on the transposed state: S^T <- e^{G_last} S^T + (U^T e^{G_last - G}) k,
     with U^T = u^T - S^T w^T [BV, C] and k [C, BK] of the chunk (the product in k's dtype)."""
-    Ud = (Ut * tl.exp(G_last - G)[None, :]).to(kk.dtype)
+    Ud = (Ut * exp_ftz(G_last - G, FTZ)[None, :]).to(kk.dtype)
     return St * tl.exp(G_last) + tl.dot(Ud, kk, input_precision=PREC)
 
 
@@ -288,7 +288,7 @@ def _intra_wu_kernel(
     beta = tl.load(Bin + o_t * HV + h, mask=m_t, other=0.0)
 
     dt = kk.dtype
-    eG = tl.exp(G)
+    eG = exp_ftz(G, PREC != "ieee")
     row_k = o_t[:, None] * (HV * DK) + h * DK + o_k[None, :]
     row_v = o_t[:, None] * (HV * DV) + h * DV + o_v[None, :]
     mk = m_t[:, None] & m_k[None, :]
@@ -301,7 +301,7 @@ def _intra_wu_kernel(
     tl.store(u_out + row_v, u, mask=mv)
     causal = (o_c[:, None] >= o_c[None, :]) & m_t[:, None]
     P = (tl.dot(qq, tl.trans(kk), input_precision=PREC) *
-         tl.exp(tl.where(causal, G[:, None] - G[None, :], float("-inf")))).to(dt)
+         exp_ftz(tl.where(causal, G[:, None] - G[None, :], float("-inf")), PREC != "ieee")).to(dt)
     qp = qq.to(tl.float32) * eG[:, None] - tl.dot(P, w, input_precision=PREC)
     tl.store(qp_out + row_k, qp.to(qp_out.dtype.element_ty), mask=mk)
     oc = tl.dot(P, u, input_precision=PREC)
@@ -343,7 +343,7 @@ def _state_pass_kernel(
         Ut = ut - tl.dot(Sd, wt, input_precision=PREC)
         ot = oct + tl.dot(Sd, qpt, input_precision=PREC)
         tl.store(out + o_t[None, :] * stride_out + h * DV + o_v[:, None], ot.to(out.dtype.element_ty), mask=mvt)
-        St = _advance(St, Ut, kk, G, G_last, PREC)
+        St = _advance(St, Ut, kk, G, G_last, PREC, PREC != "ieee")
 
     tl.debug_barrier()  # the initial state was read by every lane before it is overwritten
     tl.store(p_state, St.to(state_pool.dtype.element_ty), mask=m_state)
@@ -387,7 +387,7 @@ def _segment_summary_kernel(
         G = tl.load(Gin + o_t * HV + h, mask=m_t, other=0.0)
         G_last = tl.load(Gin + (tl.minimum(t0 + _C, eos) - 1) * HV + h)
         Ut = ut - tl.dot(St.to(wt.dtype), wt, input_precision=PREC)
-        St = _advance(St, Ut, kk, G, G_last, PREC)
+        St = _advance(St, Ut, kk, G, G_last, PREC, PREC != "ieee")
 
     row = tl.where(is_m, DV, 0) + o_r
     tl.store(summary + (i_g * HV + h).to(tl.int64) * ((DV + DK) * DK) + row[:, None] * DK + o_k[None, :], St,
@@ -467,6 +467,9 @@ def _fused_pass_kernel(
         G_last = tl.load(Gin + (tl.minimum(t0 + _C, eos) - 1) * HV + h)
 
         dt = kk.dtype
+        # tl.exp in this pass, not exp_ftz (H200, whole core at 8x4096, one run: with exp_ftz here too,
+        # BV 128 took 1.543 / 0.861 ms at 16/32 / 8/16 heads against 1.525 / 0.849; BV 64 took 0.651
+        # against 0.691 at 4/8, a gain not measured again; benchmarks/results/exp_exp_ftz_h200_s11.log)
         eG = tl.exp(G)
         # w^T and P^T are only ever read as 16-bit operands: cast once, where they are formed (fp32
         # tiles that live until their use took registers; H200, 8x4096, 8/16 heads: 0.805 against
@@ -488,7 +491,7 @@ def _fused_pass_kernel(
             nw = tl.load(norm_w + o_v, mask=m_v, other=0.0).to(tl.float32)
             ot = ot * tl.rsqrt(tl.sum(ot * ot, axis=0) / DV + eps)[None, :] * nw[:, None] * (zz * tl.sigmoid(zz))
         tl.store(out + o_t[None, :] * stride_out + h * DV + o_v[:, None], ot.to(out.dtype.element_ty), mask=mvt)
-        St = _advance(St, Ut, kk, G, G_last, PREC)
+        St = _advance(St, Ut, kk, G, G_last, PREC, False)
 
     tl.debug_barrier()  # the initial state was read by every lane before it is overwritten
     tl.store(p_state, St.to(state_pool.dtype.element_ty), mask=m_state)
