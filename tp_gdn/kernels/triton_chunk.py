@@ -181,17 +181,18 @@ def _intra_solve_kernel(
     k3 = _load_qk(k, r3, m3, stride_k, col0, o_k, m_k, NORM_QK, 1.0)
     kt0, kt1, kt2 = tl.trans(k0), tl.trans(k1), tl.trans(k2)
 
+    FTZ = PREC != "ieee"                # the one-MUFU exp for 16-bit inputs (exp_ftz)
     # A_ij = beta_i (k_i . k_j) exp(G_i - G_j), blocks of 16 rows; row scaling by beta after the dot
-    A00 = tl.dot(k0, kt0, input_precision=PREC) * _decay(G0, G0, True, PREC != "ieee") * b0[:, None]
-    A11 = tl.dot(k1, kt1, input_precision=PREC) * _decay(G1, G1, True, PREC != "ieee") * b1[:, None]
-    A22 = tl.dot(k2, kt2, input_precision=PREC) * _decay(G2, G2, True, PREC != "ieee") * b2[:, None]
-    A33 = tl.dot(k3, tl.trans(k3), input_precision=PREC) * _decay(G3, G3, True, PREC != "ieee") * b3[:, None]
-    A10 = tl.dot(k1, kt0, input_precision=PREC) * exp_ftz(G1[:, None] - G0[None, :], PREC != "ieee") * b1[:, None]
-    A20 = tl.dot(k2, kt0, input_precision=PREC) * exp_ftz(G2[:, None] - G0[None, :], PREC != "ieee") * b2[:, None]
-    A21 = tl.dot(k2, kt1, input_precision=PREC) * exp_ftz(G2[:, None] - G1[None, :], PREC != "ieee") * b2[:, None]
-    A30 = tl.dot(k3, kt0, input_precision=PREC) * exp_ftz(G3[:, None] - G0[None, :], PREC != "ieee") * b3[:, None]
-    A31 = tl.dot(k3, kt1, input_precision=PREC) * exp_ftz(G3[:, None] - G1[None, :], PREC != "ieee") * b3[:, None]
-    A32 = tl.dot(k3, kt2, input_precision=PREC) * exp_ftz(G3[:, None] - G2[None, :], PREC != "ieee") * b3[:, None]
+    A00 = tl.dot(k0, kt0, input_precision=PREC) * _decay(G0, G0, True, FTZ) * b0[:, None]
+    A11 = tl.dot(k1, kt1, input_precision=PREC) * _decay(G1, G1, True, FTZ) * b1[:, None]
+    A22 = tl.dot(k2, kt2, input_precision=PREC) * _decay(G2, G2, True, FTZ) * b2[:, None]
+    A33 = tl.dot(k3, tl.trans(k3), input_precision=PREC) * _decay(G3, G3, True, FTZ) * b3[:, None]
+    A10 = tl.dot(k1, kt0, input_precision=PREC) * exp_ftz(G1[:, None] - G0[None, :], FTZ) * b1[:, None]
+    A20 = tl.dot(k2, kt0, input_precision=PREC) * exp_ftz(G2[:, None] - G0[None, :], FTZ) * b2[:, None]
+    A21 = tl.dot(k2, kt1, input_precision=PREC) * exp_ftz(G2[:, None] - G1[None, :], FTZ) * b2[:, None]
+    A30 = tl.dot(k3, kt0, input_precision=PREC) * exp_ftz(G3[:, None] - G0[None, :], FTZ) * b3[:, None]
+    A31 = tl.dot(k3, kt1, input_precision=PREC) * exp_ftz(G3[:, None] - G1[None, :], FTZ) * b3[:, None]
+    A32 = tl.dot(k3, kt2, input_precision=PREC) * exp_ftz(G3[:, None] - G2[None, :], FTZ) * b3[:, None]
 
     T00, T11, T22, T33 = _invert_unit_lower4(A00, A11, A22, A33)
     # off-diagonal blocks of the inverse: T_ij = -T_ii sum_{j<=m<i} A_im T_mj
@@ -288,7 +289,8 @@ def _intra_wu_kernel(
     beta = tl.load(Bin + o_t * HV + h, mask=m_t, other=0.0)
 
     dt = kk.dtype
-    eG = exp_ftz(G, PREC != "ieee")
+    FTZ = PREC != "ieee"                # the one-MUFU exp for 16-bit inputs (exp_ftz)
+    eG = exp_ftz(G, FTZ)
     row_k = o_t[:, None] * (HV * DK) + h * DK + o_k[None, :]
     row_v = o_t[:, None] * (HV * DV) + h * DV + o_v[None, :]
     mk = m_t[:, None] & m_k[None, :]
@@ -301,7 +303,7 @@ def _intra_wu_kernel(
     tl.store(u_out + row_v, u, mask=mv)
     causal = (o_c[:, None] >= o_c[None, :]) & m_t[:, None]
     P = (tl.dot(qq, tl.trans(kk), input_precision=PREC) *
-         exp_ftz(tl.where(causal, G[:, None] - G[None, :], float("-inf")), PREC != "ieee")).to(dt)
+         exp_ftz(tl.where(causal, G[:, None] - G[None, :], float("-inf")), FTZ)).to(dt)
     qp = qq.to(tl.float32) * eG[:, None] - tl.dot(P, w, input_precision=PREC)
     tl.store(qp_out + row_k, qp.to(qp_out.dtype.element_ty), mask=mk)
     oc = tl.dot(P, u, input_precision=PREC)
