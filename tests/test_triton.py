@@ -599,6 +599,85 @@ def test_gpu_decode_agrees_with_fla_core():
     assert rel_err(ours, theirs[:, 0]) < 1e-2
 
 
+def test_host_cdiv_and_next_pow2():
+    from tp_gdn.kernels.triton_common import cdiv, next_pow2
+    for n in range(0, 300):
+        assert next_pow2(n) == triton.next_power_of_2(n), n
+        for d in (1, 3, 16, 64):
+            assert cdiv(n, d) == triton.cdiv(n, d), (n, d)
+
+
+def test_launch_key_separates_what_triton_specialises_on():
+    """triton_common._specialise against Triton's own argument specialisation
+    (native_specialize_impl, on CPU tensors and ints): arguments with one key never differ in
+    Triton's, so a compiled kernel reused by launch() is one Triton would have chosen."""
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+    from tp_gdn.kernels.triton_common import _specialise
+    buf = torch.randn(4096, dtype=torch.float32)
+    args = [buf[i:] for i in range(0, 40, 3)] + [buf.to(torch.bfloat16)[i:] for i in range(9)] + \
+        [1, 0, 2, 15, 16, 17, 32, 48, 1 << 31, (1 << 31) - 16, -(1 << 31), -16, 1 << 33, (1 << 33) + 1, (1 << 63) + 16, 0.5, True]
+    by_key = {}
+    for a in args:
+        theirs = native_specialize_impl(BaseBackend, a, False, True, True)
+        key, call = _specialise([a])
+        assert call == [a.data_ptr() if isinstance(a, torch.Tensor) else a]
+        by_key.setdefault(key, set()).add(str(theirs))
+    assert all(len(v) == 1 for v in by_key.values()), by_key
+    assert len(by_key) == 12   # 2 dtypes x aligned or not; int 1, i32 /16 or not, i64 /16 or not, u64; float; bool
+    assert _specialise([buf, "text"]) is None
+
+
+@pytest.mark.gpu
+def test_gpu_short_launch_matches_tritons_own_launches(monkeypatch):
+    """triton_common.launch's short path against Triton's own launches (FAST_LAUNCH off): the same
+    sequence of calls, bit-equal outputs and states. The calls repeat batches (prefill, decode,
+    mixed) so that most launches take the short path, and call the core on q/k/v views whose
+    start moves by one element (2 bytes) and back, which Triton specialises on (16-byte
+    alignment): a short path that ignored it would reuse the aligned kernel. Afterwards every
+    launch of the layer's kernels has a short-path entry."""
+    from tp_gdn.kernels import triton_common as tc
+    if not tc.FAST_LAUNCH:
+        pytest.skip("this Triton (or TP_GDN_FAST_LAUNCH=0) has no short launch path")
+    *_, ops = tri()
+    cfg = tiny_config(nk=4, nv=8, dk=128, dv=128, H=512, K=4, layers=1)
+    full = random_full_weights(cfg, 3)
+    bf = torch.bfloat16
+    batches = [Batch([300, 77], [0, 1], [False, False]), Batch([1, 1], [0, 1], [True, True]),
+               Batch([1, 130, 1], [0, 2, 1], [True, False, True])] * 2
+    xs = [torch.randn(b.num_tokens, cfg.hidden_size, generator=torch.Generator().manual_seed(i)).to(DEV, bf)
+          for i, b in enumerate(batches)]
+    T, nk, nv = 200, 4, 8
+    q, k, v, a, b, A_log, dt_bias, pool = (t.to(DEV) for t in raw_inputs(T, nk, nv, 128, 128, bf, 3))
+    flat = [torch.cat([t.to(bf).flatten(), t.new_zeros(1, dtype=bf)]) for t in (q, k, v)]   # one spare element
+    core_batch = Batch([120, 80], [0, 1], [True, False])
+
+    def calls(fast):
+        monkeypatch.setattr(tc, "FAST_LAUNCH", fast)
+        layer = GDNLayer.from_full(cfg, 0, full, backend="triton", device=DEV, dtype=bf)
+        cache = StateCache(cfg, [0], 3, device=DEV, dtype=bf, tp_size=1)
+        outs = [layer(x, batch, cache) for x, batch in zip(xs, batches)]
+        p = pool.float().clone()
+        for off in (0, 1, 0, 1):      # views that start 0 or 2 bytes into the buffers
+            c = lambda t, n: t[off:off + T * n * 128].view(T, n, 128)
+            outs.append(ops.gdn_prefill(c(flat[0], nk), c(flat[1], nk), c(flat[2], nv), a.to(bf), b.to(bf),
+                                        A_log.float(), dt_bias.float(), p, core_batch))
+        torch.cuda.synchronize()
+        return outs + [cache.conv[0], cache.ssm[0], p]
+
+    want = calls(False)
+    tc._LAUNCHES.clear()
+    got = calls(True)
+    for n, (g, w) in enumerate(zip(got, want)):
+        assert torch.equal(g, w), n
+    names = {key[0].fn.__name__ for key in tc._LAUNCHES}
+    assert {"_conv_prefill_kernel", "_intra_solve_kernel", "_decode_kernel", "_gated_rmsnorm_kernel"} <= names
+    assert all(entry is not None for entry in tc._LAUNCHES.values()), \
+        [key[0].fn.__name__ for key, entry in tc._LAUNCHES.items() if entry is None]
+    aligned = {key[2][0][1] for key in tc._LAUNCHES if key[0].fn.__name__ == "_intra_solve_kernel"}
+    assert aligned == {True, False}      # both specialisations of the core's k were launched
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gpu_layer_real_dims_matches_fp32_torch_layer(seed, monkeypatch, dtype):

@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_common import cdiv, launch
+
 BLOCK_BYTES = 2048  # bytes per program: 1024 bf16 elements, 512 fp32
 
 
@@ -86,9 +88,9 @@ def push_all_reduce(send: torch.Tensor, out: torch.Tensor, recv_ptrs: torch.Tens
     assert send.is_contiguous() and out.is_contiguous() and out.numel() == numel and numel <= slot
     block = BLOCK_BYTES // send.element_size()
     assert slot % block == 0, f"regions of {slot} elements are not whole programs of {block}"
-    grid = triton.cdiv(numel, block)
+    grid = cdiv(numel, block)
     assert grid <= epochs.numel(), f"{numel} elements need {grid} programs, the buffers hold {epochs.numel()}"
-    _push_all_reduce_kernel[(grid,)](
+    launch(_push_all_reduce_kernel, (grid,),
         send, out, recv_ptrs, flag_ptrs, epochs, numel, rank, slot, WORLD=recv_ptrs.numel(), BLOCK=block,
         PUSH=phases in ("both", "push"), REDUCE=phases in ("both", "reduce"), num_warps=4)
     return out

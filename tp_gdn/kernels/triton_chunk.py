@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import exp_ftz, sequence_of
+from .triton_common import cdiv, exp_ftz, launch, next_pow2, sequence_of
 
 CHUNK = 64
 _C = tl.constexpr(CHUNK)  # the chunk length as kernels see it
@@ -510,7 +510,7 @@ def scan_seg_chunks(num_chunks: int, nv: int) -> int:
     that keeps (segment, value head) pairs to about SCAN_TARGET_PAIRS (shorter segments add
     summary and chain work; longer ones leave SMs idle)."""
     want = -(-num_chunks * nv // SCAN_TARGET_PAIRS)
-    return max(SCAN_MIN_SEG_CHUNKS, triton.next_power_of_2(max(1, want)))
+    return max(SCAN_MIN_SEG_CHUNKS, next_pow2(max(1, want)))
 
 
 def choose_path(n_seq: int, nv: int, dv: int, dtype: torch.dtype = torch.bfloat16,
@@ -529,7 +529,7 @@ def choose_path(n_seq: int, nv: int, dv: int, dtype: torch.dtype = torch.bfloat1
             num_chunks >= 2 * n_seq * scan_seg_chunks(num_chunks, nv):
         return "scan", None
     if n_seq * nv >= FUSED_MIN_PROGRAMS and dtype != torch.float32 and dv >= FUSED_BV:
-        full = max(16, triton.next_power_of_2(dv))
+        full = max(16, next_pow2(dv))
         if n_seq * nv >= FUSED_FULL_DV_MIN_PROGRAMS and full <= FUSED_MAX_BV:
             return "fused", full
         return "fused", FUSED_BV
@@ -545,14 +545,14 @@ def split_bv(n_seq: int, nv: int, dv: int) -> int:
     """The split path's dv block: the widest that still gives the sequential pass >= 128 programs
     (measured on an H200: fewer, wider programs leave SMs idle; more, narrower ones redo the w/k
     loads)."""
-    return _widest_block(max(16, triton.next_power_of_2(dv)), lambda bv: n_seq * nv * triton.cdiv(dv, bv))
+    return _widest_block(max(16, next_pow2(dv)), lambda bv: n_seq * nv * cdiv(dv, bv))
 
 
 def scan_bvs(n_seg: int, nv: int, dk: int, dv: int) -> tuple[int, int, int]:
     """The scan path's dv blocks: (summary, chain, pass). The summary and the pass each take the
     widest block that still gives >= 128 programs over the segments (as split_bv)."""
-    sum_bv = SCAN["summary_bv"] or _widest_block(max(16, triton.next_power_of_2(max(dk, dv))),
-                                                  lambda bv: n_seg * nv * (triton.cdiv(dv, bv) + triton.cdiv(dk, bv)))
+    sum_bv = SCAN["summary_bv"] or _widest_block(max(16, next_pow2(max(dk, dv))),
+                                                  lambda bv: n_seg * nv * (cdiv(dv, bv) + cdiv(dk, bv)))
     return sum_bv, SCAN["chain_bv"], split_bv(n_seg, nv, dv)
 
 
@@ -564,10 +564,10 @@ def intra_solve(k, a, b, A_log, dt_bias, meta, k_col0: int, nk: int, nv: int, dk
     Tbuf = torch.empty(T, nv, CHUNK, device=dev, dtype=dt)
     G = torch.empty(T, nv, device=dev, dtype=torch.float32)
     beta = torch.empty(T, nv, device=dev, dtype=torch.float32)
-    _intra_solve_kernel[(meta.num_chunks, nv)](
+    launch(_intra_solve_kernel, (meta.num_chunks, nv),
         k, a, b, A_log, dt_bias, Tbuf, G, beta, meta.chunks, meta.cu_seqlens,
         k.stride(0), a.stride(0), k_col0,
-        R=nv // nk, DK=dk, BK=max(16, triton.next_power_of_2(dk)), HV=nv, NORM_QK=normalize_qk, PREC=_prec(dt),
+        R=nv // nk, DK=dk, BK=max(16, next_pow2(dk)), HV=nv, NORM_QK=normalize_qk, PREC=_prec(dt),
         **LAUNCH["solve"],
     )
     return Tbuf, G, beta
@@ -599,8 +599,8 @@ def chunk_delta_rule_varlen(
     T = q.shape[0]
     dev, dt = q.device, q.dtype
     assert state_pool.is_contiguous() and state_pool.dtype == torch.float32
-    BK = max(16, triton.next_power_of_2(dk))
-    BVf = max(16, triton.next_power_of_2(dv))
+    BK = max(16, next_pow2(dk))
+    BVf = max(16, next_pow2(dv))
     n_seq = meta.prefill_seqs.numel()
     auto_path, auto_bv = choose_path(n_seq, nv, dv, dt, meta.num_chunks)
     if path is None:
@@ -626,7 +626,7 @@ def chunk_delta_rule_varlen(
     grid = (meta.num_chunks, nv)
     if path == "fused":
         z, z_col0, norm_w, eps = gated_norm or (out, 0, A_log, 0.0)     # unread without the norm
-        _fused_pass_kernel[(n_seq, nv, triton.cdiv(dv, BV))](
+        launch(_fused_pass_kernel, (n_seq, nv, cdiv(dv, BV)),
             q, k, v, Tbuf, G, beta, out, state_pool, meta.prefill_seqs, meta.cu_seqlens, meta.slots,
             meta.has_state, q.stride(0), k.stride(0), v.stride(0), q_col0, k_col0, v_col0, dk ** -0.5,
             out.stride(0), state_pool.stride(0), state_pool.stride(1), z, z.stride(0), z_col0, norm_w, eps,
@@ -638,7 +638,7 @@ def chunk_delta_rule_varlen(
     qp = torch.empty_like(w)
     u = torch.empty(T, nv, dv, device=dev, dtype=dt)
     oc = torch.empty_like(u)
-    _intra_wu_kernel[grid](
+    launch(_intra_wu_kernel, grid,
         q, k, v, Tbuf, G, beta, w, qp, u, oc, meta.chunks, meta.cu_seqlens,
         q.stride(0), k.stride(0), v.stride(0), q_col0, k_col0, v_col0, dk ** -0.5,
         R=nv // nk, DK=dk, DV=dv, BK=BK, BV=BVf, HV=nv, NORM_QK=normalize_qk, PREC=prec,
@@ -648,7 +648,7 @@ def chunk_delta_rule_varlen(
     if dt == torch.float32:  # fp32 tiles at dk = dv = 128 overflow shared memory at 3 stages (H100)
         pass_launch["num_stages"] = min(pass_launch["num_stages"], 2)
     if path == "split":
-        _state_pass_kernel[(n_seq, nv, triton.cdiv(dv, BV))](
+        launch(_state_pass_kernel, (n_seq, nv, cdiv(dv, BV)),
             k, w, qp, u, oc, G, out, state_pool, meta.prefill_seqs, meta.cu_seqlens, meta.slots, meta.has_state,
             k.stride(0), k_col0, out.stride(0), state_pool.stride(0), state_pool.stride(1),
             R=nv // nk, DK=dk, DV=dv, BK=BK, BV=BV, HV=nv, NORM_QK=normalize_qk, PREC=prec, **pass_launch,
@@ -663,17 +663,17 @@ def chunk_delta_rule_varlen(
     starts = torch.empty(n_seg, nv, dk, dv, device=dev, dtype=torch.float32)
     sum_bv, chain_bv, pass_bv = scan_bvs(n_seg, nv, dk, dv)
     pass_bv = pass_bv if BV is None else BV
-    nvb = triton.cdiv(dv, sum_bv)
-    _segment_summary_kernel[(n_seg, nv, nvb + triton.cdiv(dk, sum_bv))](
+    nvb = cdiv(dv, sum_bv)
+    launch(_segment_summary_kernel, (n_seg, nv, nvb + cdiv(dk, sum_bv)),
         k, w, u, G, summary, seg.bounds, k.stride(0), k_col0,
         R=nv // nk, DK=dk, DV=dv, BK=BK, BV=sum_bv, NVB=nvb, HV=nv, NORM_QK=normalize_qk, PREC=prec, **pass_launch,
     )
-    _segment_chain_kernel[(n_seq, nv, triton.cdiv(dv, chain_bv))](
+    launch(_segment_chain_kernel, (n_seq, nv, cdiv(dv, chain_bv)),
         summary, starts, state_pool, meta.prefill_seqs, seg.seq_first, meta.slots, meta.has_state,
         state_pool.stride(0), state_pool.stride(1), HV=nv, DK=dk, DV=dv, BK=BK, BV=chain_bv, PREC=prec,
         **LAUNCH["chain"],
     )
-    _state_pass_kernel[(n_seg, nv, triton.cdiv(dv, pass_bv))](
+    launch(_state_pass_kernel, (n_seg, nv, cdiv(dv, pass_bv)),
         k, w, qp, u, oc, G, out, starts, seg.pairs, seg.bounds, seg.slots, seg.ones,
         k.stride(0), k_col0, out.stride(0), starts.stride(0), starts.stride(1),
         R=nv // nk, DK=dk, DV=dv, BK=BK, BV=pass_bv, HV=nv, NORM_QK=normalize_qk, PREC=prec, **pass_launch,

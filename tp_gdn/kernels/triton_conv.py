@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import sequence_of
+from .triton_common import cdiv, launch, next_pow2, sequence_of
 
 CHUNK = 64
 _CHUNK = tl.constexpr(CHUNK)
@@ -68,9 +68,9 @@ def _conv_block(proj, conv_w, conv_pool, out, t0, bos, eos, slot, from_state, c0
 @triton.jit
 def _conv_prefill_kernel(
     proj, conv_w, conv_pool, out, chunks, cu_seqlens, slots, has_state,
-    stride_proj, stride_pool_s, stride_pool_w, stride_out,
+    stride_proj, stride_pool_s, stride_pool_w, stride_out, scale,
     NK: tl.constexpr, DK: tl.constexpr, C: tl.constexpr, K: tl.constexpr,
-    BD: tl.constexpr, BDV: tl.constexpr, BT: tl.constexpr, scale,
+    BD: tl.constexpr, BDV: tl.constexpr, BT: tl.constexpr,
 ):
     """Grid (chunk pieces, channel blocks); a piece is BT rows of one chunk. Block j < NK is q
     head j, NK <= j < 2NK is k head j - NK, the rest cover the v channels BDV at a time. A piece
@@ -135,11 +135,11 @@ def conv_prefill(proj_TP: torch.Tensor, conv_weight_CK: torch.Tensor, conv_pool_
     BDV, BT = LAUNCH["v_block"], LAUNCH["rows"]
     if CHUNK % BT:
         raise ValueError(f"LAUNCH['rows'] must divide the chunk length {CHUNK}, got {BT}")
-    n_blocks = 2 * nk + triton.cdiv(C - 2 * nk * dk, BDV)
-    _conv_prefill_kernel[(num_chunks * (CHUNK // BT), n_blocks)](
+    n_blocks = 2 * nk + cdiv(C - 2 * nk * dk, BDV)
+    launch(_conv_prefill_kernel, (num_chunks * (CHUNK // BT), n_blocks),
         proj_TP, conv_weight_CK, conv_pool_SWC, out_TC, chunks_N2, cu_seqlens, slots, has_state,
-        proj_TP.stride(0), conv_pool_SWC.stride(0), conv_pool_SWC.stride(1), out_TC.stride(0),
-        NK=nk, DK=dk, C=C, K=K, BD=triton.next_power_of_2(dk), BDV=BDV, BT=BT, scale=dk ** -0.5,
+        proj_TP.stride(0), conv_pool_SWC.stride(0), conv_pool_SWC.stride(1), out_TC.stride(0), dk ** -0.5,
+        NK=nk, DK=dk, C=C, K=K, BD=next_pow2(dk), BDV=BDV, BT=BT,
         **LAUNCH["conv"],
     )
 
@@ -151,9 +151,9 @@ def conv_state_update(proj_TP: torch.Tensor, conv_pool_SWC: torch.Tensor, seqs: 
     _, W, C = conv_pool_SWC.shape
     if num_seqs == 0:
         return
-    BC = min(256, triton.next_power_of_2(C))
-    _conv_state_update_kernel[(num_seqs, triton.cdiv(C, BC))](
+    BC = min(256, next_pow2(C))
+    launch(_conv_state_update_kernel, (num_seqs, cdiv(C, BC)),
         proj_TP, conv_pool_SWC, seqs, cu_seqlens, slots, has_state,
         proj_TP.stride(0), conv_pool_SWC.stride(0), conv_pool_SWC.stride(1),
-        C=C, W=W, BW=triton.next_power_of_2(W), BC=BC,
+        C=C, W=W, BW=next_pow2(W), BC=BC,
     )

@@ -15,6 +15,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .triton_common import cdiv, launch, next_pow2
+
 # Launch settings (benchmarks/bench_kernels.py --sweep measures the alternatives).
 LAUNCH = {"decode": dict(num_warps=4, num_stages=1)}
 # a call whose sequences are all single tokens indexes sequence i as token row i, without the
@@ -143,11 +145,11 @@ def qk_shift_launch(proj_TP, conv_pool_SWC, meta, nqk: int) -> dict:
     # 1024 channels a program: on an H200, decode 256 at 80B dims, the norm launch with the shift
     # took 3.98-4.31 us against 5.03-5.56 with 256, at 4 or 8 tokens and 2 or 4 warps per norm
     # program (benchmarks/results/exp_norm_shift_h200x2_s9.log)
-    BC = min(1024, triton.next_power_of_2(nqk))
+    BC = min(1024, next_pow2(nqk))
     args = (proj_TP, conv_pool_SWC, meta.decode_seqs, meta.cu_seqlens, meta.slots, meta.has_state,
             proj_TP.stride(0), conv_pool_SWC.stride(0), conv_pool_SWC.stride(1))
-    return dict(args=args, meta=dict(NQK=nqk, W=W, BW=triton.next_power_of_2(W), BC=BC),
-                blocks=triton.cdiv(nqk, BC))
+    return dict(args=args, meta=dict(NQK=nqk, W=W, BW=next_pow2(W), BC=BC),
+                blocks=cdiv(nqk, BC))
 
 
 def decode_step(proj_TP, conv_weight_CK, conv_pool_SWC, A_log, dt_bias, state_pool, out, meta,
@@ -167,23 +169,23 @@ def decode_step(proj_TP, conv_weight_CK, conv_pool_SWC, A_log, dt_bias, state_po
         return
     C, K = conv_weight_CK.shape
     assert state_pool.is_contiguous() and conv_pool_SWC.stride(2) == 1 and proj_TP.stride(1) == 1
-    BK = triton.next_power_of_2(dk)
-    BVf = triton.next_power_of_2(dv)
+    BK = next_pow2(dk)
+    BVf = next_pow2(dv)
     if BV is None:
         BV = min(BVf, 64 if meta.num_decode * nv >= 1024 else 32)
     kd, vd = nk * dk, nv * dv
     if b_col0 is None:
         b_col0 = 2 * kd + 2 * vd
-    _decode_kernel[(meta.num_decode, nv, triton.cdiv(dv, BV))](
+    launch(_decode_kernel, (meta.num_decode, nv, cdiv(dv, BV)),
         proj_TP, conv_weight_CK, conv_pool_SWC, A_log, dt_bias, state_pool, out,
         meta.decode_seqs, meta.cu_seqlens, meta.slots, meta.has_state,
         proj_TP.stride(0), conv_pool_SWC.stride(0), conv_pool_SWC.stride(1),
         state_pool.stride(0), state_pool.stride(1), out.stride(0),
         b_col0, b_col0 + nv, dk ** -0.5,
-        R=nv // nk, NK=nk, DK=dk, DV=dv, K=K, BK=BK, BV=BV, BW=triton.next_power_of_2(K - 1), USE_CONV=use_conv,
+        R=nv // nk, NK=nk, DK=dk, DV=dv, K=K, BK=BK, BV=BV, BW=next_pow2(K - 1), USE_CONV=use_conv,
         ALL_DECODE=ALL_DECODE_INDEXING and meta.num_decode == meta.slots.numel(), **LAUNCH["decode"],
     )
     if not (use_conv and shift_qk):
         return
     shift = qk_shift_launch(proj_TP, conv_pool_SWC, meta, 2 * kd)
-    _shift_qk_state_kernel[(meta.num_decode, shift["blocks"])](*shift["args"], **shift["meta"])
+    launch(_shift_qk_state_kernel, (meta.num_decode, shift["blocks"]), *shift["args"], **shift["meta"])

@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_common import cdiv, launch, next_pow2
+
 from .triton_decode import qk_shift_launch, shift_qk_block
 
 
@@ -67,11 +69,11 @@ def gated_rmsnorm(o_THV: torch.Tensor, z_THV: torch.Tensor, weight_V: torch.Tens
     y = torch.empty(T, H, dv, device=o_THV.device, dtype=out_dtype or z_THV.dtype)
     if T == 0:
         return y
-    BV = triton.next_power_of_2(dv)
+    BV = next_pow2(dv)
     BT = max(1, min(64, 4096 // BV))
     args = (o_THV, z_THV, weight_V, y, T, o_THV.stride(0), z_THV.stride(0), y.stride(0), eps)
     if qk_shift is None or not qk_shift[2].num_decode:
-        _gated_rmsnorm_kernel[(triton.cdiv(T, BT), H)](*args, DV=dv, BT=BT, BV=BV, num_warps=4)
+        launch(_gated_rmsnorm_kernel, (cdiv(T, BT), H), *args, DV=dv, BT=BT, BV=BV, num_warps=4)
         return y
     shift = qk_shift_launch(*qk_shift)
     n_shift = qk_shift[2].num_decode * shift["blocks"]
@@ -81,7 +83,7 @@ def gated_rmsnorm(o_THV: torch.Tensor, z_THV: torch.Tensor, weight_V: torch.Tens
         # shift programs: 3.98 us with 8 tokens and 2 warps a program, 4.91 with 32 and 4 (the
         # defaults); 6.85 with 256-channel shift programs as well (exp_norm_shift_h200x2_s9.log)
         BT, warps = 8, 2
-    _gated_rmsnorm_shift_kernel[(triton.cdiv(T, BT) + triton.cdiv(n_shift, H), H)](
+    launch(_gated_rmsnorm_shift_kernel, (cdiv(T, BT) + cdiv(n_shift, H), H),
         *args, *shift["args"], n_shift, DV=dv, BT=BT, BV=BV, NCB=shift["blocks"], num_warps=warps, **shift["meta"],
     )
     return y
