@@ -91,6 +91,11 @@ FUSED_MIN_PROGRAMS = 64
 FUSED_BV = 64
 FUSED_FULL_DV_MIN_PROGRAMS = 128
 FUSED_MAX_BV = 128
+# The fused pass takes exp_ftz (16-bit inputs) at dv blocks up to this width, tl.exp above it.
+# H200, whole core at 8x4096, 5 interleaved rounds, outputs and states bit-equal: BV 64 (4/8
+# heads) 0.624 ms with exp_ftz against 0.660; BV 128 0.744 against 0.730 (8/16) and 1.481 against
+# 1.433 (16/32) (benchmarks/results/exp_fused_ftz_h200_s12.log)
+FUSED_FTZ_MAX_BV = 64
 
 
 @triton.jit
@@ -435,7 +440,7 @@ def _fused_pass_kernel(
     stride_q, stride_k, stride_v, q_col0, k_col0, v_col0, scale, stride_out, stride_ps, stride_ph,
     z, stride_z, z_col0, norm_w, eps,
     R, HV, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    NORM_QK: tl.constexpr, PREC: tl.constexpr, GATED_NORM: tl.constexpr,
+    NORM_QK: tl.constexpr, PREC: tl.constexpr, GATED_NORM: tl.constexpr, FTZ: tl.constexpr,
 ):
     """The fused pass with the state held transposed, S^T [BV, BK], and every tile that meets it
     transposed too: U^T = u^T - S^T w^T, o^T = e^G (S^T q^T) + U^T P^T, S^T <- e^{G_last} S^T +
@@ -446,7 +451,8 @@ def _fused_pass_kernel(
     as the right operand, took 3.192 / 1.614 ms at 8x4096 with 16/32 / 8/16 heads against
     2.382 / 1.141 on an H100.) One program per (sequence, head, dv block). GATED_NORM (one block
     spans dv): the output rows are stored as norm_w * o * rsqrt(mean(o^2) + eps) * silu(z)
-    instead of o, z's head h at columns z_col0 + h DV."""
+    instead of o, z's head h at columns z_col0 + h DV. FTZ: exps as exp_ftz (the launcher sets it
+    for 16-bit inputs at dv blocks up to FUSED_FTZ_MAX_BV)."""
     i_s, h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bos, eos, St, o_k, m_k, o_v, m_v, o_c, m_state, p_state = _walk_start(
         seqs, cu_seqlens, slots, has_state, state_pool, stride_ps, stride_ph, i_s, h, i_v, DK, DV, BK, BV)
@@ -469,10 +475,8 @@ def _fused_pass_kernel(
         G_last = tl.load(Gin + (tl.minimum(t0 + _C, eos) - 1) * HV + h)
 
         dt = kk.dtype
-        # tl.exp in this pass, not exp_ftz (H200, whole core at 8x4096, one run: with exp_ftz here too,
-        # BV 128 took 1.543 / 0.861 ms at 16/32 / 8/16 heads against 1.525 / 0.849; BV 64 took 0.651
-        # against 0.691 at 4/8, a gain not measured again; benchmarks/results/exp_exp_ftz_h200_s11.log)
-        eG = tl.exp(G)
+        # FTZ: exp_ftz at dv blocks up to FUSED_FTZ_MAX_BV only (faster at BV 64, slower at 128)
+        eG = exp_ftz(G, FTZ)
         # w^T and P^T are only ever read as 16-bit operands: cast once, where they are formed (fp32
         # tiles that live until their use took registers; H200, 8x4096, 8/16 heads: 0.805 against
         # 0.892 ms, outputs bit-equal; benchmarks/results/exp_fused_variants_h200x2_s7.log)
@@ -481,8 +485,8 @@ def _fused_pass_kernel(
         ut = tl.dot((vt.to(tl.float32) * beta[None, :]).to(dt), Tt, input_precision=PREC)                    # [BV, C]
         # Pt[j, i] = (k_j . q_i) e^{G_i - G_j} for j <= i
         causal = (o_c[:, None] <= o_c[None, :]) & m_t[None, :]
-        Pt = (tl.dot(kk, tl.trans(qq), input_precision=PREC) * tl.exp(
-            tl.where(causal, G[None, :] - G[:, None], float("-inf")))).to(dt)
+        Pt = (tl.dot(kk, tl.trans(qq), input_precision=PREC) * exp_ftz(
+            tl.where(causal, G[None, :] - G[:, None], float("-inf")), FTZ)).to(dt)
         Sd = St.to(dt)
         Ut = ut - tl.dot(Sd, wt, input_precision=PREC)                                                      # [BV, C]
         ot = tl.dot(Sd, tl.trans(qq), input_precision=PREC) * eG[None, :] + tl.dot(
@@ -493,7 +497,7 @@ def _fused_pass_kernel(
             nw = tl.load(norm_w + o_v, mask=m_v, other=0.0).to(tl.float32)
             ot = ot * tl.rsqrt(tl.sum(ot * ot, axis=0) / DV + eps)[None, :] * nw[:, None] * (zz * tl.sigmoid(zz))
         tl.store(out + o_t[None, :] * stride_out + h * DV + o_v[:, None], ot.to(out.dtype.element_ty), mask=mvt)
-        St = _advance(St, Ut, kk, G, G_last, PREC, False)
+        St = _advance(St, Ut, kk, G, G_last, PREC, FTZ)
 
     tl.debug_barrier()  # the initial state was read by every lane before it is overwritten
     tl.store(p_state, St.to(state_pool.dtype.element_ty), mask=m_state)
@@ -631,7 +635,7 @@ def chunk_delta_rule_varlen(
             meta.has_state, q.stride(0), k.stride(0), v.stride(0), q_col0, k_col0, v_col0, dk ** -0.5,
             out.stride(0), state_pool.stride(0), state_pool.stride(1), z, z.stride(0), z_col0, norm_w, eps,
             R=nv // nk, DK=dk, DV=dv, BK=BK, BV=BV, HV=nv, NORM_QK=normalize_qk, PREC=prec,
-            GATED_NORM=gated_norm is not None, **LAUNCH["fused"],
+            GATED_NORM=gated_norm is not None, FTZ=prec != "ieee" and BV <= FUSED_FTZ_MAX_BV, **LAUNCH["fused"],
         )
         return
     w = torch.empty(T, nv, dk, device=dev, dtype=dt)
