@@ -629,7 +629,7 @@ def test_launch_key_separates_what_triton_specialises_on():
 
 
 @pytest.mark.gpu
-def test_gpu_short_launch_matches_tritons_own_launches(monkeypatch):
+def test_gpu_short_launch_matches_tritons_own_launches(seed, monkeypatch):
     """triton_common.launch's short path against Triton's own launches (FAST_LAUNCH off): the same
     sequence of calls, bit-equal outputs and states. The calls repeat batches (prefill, decode,
     mixed) so that most launches take the short path, and call the core on q/k/v views whose
@@ -641,12 +641,11 @@ def test_gpu_short_launch_matches_tritons_own_launches(monkeypatch):
         pytest.skip("this Triton (or TP_GDN_FAST_LAUNCH=0) has no short launch path")
     *_, ops = tri()
     cfg = tiny_config(nk=4, nv=8, dk=128, dv=128, H=512, K=4, layers=1)
-    full = random_full_weights(cfg, 3)
+    full = random_full_weights(cfg, seed)
     bf = torch.bfloat16
     batches = [Batch([300, 77], [0, 1], [False, False]), Batch([1, 1], [0, 1], [True, True]),
                Batch([1, 130, 1], [0, 2, 1], [True, False, True])] * 2
-    xs = [torch.randn(b.num_tokens, cfg.hidden_size, generator=torch.Generator().manual_seed(i)).to(DEV, bf)
-          for i, b in enumerate(batches)]
+    xs = [torch.randn(b.num_tokens, cfg.hidden_size).to(DEV, bf) for b in batches]
     T, nk, nv = 200, 4, 8
     q, k, v, a, b, A_log, dt_bias, pool = (t.to(DEV) for t in raw_inputs(T, nk, nv, 128, 128, bf, 3))
     flat = [torch.cat([t.to(bf).flatten(), t.new_zeros(1, dtype=bf)]) for t in (q, k, v)]   # one spare element
