@@ -36,9 +36,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ..batch import CHUNK      # the chunk length that Batch schedules prefill work in
 from .triton_common import cdiv, exp_ftz, launch, next_pow2, sequence_of
 
-CHUNK = 64
 _C = tl.constexpr(CHUNK)  # the chunk length as kernels see it
 
 # Launch settings per kernel (benchmarks/bench_kernels.py --sweep measures the alternatives).

@@ -13,9 +13,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ..batch import CHUNK      # the chunk length that Batch schedules prefill work in
 from .triton_common import cdiv, launch, next_pow2, sequence_of
 
-CHUNK = 64
 _CHUNK = tl.constexpr(CHUNK)
 # launch settings (benchmarks/bench_kernels.py --sweep conv). "v_block": channels per program of
 # the v part (q and k blocks are one head wide, for their l2norm); "rows": tokens per program, a
