@@ -131,26 +131,34 @@ def _decay(Gi, Gj, STRICT: tl.constexpr, FTZ: tl.constexpr):
 
 @triton.jit
 def _invert_unit_lower4(A0, A1, A2, A3):
-    """(I + A)^-1 for four strictly lower 16x16 blocks, by forward substitution on rows. One loop
-    steps all four: their chains are independent, so their latencies overlap."""
+    """(I + A)^-1 for four strictly lower 16x16 blocks, by elimination column by column: X = I, then
+    for j = 0..14, X <- X - A[:, j] X[j, :]. The multipliers are A's own entries (eliminating
+    column j leaves the other columns of I + A as they were), so extracting A[:, j] does not wait
+    on X; only X[j, :] lies on the chain from one step to the next. The four blocks' chains are
+    independent, so their latencies overlap. The 15 steps are unrolled. H200, solve alone, kernel
+    time with k normalised (the layer's launch) at 8x4096, 16/32 heads: 0.2306 ms, against 0.2735
+    for the row substitution it replaced (each row of X from the rows above, in a loop) and 0.2464
+    for this elimination in a loop; 16-18% less at every shape tried, 0-6% less with the l2norm
+    inside (benchmarks/results/exp_solve_h200_s13.log)."""
     o = tl.arange(0, 16)
-    X0, X1, X2, X3 = -A0, -A1, -A2, -A3
-    for i in range(2, 16):
-        sel = (o == i)[:, None]
-        r0 = tl.sum(tl.where(sel, -A0, 0.0), 0)
-        r1 = tl.sum(tl.where(sel, -A1, 0.0), 0)
-        r2 = tl.sum(tl.where(sel, -A2, 0.0), 0)
-        r3 = tl.sum(tl.where(sel, -A3, 0.0), 0)
-        r0 = r0 + tl.sum(r0[:, None] * X0, 0)
-        r1 = r1 + tl.sum(r1[:, None] * X1, 0)
-        r2 = r2 + tl.sum(r2[:, None] * X2, 0)
-        r3 = r3 + tl.sum(r3[:, None] * X3, 0)
-        X0 = tl.where(sel, r0[None, :], X0)
-        X1 = tl.where(sel, r1[None, :], X1)
-        X2 = tl.where(sel, r2[None, :], X2)
-        X3 = tl.where(sel, r3[None, :], X3)
     eye = (o[:, None] == o[None, :]).to(tl.float32)
-    return X0 + eye, X1 + eye, X2 + eye, X3 + eye
+    X0, X1, X2, X3 = eye, eye, eye, eye
+    for j in tl.static_range(15):
+        col = (o == j)[None, :]
+        row = (o == j)[:, None]
+        a0 = tl.sum(tl.where(col, A0, 0.0), 1)
+        a1 = tl.sum(tl.where(col, A1, 0.0), 1)
+        a2 = tl.sum(tl.where(col, A2, 0.0), 1)
+        a3 = tl.sum(tl.where(col, A3, 0.0), 1)
+        x0 = tl.sum(tl.where(row, X0, 0.0), 0)
+        x1 = tl.sum(tl.where(row, X1, 0.0), 0)
+        x2 = tl.sum(tl.where(row, X2, 0.0), 0)
+        x3 = tl.sum(tl.where(row, X3, 0.0), 0)
+        X0 = X0 - a0[:, None] * x0[None, :]
+        X1 = X1 - a1[:, None] * x1[None, :]
+        X2 = X2 - a2[:, None] * x2[None, :]
+        X3 = X3 - a3[:, None] * x3[None, :]
+    return X0, X1, X2, X3
 
 
 @triton.jit
