@@ -166,7 +166,7 @@ def _intra_solve_kernel(
     k, a, b, A_log, dt_bias, Tout, Gout, Bout, chunks, cu_seqlens,
     stride_k, stride_ab, k_col0,
     R, HV, DK: tl.constexpr, BK: tl.constexpr,
-    NORM_QK: tl.constexpr, PREC: tl.constexpr,
+    NORM_QK: tl.constexpr, PREC: tl.constexpr, FTZ: tl.constexpr,
 ):
     i_c, h = tl.program_id(0), tl.program_id(1)
     i_n = tl.load(chunks + i_c * 2).to(tl.int64)
@@ -194,7 +194,6 @@ def _intra_solve_kernel(
     k3 = _load_qk(k, r3, m3, stride_k, col0, o_k, m_k, NORM_QK, 1.0)
     kt0, kt1, kt2 = tl.trans(k0), tl.trans(k1), tl.trans(k2)
 
-    FTZ = PREC != "ieee"                # the one-MUFU exp for 16-bit inputs (exp_ftz)
     # A_ij = beta_i (k_i . k_j) exp(G_i - G_j), blocks of 16 rows; row scaling by beta after the dot
     A00 = tl.dot(k0, kt0, input_precision=PREC) * _decay(G0, G0, True, FTZ) * b0[:, None]
     A11 = tl.dot(k1, kt1, input_precision=PREC) * _decay(G1, G1, True, FTZ) * b1[:, None]
@@ -277,7 +276,7 @@ def _intra_wu_kernel(
     q, k, v, Tin, Gin, Bin, w_out, qp_out, u_out, oc_out, chunks, cu_seqlens,
     stride_q, stride_k, stride_v, q_col0, k_col0, v_col0, scale,
     R, HV, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    NORM_QK: tl.constexpr, PREC: tl.constexpr,
+    NORM_QK: tl.constexpr, PREC: tl.constexpr, FTZ: tl.constexpr,
 ):
     i_c, h = tl.program_id(0), tl.program_id(1)
     i_n = tl.load(chunks + i_c * 2).to(tl.int64)
@@ -302,7 +301,6 @@ def _intra_wu_kernel(
     beta = tl.load(Bin + o_t * HV + h, mask=m_t, other=0.0)
 
     dt = kk.dtype
-    FTZ = PREC != "ieee"                # the one-MUFU exp for 16-bit inputs (exp_ftz)
     eG = exp_ftz(G, FTZ)
     row_k = o_t[:, None] * (HV * DK) + h * DK + o_k[None, :]
     row_v = o_t[:, None] * (HV * DV) + h * DV + o_v[None, :]
@@ -328,7 +326,7 @@ def _state_pass_kernel(
     k, w_in, qp_in, u_in, oc_in, Gin, out, state_pool, seqs, cu_seqlens, slots, has_state,
     stride_k, k_col0, stride_out, stride_ps, stride_ph,
     R, HV, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    NORM_QK: tl.constexpr, PREC: tl.constexpr,
+    NORM_QK: tl.constexpr, PREC: tl.constexpr, FTZ: tl.constexpr,
 ):
     i_s, h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     # the state transposed, S^T [BV, BK], as in the fused pass: U^T = u^T - S^T w^T,
@@ -358,7 +356,7 @@ def _state_pass_kernel(
         Ut = ut - tl.dot(Sd, wt, input_precision=PREC)
         ot = oct + tl.dot(Sd, qpt, input_precision=PREC)
         tl.store(out + o_t[None, :] * stride_out + h * DV + o_v[:, None], ot.to(out.dtype.element_ty), mask=mvt)
-        St = _advance(St, Ut, kk, G, G_last, PREC, PREC != "ieee")
+        St = _advance(St, Ut, kk, G, G_last, PREC, FTZ)
 
     tl.debug_barrier()  # the initial state was read by every lane before it is overwritten
     tl.store(p_state, St.to(state_pool.dtype.element_ty), mask=m_state)
@@ -369,7 +367,7 @@ def _segment_summary_kernel(
     k, w_in, u_in, Gin, summary, bounds,
     stride_k, k_col0,
     R, HV, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NVB,
-    NORM_QK: tl.constexpr, PREC: tl.constexpr,
+    NORM_QK: tl.constexpr, PREC: tl.constexpr, FTZ: tl.constexpr,
 ):
     """Scan, phase 1 (segments x value heads x column blocks, all parallel). Over one segment the
     recurrence is affine, S_end = M S_start + L: this walks the segment's chunks twice over in
@@ -402,7 +400,7 @@ def _segment_summary_kernel(
         G = tl.load(Gin + o_t * HV + h, mask=m_t, other=0.0)
         G_last = tl.load(Gin + (tl.minimum(t0 + _C, eos) - 1) * HV + h)
         Ut = ut - tl.dot(St.to(wt.dtype), wt, input_precision=PREC)
-        St = _advance(St, Ut, kk, G, G_last, PREC, PREC != "ieee")
+        St = _advance(St, Ut, kk, G, G_last, PREC, FTZ)
 
     row = tl.where(is_m, DV, 0) + o_r
     tl.store(summary + (i_g * HV + h).to(tl.int64) * ((DV + DK) * DK) + row[:, None] * DK + o_k[None, :], St,
@@ -459,8 +457,8 @@ def _fused_pass_kernel(
     as the right operand, took 3.192 / 1.614 ms at 8x4096 with 16/32 / 8/16 heads against
     2.382 / 1.141 on an H100.) One program per (sequence, head, dv block). GATED_NORM (one block
     spans dv): the output rows are stored as norm_w * o * rsqrt(mean(o^2) + eps) * silu(z)
-    instead of o, z's head h at columns z_col0 + h DV. FTZ: exps as exp_ftz (the launcher sets it
-    for 16-bit inputs at dv blocks up to FUSED_FTZ_MAX_BV)."""
+    instead of o, z's head h at columns z_col0 + h DV. FTZ: exps as exp_ftz (_ftz: 16-bit inputs,
+    dv blocks up to FUSED_FTZ_MAX_BV)."""
     i_s, h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bos, eos, St, o_k, m_k, o_v, m_v, o_c, m_state, p_state = _walk_start(
         seqs, cu_seqlens, slots, has_state, state_pool, stride_ps, stride_ph, i_s, h, i_v, DK, DV, BK, BV)
@@ -515,6 +513,13 @@ def _prec(dtype: torch.dtype) -> str:
     # fp32 inputs get exact fp32 products (the precision they ask for); 16-bit inputs use tf32
     # for the fp32-by-fp32 products of the solve, like their own bf16 products.
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _ftz(prec: str, fused_bv: int | None = None) -> bool:
+    """The FTZ constexpr of every chunk kernel: whether its exps take exp_ftz (one MUFU) instead of
+    tl.exp. Only for 16-bit inputs (prec "tf32"), and in the fused pass (fused_bv given) only at
+    dv blocks up to FUSED_FTZ_MAX_BV."""
+    return prec != "ieee" and (fused_bv is None or fused_bv <= FUSED_FTZ_MAX_BV)
 
 
 def scan_seg_chunks(num_chunks: int, nv: int) -> int:
@@ -580,7 +585,7 @@ def intra_solve(k, a, b, A_log, dt_bias, meta, k_col0: int, nk: int, nv: int, dk
         k, a, b, A_log, dt_bias, Tbuf, G, beta, meta.chunks, meta.cu_seqlens,
         k.stride(0), a.stride(0), k_col0,
         R=nv // nk, DK=dk, BK=max(16, next_pow2(dk)), HV=nv, NORM_QK=normalize_qk, PREC=_prec(dt),
-        **LAUNCH["solve"],
+        FTZ=_ftz(_prec(dt)), **LAUNCH["solve"],
     )
     return Tbuf, G, beta
 
@@ -643,7 +648,7 @@ def chunk_delta_rule_varlen(
             meta.has_state, q.stride(0), k.stride(0), v.stride(0), q_col0, k_col0, v_col0, dk ** -0.5,
             out.stride(0), state_pool.stride(0), state_pool.stride(1), z, z.stride(0), z_col0, norm_w, eps,
             R=nv // nk, DK=dk, DV=dv, BK=BK, BV=BV, HV=nv, NORM_QK=normalize_qk, PREC=prec,
-            GATED_NORM=gated_norm is not None, FTZ=prec != "ieee" and BV <= FUSED_FTZ_MAX_BV, **LAUNCH["fused"],
+            GATED_NORM=gated_norm is not None, FTZ=_ftz(prec, BV), **LAUNCH["fused"],
         )
         return
     w = torch.empty(T, nv, dk, device=dev, dtype=dt)
@@ -653,7 +658,7 @@ def chunk_delta_rule_varlen(
     launch(_intra_wu_kernel, grid,
         q, k, v, Tbuf, G, beta, w, qp, u, oc, meta.chunks, meta.cu_seqlens,
         q.stride(0), k.stride(0), v.stride(0), q_col0, k_col0, v_col0, dk ** -0.5,
-        R=nv // nk, DK=dk, DV=dv, BK=BK, BV=BVf, HV=nv, NORM_QK=normalize_qk, PREC=prec,
+        R=nv // nk, DK=dk, DV=dv, BK=BK, BV=BVf, HV=nv, NORM_QK=normalize_qk, PREC=prec, FTZ=_ftz(prec),
         **LAUNCH["wu" if min(dk, dv) >= 64 else "wu_small"],
     )
     pass_launch = dict(LAUNCH["pass"])
@@ -663,7 +668,8 @@ def chunk_delta_rule_varlen(
         launch(_state_pass_kernel, (n_seq, nv, cdiv(dv, BV)),
             k, w, qp, u, oc, G, out, state_pool, meta.prefill_seqs, meta.cu_seqlens, meta.slots, meta.has_state,
             k.stride(0), k_col0, out.stride(0), state_pool.stride(0), state_pool.stride(1),
-            R=nv // nk, DK=dk, DV=dv, BK=BK, BV=BV, HV=nv, NORM_QK=normalize_qk, PREC=prec, **pass_launch,
+            R=nv // nk, DK=dk, DV=dv, BK=BK, BV=BV, HV=nv, NORM_QK=normalize_qk, PREC=prec, FTZ=_ftz(prec),
+            **pass_launch,
         )
         return
     # scan: the sequential pass over segments in parallel, from start states chained per sequence
@@ -678,7 +684,8 @@ def chunk_delta_rule_varlen(
     nvb = cdiv(dv, sum_bv)
     launch(_segment_summary_kernel, (n_seg, nv, nvb + cdiv(dk, sum_bv)),
         k, w, u, G, summary, seg.bounds, k.stride(0), k_col0,
-        R=nv // nk, DK=dk, DV=dv, BK=BK, BV=sum_bv, NVB=nvb, HV=nv, NORM_QK=normalize_qk, PREC=prec, **pass_launch,
+        R=nv // nk, DK=dk, DV=dv, BK=BK, BV=sum_bv, NVB=nvb, HV=nv, NORM_QK=normalize_qk, PREC=prec, FTZ=_ftz(prec),
+        **pass_launch,
     )
     launch(_segment_chain_kernel, (n_seq, nv, cdiv(dv, chain_bv)),
         summary, starts, state_pool, meta.prefill_seqs, seg.seq_first, meta.slots, meta.has_state,
@@ -688,5 +695,6 @@ def chunk_delta_rule_varlen(
     launch(_state_pass_kernel, (n_seg, nv, cdiv(dv, pass_bv)),
         k, w, qp, u, oc, G, out, starts, seg.pairs, seg.bounds, seg.slots, seg.ones,
         k.stride(0), k_col0, out.stride(0), starts.stride(0), starts.stride(1),
-        R=nv // nk, DK=dk, DV=dv, BK=BK, BV=pass_bv, HV=nv, NORM_QK=normalize_qk, PREC=prec, **pass_launch,
+        R=nv // nk, DK=dk, DV=dv, BK=BK, BV=pass_bv, HV=nv, NORM_QK=normalize_qk, PREC=prec, FTZ=_ftz(prec),
+        **pass_launch,
     )
