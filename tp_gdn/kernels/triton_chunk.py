@@ -579,14 +579,15 @@ def intra_solve(k, a, b, A_log, dt_bias, meta, k_col0: int, nk: int, nv: int, dk
     [tokens, nv] fp32), per chunk T = (I + beta k k^T o Gamma)^-1 and the in-chunk cumulative
     gate G (arguments as chunk_delta_rule_varlen's)."""
     T, dev, dt = k.shape[0], k.device, k.dtype
+    prec = _prec(dt)
     Tbuf = torch.empty(T, nv, CHUNK, device=dev, dtype=dt)
     G = torch.empty(T, nv, device=dev, dtype=torch.float32)
     beta = torch.empty(T, nv, device=dev, dtype=torch.float32)
     launch(_intra_solve_kernel, (meta.num_chunks, nv),
         k, a, b, A_log, dt_bias, Tbuf, G, beta, meta.chunks, meta.cu_seqlens,
         k.stride(0), a.stride(0), k_col0,
-        R=nv // nk, DK=dk, BK=max(16, next_pow2(dk)), HV=nv, NORM_QK=normalize_qk, PREC=_prec(dt),
-        FTZ=_ftz(_prec(dt)), **LAUNCH["solve"],
+        R=nv // nk, DK=dk, BK=max(16, next_pow2(dk)), HV=nv, NORM_QK=normalize_qk, PREC=prec,
+        FTZ=_ftz(prec), **LAUNCH["solve"],
     )
     return Tbuf, G, beta
 

@@ -11,7 +11,6 @@ import triton
 import triton.language as tl
 
 from .triton_common import cdiv, launch, next_pow2
-
 from .triton_decode import qk_shift_launch, shift_qk_block
 
 
