@@ -203,6 +203,7 @@ def check_solve(lens, nk, nv, dk, dtype, tol, hard):
     c = lambda x: x.to(DEV, dtype)
     got, _, _ = chunk.intra_solve(c(k).reshape(len(k), -1), c(a), c(b), A_log.float().to(DEV),
                                   dt_bias.float().to(DEV), batch.meta(DEV), 0, nk, nv, dk, True)
+    got = got.transpose(0, 1)                                   # [nv, T, 64] -> [T, nv, 64]
     lower = torch.ones(64, 64, dtype=torch.bool).tril()       # the stored part: row i up to column i
     t0 = 0
     for n in lens:

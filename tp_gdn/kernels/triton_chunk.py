@@ -130,6 +130,13 @@ def _decay(Gi, Gj, STRICT: tl.constexpr, FTZ: tl.constexpr):
 
 
 @triton.jit
+def _head_rows(ptr, h, n_tok, width: tl.constexpr):
+    """Where head h's rows start in a head-major [heads, n_tok, width] buffer (T, G, beta: one
+    head's rows of a chunk are one contiguous block). The offset is int64."""
+    return ptr + h.to(tl.int64) * n_tok * width
+
+
+@triton.jit
 def _invert_unit_lower4(A0, A1, A2, A3):
     """(I + A)^-1 for four strictly lower 16x16 blocks, by elimination column by column: X = I, then
     for j = 0..14, X <- X - A[:, j] X[j, :]. The multipliers are A's own entries (eliminating
@@ -165,8 +172,8 @@ def _invert_unit_lower4(A0, A1, A2, A3):
 @triton.jit
 def _intra_solve_kernel(
     k, a, b, A_log, dt_bias, Tout, Gout, Bout, chunks, cu_seqlens,
-    stride_k, stride_ab, k_col0,
-    R, HV, DK: tl.constexpr, BK: tl.constexpr,
+    stride_k, stride_ab, k_col0, n_tok,
+    R, DK: tl.constexpr, BK: tl.constexpr,
     NORM_QK: tl.constexpr, PREC: tl.constexpr, FTZ: tl.constexpr,
 ):
     i_c, h = tl.program_id(0), tl.program_id(1)
@@ -219,29 +226,31 @@ def _intra_solve_kernel(
     T30 = -tl.dot(T33, tl.dot(A30, T00, input_precision=PREC) + tl.dot(A31, T10, input_precision=PREC)
                   + tl.dot(A32, T20, input_precision=PREC), input_precision=PREC)
 
-    # Tout: [T, HV, 64], row = token, column = position in its chunk. Only the blocks on and below
+    # Tout: [HV, T, 64], row = token, column = position in its chunk. Only the blocks on and below
     # the diagonal are stored (readers mask their loads to j <= i; T is lower triangular).
     ty = Tout.dtype.element_ty
-    base = Tout + h * _C
+    base = _head_rows(Tout, h, n_tok, _C)
     c = o16[None, :]
-    tl.store(base + r0[:, None] * (HV * _C) + c, T00.to(ty), mask=m0[:, None])
-    tl.store(base + r1[:, None] * (HV * _C) + c, T10.to(ty), mask=m1[:, None])
-    tl.store(base + r1[:, None] * (HV * _C) + 16 + c, T11.to(ty), mask=m1[:, None])
-    tl.store(base + r2[:, None] * (HV * _C) + c, T20.to(ty), mask=m2[:, None])
-    tl.store(base + r2[:, None] * (HV * _C) + 16 + c, T21.to(ty), mask=m2[:, None])
-    tl.store(base + r2[:, None] * (HV * _C) + 32 + c, T22.to(ty), mask=m2[:, None])
-    tl.store(base + r3[:, None] * (HV * _C) + c, T30.to(ty), mask=m3[:, None])
-    tl.store(base + r3[:, None] * (HV * _C) + 16 + c, T31.to(ty), mask=m3[:, None])
-    tl.store(base + r3[:, None] * (HV * _C) + 32 + c, T32.to(ty), mask=m3[:, None])
-    tl.store(base + r3[:, None] * (HV * _C) + 48 + c, T33.to(ty), mask=m3[:, None])
-    tl.store(Gout + r0 * HV + h, G0, mask=m0)
-    tl.store(Gout + r1 * HV + h, G1, mask=m1)
-    tl.store(Gout + r2 * HV + h, G2, mask=m2)
-    tl.store(Gout + r3 * HV + h, G3, mask=m3)
-    tl.store(Bout + r0 * HV + h, b0, mask=m0)
-    tl.store(Bout + r1 * HV + h, b1, mask=m1)
-    tl.store(Bout + r2 * HV + h, b2, mask=m2)
-    tl.store(Bout + r3 * HV + h, b3, mask=m3)
+    tl.store(base + r0[:, None] * _C + c, T00.to(ty), mask=m0[:, None])
+    tl.store(base + r1[:, None] * _C + c, T10.to(ty), mask=m1[:, None])
+    tl.store(base + r1[:, None] * _C + 16 + c, T11.to(ty), mask=m1[:, None])
+    tl.store(base + r2[:, None] * _C + c, T20.to(ty), mask=m2[:, None])
+    tl.store(base + r2[:, None] * _C + 16 + c, T21.to(ty), mask=m2[:, None])
+    tl.store(base + r2[:, None] * _C + 32 + c, T22.to(ty), mask=m2[:, None])
+    tl.store(base + r3[:, None] * _C + c, T30.to(ty), mask=m3[:, None])
+    tl.store(base + r3[:, None] * _C + 16 + c, T31.to(ty), mask=m3[:, None])
+    tl.store(base + r3[:, None] * _C + 32 + c, T32.to(ty), mask=m3[:, None])
+    tl.store(base + r3[:, None] * _C + 48 + c, T33.to(ty), mask=m3[:, None])
+    Gh = _head_rows(Gout, h, n_tok, 1)
+    Bh = _head_rows(Bout, h, n_tok, 1)
+    tl.store(Gh + r0, G0, mask=m0)
+    tl.store(Gh + r1, G1, mask=m1)
+    tl.store(Gh + r2, G2, mask=m2)
+    tl.store(Gh + r3, G3, mask=m3)
+    tl.store(Bh + r0, b0, mask=m0)
+    tl.store(Bh + r1, b1, mask=m1)
+    tl.store(Bh + r2, b2, mask=m2)
+    tl.store(Bh + r3, b3, mask=m3)
 
 
 @triton.jit
@@ -275,7 +284,7 @@ def _advance(St, Ut, kk, G, G_last, PREC: tl.constexpr, FTZ: tl.constexpr):
 @triton.jit
 def _intra_wu_kernel(
     q, k, v, Tin, Gin, Bin, w_out, qp_out, u_out, oc_out, chunks, cu_seqlens,
-    stride_q, stride_k, stride_v, q_col0, k_col0, v_col0, scale,
+    stride_q, stride_k, stride_v, q_col0, k_col0, v_col0, scale, n_tok,
     R, HV, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     NORM_QK: tl.constexpr, PREC: tl.constexpr, FTZ: tl.constexpr,
 ):
@@ -296,10 +305,10 @@ def _intra_wu_kernel(
     qq = _load_qk(q, o_t, m_t, stride_q, q_col0 + hk * DK, o_k, m_k, NORM_QK, scale)
     vv = tl.load(v + o_t[:, None] * stride_v + v_col0 + h * DV + o_v[None, :],
                  mask=m_t[:, None] & m_v[None, :], other=0.0)
-    T = tl.load(Tin + o_t[:, None] * (HV * _C) + h * _C + o_c[None, :],
+    T = tl.load(_head_rows(Tin, h, n_tok, _C) + o_t[:, None] * _C + o_c[None, :],
                 mask=m_t[:, None] & (o_c[None, :] <= o_c[:, None]), other=0.0)          # stored for j <= i
-    G = tl.load(Gin + o_t * HV + h, mask=m_t, other=0.0)
-    beta = tl.load(Bin + o_t * HV + h, mask=m_t, other=0.0)
+    G = tl.load(_head_rows(Gin, h, n_tok, 1) + o_t, mask=m_t, other=0.0)
+    beta = tl.load(_head_rows(Bin, h, n_tok, 1) + o_t, mask=m_t, other=0.0)
 
     dt = kk.dtype
     eG = exp_ftz(G, FTZ)
@@ -325,7 +334,7 @@ def _intra_wu_kernel(
 @triton.jit
 def _state_pass_kernel(
     k, w_in, qp_in, u_in, oc_in, Gin, out, state_pool, seqs, cu_seqlens, slots, has_state,
-    stride_k, k_col0, stride_out, stride_ps, stride_ph,
+    stride_k, k_col0, stride_out, stride_ps, stride_ph, n_tok,
     R, HV, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     NORM_QK: tl.constexpr, PREC: tl.constexpr, FTZ: tl.constexpr,
 ):
@@ -335,6 +344,7 @@ def _state_pass_kernel(
     bos, eos, St, o_k, m_k, o_v, m_v, o_c, m_state, p_state = _walk_start(
         seqs, cu_seqlens, slots, has_state, state_pool, stride_ps, stride_ph, i_s, h, i_v, DK, DV, BK, BV)
     col_k = k_col0 + (h // R) * DK
+    Gh = _head_rows(Gin, h, n_tok, 1)
 
     n_chunks = ((eos - bos + _C - 1) // _C).to(tl.int32)
     for i_t in range(0, n_chunks):
@@ -350,8 +360,8 @@ def _state_pass_kernel(
         kk = _load_qk(k, o_t, m_t, stride_k, col_k, o_k, m_k, NORM_QK, 1.0)
         ut = tl.load(u_in + col_vt, mask=mvt, other=0.0).to(tl.float32)
         oct = tl.load(oc_in + col_vt, mask=mvt, other=0.0).to(tl.float32)
-        G = tl.load(Gin + o_t * HV + h, mask=m_t, other=0.0)
-        G_last = tl.load(Gin + (tl.minimum(t0 + _C, eos) - 1) * HV + h)
+        G = tl.load(Gh + o_t, mask=m_t, other=0.0)
+        G_last = tl.load(Gh + tl.minimum(t0 + _C, eos) - 1)
 
         Sd = St.to(wt.dtype)
         Ut = ut - tl.dot(Sd, wt, input_precision=PREC)
@@ -366,7 +376,7 @@ def _state_pass_kernel(
 @triton.jit
 def _segment_summary_kernel(
     k, w_in, u_in, Gin, summary, bounds,
-    stride_k, k_col0,
+    stride_k, k_col0, n_tok,
     R, HV, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NVB,
     NORM_QK: tl.constexpr, PREC: tl.constexpr, FTZ: tl.constexpr,
 ):
@@ -387,6 +397,7 @@ def _segment_summary_kernel(
     o_c = tl.arange(0, _C)
     St = ((o_r[:, None] == o_k[None, :]) & m_r[:, None] & is_m).to(tl.float32)   # [BV, BK]
     col_k = k_col0 + (h // R) * DK
+    Gh = _head_rows(Gin, h, n_tok, 1)
 
     n_chunks = ((eos - bos + _C - 1) // _C).to(tl.int32)
     for i_t in range(0, n_chunks):
@@ -398,8 +409,8 @@ def _segment_summary_kernel(
         kk = _load_qk(k, o_t, m_t, stride_k, col_k, o_k, m_k, NORM_QK, 1.0)
         ut = tl.load(u_in + o_t[None, :] * (HV * DV) + h * DV + o_r[:, None], mask=m_u[:, None] & m_t[None, :],
                      other=0.0).to(tl.float32)
-        G = tl.load(Gin + o_t * HV + h, mask=m_t, other=0.0)
-        G_last = tl.load(Gin + (tl.minimum(t0 + _C, eos) - 1) * HV + h)
+        G = tl.load(Gh + o_t, mask=m_t, other=0.0)
+        G_last = tl.load(Gh + tl.minimum(t0 + _C, eos) - 1)
         Ut = ut - tl.dot(St.to(wt.dtype), wt, input_precision=PREC)
         St = _advance(St, Ut, kk, G, G_last, PREC, FTZ)
 
@@ -445,8 +456,8 @@ def _segment_chain_kernel(
 def _fused_pass_kernel(
     q, k, v, Tin, Gin, Bin, out, state_pool, seqs, cu_seqlens, slots, has_state,
     stride_q, stride_k, stride_v, q_col0, k_col0, v_col0, scale, stride_out, stride_ps, stride_ph,
-    z, stride_z, z_col0, norm_w, eps,
-    R, HV, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    z, stride_z, z_col0, norm_w, eps, n_tok,
+    R, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     NORM_QK: tl.constexpr, PREC: tl.constexpr, GATED_NORM: tl.constexpr, FTZ: tl.constexpr,
 ):
     """The fused pass with the state held transposed, S^T [BV, BK], and every tile that meets it
@@ -464,6 +475,7 @@ def _fused_pass_kernel(
     bos, eos, St, o_k, m_k, o_v, m_v, o_c, m_state, p_state = _walk_start(
         seqs, cu_seqlens, slots, has_state, state_pool, stride_ps, stride_ph, i_s, h, i_v, DK, DV, BK, BV)
     hk = h // R
+    Th, Gh, Bh = _head_rows(Tin, h, n_tok, _C), _head_rows(Gin, h, n_tok, 1), _head_rows(Bin, h, n_tok, 1)
 
     n_chunks = ((eos - bos + _C - 1) // _C).to(tl.int32)
     for i_t in range(0, n_chunks):
@@ -475,11 +487,11 @@ def _fused_pass_kernel(
         mvt = m_v[:, None] & m_t[None, :]
         vt = tl.load(v + o_t[None, :] * stride_v + v_col0 + h * DV + o_v[:, None], mask=mvt, other=0.0)  # [BV, C]
         # Tt[j, i] = T[i, j]: T's row i is token t0 + i
-        Tt = tl.load(Tin + o_t[None, :] * (HV * _C) + h * _C + o_c[:, None],
+        Tt = tl.load(Th + o_t[None, :] * _C + o_c[:, None],
                      mask=m_t[None, :] & (o_c[:, None] <= o_c[None, :]), other=0.0)     # stored for j <= i
-        G = tl.load(Gin + o_t * HV + h, mask=m_t, other=0.0)
-        beta = tl.load(Bin + o_t * HV + h, mask=m_t, other=0.0)
-        G_last = tl.load(Gin + (tl.minimum(t0 + _C, eos) - 1) * HV + h)
+        G = tl.load(Gh + o_t, mask=m_t, other=0.0)
+        beta = tl.load(Bh + o_t, mask=m_t, other=0.0)
+        G_last = tl.load(Gh + tl.minimum(t0 + _C, eos) - 1)
 
         dt = kk.dtype
         # FTZ: exp_ftz at dv blocks up to FUSED_FTZ_MAX_BV only (faster at BV 64, slower at 128)
@@ -575,18 +587,21 @@ def scan_bvs(n_seg: int, nv: int, dk: int, dv: int) -> tuple[int, int, int]:
 
 
 def intra_solve(k, a, b, A_log, dt_bias, meta, k_col0: int, nk: int, nv: int, dk: int, normalize_qk: bool):
-    """The first launch of every path, on its own: (T [tokens, nv, 64] in k's dtype, G and beta
-    [tokens, nv] fp32), per chunk T = (I + beta k k^T o Gamma)^-1 and the in-chunk cumulative
-    gate G (arguments as chunk_delta_rule_varlen's)."""
+    """The first launch of every path, on its own: (T [nv, tokens, 64] in k's dtype, G and beta
+    [nv, tokens] fp32), per chunk T = (I + beta k k^T o Gamma)^-1 and the in-chunk cumulative
+    gate G (arguments as chunk_delta_rule_varlen's). Head-major, so that one head's rows of a
+    chunk are one contiguous block for every reader (token-major, [tokens, nv, 64], the fused
+    pass took 6-7% and the solve 8-12% longer at 8x4096, 16/32 and 8/16 heads on an H200;
+    benchmarks/results/exp_layout_h200_s14.log)."""
     T, dev, dt = k.shape[0], k.device, k.dtype
     prec = _prec(dt)
-    Tbuf = torch.empty(T, nv, CHUNK, device=dev, dtype=dt)
-    G = torch.empty(T, nv, device=dev, dtype=torch.float32)
-    beta = torch.empty(T, nv, device=dev, dtype=torch.float32)
+    Tbuf = torch.empty(nv, T, CHUNK, device=dev, dtype=dt)
+    G = torch.empty(nv, T, device=dev, dtype=torch.float32)
+    beta = torch.empty(nv, T, device=dev, dtype=torch.float32)
     launch(_intra_solve_kernel, (meta.num_chunks, nv),
         k, a, b, A_log, dt_bias, Tbuf, G, beta, meta.chunks, meta.cu_seqlens,
-        k.stride(0), a.stride(0), k_col0,
-        R=nv // nk, DK=dk, BK=max(16, next_pow2(dk)), HV=nv, NORM_QK=normalize_qk, PREC=prec,
+        k.stride(0), a.stride(0), k_col0, T,
+        R=nv // nk, DK=dk, BK=max(16, next_pow2(dk)), NORM_QK=normalize_qk, PREC=prec,
         FTZ=_ftz(prec), **LAUNCH["solve"],
     )
     return Tbuf, G, beta
@@ -648,8 +663,8 @@ def chunk_delta_rule_varlen(
         launch(_fused_pass_kernel, (n_seq, nv, cdiv(dv, BV)),
             q, k, v, Tbuf, G, beta, out, state_pool, meta.prefill_seqs, meta.cu_seqlens, meta.slots,
             meta.has_state, q.stride(0), k.stride(0), v.stride(0), q_col0, k_col0, v_col0, dk ** -0.5,
-            out.stride(0), state_pool.stride(0), state_pool.stride(1), z, z.stride(0), z_col0, norm_w, eps,
-            R=nv // nk, DK=dk, DV=dv, BK=BK, BV=BV, HV=nv, NORM_QK=normalize_qk, PREC=prec,
+            out.stride(0), state_pool.stride(0), state_pool.stride(1), z, z.stride(0), z_col0, norm_w, eps, T,
+            R=nv // nk, DK=dk, DV=dv, BK=BK, BV=BV, NORM_QK=normalize_qk, PREC=prec,
             GATED_NORM=gated_norm is not None, FTZ=_ftz(prec, BV), **LAUNCH["fused"],
         )
         return
@@ -659,7 +674,7 @@ def chunk_delta_rule_varlen(
     oc = torch.empty_like(u)
     launch(_intra_wu_kernel, grid,
         q, k, v, Tbuf, G, beta, w, qp, u, oc, meta.chunks, meta.cu_seqlens,
-        q.stride(0), k.stride(0), v.stride(0), q_col0, k_col0, v_col0, dk ** -0.5,
+        q.stride(0), k.stride(0), v.stride(0), q_col0, k_col0, v_col0, dk ** -0.5, T,
         R=nv // nk, DK=dk, DV=dv, BK=BK, BV=BVf, HV=nv, NORM_QK=normalize_qk, PREC=prec, FTZ=_ftz(prec),
         **LAUNCH["wu" if min(dk, dv) >= 64 else "wu_small"],
     )
@@ -669,7 +684,7 @@ def chunk_delta_rule_varlen(
     if path == "split":
         launch(_state_pass_kernel, (n_seq, nv, cdiv(dv, BV)),
             k, w, qp, u, oc, G, out, state_pool, meta.prefill_seqs, meta.cu_seqlens, meta.slots, meta.has_state,
-            k.stride(0), k_col0, out.stride(0), state_pool.stride(0), state_pool.stride(1),
+            k.stride(0), k_col0, out.stride(0), state_pool.stride(0), state_pool.stride(1), T,
             R=nv // nk, DK=dk, DV=dv, BK=BK, BV=BV, HV=nv, NORM_QK=normalize_qk, PREC=prec, FTZ=_ftz(prec),
             **pass_launch,
         )
@@ -685,7 +700,7 @@ def chunk_delta_rule_varlen(
     pass_bv = pass_bv if BV is None else BV
     nvb = cdiv(dv, sum_bv)
     launch(_segment_summary_kernel, (n_seg, nv, nvb + cdiv(dk, sum_bv)),
-        k, w, u, G, summary, seg.bounds, k.stride(0), k_col0,
+        k, w, u, G, summary, seg.bounds, k.stride(0), k_col0, T,
         R=nv // nk, DK=dk, DV=dv, BK=BK, BV=sum_bv, NVB=nvb, HV=nv, NORM_QK=normalize_qk, PREC=prec, FTZ=_ftz(prec),
         **pass_launch,
     )
@@ -696,7 +711,7 @@ def chunk_delta_rule_varlen(
     )
     launch(_state_pass_kernel, (n_seg, nv, cdiv(dv, pass_bv)),
         k, w, qp, u, oc, G, out, starts, seg.pairs, seg.bounds, seg.slots, seg.ones,
-        k.stride(0), k_col0, out.stride(0), starts.stride(0), starts.stride(1),
+        k.stride(0), k_col0, out.stride(0), starts.stride(0), starts.stride(1), T,
         R=nv // nk, DK=dk, DV=dv, BK=BK, BV=pass_bv, HV=nv, NORM_QK=normalize_qk, PREC=prec, FTZ=_ftz(prec),
         **pass_launch,
     )
