@@ -130,10 +130,11 @@ def _decay(Gi, Gj, STRICT: tl.constexpr, FTZ: tl.constexpr):
 
 
 @triton.jit
-def _head_rows(ptr, h, n_tok, width: tl.constexpr):
-    """Where head h's rows start in a head-major [heads, n_tok, width] buffer (T, G, beta: one
-    head's rows of a chunk are one contiguous block). The offset is int64."""
-    return ptr + h.to(tl.int64) * n_tok * width
+def _head_off(h, n_tok, width: tl.constexpr):
+    """Where head h's rows start (int64 elements) in a head-major [heads, n_tok, width] buffer,
+    the layout of every buffer that one launch of a path hands the next (T, G, beta, w, u, Q',
+    O_c): one head's rows of a chunk are then one contiguous block."""
+    return h.to(tl.int64) * n_tok * width
 
 
 @triton.jit
@@ -226,10 +227,10 @@ def _intra_solve_kernel(
     T30 = -tl.dot(T33, tl.dot(A30, T00, input_precision=PREC) + tl.dot(A31, T10, input_precision=PREC)
                   + tl.dot(A32, T20, input_precision=PREC), input_precision=PREC)
 
-    # Tout: [HV, T, 64], row = token, column = position in its chunk. Only the blocks on and below
+    # Tout: [nv, T, 64], row = token, column = position in its chunk. Only the blocks on and below
     # the diagonal are stored (readers mask their loads to j <= i; T is lower triangular).
     ty = Tout.dtype.element_ty
-    base = _head_rows(Tout, h, n_tok, _C)
+    base = Tout + _head_off(h, n_tok, _C)
     c = o16[None, :]
     tl.store(base + r0[:, None] * _C + c, T00.to(ty), mask=m0[:, None])
     tl.store(base + r1[:, None] * _C + c, T10.to(ty), mask=m1[:, None])
@@ -241,8 +242,8 @@ def _intra_solve_kernel(
     tl.store(base + r3[:, None] * _C + 16 + c, T31.to(ty), mask=m3[:, None])
     tl.store(base + r3[:, None] * _C + 32 + c, T32.to(ty), mask=m3[:, None])
     tl.store(base + r3[:, None] * _C + 48 + c, T33.to(ty), mask=m3[:, None])
-    Gh = _head_rows(Gout, h, n_tok, 1)
-    Bh = _head_rows(Bout, h, n_tok, 1)
+    Gh = Gout + _head_off(h, n_tok, 1)
+    Bh = Bout + _head_off(h, n_tok, 1)
     tl.store(Gh + r0, G0, mask=m0)
     tl.store(Gh + r1, G1, mask=m1)
     tl.store(Gh + r2, G2, mask=m2)
@@ -285,7 +286,7 @@ def _advance(St, Ut, kk, G, G_last, PREC: tl.constexpr, FTZ: tl.constexpr):
 def _intra_wu_kernel(
     q, k, v, Tin, Gin, Bin, w_out, qp_out, u_out, oc_out, chunks, cu_seqlens,
     stride_q, stride_k, stride_v, q_col0, k_col0, v_col0, scale, n_tok,
-    R, HV, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    R, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     NORM_QK: tl.constexpr, PREC: tl.constexpr, FTZ: tl.constexpr,
 ):
     i_c, h = tl.program_id(0), tl.program_id(1)
@@ -305,15 +306,15 @@ def _intra_wu_kernel(
     qq = _load_qk(q, o_t, m_t, stride_q, q_col0 + hk * DK, o_k, m_k, NORM_QK, scale)
     vv = tl.load(v + o_t[:, None] * stride_v + v_col0 + h * DV + o_v[None, :],
                  mask=m_t[:, None] & m_v[None, :], other=0.0)
-    T = tl.load(_head_rows(Tin, h, n_tok, _C) + o_t[:, None] * _C + o_c[None, :],
+    T = tl.load(Tin + _head_off(h, n_tok, _C) + o_t[:, None] * _C + o_c[None, :],
                 mask=m_t[:, None] & (o_c[None, :] <= o_c[:, None]), other=0.0)          # stored for j <= i
-    G = tl.load(_head_rows(Gin, h, n_tok, 1) + o_t, mask=m_t, other=0.0)
-    beta = tl.load(_head_rows(Bin, h, n_tok, 1) + o_t, mask=m_t, other=0.0)
+    G = tl.load(Gin + _head_off(h, n_tok, 1) + o_t, mask=m_t, other=0.0)
+    beta = tl.load(Bin + _head_off(h, n_tok, 1) + o_t, mask=m_t, other=0.0)
 
     dt = kk.dtype
     eG = exp_ftz(G, FTZ)
-    row_k = o_t[:, None] * (HV * DK) + h * DK + o_k[None, :]
-    row_v = o_t[:, None] * (HV * DV) + h * DV + o_v[None, :]
+    row_k = _head_off(h, n_tok, DK) + o_t[:, None] * DK + o_k[None, :]
+    row_v = _head_off(h, n_tok, DV) + o_t[:, None] * DV + o_v[None, :]
     mk = m_t[:, None] & m_k[None, :]
     mv = m_t[:, None] & m_v[None, :]
     # each product is stored, and kept only in the 16 bits its later reader takes, as soon as it
@@ -335,7 +336,7 @@ def _intra_wu_kernel(
 def _state_pass_kernel(
     k, w_in, qp_in, u_in, oc_in, Gin, out, state_pool, seqs, cu_seqlens, slots, has_state,
     stride_k, k_col0, stride_out, stride_ps, stride_ph, n_tok,
-    R, HV, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    R, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     NORM_QK: tl.constexpr, PREC: tl.constexpr, FTZ: tl.constexpr,
 ):
     i_s, h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -344,15 +345,16 @@ def _state_pass_kernel(
     bos, eos, St, o_k, m_k, o_v, m_v, o_c, m_state, p_state = _walk_start(
         seqs, cu_seqlens, slots, has_state, state_pool, stride_ps, stride_ph, i_s, h, i_v, DK, DV, BK, BV)
     col_k = k_col0 + (h // R) * DK
-    Gh = _head_rows(Gin, h, n_tok, 1)
+    Gh = Gin + _head_off(h, n_tok, 1)
+    head_k, head_v = _head_off(h, n_tok, DK), _head_off(h, n_tok, DV)
 
     n_chunks = ((eos - bos + _C - 1) // _C).to(tl.int32)
     for i_t in range(0, n_chunks):
         t0 = bos + i_t * _C
         o_t = t0 + o_c
         m_t = o_t < eos
-        col_kt = o_t[None, :] * (HV * DK) + h * DK + o_k[:, None]       # [BK, C]
-        col_vt = o_t[None, :] * (HV * DV) + h * DV + o_v[:, None]       # [BV, C]
+        col_kt = head_k + o_t[None, :] * DK + o_k[:, None]       # [BK, C]
+        col_vt = head_v + o_t[None, :] * DV + o_v[:, None]       # [BV, C]
         mkt = m_k[:, None] & m_t[None, :]
         mvt = m_v[:, None] & m_t[None, :]
         wt = tl.load(w_in + col_kt, mask=mkt, other=0.0)
@@ -397,17 +399,17 @@ def _segment_summary_kernel(
     o_c = tl.arange(0, _C)
     St = ((o_r[:, None] == o_k[None, :]) & m_r[:, None] & is_m).to(tl.float32)   # [BV, BK]
     col_k = k_col0 + (h // R) * DK
-    Gh = _head_rows(Gin, h, n_tok, 1)
+    Gh = Gin + _head_off(h, n_tok, 1)
+    head_k, head_v = _head_off(h, n_tok, DK), _head_off(h, n_tok, DV)
 
     n_chunks = ((eos - bos + _C - 1) // _C).to(tl.int32)
     for i_t in range(0, n_chunks):
         t0 = bos + i_t * _C
         o_t = t0 + o_c
         m_t = o_t < eos
-        wt = tl.load(w_in + o_t[None, :] * (HV * DK) + h * DK + o_k[:, None], mask=m_k[:, None] & m_t[None, :],
-                     other=0.0)
+        wt = tl.load(w_in + head_k + o_t[None, :] * DK + o_k[:, None], mask=m_k[:, None] & m_t[None, :], other=0.0)
         kk = _load_qk(k, o_t, m_t, stride_k, col_k, o_k, m_k, NORM_QK, 1.0)
-        ut = tl.load(u_in + o_t[None, :] * (HV * DV) + h * DV + o_r[:, None], mask=m_u[:, None] & m_t[None, :],
+        ut = tl.load(u_in + head_v + o_t[None, :] * DV + o_r[:, None], mask=m_u[:, None] & m_t[None, :],
                      other=0.0).to(tl.float32)
         G = tl.load(Gh + o_t, mask=m_t, other=0.0)
         G_last = tl.load(Gh + tl.minimum(t0 + _C, eos) - 1)
@@ -475,7 +477,7 @@ def _fused_pass_kernel(
     bos, eos, St, o_k, m_k, o_v, m_v, o_c, m_state, p_state = _walk_start(
         seqs, cu_seqlens, slots, has_state, state_pool, stride_ps, stride_ph, i_s, h, i_v, DK, DV, BK, BV)
     hk = h // R
-    Th, Gh, Bh = _head_rows(Tin, h, n_tok, _C), _head_rows(Gin, h, n_tok, 1), _head_rows(Bin, h, n_tok, 1)
+    Th, Gh, Bh = Tin + _head_off(h, n_tok, _C), Gin + _head_off(h, n_tok, 1), Bin + _head_off(h, n_tok, 1)
 
     n_chunks = ((eos - bos + _C - 1) // _C).to(tl.int32)
     for i_t in range(0, n_chunks):
@@ -668,14 +670,14 @@ def chunk_delta_rule_varlen(
             GATED_NORM=gated_norm is not None, FTZ=_ftz(prec, BV), **LAUNCH["fused"],
         )
         return
-    w = torch.empty(T, nv, dk, device=dev, dtype=dt)
+    w = torch.empty(nv, T, dk, device=dev, dtype=dt)        # head-major, as intra_solve's outputs
     qp = torch.empty_like(w)
-    u = torch.empty(T, nv, dv, device=dev, dtype=dt)
+    u = torch.empty(nv, T, dv, device=dev, dtype=dt)
     oc = torch.empty_like(u)
     launch(_intra_wu_kernel, grid,
         q, k, v, Tbuf, G, beta, w, qp, u, oc, meta.chunks, meta.cu_seqlens,
         q.stride(0), k.stride(0), v.stride(0), q_col0, k_col0, v_col0, dk ** -0.5, T,
-        R=nv // nk, DK=dk, DV=dv, BK=BK, BV=BVf, HV=nv, NORM_QK=normalize_qk, PREC=prec, FTZ=_ftz(prec),
+        R=nv // nk, DK=dk, DV=dv, BK=BK, BV=BVf, NORM_QK=normalize_qk, PREC=prec, FTZ=_ftz(prec),
         **LAUNCH["wu" if min(dk, dv) >= 64 else "wu_small"],
     )
     pass_launch = dict(LAUNCH["pass"])
@@ -685,7 +687,7 @@ def chunk_delta_rule_varlen(
         launch(_state_pass_kernel, (n_seq, nv, cdiv(dv, BV)),
             k, w, qp, u, oc, G, out, state_pool, meta.prefill_seqs, meta.cu_seqlens, meta.slots, meta.has_state,
             k.stride(0), k_col0, out.stride(0), state_pool.stride(0), state_pool.stride(1), T,
-            R=nv // nk, DK=dk, DV=dv, BK=BK, BV=BV, HV=nv, NORM_QK=normalize_qk, PREC=prec, FTZ=_ftz(prec),
+            R=nv // nk, DK=dk, DV=dv, BK=BK, BV=BV, NORM_QK=normalize_qk, PREC=prec, FTZ=_ftz(prec),
             **pass_launch,
         )
         return
@@ -712,6 +714,6 @@ def chunk_delta_rule_varlen(
     launch(_state_pass_kernel, (n_seg, nv, cdiv(dv, pass_bv)),
         k, w, qp, u, oc, G, out, starts, seg.pairs, seg.bounds, seg.slots, seg.ones,
         k.stride(0), k_col0, out.stride(0), starts.stride(0), starts.stride(1), T,
-        R=nv // nk, DK=dk, DV=dv, BK=BK, BV=pass_bv, HV=nv, NORM_QK=normalize_qk, PREC=prec, FTZ=_ftz(prec),
+        R=nv // nk, DK=dk, DV=dv, BK=BK, BV=pass_bv, NORM_QK=normalize_qk, PREC=prec, FTZ=_ftz(prec),
         **pass_launch,
     )
