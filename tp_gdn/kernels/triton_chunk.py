@@ -592,9 +592,10 @@ def intra_solve(k, a, b, A_log, dt_bias, meta, k_col0: int, nk: int, nv: int, dk
     """The first launch of every path, on its own: (T [nv, tokens, 64] in k's dtype, G and beta
     [nv, tokens] fp32), per chunk T = (I + beta k k^T o Gamma)^-1 and the in-chunk cumulative
     gate G (arguments as chunk_delta_rule_varlen's). Head-major, so that one head's rows of a
-    chunk are one contiguous block for every reader (token-major, [tokens, nv, 64], the fused
-    pass took 6-7% and the solve 8-12% longer at 8x4096, 16/32 and 8/16 heads on an H200;
-    benchmarks/results/exp_layout_h200_s14.log)."""
+    chunk are one contiguous block for every reader. Against token-major ([tokens, nv, 64]), H200,
+    kernel times at 8x4096: the solve 6-15% less; the fused pass the same with q/k normalised
+    before it (the layer) and 5-7% more with the l2norm inside (gdn_prefill); the split and scan
+    paths 4-6% less in all (benchmarks/results/exp_layout_cmp*_h200_s14.log)."""
     T, dev, dt = k.shape[0], k.device, k.dtype
     prec = _prec(dt)
     Tbuf = torch.empty(nv, T, CHUNK, device=dev, dtype=dt)
