@@ -437,6 +437,29 @@ def test_triton_layer_with_the_norm_inside_the_fused_pass_matches_torch_layer(se
     assert fused_calls == [True, False, True, False]
 
 
+@pytest.mark.parametrize("renorm", [True, False])
+def test_triton_layer_on_the_fused_path_matches_torch_layer(seed, monkeypatch, renorm):
+    """The layer's prefills on the fused path (forced; the interpreter's fp32 keeps the split path)
+    with the fused pass normalising the conv's normalised q/k again (FUSED_RENORM_MIN_BV, lowered
+    here to the tiny dv block) or not: both match the torch layer."""
+    tiny_fused_or_skip("fused")
+    chunk, *_, ops = tri()
+    full_dv = lambda n_seq, nv, dv, dtype=None, num_chunks=None: ("fused", max(16, 1 << (dv - 1).bit_length()))
+    monkeypatch.setattr(chunk, "choose_path", full_dv)
+    monkeypatch.setattr(chunk, "FUSED_RENORM_MIN_BV", 16 if renorm else 1 << 30)
+    norm_flags = []
+    real_launch = chunk.launch
+    monkeypatch.setattr(chunk, "launch", lambda kernel, grid, *a, **kw: (
+        kernel is chunk._fused_pass_kernel and norm_flags.append(kw["NORM_QK"])) or real_launch(kernel, grid, *a, **kw))
+    cfg = tiny_config(nk=2, nv=4, dk=16, dv=16, layers=2)
+    full = random_full_weights(cfg, seed)
+    w = WorkloadBuilder(cfg.hidden_size, seed)
+    w.step([(0, 70, False), (1, 130, False), (2, 3, False)])
+    w.step([(0, 65, True), (2, 64, True), (1, 1, True), (3, 2, False)])
+    check_triton_layer_against_torch(cfg, full, w.steps, 4)
+    assert norm_flags and set(norm_flags) == {renorm}
+
+
 def test_triton_layer_on_the_scan_path_matches_torch_layer(seed, monkeypatch):
     """The layer with every prefill on the scan path at one-chunk segments: decodes between the
     prefill sequences of a batch, continued prefills, and sequences of one segment."""

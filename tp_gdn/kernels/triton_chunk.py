@@ -96,6 +96,15 @@ FUSED_MAX_BV = 128
 # heads) 0.624 ms with exp_ftz against 0.660; BV 128 0.744 against 0.730 (8/16) and 1.481 against
 # 1.433 (16/32) (benchmarks/results/exp_fused_ftz_h200_s12.log)
 FUSED_FTZ_MAX_BV = 64
+# The fused pass l2-normalises q and k again when they come normalised (normalize_qk=False, the
+# layer's launch) at dv blocks from this width up. With the norm in, Triton 3.6 lays k out
+# differently (without it, k goes through an extra layout conversion for the w product) and the
+# pass is faster although it does more. H200, fused pass kernel time, 5 interleaved rounds:
+# tp=1 layer at 8x4096 1.093 ms against 1.150 (16/32 heads, BV 128); core on normalised q/k at
+# 8x4096, 8/16 heads, BV 128: 0.548 against 0.579; at 4/8, BV 64: 0.485 against 0.477, so not
+# there (benchmarks/results/exp_fused_renorm_h200_s14.log). q, k normalised twice differ from
+# once by bf16 rounding: the layer's output moved by 6.5e-4 relative, its states by 3.6e-4.
+FUSED_RENORM_MIN_BV = 128
 
 
 @triton.jit
@@ -622,7 +631,8 @@ def chunk_delta_rule_varlen(
     a, b: [T, *] raw gate inputs, value head h at column h (pass column views, row stride kept);
     state_pool: [S, nv, dk, dv] (fp32), read for has_state sequences and overwritten with each
     final state; out: [T, *] receives o of value head h at columns h dv.
-    normalize_qk: l2-normalise q and k and scale q by dk^-0.5 inside (else they come normalised).
+    normalize_qk: l2-normalise q and k and scale q by dk^-0.5 inside (else they come normalised;
+    the fused pass still normalises them again at dv blocks from FUSED_RENORM_MIN_BV up).
     path, BV: "split", "fused" or "scan" and the dv block of the sequential pass (default:
     choose_path; for "scan", scan_bvs). seg_chunks: the scan path's segment length in chunks
     (default SCAN["seg_chunks"], else scan_seg_chunks).
@@ -667,7 +677,7 @@ def chunk_delta_rule_varlen(
             q, k, v, Tbuf, G, beta, out, state_pool, meta.prefill_seqs, meta.cu_seqlens, meta.slots,
             meta.has_state, q.stride(0), k.stride(0), v.stride(0), q_col0, k_col0, v_col0, dk ** -0.5,
             out.stride(0), state_pool.stride(0), state_pool.stride(1), z, z.stride(0), z_col0, norm_w, eps, T,
-            R=nv // nk, DK=dk, DV=dv, BK=BK, BV=BV, NORM_QK=normalize_qk, PREC=prec,
+            R=nv // nk, DK=dk, DV=dv, BK=BK, BV=BV, NORM_QK=normalize_qk or BV >= FUSED_RENORM_MIN_BV, PREC=prec,
             GATED_NORM=gated_norm is not None, FTZ=_ftz(prec, BV), **LAUNCH["fused"],
         )
         return
