@@ -367,6 +367,16 @@ def test_triton_layer_matches_torch_layer_on_mixed_workload(seed):
     check_triton_layer_against_torch(cfg, full, mixed_workload(cfg.hidden_size, seed), 8)
 
 
+def check_tiny_triton_layer(seed, steps, num_slots=4):
+    """check_triton_layer_against_torch on the tiny layer (2/4 heads, dk = dv = 16) over `steps`,
+    each a WorkloadBuilder.step list of (slot, length, continue_from_slot)."""
+    cfg = tiny_config(nk=2, nv=4, dk=16, dv=16, layers=2)
+    w = WorkloadBuilder(cfg.hidden_size, seed)
+    for step in steps:
+        w.step(step)
+    check_triton_layer_against_torch(cfg, random_full_weights(cfg, seed), w.steps, num_slots)
+
+
 def test_triton_layer_in_float16_matches_torch_layer(seed):
     """float16 weights and activations through the Triton backend (the interpreter computes the
     16-bit tiles, unlike bf16) against the fp32 torch layer with the same fp16-rounded weights."""
@@ -426,14 +436,11 @@ def test_triton_layer_with_the_norm_inside_the_fused_pass_matches_torch_layer(se
     fused_calls = []
     real = ops.gdn_mix
     monkeypatch.setattr(ops, "gdn_mix", lambda *a, **kw: fused_calls.append("gated_norm" in kw) or real(*a, **kw))
-    cfg = tiny_config(nk=2, nv=4, dk=16, dv=16, layers=2)
-    full = random_full_weights(cfg, seed)
-    w = WorkloadBuilder(cfg.hidden_size, seed)
-    w.step([(0, 70, False), (1, 130, False), (2, 3, False)])       # prefill only: norm inside
-    w.step([(0, 1, True), (1, 1, True)])                           # decode: norm kernel
-    w.step([(0, 65, True), (2, 64, True), (3, 2, False)])          # continued prefills: norm inside
-    w.step([(1, 5, True), (0, 1, True)])                           # mixed: norm kernel
-    check_triton_layer_against_torch(cfg, full, w.steps, 4)
+    check_tiny_triton_layer(seed, [
+        [(0, 70, False), (1, 130, False), (2, 3, False)],          # prefill only: norm inside
+        [(0, 1, True), (1, 1, True)],                              # decode: norm kernel
+        [(0, 65, True), (2, 64, True), (3, 2, False)],             # continued prefills: norm inside
+        [(1, 5, True), (0, 1, True)]])                             # mixed: norm kernel
     assert fused_calls == [True, False, True, False]
 
 
@@ -451,12 +458,8 @@ def test_triton_layer_on_the_fused_path_matches_torch_layer(seed, monkeypatch, r
     real_launch = chunk.launch
     monkeypatch.setattr(chunk, "launch", lambda kernel, grid, *a, **kw: (
         kernel is chunk._fused_pass_kernel and norm_flags.append(kw["NORM_QK"])) or real_launch(kernel, grid, *a, **kw))
-    cfg = tiny_config(nk=2, nv=4, dk=16, dv=16, layers=2)
-    full = random_full_weights(cfg, seed)
-    w = WorkloadBuilder(cfg.hidden_size, seed)
-    w.step([(0, 70, False), (1, 130, False), (2, 3, False)])
-    w.step([(0, 65, True), (2, 64, True), (1, 1, True), (3, 2, False)])
-    check_triton_layer_against_torch(cfg, full, w.steps, 4)
+    check_tiny_triton_layer(seed, [[(0, 70, False), (1, 130, False), (2, 3, False)],
+                                   [(0, 65, True), (2, 64, True), (1, 1, True), (3, 2, False)]])
     assert norm_flags and set(norm_flags) == {renorm}
 
 
@@ -469,12 +472,8 @@ def test_triton_layer_on_the_scan_path_matches_torch_layer(seed, monkeypatch):
     monkeypatch.setattr(chunk, "choose_path", lambda *a, **kw: ("scan", None))
     monkeypatch.setattr(chunk, "scan_bvs", lambda *a: scans.append(a) or real_bvs(*a))
     monkeypatch.setitem(chunk.SCAN, "seg_chunks", 1)
-    cfg = tiny_config(nk=2, nv=4, dk=16, dv=16, layers=2)
-    full = random_full_weights(cfg, seed)
-    w = WorkloadBuilder(cfg.hidden_size, seed)
-    w.step([(0, 200, False), (1, 1, False), (2, 64, False)])
-    w.step([(1, 1, True), (0, 130, True), (2, 1, True), (3, 2, False)])
-    check_triton_layer_against_torch(cfg, full, w.steps, 4)
+    check_tiny_triton_layer(seed, [[(0, 200, False), (1, 1, False), (2, 64, False)],
+                                   [(1, 1, True), (0, 130, True), (2, 1, True), (3, 2, False)]])
     assert [a[0] for a in scans] == [4 + 1, 3 + 1]      # segments per step: 200 + 64, then 130 + 2 tokens
 
 
