@@ -377,6 +377,11 @@ def check_tiny_triton_layer(seed, steps, num_slots=4):
     check_triton_layer_against_torch(cfg, random_full_weights(cfg, seed), w.steps, num_slots)
 
 
+def fused_full_dv(n_seq, nv, dv, dtype=None, num_chunks=None):
+    """A choose_path stand-in: every prefill on the fused path, one block spanning dv."""
+    return "fused", max(16, 1 << (dv - 1).bit_length())
+
+
 def test_triton_layer_in_float16_matches_torch_layer(seed):
     """float16 weights and activations through the Triton backend (the interpreter computes the
     16-bit tiles, unlike bf16) against the fp32 torch layer with the same fp16-rounded weights."""
@@ -429,9 +434,8 @@ def test_triton_layer_with_the_norm_inside_the_fused_pass_matches_torch_layer(se
     path); steps with decodes do not."""
     tiny_fused_or_skip("fused")
     chunk, *_, ops = tri()
-    full_dv = lambda n_seq, nv, dv, dtype=None, num_chunks=None: ("fused", max(16, 1 << (dv - 1).bit_length()))
-    monkeypatch.setattr(chunk, "choose_path", full_dv)
-    monkeypatch.setattr(ops, "choose_path", full_dv)
+    monkeypatch.setattr(chunk, "choose_path", fused_full_dv)
+    monkeypatch.setattr(ops, "choose_path", fused_full_dv)
     monkeypatch.setattr(ops, "FUSE_NORM", True)     # off by default (slower on an H200)
     fused_calls = []
     real = ops.gdn_mix
@@ -451,8 +455,7 @@ def test_triton_layer_on_the_fused_path_matches_torch_layer(seed, monkeypatch, r
     here to the tiny dv block) or not: both match the torch layer."""
     tiny_fused_or_skip("fused")
     chunk, *_, ops = tri()
-    full_dv = lambda n_seq, nv, dv, dtype=None, num_chunks=None: ("fused", max(16, 1 << (dv - 1).bit_length()))
-    monkeypatch.setattr(chunk, "choose_path", full_dv)
+    monkeypatch.setattr(chunk, "choose_path", fused_full_dv)
     monkeypatch.setattr(chunk, "FUSED_RENORM_MIN_BV", 16 if renorm else 1 << 30)
     norm_flags = []
     real_launch = chunk.launch
