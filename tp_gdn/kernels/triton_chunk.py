@@ -25,9 +25,9 @@ segments in parallel. Over a segment the recurrence is affine, S_end = M S_start
   b. `_segment_chain_kernel` (sequences x heads x dv blocks) walks each sequence's segments,
      S <- M S + L from the slot's state, storing each segment's start state and the final state;
   c. `_state_pass_kernel` runs on the segments from those start states.
-`choose_path` picks the path. q/k may be given raw (NORM_QK: l2norm and q scale inside) or
-already normalised. Value head h reads key
-head h // R through strides; q/k are never repeated in memory.
+`choose_path` picks the path. q/k may be given raw (NORM_QK: l2norm and q scale inside; the
+solve folds k's norms into its exps instead of scaling k) or already normalised. Value head h
+reads key head h // R through strides; q/k are never repeated in memory.
 """
 
 from __future__ import annotations
@@ -109,8 +109,10 @@ FUSED_RENORM_MIN_BV = 128
 
 @triton.jit
 def _load_qk(ptr, rows, m_rows, stride_t, col0, o_k, m_k, NORM: tl.constexpr, scale):
+    """A [rows, BK] tile of q or k, l2-normalised and scaled where NORM == 1 (True); as stored
+    otherwise (NORM 0: normalised before; the solve's NORM 2: normalised through its exps)."""
     x = tl.load(ptr + rows[:, None] * stride_t + col0 + o_k[None, :], mask=m_rows[:, None] & m_k[None, :], other=0.0)
-    if NORM:
+    if NORM == 1:
         xf = x.to(tl.float32)
         xf = xf * tl.rsqrt(tl.sum(xf * xf, axis=1) + 1e-6)[:, None] * scale
         x = xf.to(x.dtype)
@@ -136,6 +138,15 @@ def _decay(Gi, Gj, STRICT: tl.constexpr, FTZ: tl.constexpr):
     else:
         m = o[:, None] >= o[None, :]
     return exp_ftz(tl.where(m, Gi[:, None] - Gj[None, :], float("-inf")), FTZ)
+
+
+@triton.jit
+def _norm_shift(K, G):
+    """(G + ln n as rows, G - ln n as columns) for a 16x16 Gram block K = k k^T of raw k rows,
+    n = (diag K + 1e-6)^-1/2 being each row's l2norm factor."""
+    o = tl.arange(0, 16)
+    d = tl.where(o[:, None] == o[None, :], K, 0.0)
+    return G - 0.5 * tl.log(tl.sum(d, 1) + 1e-6), G + 0.5 * tl.log(tl.sum(d, 0) + 1e-6)
 
 
 @triton.jit
@@ -213,16 +224,40 @@ def _intra_solve_kernel(
     kt0, kt1, kt2 = tl.trans(k0), tl.trans(k1), tl.trans(k2)
 
     # A_ij = beta_i (k_i . k_j) exp(G_i - G_j), blocks of 16 rows; row scaling by beta after the dot
-    A00 = tl.dot(k0, kt0, input_precision=PREC) * _decay(G0, G0, True, FTZ) * b0[:, None]
-    A11 = tl.dot(k1, kt1, input_precision=PREC) * _decay(G1, G1, True, FTZ) * b1[:, None]
-    A22 = tl.dot(k2, kt2, input_precision=PREC) * _decay(G2, G2, True, FTZ) * b2[:, None]
-    A33 = tl.dot(k3, tl.trans(k3), input_precision=PREC) * _decay(G3, G3, True, FTZ) * b3[:, None]
-    A10 = tl.dot(k1, kt0, input_precision=PREC) * exp_ftz(G1[:, None] - G0[None, :], FTZ) * b1[:, None]
-    A20 = tl.dot(k2, kt0, input_precision=PREC) * exp_ftz(G2[:, None] - G0[None, :], FTZ) * b2[:, None]
-    A21 = tl.dot(k2, kt1, input_precision=PREC) * exp_ftz(G2[:, None] - G1[None, :], FTZ) * b2[:, None]
-    A30 = tl.dot(k3, kt0, input_precision=PREC) * exp_ftz(G3[:, None] - G0[None, :], FTZ) * b3[:, None]
-    A31 = tl.dot(k3, kt1, input_precision=PREC) * exp_ftz(G3[:, None] - G1[None, :], FTZ) * b3[:, None]
-    A32 = tl.dot(k3, kt2, input_precision=PREC) * exp_ftz(G3[:, None] - G2[None, :], FTZ) * b3[:, None]
+    if NORM_QK == 2:
+        # raw k, normalised through the exps: |k_i|^2 is the diagonal of the Gram block k_i k_i^T,
+        # and n_i n_j exp(G_i - G_j) = exp((G_i + ln n_i) - (G_j - ln n_j)) with n = (|k|^2 + 1e-6)^-1/2.
+        # H200, solve kernel time at 8x4096 against scaling the k tiles first: 0.277 against 0.292 ms
+        # (16/32 heads), 0.145 / 0.155 (8/16), 0.078 / 0.084 (4/8); 1x32768 4/8 0.080 / 0.087
+        # (benchmarks/results/exp_norm_core_h200_s15.log). The fused pass did not gain from the same
+        # fold (1.135 against 1.083 ms at 16/32, more spills), so it still scales its tiles.
+        K00 = tl.dot(k0, kt0, input_precision=PREC)
+        K11 = tl.dot(k1, kt1, input_precision=PREC)
+        K22 = tl.dot(k2, kt2, input_precision=PREC)
+        K33 = tl.dot(k3, tl.trans(k3), input_precision=PREC)
+        Gr0, Gc0 = _norm_shift(K00, G0)
+        Gr1, Gc1 = _norm_shift(K11, G1)
+        Gr2, Gc2 = _norm_shift(K22, G2)
+        Gr3, Gc3 = _norm_shift(K33, G3)
+        A00 = K00 * _decay(Gr0, Gc0, True, FTZ) * b0[:, None]
+        A11 = K11 * _decay(Gr1, Gc1, True, FTZ) * b1[:, None]
+        A22 = K22 * _decay(Gr2, Gc2, True, FTZ) * b2[:, None]
+        A33 = K33 * _decay(Gr3, Gc3, True, FTZ) * b3[:, None]
+    else:
+        # q/k normalised before (the layer): the products in the order they had before the fold.
+        # The order matters to ptxas: with the four Gram blocks first, the tile-scaling form took
+        # 0.487 ms where it took 0.292 in this order (H200, 16/32 heads, exp_norm_core_h200_s15.log)
+        Gr0, Gc0, Gr1, Gc1, Gr2, Gc2, Gr3 = G0, G0, G1, G1, G2, G2, G3
+        A00 = tl.dot(k0, kt0, input_precision=PREC) * _decay(G0, G0, True, FTZ) * b0[:, None]
+        A11 = tl.dot(k1, kt1, input_precision=PREC) * _decay(G1, G1, True, FTZ) * b1[:, None]
+        A22 = tl.dot(k2, kt2, input_precision=PREC) * _decay(G2, G2, True, FTZ) * b2[:, None]
+        A33 = tl.dot(k3, tl.trans(k3), input_precision=PREC) * _decay(G3, G3, True, FTZ) * b3[:, None]
+    A10 = tl.dot(k1, kt0, input_precision=PREC) * exp_ftz(Gr1[:, None] - Gc0[None, :], FTZ) * b1[:, None]
+    A20 = tl.dot(k2, kt0, input_precision=PREC) * exp_ftz(Gr2[:, None] - Gc0[None, :], FTZ) * b2[:, None]
+    A21 = tl.dot(k2, kt1, input_precision=PREC) * exp_ftz(Gr2[:, None] - Gc1[None, :], FTZ) * b2[:, None]
+    A30 = tl.dot(k3, kt0, input_precision=PREC) * exp_ftz(Gr3[:, None] - Gc0[None, :], FTZ) * b3[:, None]
+    A31 = tl.dot(k3, kt1, input_precision=PREC) * exp_ftz(Gr3[:, None] - Gc1[None, :], FTZ) * b3[:, None]
+    A32 = tl.dot(k3, kt2, input_precision=PREC) * exp_ftz(Gr3[:, None] - Gc2[None, :], FTZ) * b3[:, None]
 
     T00, T11, T22, T33 = _invert_unit_lower4(A00, A11, A22, A33)
     # off-diagonal blocks of the inverse: T_ij = -T_ii sum_{j<=m<i} A_im T_mj
@@ -613,7 +648,7 @@ def intra_solve(k, a, b, A_log, dt_bias, meta, k_col0: int, nk: int, nv: int, dk
     launch(_intra_solve_kernel, (meta.num_chunks, nv),
         k, a, b, A_log, dt_bias, Tbuf, G, beta, meta.chunks, meta.cu_seqlens,
         k.stride(0), a.stride(0), k_col0, T,
-        R=nv // nk, DK=dk, BK=max(16, next_pow2(dk)), NORM_QK=normalize_qk, PREC=prec,
+        R=nv // nk, DK=dk, BK=max(16, next_pow2(dk)), NORM_QK=2 if normalize_qk else 0, PREC=prec,
         FTZ=_ftz(prec), **LAUNCH["solve"],
     )
     return Tbuf, G, beta
