@@ -1,0 +1,162 @@
+"""Two versions of tp_gdn's kernels in one process, on one GPU: per-kernel time, and whether their
+outputs and final states are bit-equal.
+
+    python benchmarks/compare_versions.py OLD [NEW] [--rows ROW ...] [--rounds N]
+
+OLD and NEW are git revisions of this repository (NEW: the working tree when left out). Each is
+read with `git archive` into a temporary directory as a package of its own (`tp_gdn_v0`,
+`tp_gdn_v1`), so both import side by side; the package's relative imports keep it whole. The
+same kernel has taken several percent more or less on one lent machine than on the next, so a
+change of a few percent shows only with both versions in one process, on the same inputs, in
+interleaved rounds (as the fifteenth session's comparisons in benchmarks/RESULTS.md were made).
+
+Rows (default: the two layer rows and five core rows listed under --rows):
+  layer-NxL            the tp=1 layer at Qwen3-Next-80B dims (bench_layer.py's weights), bf16
+  core-NxL-NK/NV       gdn_prefill on bench_kernels.py's inputs (l2norm inside), bf16
+e.g. layer-8x4096, core-1x32768-4/8. For each row: the relative difference of output and final
+state (NEW against OLD), then the median over N interleaved rounds (default 5) of each kernel's
+time under the torch profiler (5 calls a round), and of their sum.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import io
+import re
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_ROWS = ["layer-8x4096", "layer-1x4096", "core-8x4096-16/32", "core-8x4096-8/16", "core-8x4096-4/8",
+                "core-1x32768-4/8", "core-1x4096-16/32"]
+
+
+def parse_row(text: str) -> tuple:
+    """('layer', n, L) or ('core', n, L, nk, nv) from a row name; ValueError names what it takes."""
+    m = re.fullmatch(r"layer-(\d+)x(\d+)", text)
+    if m:
+        return ("layer", int(m[1]), int(m[2]))
+    m = re.fullmatch(r"core-(\d+)x(\d+)-(\d+)/(\d+)", text)
+    if m and int(m[4]) % int(m[3]) == 0:
+        return ("core", int(m[1]), int(m[2]), int(m[3]), int(m[4]))
+    raise ValueError(f"{text!r}: rows are layer-NxL or core-NxL-NK/NV (NV a multiple of NK), "
+                     "e.g. layer-8x4096 or core-1x32768-4/8")
+
+
+def load_version(rev: str | None, tag: str, into: Path):
+    """Import tp_gdn as of git revision `rev` (None: the working tree) as package `tp_gdn_<tag>`."""
+    name = f"tp_gdn_{tag}"
+    dest = into / tag
+    dest.mkdir(parents=True)
+    if rev is None:
+        src = ROOT / "tp_gdn"
+        (dest / name).symlink_to(src, target_is_directory=True)
+    else:
+        run = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "tp_gdn"], capture_output=True)
+        if run.returncode != 0:
+            raise SystemExit(f"git archive {rev} failed: {run.stderr.decode().strip()}")
+        with tarfile.open(fileobj=io.BytesIO(run.stdout)) as tar:
+            tar.extractall(dest, filter="data")
+        (dest / "tp_gdn").rename(dest / name)
+    sys.path.insert(0, str(dest))
+    return importlib.import_module(name)
+
+
+def kernel_times(fn, calls: int = 5) -> dict[str, float]:
+    """ms per call of each GPU kernel (by name) over `calls` calls under the torch profiler."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    return {e.key: e.device_time_total / calls / 1e3 for e in prof.key_averages() if e.device_time_total > 0}
+
+
+def compare(label: str, fns: dict, outs: dict, rounds: int) -> None:
+    from timing import rel
+
+    (o0, s0), (o1, s1) = outs["old"], outs["new"]
+    same = "bit-equal" if o0.equal(o1) and s0.equal(s1) else "not bit-equal"
+    print(f"{label}: output new vs old {rel(o1, o0):.1e}, state {rel(s1, s0):.1e} ({same})", flush=True)
+    times = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            times[k].append(kernel_times(fn))
+    names = sorted(set().union(*(d.keys() for k in fns for d in times[k])))
+    med = lambda k, f: statistics.median(f(d) for d in times[k])
+    for name in names + ["all kernels"]:
+        get = (lambda d: sum(d.values())) if name == "all kernels" else (lambda d, n=name: d.get(n, 0.0))
+        old, new = med("old", get), med("new", get)
+        change = f"{100 * (new / old - 1):+.1f}%" if old > 0 else ""
+        print(f"  {name[:40]:40s} old {old:8.4f} ms  new {new:8.4f} ms  {change}", flush=True)
+
+
+def run_row(row: tuple, versions: dict, rounds: int) -> None:
+    import torch
+    from bench_kernels import prefill_inputs
+    from bench_layer import CFG, full_weights
+
+    fns, outs = {}, {}
+    if row[0] == "layer":
+        _, n, L = row
+        dev = torch.device("cuda")
+        w = full_weights()
+        x = torch.randn(n * L, CFG.hidden_size, device=dev, dtype=torch.bfloat16,
+                        generator=torch.Generator(device=dev).manual_seed(1))
+        for k, pkg in versions.items():
+            layer = pkg.GDNLayer.from_full(CFG, 0, w, 0, 1, dtype=torch.bfloat16, device=dev, backend="triton")
+            batch = pkg.Batch([L] * n, list(range(n)), [False] * n)
+            cache = pkg.StateCache(CFG, [0], n, dtype=torch.bfloat16, device=dev, tp_size=1)
+            fns[k] = lambda layer=layer, batch=batch, cache=cache: layer(x, batch, cache)
+            outs[k] = (fns[k]().clone(), cache.ssm[0].clone())
+        compare(f"layer tp=1 {n}x{L}", fns, outs, rounds)
+        return
+    _, n, L, nk, nv = row
+    x = prefill_inputs(n, L, nk, nv)
+    for k, pkg in versions.items():
+        batch = pkg.Batch(x["batch"].seq_lens, x["batch"].slots, x["batch"].has_state)
+        pool = x["h0"].clone()
+        ops = importlib.import_module(pkg.__name__ + ".kernels.triton_ops")
+        fns[k] = lambda ops=ops, batch=batch, pool=pool: ops.gdn_prefill(
+            x["q"], x["k"], x["v"], x["a"], x["b"], x["A_log"], x["dt_bias"], pool, batch)
+        outs[k] = (fns[k]().clone(), pool.clone())   # the state after one call from h0
+    compare(f"core {n}x{L} {nk}/{nv}", fns, outs, rounds)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("old", help="git revision of the version compared against")
+    ap.add_argument("new", nargs="?", default=None, help="git revision (default: the working tree)")
+    ap.add_argument("--rows", nargs="+", default=DEFAULT_ROWS, help=f"workloads (default: {' '.join(DEFAULT_ROWS)})")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds per row (default 5)")
+    args = ap.parse_args(argv)
+    try:
+        rows = [parse_row(r) for r in args.rows]
+    except ValueError as e:
+        ap.error(str(e))
+    if args.rounds < 1:
+        ap.error("--rounds must be at least 1")
+    import torch
+    if not torch.cuda.is_available():
+        raise SystemExit("compare_versions.py times GPU kernels: it needs a CUDA GPU")
+    sys.path.insert(0, str(Path(__file__).parent))
+    with tempfile.TemporaryDirectory() as tmp:
+        versions = {"old": load_version(args.old, "v0", Path(tmp)), "new": load_version(args.new, "v1", Path(tmp))}
+        print(f"device {torch.cuda.get_device_name()}; old {args.old}, new {args.new or 'the working tree'}",
+              flush=True)
+        for row in rows:
+            run_row(row, versions, args.rounds)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

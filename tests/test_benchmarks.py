@@ -1,0 +1,71 @@
+"""The benchmark scripts' own logic that runs without a GPU (their timing needs one)."""
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_compare_versions_rows():
+    cv = load_script("compare_versions")
+    assert cv.parse_row("layer-8x4096") == ("layer", 8, 4096)
+    assert cv.parse_row("core-1x32768-4/8") == ("core", 1, 32768, 4, 8)
+    for bad in ("core-8x4096-3/8", "layer-8", "core-8x4096", "prefill-8x4096"):
+        with pytest.raises(ValueError, match="layer-NxL or core-NxL-NK/NV"):
+            cv.parse_row(bad)
+    for d in cv.DEFAULT_ROWS:
+        cv.parse_row(d)
+
+
+def test_compare_versions_loads_a_revision_beside_the_tree(tmp_path, seed):
+    """A git revision and the working tree import side by side as two packages, each whole (its
+    kernels its own), and compute the same prefill where their code is the same (HEAD in a clean
+    checkout; the interpreter runs the kernels here)."""
+    if subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True).returncode != 0:
+        pytest.skip("not a git checkout")
+    cv = load_script("compare_versions")
+    tag = f"t{seed}"
+    old = cv.load_version("HEAD", tag + "a", tmp_path)
+    new = cv.load_version(None, tag + "b", tmp_path)
+    chunk_old = importlib.import_module(old.__name__ + ".kernels.triton_chunk")
+    chunk_new = importlib.import_module(new.__name__ + ".kernels.triton_chunk")
+    assert chunk_old is not chunk_new and chunk_old._fused_pass_kernel is not chunk_new._fused_pass_kernel
+    assert Path(chunk_old.__file__).resolve().is_relative_to(tmp_path.resolve())
+    assert Path(chunk_new.__file__).resolve().is_relative_to(ROOT)
+    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "tp_gdn"], capture_output=True, text=True)
+    if dirty.stdout.strip():
+        return          # the tree's kernels differ from HEAD's: the numbers may too
+    T, nk, nv, d = 70, 1, 2, 16
+    g = torch.Generator().manual_seed(seed)
+    q, k = (torch.randn(T, nk, d, generator=g) for _ in range(2))
+    v = torch.randn(T, nv, d, generator=g)
+    a, b = (torch.randn(T, nv, generator=g) for _ in range(2))
+    A_log, dt_bias = torch.rand(nv, generator=g), torch.rand(nv, generator=g)
+    h0 = torch.randn(2, nv, d, d, generator=g) * 0.3
+    outs = []
+    for pkg in (old, new):
+        ops = importlib.import_module(pkg.__name__ + ".kernels.triton_ops")
+        pool = h0.clone()
+        o = ops.gdn_prefill(q, k, v, a, b, A_log, dt_bias, pool, pkg.Batch([64, 6], [1, 0], [True, False]))
+        outs.append((o, pool))
+    assert outs[0][0].equal(outs[1][0]) and outs[0][1].equal(outs[1][1])
+    assert outs[0][0].abs().sum() > 0 and not outs[0][1].equal(h0)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message without a GPU")
+def test_compare_versions_needs_a_gpu():
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks/compare_versions.py"), "HEAD"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0 and "needs a CUDA GPU" in run.stderr
