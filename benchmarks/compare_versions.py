@@ -153,9 +153,15 @@ def main(argv=None) -> int:
         versions = {"old": load_version(args.old, "v0", Path(tmp)), "new": load_version(args.new, "v1", Path(tmp))}
         print(f"device {torch.cuda.get_device_name()}; old {args.old}, new {args.new or 'the working tree'}",
               flush=True)
-        for row in rows:
-            run_row(row, versions, args.rounds)
-    return 0
+        failed = 0
+        for name, row in zip(args.rows, rows):
+            try:
+                run_row(row, versions, args.rounds)
+            except Exception as e:      # said, and the next row runs (e.g. one version refuses a shape)
+                failed += 1
+                print(f"{name}: FAILED {type(e).__name__}: {e}", flush=True)
+            torch.cuda.empty_cache()
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
