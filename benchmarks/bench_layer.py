@@ -31,7 +31,7 @@ from tp_gdn.graphs import GraphedDecoder
 from tp_gdn.parallel import destroy_distributed, get_rank, get_world_size, init_distributed, local_device
 
 sys.path.insert(0, str(Path(__file__).parent))
-from timing import back_to_back, copy_bandwidth, graphed, rel, timeit  # noqa: E402
+from timing import back_to_back, copy_bandwidth, graphed, kernel_times, rel, timeit  # noqa: E402
 
 CFG = GDNConfig(model_type="qwen3_next", hidden_size=2048, num_k_heads=16, num_v_heads=32, head_k_dim=128,
                 head_v_dim=128, conv_kernel=4, rms_norm_eps=1e-6, layer_types=("linear_attention",))
@@ -215,21 +215,13 @@ def run_guarded(name, rank, fn):
 def profile_kernels(fn, rank, label, top=12):
     """Run fn three times under the torch profiler (every rank, as fn may hold collectives) and
     print, on rank 0, the GPU kernels that took the most time."""
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(3):
-            fn()
-        torch.cuda.synchronize()
+    times = kernel_times(fn, 3)
     if rank == 0:
-        events = [e for e in prof.key_averages() if e.device_time_total > 0]
-        events.sort(key=lambda e: -e.device_time_total)
-        total = sum(e.device_time_total for e in events) / 3
-        print(f"  profile of ours, {label}: {total / 1e3:.3f} ms of kernels per call")
-        for e in events[:top]:
-            print(f"    {e.device_time_total / 3 / 1e3:8.3f} ms  {e.count // 3:3d}x  {e.key[:90]}")
+        events = sorted(times.items(), key=lambda kv: -kv[1][0])
+        total = sum(ms for ms, _ in times.values())
+        print(f"  profile of ours, {label}: {total:.3f} ms of kernels per call")
+        for name, (ms, count) in events[:top]:
+            print(f"    {ms:8.3f} ms  {count:3d}x  {name[:90]}")
 
 
 def bench_prefill(layer, n, L, dev, g, tp, rank, report, rows, profile=False):

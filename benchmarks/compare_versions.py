@@ -67,22 +67,8 @@ def load_version(rev: str | None, tag: str, into: Path):
     return importlib.import_module(name)
 
 
-def kernel_times(fn, calls: int = 5) -> dict[str, float]:
-    """ms per call of each GPU kernel (by name) over `calls` calls under the torch profiler."""
-    import torch
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-    return {e.key: e.device_time_total / calls / 1e3 for e in prof.key_averages() if e.device_time_total > 0}
-
-
 def compare(label: str, fns: dict, outs: dict, rounds: int) -> None:
-    from timing import rel
+    from timing import kernel_times, rel
 
     (o0, s0), (o1, s1) = outs["old"], outs["new"]
     same = "bit-equal" if o0.equal(o1) and s0.equal(s1) else "not bit-equal"
@@ -90,7 +76,7 @@ def compare(label: str, fns: dict, outs: dict, rounds: int) -> None:
     times = {k: [] for k in fns}
     for _ in range(rounds):
         for k, fn in fns.items():
-            times[k].append(kernel_times(fn))
+            times[k].append({name: ms for name, (ms, _) in kernel_times(fn, 5).items()})
     names = sorted(set().union(*(d.keys() for k in fns for d in times[k])))
     med = lambda k, f: statistics.median(f(d) for d in times[k])
     for name in names + ["all kernels"]:

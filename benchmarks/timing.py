@@ -48,6 +48,21 @@ def back_to_back(fn, iters: int = 50, warmup: int = 3) -> float:
     return a.elapsed_time(b) / iters
 
 
+def kernel_times(fn, calls: int = 3) -> dict[str, tuple[float, int]]:
+    """{GPU kernel name: (ms per call, launches per call)} over `calls` calls of fn under the torch
+    profiler, after one call outside it (every rank runs it, as fn may hold collectives)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    return {e.key: (e.device_time_total / calls / 1e3, e.count // calls)
+            for e in prof.key_averages() if e.device_time_total > 0}
+
+
 def copy_bandwidth() -> float:
     """Bytes per second (read + written) of a 2 GiB device-to-device copy on the current GPU."""
     x = torch.empty(2 << 30, dtype=torch.uint8, device="cuda")
