@@ -38,6 +38,16 @@ def random_full_weights(cfg: GDNConfig, seed: int = 0, dtype=torch.float32) -> d
     return {k: v.to(dtype) if v.dim() > 1 else v for k, v in w.items()}
 
 
+def load_benchmark(name: str):
+    """A script of benchmarks/ (by file name, without .py) imported as a module, for its logic
+    that runs without a GPU."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double(), b.double()
     return ((a - b).norm() / b.norm()).item()

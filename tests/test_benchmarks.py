@@ -1,6 +1,6 @@
 """The benchmark scripts' own logic that runs without a GPU (their timing needs one)."""
 
-import importlib.util
+import importlib
 import subprocess
 import sys
 from pathlib import Path
@@ -8,18 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import load_benchmark
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_compare_versions_rows():
-    cv = load_script("compare_versions")
+    cv = load_benchmark("compare_versions")
     assert cv.parse_row("layer-8x4096") == ("layer", 8, 4096)
     assert cv.parse_row("core-1x32768-4/8") == ("core", 1, 32768, 4, 8)
     for bad in ("core-8x4096-3/8", "layer-8", "core-8x4096", "prefill-8x4096"):
@@ -35,7 +30,7 @@ def test_compare_versions_loads_a_revision_beside_the_tree(tmp_path, seed):
     checkout; the interpreter runs the kernels here)."""
     if subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True).returncode != 0:
         pytest.skip("not a git checkout")
-    cv = load_script("compare_versions")
+    cv = load_benchmark("compare_versions")
     tag = f"t{seed}"
     old = cv.load_version("HEAD", tag + "a", tmp_path)
     new = cv.load_version(None, tag + "b", tmp_path)

@@ -4,7 +4,6 @@ On a CPU machine they run in Triton's interpreter on tiny float32 shapes; on a G
 run compiled, and the tests marked `gpu` add real shapes, bfloat16 and fla-core 0.6.0.
 """
 
-import importlib.util
 import os
 import re
 import subprocess
@@ -17,7 +16,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from helpers import random_full_weights, rel_err, tiny_config
+from helpers import load_benchmark, random_full_weights, rel_err, tiny_config
 from tp_gdn import Batch, GDNLayer, StateCache
 from tp_gdn.kernels import reference as ref
 from tp_gdn.kernels.triton_common import _COMPILED, exp_ftz
@@ -759,10 +758,7 @@ def test_kernel_resources_compiles_the_kernels_a_layer_call_launches_for_hopper(
 
 
 def test_kernel_resources_programs_per_sm():
-    path = Path(__file__).resolve().parents[1] / "benchmarks/kernel_resources.py"
-    spec = importlib.util.spec_from_file_location("kernel_resources", path)
-    kr = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(kr)
+    kr = load_benchmark("kernel_resources")
     assert kr.programs_per_sm(255, 8, 73728) == 1           # the fused pass: registers bound it
     assert kr.programs_per_sm(127, 4, 1024) == 4            # the decode kernel
     assert kr.programs_per_sm(128, 8, 73728) == 2           # 128 registers at 8 warps: two would fit
