@@ -324,12 +324,26 @@ def check_conv_prefill(nk, dk, vd, lens, slots, has, dtype, tol, S=6, K=4):
     assert torch.equal(p.cpu().float(), pool_ref)  # the carried inputs, exactly
 
 
-@pytest.mark.parametrize("rows", [64, 16])
-def test_conv_prefill_matches_reference_and_updates_conv_state(monkeypatch, rows):
-    # rows per program: pieces of a chunk that start past a sequence's end must store nothing
-    monkeypatch.setitem(tri()[1].LAUNCH, "rows", rows)
+@pytest.mark.parametrize("settings", [dict(rows=64), dict(rows=16),
+                                      dict(rows=2, ahead=1, qk_heads=1, v_groups=1), dict(rows=8, ahead=3, qk_heads=2)])
+def test_conv_prefill_matches_reference_and_updates_conv_state(monkeypatch, settings):
+    # rows per program: pieces of a chunk that start past a sequence's end must store nothing;
+    # q/k heads and v groups per program: blocks that straddle q|k or end past the channels
+    for key, value in settings.items():
+        monkeypatch.setitem(tri()[1].LAUNCH, key, value)
     check_conv_prefill(2, 16, 40, [130, 2, 64, 65, 3], [5, 0, 2, 3, 1], [True, True, False, True, True],
                        torch.float32, 1e-6)
+
+
+@pytest.mark.parametrize("K", [2, 3])
+def test_conv_prefill_shorter_kernels(K):
+    """Fewer than 4 taps: the walk's oldest rows meet zero weights and never read past the slot."""
+    check_conv_prefill(1, 16, 24, [70, 2, 3, 5], [3, 0, 1, 2], [True, True, True, False], torch.float32, 1e-6, K=K)
+
+
+def test_conv_prefill_refuses_kernels_longer_than_4():
+    with pytest.raises(ValueError, match="conv kernels of 2 to 4 taps"):
+        check_conv_prefill(1, 16, 16, [70], [0], [False], torch.float32, 1e-6, K=5)
 
 
 def test_conv_prefill_refuses_rows_that_do_not_divide_the_chunk(monkeypatch):
