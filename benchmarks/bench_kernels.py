@@ -168,8 +168,8 @@ def sweep_decode():
 
 
 def sweep_conv():
-    """The prefill conv (+ l2norm) alone on the tp=1 layer's projection of 8x4096 tokens, at each
-    rows-per-program and warp count (and two other v-channel blocks); every setting's output is
+    """The prefill conv (+ l2norm) alone on the tp=1 layer's projection of 8x4096 tokens, at several
+    rows per program, warp counts, channels per program and rows loaded ahead; every setting's output is
     checked against the fp32 torch reference, and fla-core's causal_conv1d (conv + silu, no
     l2norm) is timed on the same input."""
     from tp_gdn.kernels import reference as ref
@@ -190,18 +190,20 @@ def sweep_conv():
     moved = 2 * T * C * 2
     default = {k: v for k, v in triton_conv.LAUNCH.items()}
     res = []
-    settings = [(rows, nw, 128) for rows in (64, 32, 16) for nw in (2, 4, 8)] + \
-        [(16, 2, bv) for bv in (64, 256)]
-    for rows, nw, bv in settings:
-        triton_conv.LAUNCH.update({"conv": dict(num_warps=nw), "v_block": bv, "rows": rows})
+    settings = [(16, 2, 4, 4, 4), (16, 2, 4, 4, 2), (16, 2, 4, 4, 1), (32, 2, 4, 4, 4), (64, 2, 4, 4, 4),
+                (16, 1, 2, 2, 4), (8, 1, 2, 2, 4), (16, 4, 8, 8, 4)]
+    for rows, nw, qk_heads, v_groups, ahead in settings:
+        triton_conv.LAUNCH.update({"conv": dict(num_warps=nw), "rows": rows, "qk_heads": qk_heads,
+                                   "v_groups": v_groups, "ahead": ahead})
         out = torch.empty(T, C, device="cuda", dtype=torch.bfloat16)
         f = lambda: triton_conv.conv_prefill(proj, w, pool, out, meta.chunks, meta.num_chunks, meta.cu_seqlens,
                                              meta.slots, meta.has_state, nk, dk)
         f()
         t = timeit(f, iters=20)
-        res.append((t, rows, nw, bv))
-        print(f"sweep conv rows={rows} nw={nw} v_block={bv}: {t:.3f} ms, {moved / (t * 1e-3) / 1e12:.2f} TB/s of "
-              f"q|k|v in and out, err vs fp32 reference {rel(out, want):.1e}", flush=True)
+        res.append((t, rows, nw, qk_heads, v_groups, ahead))
+        print(f"sweep conv rows={rows} nw={nw} qk_heads={qk_heads} v_groups={v_groups} ahead={ahead}: {t:.3f} ms, "
+              f"{moved / (t * 1e-3) / 1e12:.2f} TB/s of q|k|v in and out, err vs fp32 reference {rel(out, want):.1e}",
+              flush=True)
     triton_conv.LAUNCH.update(default)
     try:
         from fla.modules.causal_conv1d import causal_conv1d
@@ -213,8 +215,8 @@ def sweep_conv():
               f"{moved / (t * 1e-3) / 1e12:.2f} TB/s", flush=True)
     except Exception as e:  # said, not hidden
         print(f"fla causal_conv1d could not run: {type(e).__name__}: {e}")
-    t, rows, nw, bv = min(res)
-    print(f"fastest: rows={rows} nw={nw} v_block={bv} {t:.3f} ms (default {default})")
+    t, *best = min(res)
+    print(f"fastest: rows, nw, qk_heads, v_groups, ahead = {tuple(best)}: {t:.3f} ms (default {default})")
 
 
 def main():
