@@ -9,6 +9,9 @@ import torch
 # kernel module is imported (the choice is made when @triton.jit decorates a kernel).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+if os.environ.get("TRITON_INTERPRET") == "1":
+    import interp_bounds  # noqa: E402   every interpreted load and store must stay inside its arguments
+    interp_bounds.install()
 
 from helpers import build_hf_model, save_hf  # noqa: E402
 

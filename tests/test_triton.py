@@ -16,6 +16,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+import interp_bounds
 from helpers import load_benchmark, random_full_weights, rel_err, tiny_config
 from tp_gdn import Batch, GDNLayer, StateCache
 from tp_gdn.kernels import reference as ref
@@ -289,9 +290,10 @@ def test_push_all_reduce_plays_every_rank_in_one_process(world, dtype):
     for n in [BLOCK + 300, 7, 3 * BLOCK, 2 * BLOCK - 1]:
         xs = [torch.randn(n).to(DEV, dtype) for _ in range(world)]
         outs = [torch.full((n,), float("nan"), device=DEV, dtype=dtype) for _ in range(world)]
-        for phase in ("push", "reduce"):
-            for r in range(world):
-                push_all_reduce(xs[r], outs[r], recv_ptrs, flag_ptrs, epochs[r], r, slot, phases=phase)
+        with interp_bounds.also_allow(recv + flags):        # the peers' buffers, reached through the tables
+            for phase in ("push", "reduce"):
+                for r in range(world):
+                    push_all_reduce(xs[r], outs[r], recv_ptrs, flag_ptrs, epochs[r], r, slot, phases=phase)
         want = xs[0].float()
         for x in xs[1:]:
             want = want + x.float()
@@ -344,6 +346,26 @@ def test_conv_prefill_shorter_kernels(K):
 def test_conv_prefill_refuses_kernels_longer_than_4():
     with pytest.raises(ValueError, match="conv kernels of 2 to 4 taps"):
         check_conv_prefill(1, 16, 16, [70], [0], [False], torch.float32, 1e-6, K=5)
+
+
+@triton.jit
+def _copy_from(x, out, i, n, B: tl.constexpr):
+    o = tl.arange(0, B)
+    tl.store(out + o, tl.load(x + i + o, mask=i + o < n, other=0.0))
+
+
+@pytest.mark.skipif(CUDA, reason="checks what the CPU tests' interpreter checks")
+def test_interpreter_refuses_reads_outside_the_arguments():
+    """conftest makes the interpreter check every load and store the mask lets through against
+    the launch's tensor arguments (tests/interp_bounds.py): the CPU tests then catch reads past a
+    buffer, which a GPU may or may not fault on."""
+    assert interp_bounds.install(), interp_bounds.INSTALLED
+    x, out = torch.randn(8), torch.zeros(4)
+    _copy_from[(1,)](x, out, 4, 8, B=4)                 # elements 4..7: inside
+    _copy_from[(1,)](x, out, 6, 8, B=4)                 # 8 and 9 masked off
+    assert torch.equal(out, torch.cat([x[6:], torch.zeros(2)]))
+    with pytest.raises(Exception, match="2 reads of 4 bytes outside every tensor argument"):
+        _copy_from[(1,)](x, out, 6, 10, B=4)            # 8 and 9 let through
 
 
 def test_conv_prefill_refuses_rows_that_do_not_divide_the_chunk(monkeypatch):
