@@ -8,7 +8,8 @@ all. `install()` makes it: every load and store that a mask lets through must fa
 storage of one of the launch's tensor arguments, or the launch fails with the kernel's name, the
 address and the nearest argument. Storage rather than the tensor's own elements, since kernels
 take views of larger buffers (a column block of the projection) and may read the rest of them.
-Buffers a kernel reaches through a table of addresses are allowed with `also_allow`.
+Buffers a kernel reaches through a table of addresses are allowed with `also_allow`. Atomics
+(the all-reduce's flags) go through other interpreter calls and are not checked.
 """
 
 from __future__ import annotations
