@@ -348,6 +348,15 @@ def test_conv_prefill_refuses_kernels_longer_than_4():
         check_conv_prefill(1, 16, 16, [70], [0], [False], torch.float32, 1e-6, K=5)
 
 
+def test_triton_layer_refuses_a_longer_conv_kernel_when_built():
+    """A model with a 5-tap conv is refused when its triton layer is built, not at its first
+    prefill; the torch backend builds it."""
+    cfg = tiny_config(K=5)
+    with pytest.raises(ValueError, match="backend 'triton' runs conv kernels of 2 to 4 taps.*is 5"):
+        GDNLayer(cfg, 0, backend="triton", device=DEV)
+    GDNLayer(cfg, 0, backend="torch", device="cpu")
+
+
 @triton.jit
 def _copy_from(x, out, i, n, B: tl.constexpr):
     o = tl.arange(0, B)

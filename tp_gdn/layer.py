@@ -71,6 +71,7 @@ class GDNLayer(nn.Module):
         self.backend = resolve_backend(backend, self.device)
         check_dtype(dtype, self.backend)
         self.ops = get_ops(self.backend)
+        self.ops.check_config(cfg)
         self.nk, self.nv = cfg.num_k_heads // tp_size, cfg.num_v_heads // tp_size
         self.dk, self.dv = cfg.head_k_dim, cfg.head_v_dim
 

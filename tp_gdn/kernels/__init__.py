@@ -1,5 +1,6 @@
-"""Kernel backends behind one interface: `gdn_mix`, `gdn_mix_norm` (gdn_mix then the gated norm,
-which the triton backend may form inside its fused prefill pass) and `gated_rmsnorm`.
+"""Kernel backends behind one interface: `check_config` (refuses a model the backend cannot run),
+`gdn_mix`, `gdn_mix_norm` (gdn_mix then the gated norm, which the triton backend may form inside
+its fused prefill pass) and `gated_rmsnorm`.
 
 "torch": the plain-torch reference (any device, float64 too). "triton": our Triton kernels
 (CUDA, or the CPU under TRITON_INTERPRET=1). Nothing here knows about processes or ranks.
@@ -29,7 +30,8 @@ def resolve_backend(backend: str, device) -> str:
 
 
 def get_ops(backend: str):
-    """The module that implements `gdn_mix`, `gdn_mix_norm` and `gated_rmsnorm` for a resolved backend."""
+    """The module that implements `check_config`, `gdn_mix`, `gdn_mix_norm` and `gated_rmsnorm` for a
+    resolved backend."""
     if backend == "torch":
         from . import reference
         return reference

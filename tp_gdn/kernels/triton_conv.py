@@ -27,6 +27,7 @@ _CHUNK = tl.constexpr(CHUNK)
 # 1 warp with 2 heads or groups 0.350, the exact silu 0.360. In the layer, same process
 # (compare_conv2_h200_s16.log): 0.347 against 0.427 ms at 8x4096, 0.048 against 0.055 at 1x4096.
 LAUNCH = {"conv": dict(num_warps=2), "rows": 16, "qk_heads": 4, "v_groups": 4, "ahead": 4}
+MAX_TAPS = 4    # the walk keeps K - 1 = 3 earlier rows
 
 
 @triton.jit
@@ -193,8 +194,9 @@ def conv_prefill(proj_TP: torch.Tensor, conv_weight_CK: torch.Tensor, conv_pool_
     C, K = conv_weight_CK.shape
     if num_chunks == 0:
         return
-    if not 2 <= K <= 4:
-        raise ValueError(f"conv_prefill takes conv kernels of 2 to 4 taps (Qwen3-Next and Qwen3.5 have 4), got {K}")
+    if not 2 <= K <= MAX_TAPS:
+        raise ValueError(f"conv_prefill takes conv kernels of 2 to {MAX_TAPS} taps (Qwen3-Next and Qwen3.5 have 4), "
+                         f"got {K}")
     BT = LAUNCH["rows"]
     if CHUNK % BT:
         raise ValueError(f"LAUNCH['rows'] must divide the chunk length {CHUNK}, got {BT}")

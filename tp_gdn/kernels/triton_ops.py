@@ -11,17 +11,25 @@ import torch
 
 from .reference import proj_z
 from .triton_chunk import choose_path, chunk_delta_rule_varlen
-from .triton_conv import conv_prefill, conv_state_update
+from .triton_conv import MAX_TAPS, conv_prefill, conv_state_update
 from .triton_decode import decode_step
 from .triton_norm import gated_rmsnorm
 
-__all__ = ["gdn_mix", "gdn_mix_norm", "gated_rmsnorm", "gdn_prefill", "gdn_decode"]
+__all__ = ["check_config", "gdn_mix", "gdn_mix_norm", "gated_rmsnorm", "gdn_prefill", "gdn_decode"]
 
 # gdn_mix_norm forms the gated norm inside the fused prefill pass where it can (fused_norm_applies)
 # only when this is True. Off: on an H200 at 8x4096 tokens, tp=1, the layer took 6.021 ms with the
 # norm inside the (transposed) fused pass against 5.193 ms with the norm kernel (0.207 ms) apart
 # (benchmarks/bench_layer.py prints both; benchmarks/results/layer_h200x4_s4_tp1.log).
 FUSE_NORM = False
+
+
+def check_config(cfg) -> None:
+    """Refuse, when a layer is built, a model these kernels do not run: the prefill conv takes
+    conv kernels of 2 to MAX_TAPS taps."""
+    if not 2 <= cfg.conv_kernel <= MAX_TAPS:
+        raise ValueError(f"backend 'triton' runs conv kernels of 2 to {MAX_TAPS} taps, but this model's "
+                         f"linear_conv_kernel_dim is {cfg.conv_kernel}; use backend 'torch'")
 
 
 def gdn_mix(proj_TP, nk: int, nv: int, dk: int, dv: int, conv_weight_CK, A_log_H, dt_bias_H,
