@@ -377,9 +377,13 @@ def test_interpreter_refuses_reads_outside_the_arguments():
         _copy_from[(1,)](x, out, 6, 10, B=4)            # 8 and 9 let through
 
 
-def test_conv_prefill_refuses_rows_that_do_not_divide_the_chunk(monkeypatch):
-    monkeypatch.setitem(tri()[1].LAUNCH, "rows", 24)
-    with pytest.raises(ValueError, match="must divide the chunk length 64"):
+@pytest.mark.parametrize("key,value,message", [("rows", 24, "must divide the chunk length 64"),
+                                               ("qk_heads", 3, "must be a power of two"),
+                                               ("v_groups", 0, "must be a power of two"),
+                                               ("ahead", 5, "must be 1 to 4 rows")])
+def test_conv_prefill_refuses_launch_settings_it_cannot_take(monkeypatch, key, value, message):
+    monkeypatch.setitem(tri()[1].LAUNCH, key, value)
+    with pytest.raises(ValueError, match=re.escape(f"LAUNCH['{key}'] {message}")):
         check_conv_prefill(1, 16, 16, [70], [0], [False], torch.float32, 1e-6)
 
 

@@ -200,6 +200,11 @@ def conv_prefill(proj_TP: torch.Tensor, conv_weight_CK: torch.Tensor, conv_pool_
     BT = LAUNCH["rows"]
     if CHUNK % BT:
         raise ValueError(f"LAUNCH['rows'] must divide the chunk length {CHUNK}, got {BT}")
+    for key in ("qk_heads", "v_groups"):
+        if LAUNCH[key] < 1 or LAUNCH[key] & (LAUNCH[key] - 1):
+            raise ValueError(f"LAUNCH[{key!r}] must be a power of two, got {LAUNCH[key]}")
+    if not 1 <= LAUNCH["ahead"] <= 4:
+        raise ValueError(f"LAUNCH['ahead'] must be 1 to 4 rows, got {LAUNCH['ahead']}")
     BD = next_pow2(dk)
     NHQ = min(LAUNCH["qk_heads"], next_pow2(2 * nk))
     NHV = LAUNCH["v_groups"]
