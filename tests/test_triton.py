@@ -343,6 +343,12 @@ def test_conv_prefill_shorter_kernels(K):
     check_conv_prefill(1, 16, 24, [70, 2, 3, 5], [3, 0, 1, 2], [True, True, True, False], torch.float32, 1e-6, K=K)
 
 
+def test_conv_prefill_head_dim_not_a_power_of_two():
+    """dk 24 in 32-wide lanes, 6 q/k heads in blocks of 4 (the second block half empty)."""
+    check_conv_prefill(3, 24, 40, [130, 2, 64, 65, 3, 17], [5, 0, 2, 3, 1, 4], [True, True, False, True, True, False],
+                       torch.float32, 1e-6)
+
+
 def test_conv_prefill_refuses_kernels_longer_than_4():
     with pytest.raises(ValueError, match="conv kernels of 2 to 4 taps"):
         check_conv_prefill(1, 16, 16, [70], [0], [False], torch.float32, 1e-6, K=5)
