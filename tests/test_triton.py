@@ -415,8 +415,11 @@ def check_triton_layer_against_torch(cfg, full, steps, num_slots, tol=1e-5, dtyp
     assert rel_err(cache.ssm[0].cpu(), ref_cache.ssm[0]) < tol
 
 
-def test_triton_layer_matches_torch_layer_on_mixed_workload(seed):
-    cfg = tiny_config(nk=2, nv=4, dk=16, dv=16, layers=2)
+@pytest.mark.parametrize("K", [4, 3])
+def test_triton_layer_matches_torch_layer_on_mixed_workload(seed, K):
+    """Prefill, decode and mixed steps; K = 3: the conv walk's oldest row meets a zero weight, and
+    the decode kernel shifts a 2-row conv state."""
+    cfg = tiny_config(nk=2, nv=4, dk=16, dv=16, layers=2, K=K)
     full = random_full_weights(cfg, seed)
     check_triton_layer_against_torch(cfg, full, mixed_workload(cfg.hidden_size, seed), 8)
 
