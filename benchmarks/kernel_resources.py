@@ -1,7 +1,7 @@
 """Registers, spills and shared memory of the layer's Triton kernels, compiled for Hopper (sm_90a)
 on any machine, with or without a GPU; no kernel runs.
 
-    python benchmarks/kernel_resources.py [--heads NK/NV ...] [--seqs NxL ...] [--core] [--sass DIR]
+    python benchmarks/kernel_resources.py [--heads NK/NV ...] [--seqs NxL ...] [--core] [--sass DIR] [--ops]
 
 The layer's mixer (`triton_ops.gdn_mix_norm`, or with --core `gdn_prefill` on raw q/k as
 bench_kernels.py times it) is called on CPU tensors of the real shapes (dk = dv = 128, K = 4) with
@@ -16,6 +16,13 @@ The GPU machines run Triton 3.6, so install it beside the local one:
 `pip install --no-deps --target DIR triton==3.6.0` and run with `PYTHONPATH=DIR`. Other versions
 compile differently: Triton 3.9 gave the fused pass at BV128 2,020 B of spill stores, where
 Triton 3.6 gives 260 B.
+
+--ops also prints each kernel's machine instructions by kind (all paths and branches counted once,
+not weighted by how often they run): the FP32 arithmetic, MUFU (exp, reciprocal), conversions,
+global and shared-memory traffic, barriers, tensor-core ops and local memory traffic (spills, and
+the stack frame ptxas may use without reporting spills: the solve at small shapes). A kernel
+whose SM throughput is high while its memory is not (Nsight Compute) shows here what it issues:
+the sixteenth session's conv had 2,840 instructions for 32 outputs a thread on its two paths.
 
 --sass DIR also writes each compiled kernel's machine code (cuobjdump -sass, line numbers left
 out) to DIR. Two runs, before and after a change, then show whether the change alters the code a
@@ -66,9 +73,10 @@ def programs_per_sm(regs: int, warps: int, shared: int) -> int:
     return min(by_regs, by_shared, SM_WARPS // warps, SM_PROGRAMS)
 
 
-def compile_for_hopper(fn, args, kwargs, sass_path: Path | None = None) -> dict:
+def compile_for_hopper(fn, args, kwargs, sass_path: Path | None = None, ops: bool = False) -> dict:
     """Bind (args, kwargs) as Triton's launcher would, compile for sm_90a and read ptxas -v;
-    with sass_path, write the compiled kernel's machine code there."""
+    with sass_path, write the compiled kernel's machine code there; with ops, count its
+    instructions by kind (row["ops"], sass_ops)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
     from triton.runtime.jit import create_function_from_signature
@@ -89,15 +97,48 @@ def compile_for_hopper(fn, args, kwargs, sass_path: Path | None = None) -> dict:
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
     if log.returncode or not regs or not spills:
         raise RuntimeError(f"ptxas failed on {fn.__name__}: {text[-500:]}")
+    sass = _sass(compiled.asm["cubin"]) if sass_path is not None or ops else None
     if sass_path is not None:
-        sass_path.write_text(_sass(compiled.asm["cubin"]))
+        sass_path.write_text(sass)
     warps = options.num_warps
     shared = compiled.metadata.shared
     r = int(regs.group(1))
     return dict(kernel=fn.__name__, warps=warps, stages=options.num_stages, regs=r,
                 spill_stores=int(spills.group(1)), spill_loads=int(spills.group(2)), shared=shared,
-                per_sm=programs_per_sm(r, warps, shared),
+                per_sm=programs_per_sm(r, warps, shared), ops=sass_ops(sass) if ops else None,
                 constexprs={k: kwargs[k] for k in ("BV", "NORM_QK", "GATED_NORM") if k in kwargs})
+
+
+# --ops: instruction kinds, each a set of SASS opcodes (the part before the first dot)
+OP_KINDS = {
+    "fp32": ("FFMA", "FMUL", "FADD", "FMNMX", "FSEL", "FSETP"),
+    "mufu": ("MUFU",),
+    "convert": ("F2F", "F2FP", "F2I", "I2F", "PRMT"),
+    "int": ("IMAD", "IADD3", "LEA", "SHF", "LOP3", "ISETP", "IABS", "VIADD", "SEL", "SGXT"),
+    "ldg": ("LDG",), "stg": ("STG",),
+    "shared": ("LDS", "STS", "LDSM", "STSM"),
+    "bar": ("BAR",), "shfl": ("SHFL",),
+    "mma": ("HGMMA", "HMMA", "WARPGROUP"),
+    "local": ("LDL", "STL"),
+}
+
+
+def sass_ops(sass: str) -> dict[str, int]:
+    """{kind: instructions} of a kernel's machine code (cuobjdump -sass text), plus "all"; a
+    predicate (@P0, @!P1) before an opcode is skipped."""
+    counts = dict.fromkeys(OP_KINDS, 0)
+    total = 0
+    kind_of = {op: kind for kind, ops in OP_KINDS.items() for op in ops}
+    for line in sass.splitlines():
+        m = re.match(r"\s*/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", line)
+        if not m:
+            continue
+        total += 1
+        kind = kind_of.get(m.group(1))
+        if kind is not None:
+            counts[kind] += 1
+    counts["all"] = total
+    return counts
 
 
 def _sass(cubin: bytes) -> str:
@@ -117,6 +158,7 @@ class Recorder:
     def __init__(self):
         self.rows: list[dict] = []
         self.sass_dir: Path | None = None
+        self.ops = False
 
 
 class _StandIn:
@@ -129,7 +171,7 @@ class _StandIn:
         def launch(*args, **kwargs):
             rec = self.rec
             sass = None if rec.sass_dir is None else rec.sass_dir / f"{len(rec.rows):02d}{self.fn.__name__}.sass"
-            row = compile_for_hopper(self.fn, args, kwargs, sass)
+            row = compile_for_hopper(self.fn, args, kwargs, sass, ops=rec.ops)
             row["programs"] = math.prod(grid)
             rec.rows.append(row)
         return launch
@@ -195,6 +237,8 @@ def main(argv=None) -> list[dict]:
                     help="sequences per call as NxL (default: 8x4096 1x32768 256x1)")
     ap.add_argument("--core", action="store_true",
                     help="compile gdn_prefill on raw q/k (as bench_kernels.py) instead of the layer's mixer")
+    ap.add_argument("--ops", action="store_true",
+                    help="also print each kernel's machine instructions by kind (static counts)")
     ap.add_argument("--sass", type=Path, default=None, metavar="DIR",
                     help="also write each compiled kernel's machine code here (one file per launch and workload)")
     args = ap.parse_args(argv)
@@ -203,6 +247,7 @@ def main(argv=None) -> list[dict]:
                          "(under it the kernels are interpreted functions, with nothing to compile)")
     print(f"Triton {triton.__version__}, sm_90a; the GPU machines run Triton 3.6", flush=True)
     rec = Recorder()
+    rec.ops = args.ops
     undo = swap_kernels(rec)
     try:
         for nk, nv in args.heads:
@@ -223,6 +268,8 @@ def main(argv=None) -> list[dict]:
                     print(f"  {r['kernel']:<26} {r['constexprs']!s:<48} {r['warps']:>2} warps {r['stages']} stages: "
                           f"{r['regs']:>3} regs, spills {r['spill_stores']:>5} / {r['spill_loads']:>5} B, "
                           f"shared {r['shared']:>6} B -> {r['per_sm']} per SM; {r['programs']} programs", flush=True)
+                    if r["ops"] is not None:
+                        print("    instructions: " + ", ".join(f"{k} {v}" for k, v in r["ops"].items()), flush=True)
     finally:
         for mod, name, obj in undo:
             setattr(mod, name, obj)

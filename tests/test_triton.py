@@ -799,7 +799,7 @@ def test_kernel_resources_compiles_the_kernels_a_layer_call_launches_for_hopper(
     root = Path(__file__).resolve().parents[1]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, str(root / "benchmarks/kernel_resources.py"), "--heads", "1/2",
-                          "--seqs", "1x130"], capture_output=True, text=True, env=env, timeout=600)
+                          "--seqs", "1x130", "--ops"], capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     rows = re.findall(r"^\s+(_\w+_kernel) .*?(\d+) warps (\d+) stages: +(\d+) regs, spills +(\d+) / +(\d+) B, "
                       r"shared +(\d+) B -> (\d+) per SM; (\d+) programs$", run.stdout, re.M)
@@ -807,12 +807,36 @@ def test_kernel_resources_compiles_the_kernels_a_layer_call_launches_for_hopper(
                                     "_intra_wu_kernel", "_state_pass_kernel", "_gated_rmsnorm_kernel"], run.stdout
     for name, _, _, regs, *_, per_sm, _ in rows:
         assert 0 < int(regs) <= 255 and int(per_sm) >= 1, (name, regs, per_sm)
+    ops = [dict((k, int(v)) for k, v in re.findall(r"(\w+) (\d+)", line))
+           for line in re.findall(r"^    instructions: (.*)$", run.stdout, re.M)]
+    assert len(ops) == len(rows), run.stdout                 # --ops: one line under each kernel
+    for r, o in zip(rows, ops):
+        assert o["all"] > o["ldg"] > 0, (r[0], o)
+    assert ops[0]["mufu"] > 0 and ops[2]["mma"] > 0, ops     # the conv's exps; the solve's tensor-core products
     programs = {r[0]: int(r[-1]) for r in rows}
     assert programs["_intra_solve_kernel"] == 3 * 2          # 3 chunks x 2 value heads
     assert programs["_state_pass_kernel"] == 1 * 2 * 8       # 1 sequence x 2 heads x (128 / BV 16)
     bad = subprocess.run([sys.executable, str(root / "benchmarks/kernel_resources.py"), "--heads", "2/3"],
                          capture_output=True, text=True, env=env, timeout=600)
     assert bad.returncode != 0 and "NV a multiple of NK" in bad.stderr
+
+
+def test_kernel_resources_counts_instructions_by_kind():
+    kr = load_benchmark("kernel_resources")
+    sass = """
+        /*0000*/                   LDC R1, c[0x0][0x28] ;
+        /*0010*/              @!P0 LDG.E.128 R8, desc[UR6][R16.64] ;
+        /*0020*/                   FFMA R2, R3, R4, R2 ;
+        /*0030*/               @P1 MUFU.EX2 R5, R5 ;
+        /*0040*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], R24 ;
+        /*0050*/                   STL [R1], R2 ;
+        /*0060*/                   EXIT ;
+        .L_x_0:
+        /*0070*/                   BRA `(.L_x_0) ;
+    """
+    ops = kr.sass_ops(sass)
+    assert ops["all"] == 8 and ops["ldg"] == 1 and ops["fp32"] == 1 and ops["mufu"] == 1
+    assert ops["mma"] == 1 and ops["local"] == 1 and ops["stg"] == 0
 
 
 def test_kernel_resources_programs_per_sm():
