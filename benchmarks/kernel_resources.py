@@ -22,7 +22,8 @@ not weighted by how often they run): the FP32 arithmetic, MUFU (exp, reciprocal)
 global and shared-memory traffic, barriers, tensor-core ops and local memory traffic (spills, and
 the stack frame ptxas may use without reporting spills: the solve at small shapes). A kernel
 whose SM throughput is high while its memory is not (Nsight Compute) shows here what it issues:
-the sixteenth session's conv had 2,840 instructions for 32 outputs a thread on its two paths.
+the sixteenth session's conv held 2,840 instructions on its two paths together, for 32 outputs a
+thread each.
 
 --sass DIR also writes each compiled kernel's machine code (cuobjdump -sass, line numbers left
 out) to DIR. Two runs, before and after a change, then show whether the change alters the code a
@@ -121,6 +122,7 @@ OP_KINDS = {
     "mma": ("HGMMA", "HMMA", "WARPGROUP"),
     "local": ("LDL", "STL"),
 }
+_KIND_OF = {op: kind for kind, ops in OP_KINDS.items() for op in ops}
 
 
 def sass_ops(sass: str) -> dict[str, int]:
@@ -128,13 +130,12 @@ def sass_ops(sass: str) -> dict[str, int]:
     predicate (@P0, @!P1) before an opcode is skipped."""
     counts = dict.fromkeys(OP_KINDS, 0)
     total = 0
-    kind_of = {op: kind for kind, ops in OP_KINDS.items() for op in ops}
     for line in sass.splitlines():
         m = re.match(r"\s*/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", line)
         if not m:
             continue
         total += 1
-        kind = kind_of.get(m.group(1))
+        kind = _KIND_OF.get(m.group(1))
         if kind is not None:
             counts[kind] += 1
     counts["all"] = total
