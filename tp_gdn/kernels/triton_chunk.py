@@ -45,6 +45,9 @@ _C = tl.constexpr(CHUNK)  # the chunk length as kernels see it
 LAUNCH = {
     # H200, 8x4096 at 16/32 and 8/16 heads: 1 warp 0.417 / 0.289 ms, 2 warps 0.609 / 0.334, 4 warps
     # 1.083 / 0.623, with T bit-equal (benchmarks/results/exp_solve_h200x4_s4.log)
+    # One value head a program. Two heads of one key head a program, sharing the k tile and its Gram
+    # blocks, took 0.467 ms against 0.209 at 8x4096, 16/32 heads, k normalised, with T bit-equal:
+    # the two inversions' shuffles stay, and spills grew (benchmarks/results/exp_solve_heads_h200_s17.log)
     "solve": dict(num_warps=1, num_stages=1),
     # H200, whole core, the w/u kernel that stores each product as soon as it is formed: 4 warps
     # (255 registers, 2 per SM) against 8 (159-177, 1 per SM): 1x32768 4/8 (scan) 0.829 against
@@ -103,7 +106,9 @@ FUSED_FTZ_MAX_BV = 64
 # tp=1 layer at 8x4096 1.093 ms against 1.150 (16/32 heads, BV 128); core on normalised q/k at
 # 8x4096, 8/16 heads, BV 128: 0.548 against 0.579; at 4/8, BV 64: 0.485 against 0.477, so not
 # there (benchmarks/results/exp_fused_renorm_h200_s14.log). q, k normalised twice differ from
-# once by bf16 rounding: the layer's output moved by 6.5e-4 relative, its states by 3.6e-4.
+# once by bf16 rounding: the layer's output moved by 6.5e-4 relative, its states by 3.6e-4. Again
+# on 0c436b9 (3 rounds): 1.054 ms with the second norm against 1.122 without it in the tp=1 layer
+# at 8x4096 (benchmarks/results/compare_renorm_h200_s17.log).
 FUSED_RENORM_MIN_BV = 128
 
 

@@ -26,6 +26,9 @@ _CHUNK = tl.constexpr(CHUNK)
 # for a plain copy of the same tiles; 8 rows ahead 0.368 (167 registers), 32 rows a program 0.368,
 # 1 warp with 2 heads or groups 0.350, the exact silu 0.360. In the layer, same process
 # (compare_conv2_h200_s16.log): 0.347 against 0.427 ms at 8x4096, 0.048 against 0.055 at 1x4096.
+# 4 warps over 8 heads or groups: 0.3575 against 0.3492 ms at 8x4096 and 0.0515 against 0.0482 at
+# 1x4096 in the layer (compare_conv_w4_h200_s17.log); by kernel time alone, the sweep's other
+# settings took 0.346-0.710 ms against 0.347 for these (conv_sweep2_h200_s17.log).
 LAUNCH = {"conv": dict(num_warps=2), "rows": 16, "qk_heads": 4, "v_groups": 4, "ahead": 4}
 MAX_TAPS = 4    # the walk keeps K - 1 = 3 earlier rows
 
