@@ -341,6 +341,17 @@ def _advance(St, Ut, kk, G, G_last, PREC: tl.constexpr, FTZ: tl.constexpr):
 
 
 @triton.jit
+def _load_T(ptr, i, j, m_i):
+    """T[i, j] of one chunk (i, j broadcast to the tile's shape; pass them swapped for T^T), ptr
+    at the chunk's row 0. The solve stores the blocks on and below the diagonal only, so the
+    entries above it are unwritten memory: they are loaded with the rest, masked by row only,
+    and replaced by zeros afterwards. With the triangle in the load's mask, each 16-byte run of
+    a row was loaded element by element (16 two-byte loads a thread in the fused pass)."""
+    x = tl.load(ptr + (i * _C + j), mask=m_i, other=0.0)
+    return tl.where(j <= i, x, 0.0)
+
+
+@triton.jit
 def _intra_wu_kernel(
     q, k, v, Tin, Gin, Bin, w_out, qp_out, u_out, oc_out, chunks, cu_seqlens,
     stride_q, stride_k, stride_v, q_col0, k_col0, v_col0, scale, n_tok,
@@ -364,8 +375,7 @@ def _intra_wu_kernel(
     qq = _load_qk(q + t0 * stride_q, o_c, m_t, stride_q, q_col0 + hk * DK, o_k, m_k, NORM_QK, scale)
     vv = tl.load(v + t0 * stride_v + (o_c[:, None] * stride_v + v_col0 + h * DV + o_v[None, :]),
                  mask=m_t[:, None] & m_v[None, :], other=0.0)
-    T = tl.load(Tin + (_head_off(h, n_tok, _C) + t0 * _C) + (o_c[:, None] * _C + o_c[None, :]),
-                mask=m_t[:, None] & (o_c[None, :] <= o_c[:, None]), other=0.0)          # stored for j <= i
+    T = _load_T(Tin + (_head_off(h, n_tok, _C) + t0 * _C), o_c[:, None], o_c[None, :], m_t[:, None])
     G = tl.load(Gin + (_head_off(h, n_tok, 1) + t0) + o_c, mask=m_t, other=0.0)
     beta = tl.load(Bin + (_head_off(h, n_tok, 1) + t0) + o_c, mask=m_t, other=0.0)
 
@@ -552,8 +562,7 @@ def _fused_pass_kernel(
         vt = tl.load(v + t0 * stride_v + (o_c[None, :] * stride_v + v_col0 + h * DV + o_v[:, None]), mask=mvt,
                      other=0.0)                                                                             # [BV, C]
         # Tt[j, i] = T[i, j]: T's row i is token t0 + i
-        Tt = tl.load(Th + t0 * _C + (o_c[None, :] * _C + o_c[:, None]),
-                     mask=m_t[None, :] & (o_c[:, None] <= o_c[None, :]), other=0.0)     # stored for j <= i
+        Tt = _load_T(Th + t0 * _C, o_c[None, :], o_c[:, None], m_t[None, :])
         G = tl.load(Gh + t0 + o_c, mask=m_t, other=0.0)
         beta = tl.load(Bh + t0 + o_c, mask=m_t, other=0.0)
         G_last = tl.load(Gh + tl.minimum(t0 + _C, eos) - 1)
