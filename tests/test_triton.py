@@ -167,7 +167,8 @@ def solve_inputs(lens, nk, nv, dk, hard, seed=0):
 
 
 def solve_reference(k, a, b, A_log, dt_bias, lens, nv):
-    """fp64 T [tokens, nv, 64]: per chunk and value head, row i of (I + A)^-1 at token i, with
+    """fp64 T diag(beta) [tokens, nv, 64] (what the solve stores): per chunk and value head, row i
+    of (I + A)^-1 diag(beta) at token i, with
     A_ij = beta_i (k_i . k_j) exp(G_i - G_j) for j < i (G the in-chunk cumulative gate); and the
     smallest mean of A's entries below the diagonal over the chunks of two or more tokens."""
     R = nv // k.shape[1]
@@ -187,6 +188,7 @@ def solve_reference(k, a, b, A_log, dt_bias, lens, nv):
             if L > 1:
                 least = min(least, A.sum().item() / (nv * L * (L - 1) / 2))
             T[c0:c1, :, :L] = torch.linalg.inv(torch.eye(L, dtype=torch.float64) + A).transpose(0, 1)
+            T[c0:c1, :, :L] *= beta[c0:c1].T[None]                  # stored as T diag(beta)
         t0 += n
     return T, least
 
@@ -201,7 +203,7 @@ def check_solve(lens, nk, nv, dk, dtype, tol, hard):
         assert least > 0.9
     batch = Batch(lens, list(range(len(lens))), [False] * len(lens))
     c = lambda x: x.to(DEV, dtype)
-    got, _, _ = chunk.intra_solve(c(k).reshape(len(k), -1), c(a), c(b), A_log.float().to(DEV),
+    got, _ = chunk.intra_solve(c(k).reshape(len(k), -1), c(a), c(b), A_log.float().to(DEV),
                                   dt_bias.float().to(DEV), batch.meta(DEV), 0, nk, nv, dk, True)
     got = got.transpose(0, 1)                                   # [nv, T, 64] -> [T, nv, 64]
     lower = torch.ones(64, 64, dtype=torch.bool).tril()       # the stored part: row i up to column i

@@ -203,7 +203,7 @@ def _invert_unit_lower4(A0, A1, A2, A3):
 
 @triton.jit
 def _intra_solve_kernel(
-    k, a, b, A_log, dt_bias, Tout, Gout, Bout, chunks, cu_seqlens,
+    k, a, b, A_log, dt_bias, Tout, Gout, chunks, cu_seqlens,
     stride_k, stride_ab, k_col0, n_tok,
     R, DK: tl.constexpr, BK: tl.constexpr,
     NORM_QK: tl.constexpr, PREC: tl.constexpr, FTZ: tl.constexpr,
@@ -285,31 +285,29 @@ def _intra_solve_kernel(
     T30 = -tl.dot(T33, tl.dot(A30, T00, input_precision=PREC) + tl.dot(A31, T10, input_precision=PREC)
                   + tl.dot(A32, T20, input_precision=PREC), input_precision=PREC)
 
-    # Tout: [nv, T, 64], row = token, column = position in its chunk. Only the blocks on and below
-    # the diagonal are stored (readers mask their loads to j <= i; T is lower triangular).
+    # Tout: [nv, T, 64], row = token, column = position in its chunk, holding T diag(beta): every
+    # reader takes T with beta_j on its columns (w = T diag(beta) e^G k, u = T diag(beta) v), so
+    # beta is folded in here and goes through memory with T. Only the blocks on and below the
+    # diagonal are stored (readers zero the rest after loading; T is lower triangular).
     ty = Tout.dtype.element_ty
     base = Tout + _head_off(h, n_tok, _C) + t0 * _C
     c = o16[None, :]
-    tl.store(base + (r0[:, None] * _C + c), T00.to(ty), mask=m0[:, None])
-    tl.store(base + (r1[:, None] * _C + c), T10.to(ty), mask=m1[:, None])
-    tl.store(base + (r1[:, None] * _C + 16 + c), T11.to(ty), mask=m1[:, None])
-    tl.store(base + (r2[:, None] * _C + c), T20.to(ty), mask=m2[:, None])
-    tl.store(base + (r2[:, None] * _C + 16 + c), T21.to(ty), mask=m2[:, None])
-    tl.store(base + (r2[:, None] * _C + 32 + c), T22.to(ty), mask=m2[:, None])
-    tl.store(base + (r3[:, None] * _C + c), T30.to(ty), mask=m3[:, None])
-    tl.store(base + (r3[:, None] * _C + 16 + c), T31.to(ty), mask=m3[:, None])
-    tl.store(base + (r3[:, None] * _C + 32 + c), T32.to(ty), mask=m3[:, None])
-    tl.store(base + (r3[:, None] * _C + 48 + c), T33.to(ty), mask=m3[:, None])
+    bc0, bc1, bc2 = b0[None, :], b1[None, :], b2[None, :]
+    tl.store(base + (r0[:, None] * _C + c), (T00 * bc0).to(ty), mask=m0[:, None])
+    tl.store(base + (r1[:, None] * _C + c), (T10 * bc0).to(ty), mask=m1[:, None])
+    tl.store(base + (r1[:, None] * _C + 16 + c), (T11 * bc1).to(ty), mask=m1[:, None])
+    tl.store(base + (r2[:, None] * _C + c), (T20 * bc0).to(ty), mask=m2[:, None])
+    tl.store(base + (r2[:, None] * _C + 16 + c), (T21 * bc1).to(ty), mask=m2[:, None])
+    tl.store(base + (r2[:, None] * _C + 32 + c), (T22 * bc2).to(ty), mask=m2[:, None])
+    tl.store(base + (r3[:, None] * _C + c), (T30 * bc0).to(ty), mask=m3[:, None])
+    tl.store(base + (r3[:, None] * _C + 16 + c), (T31 * bc1).to(ty), mask=m3[:, None])
+    tl.store(base + (r3[:, None] * _C + 32 + c), (T32 * bc2).to(ty), mask=m3[:, None])
+    tl.store(base + (r3[:, None] * _C + 48 + c), (T33 * b3[None, :]).to(ty), mask=m3[:, None])
     Gh = Gout + _head_off(h, n_tok, 1) + t0
-    Bh = Bout + _head_off(h, n_tok, 1) + t0
     tl.store(Gh + r0, G0, mask=m0)
     tl.store(Gh + r1, G1, mask=m1)
     tl.store(Gh + r2, G2, mask=m2)
     tl.store(Gh + r3, G3, mask=m3)
-    tl.store(Bh + r0, b0, mask=m0)
-    tl.store(Bh + r1, b1, mask=m1)
-    tl.store(Bh + r2, b2, mask=m2)
-    tl.store(Bh + r3, b3, mask=m3)
 
 
 @triton.jit
@@ -353,7 +351,7 @@ def _load_T(ptr, i, j, m_i):
 
 @triton.jit
 def _intra_wu_kernel(
-    q, k, v, Tin, Gin, Bin, w_out, qp_out, u_out, oc_out, chunks, cu_seqlens,
+    q, k, v, Tin, Gin, w_out, qp_out, u_out, oc_out, chunks, cu_seqlens,
     stride_q, stride_k, stride_v, q_col0, k_col0, v_col0, scale, n_tok,
     R, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     NORM_QK: tl.constexpr, PREC: tl.constexpr, FTZ: tl.constexpr,
@@ -377,7 +375,6 @@ def _intra_wu_kernel(
                  mask=m_t[:, None] & m_v[None, :], other=0.0)
     T = _load_T(Tin + (_head_off(h, n_tok, _C) + t0 * _C), o_c[:, None], o_c[None, :], m_t[:, None])
     G = tl.load(Gin + (_head_off(h, n_tok, 1) + t0) + o_c, mask=m_t, other=0.0)
-    beta = tl.load(Bin + (_head_off(h, n_tok, 1) + t0) + o_c, mask=m_t, other=0.0)
 
     dt = kk.dtype
     eG = exp_ftz(G, FTZ)
@@ -389,9 +386,9 @@ def _intra_wu_kernel(
     mv = m_t[:, None] & m_v[None, :]
     # each product is stored, and kept only in the 16 bits its later reader takes, as soon as it
     # is formed, so that no fp32 tile lives longer than it must (w_out, u_out hold k's dtype)
-    w = tl.dot(T, (kk.to(tl.float32) * (beta * eG)[:, None]).to(dt), input_precision=PREC).to(dt)
+    w = tl.dot(T, (kk.to(tl.float32) * eG[:, None]).to(dt), input_precision=PREC).to(dt)
     tl.store(w_out + row_k, w, mask=mk)
-    u = tl.dot(T, (vv.to(tl.float32) * beta[:, None]).to(dt), input_precision=PREC).to(dt)
+    u = tl.dot(T, vv, input_precision=PREC).to(dt)
     tl.store(u_out + row_v, u, mask=mv)
     causal = (o_c[:, None] >= o_c[None, :]) & m_t[:, None]
     P = (tl.dot(qq, tl.trans(kk), input_precision=PREC) *
@@ -528,7 +525,7 @@ def _segment_chain_kernel(
 
 @triton.jit
 def _fused_pass_kernel(
-    q, k, v, Tin, Gin, Bin, out, state_pool, seqs, cu_seqlens, slots, has_state,
+    q, k, v, Tin, Gin, out, state_pool, seqs, cu_seqlens, slots, has_state,
     stride_q, stride_k, stride_v, q_col0, k_col0, v_col0, scale, stride_out, stride_ps, stride_ph,
     z, stride_z, z_col0, norm_w, eps, n_tok,
     R, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
@@ -549,7 +546,7 @@ def _fused_pass_kernel(
     bos, eos, St, o_k, m_k, o_v, m_v, o_c, m_state, p_state = _walk_start(
         seqs, cu_seqlens, slots, has_state, state_pool, stride_ps, stride_ph, i_s, h, i_v, DK, DV, BK, BV)
     hk = h // R
-    Th, Gh, Bh = Tin + _head_off(h, n_tok, _C), Gin + _head_off(h, n_tok, 1), Bin + _head_off(h, n_tok, 1)
+    Th, Gh = Tin + _head_off(h, n_tok, _C), Gin + _head_off(h, n_tok, 1)
 
     n_chunks = ((eos - bos + _C - 1) // _C).to(tl.int32)
     for i_t in range(0, n_chunks):
@@ -564,7 +561,6 @@ def _fused_pass_kernel(
         # Tt[j, i] = T[i, j]: T's row i is token t0 + i
         Tt = _load_T(Th + t0 * _C, o_c[None, :], o_c[:, None], m_t[None, :])
         G = tl.load(Gh + t0 + o_c, mask=m_t, other=0.0)
-        beta = tl.load(Bh + t0 + o_c, mask=m_t, other=0.0)
         G_last = tl.load(Gh + tl.minimum(t0 + _C, eos) - 1)
 
         dt = kk.dtype
@@ -573,9 +569,9 @@ def _fused_pass_kernel(
         # w^T and P^T are only ever read as 16-bit operands: cast once, where they are formed (fp32
         # tiles that live until their use took registers; H200, 8x4096, 8/16 heads: 0.805 against
         # 0.892 ms, outputs bit-equal; benchmarks/results/exp_fused_variants_h200x2_s7.log)
-        wt = tl.dot(tl.trans((kk.to(tl.float32) * (beta * eG)[:, None]).to(dt)), Tt,
+        wt = tl.dot(tl.trans((kk.to(tl.float32) * eG[:, None]).to(dt)), Tt,
                     input_precision=PREC).to(dt)                                                           # [BK, C]
-        ut = tl.dot((vt.to(tl.float32) * beta[None, :]).to(dt), Tt, input_precision=PREC)                    # [BV, C]
+        ut = tl.dot(vt, Tt, input_precision=PREC)                                                          # [BV, C]
         # Pt[j, i] = (k_j . q_i) e^{G_i - G_j} for j <= i
         causal = (o_c[:, None] <= o_c[None, :]) & m_t[None, :]
         Pt = (tl.dot(kk, tl.trans(qq), input_precision=PREC) * exp_ftz(
@@ -674,14 +670,13 @@ def intra_solve(k, a, b, A_log, dt_bias, meta, k_col0: int, nk: int, nv: int, dk
     prec = _prec(dt)
     Tbuf = torch.empty(nv, T, CHUNK, device=dev, dtype=dt)
     G = torch.empty(nv, T, device=dev, dtype=torch.float32)
-    beta = torch.empty(nv, T, device=dev, dtype=torch.float32)
     launch(_intra_solve_kernel, (meta.num_chunks, nv),
-        k, a, b, A_log, dt_bias, Tbuf, G, beta, meta.chunks, meta.cu_seqlens,
+        k, a, b, A_log, dt_bias, Tbuf, G, meta.chunks, meta.cu_seqlens,
         k.stride(0), a.stride(0), k_col0, T,
         R=nv // nk, DK=dk, BK=max(16, next_pow2(dk)), NORM_QK=2 if normalize_qk else 0, PREC=prec,
         FTZ=_ftz(prec), **LAUNCH["solve"],
     )
-    return Tbuf, G, beta
+    return Tbuf, G
 
 
 def chunk_delta_rule_varlen(
@@ -734,12 +729,12 @@ def chunk_delta_rule_varlen(
         raise ValueError(f"the gated norm runs inside the fused pass with one dv block only (got path {path!r}, "
                          f"BV={BV}, dv={dv})")
     prec = _prec(dt)
-    Tbuf, G, beta = intra_solve(k, a, b, A_log, dt_bias, meta, k_col0, nk, nv, dk, normalize_qk)
+    Tbuf, G = intra_solve(k, a, b, A_log, dt_bias, meta, k_col0, nk, nv, dk, normalize_qk)
     grid = (meta.num_chunks, nv)
     if path == "fused":
         z, z_col0, norm_w, eps = gated_norm or (out, 0, A_log, 0.0)     # unread without the norm
         launch(_fused_pass_kernel, (n_seq, nv, cdiv(dv, BV)),
-            q, k, v, Tbuf, G, beta, out, state_pool, meta.prefill_seqs, meta.cu_seqlens, meta.slots,
+            q, k, v, Tbuf, G, out, state_pool, meta.prefill_seqs, meta.cu_seqlens, meta.slots,
             meta.has_state, q.stride(0), k.stride(0), v.stride(0), q_col0, k_col0, v_col0, dk ** -0.5,
             out.stride(0), state_pool.stride(0), state_pool.stride(1), z, z.stride(0), z_col0, norm_w, eps, T,
             R=nv // nk, DK=dk, DV=dv, BK=BK, BV=BV, NORM_QK=normalize_qk or BV >= FUSED_RENORM_MIN_BV, PREC=prec,
@@ -751,7 +746,7 @@ def chunk_delta_rule_varlen(
     u = torch.empty(nv, T, dv, device=dev, dtype=dt)
     oc = torch.empty_like(u)
     launch(_intra_wu_kernel, grid,
-        q, k, v, Tbuf, G, beta, w, qp, u, oc, meta.chunks, meta.cu_seqlens,
+        q, k, v, Tbuf, G, w, qp, u, oc, meta.chunks, meta.cu_seqlens,
         q.stride(0), k.stride(0), v.stride(0), q_col0, k_col0, v_col0, dk ** -0.5, T,
         R=nv // nk, DK=dk, DV=dv, BK=BK, BV=BVf, NORM_QK=normalize_qk, PREC=prec, FTZ=_ftz(prec),
         **LAUNCH["wu" if min(dk, dv) >= 64 else "wu_small"],
