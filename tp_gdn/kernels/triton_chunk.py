@@ -169,9 +169,10 @@ def _head_off(h, n_tok, width: tl.constexpr):
 
 
 @triton.jit
-def _invert_unit_lower4(A0, A1, A2, A3):
-    """(I + A)^-1 for four strictly lower 16x16 blocks, by elimination column by column: X = I, then
-    for j = 0..14, X <- X - A[:, j] X[j, :]. The multipliers are A's own entries (eliminating
+def _invert_unit_lower4(A0, A1, A2, A3, b0, b1, b2, b3):
+    """(I + A)^-1 diag(b) for four strictly lower 16x16 blocks A and 16-vectors b, by elimination
+    column by column: X = diag(b), then for j = 0..14, X <- X - A[:, j] X[j, :] (the row operations
+    that take I + A to I take diag(b) to (I + A)^-1 diag(b)). The multipliers are A's own entries (eliminating
     column j leaves the other columns of I + A as they were), so extracting A[:, j] does not wait
     on X; only X[j, :] lies on the chain from one step to the next. The four blocks' chains are
     independent, so their latencies overlap. The 15 steps are unrolled. H200, solve alone, kernel
@@ -181,8 +182,9 @@ def _invert_unit_lower4(A0, A1, A2, A3):
     inside (benchmarks/results/exp_solve_h200_s13.log). Inside the tp=1 layer: 0.259 against
     0.309 ms at 8x4096, no change at 1x4096 (exp_solve_core_layer_h200_s13.log)."""
     o = tl.arange(0, 16)
-    eye = (o[:, None] == o[None, :]).to(tl.float32)
-    X0, X1, X2, X3 = eye, eye, eye, eye
+    eye = o[:, None] == o[None, :]
+    X0, X1, X2, X3 = (tl.where(eye, b0[:, None], 0.0), tl.where(eye, b1[:, None], 0.0),
+                      tl.where(eye, b2[:, None], 0.0), tl.where(eye, b3[:, None], 0.0))
     for j in tl.static_range(15):
         col = (o == j)[None, :]
         row = (o == j)[:, None]
@@ -266,43 +268,44 @@ def _intra_solve_kernel(
         A11 = tl.dot(k1, kt1, input_precision=PREC) * _decay(G1, G1, True, FTZ) * b1[:, None]
         A22 = tl.dot(k2, kt2, input_precision=PREC) * _decay(G2, G2, True, FTZ) * b2[:, None]
         A33 = tl.dot(k3, tl.trans(k3), input_precision=PREC) * _decay(G3, G3, True, FTZ) * b3[:, None]
-    A10 = tl.dot(k1, kt0, input_precision=PREC) * exp_ftz(Gr1[:, None] - Gc0[None, :], FTZ) * b1[:, None]
-    A20 = tl.dot(k2, kt0, input_precision=PREC) * exp_ftz(Gr2[:, None] - Gc0[None, :], FTZ) * b2[:, None]
-    A21 = tl.dot(k2, kt1, input_precision=PREC) * exp_ftz(Gr2[:, None] - Gc1[None, :], FTZ) * b2[:, None]
-    A30 = tl.dot(k3, kt0, input_precision=PREC) * exp_ftz(Gr3[:, None] - Gc0[None, :], FTZ) * b3[:, None]
-    A31 = tl.dot(k3, kt1, input_precision=PREC) * exp_ftz(Gr3[:, None] - Gc1[None, :], FTZ) * b3[:, None]
-    A32 = tl.dot(k3, kt2, input_precision=PREC) * exp_ftz(Gr3[:, None] - Gc2[None, :], FTZ) * b3[:, None]
+    # below the diagonal blocks, K o Gamma without beta (E_ij; beta enters through T_jj below)
+    E10 = tl.dot(k1, kt0, input_precision=PREC) * exp_ftz(Gr1[:, None] - Gc0[None, :], FTZ)
+    E20 = tl.dot(k2, kt0, input_precision=PREC) * exp_ftz(Gr2[:, None] - Gc0[None, :], FTZ)
+    E21 = tl.dot(k2, kt1, input_precision=PREC) * exp_ftz(Gr2[:, None] - Gc1[None, :], FTZ)
+    E30 = tl.dot(k3, kt0, input_precision=PREC) * exp_ftz(Gr3[:, None] - Gc0[None, :], FTZ)
+    E31 = tl.dot(k3, kt1, input_precision=PREC) * exp_ftz(Gr3[:, None] - Gc1[None, :], FTZ)
+    E32 = tl.dot(k3, kt2, input_precision=PREC) * exp_ftz(Gr3[:, None] - Gc2[None, :], FTZ)
 
-    T00, T11, T22, T33 = _invert_unit_lower4(A00, A11, A22, A33)
-    # off-diagonal blocks of the inverse: T_ij = -T_ii sum_{j<=m<i} A_im T_mj
-    T10 = -tl.dot(T11, tl.dot(A10, T00, input_precision=PREC), input_precision=PREC)
-    T21 = -tl.dot(T22, tl.dot(A21, T11, input_precision=PREC), input_precision=PREC)
-    T32 = -tl.dot(T33, tl.dot(A32, T22, input_precision=PREC), input_precision=PREC)
-    T20 = -tl.dot(T22, tl.dot(A20, T00, input_precision=PREC) + tl.dot(A21, T10, input_precision=PREC),
+    # The solve stores T diag(beta), which every reader takes (w = T diag(beta) e^G k, u = T diag(beta) v),
+    # so beta goes through memory inside T. Write T_ij for the blocks of T diag(beta) and A_ij = diag(b_i) E_ij.
+    # Diagonal blocks: the elimination started from diag(b_j) gives T_jj directly. Below them, from
+    # T (I + A) = I: T_ij = -(sum_{j<m<=i} T_im E_mj) T_jj, every factor a block of T diag(beta).
+    T00, T11, T22, T33 = _invert_unit_lower4(A00, A11, A22, A33, b0, b1, b2, b3)
+    T10 = -tl.dot(tl.dot(T11, E10, input_precision=PREC), T00, input_precision=PREC)
+    T21 = -tl.dot(tl.dot(T22, E21, input_precision=PREC), T11, input_precision=PREC)
+    T32 = -tl.dot(tl.dot(T33, E32, input_precision=PREC), T22, input_precision=PREC)
+    T20 = -tl.dot(tl.dot(T21, E10, input_precision=PREC) + tl.dot(T22, E20, input_precision=PREC), T00,
                   input_precision=PREC)
-    T31 = -tl.dot(T33, tl.dot(A31, T11, input_precision=PREC) + tl.dot(A32, T21, input_precision=PREC),
+    T31 = -tl.dot(tl.dot(T32, E21, input_precision=PREC) + tl.dot(T33, E31, input_precision=PREC), T11,
                   input_precision=PREC)
-    T30 = -tl.dot(T33, tl.dot(A30, T00, input_precision=PREC) + tl.dot(A31, T10, input_precision=PREC)
-                  + tl.dot(A32, T20, input_precision=PREC), input_precision=PREC)
+    T30 = -tl.dot(tl.dot(T31, E10, input_precision=PREC) + tl.dot(T32, E20, input_precision=PREC)
+                  + tl.dot(T33, E30, input_precision=PREC), T00, input_precision=PREC)
 
-    # Tout: [nv, T, 64], row = token, column = position in its chunk, holding T diag(beta): every
-    # reader takes T with beta_j on its columns (w = T diag(beta) e^G k, u = T diag(beta) v), so
-    # beta is folded in here and goes through memory with T. Only the blocks on and below the
-    # diagonal are stored (readers zero the rest after loading; T is lower triangular).
+    # Tout: [nv, T, 64], row = token, column = position in its chunk. Only the blocks on and below
+    # the diagonal are stored (readers zero the rest after loading; T is lower triangular).
     ty = Tout.dtype.element_ty
     base = Tout + _head_off(h, n_tok, _C) + t0 * _C
     c = o16[None, :]
-    bc0, bc1, bc2 = b0[None, :], b1[None, :], b2[None, :]
-    tl.store(base + (r0[:, None] * _C + c), (T00 * bc0).to(ty), mask=m0[:, None])
-    tl.store(base + (r1[:, None] * _C + c), (T10 * bc0).to(ty), mask=m1[:, None])
-    tl.store(base + (r1[:, None] * _C + 16 + c), (T11 * bc1).to(ty), mask=m1[:, None])
-    tl.store(base + (r2[:, None] * _C + c), (T20 * bc0).to(ty), mask=m2[:, None])
-    tl.store(base + (r2[:, None] * _C + 16 + c), (T21 * bc1).to(ty), mask=m2[:, None])
-    tl.store(base + (r2[:, None] * _C + 32 + c), (T22 * bc2).to(ty), mask=m2[:, None])
-    tl.store(base + (r3[:, None] * _C + c), (T30 * bc0).to(ty), mask=m3[:, None])
-    tl.store(base + (r3[:, None] * _C + 16 + c), (T31 * bc1).to(ty), mask=m3[:, None])
-    tl.store(base + (r3[:, None] * _C + 32 + c), (T32 * bc2).to(ty), mask=m3[:, None])
-    tl.store(base + (r3[:, None] * _C + 48 + c), (T33 * b3[None, :]).to(ty), mask=m3[:, None])
+    tl.store(base + (r0[:, None] * _C + c), T00.to(ty), mask=m0[:, None])
+    tl.store(base + (r1[:, None] * _C + c), T10.to(ty), mask=m1[:, None])
+    tl.store(base + (r1[:, None] * _C + 16 + c), T11.to(ty), mask=m1[:, None])
+    tl.store(base + (r2[:, None] * _C + c), T20.to(ty), mask=m2[:, None])
+    tl.store(base + (r2[:, None] * _C + 16 + c), T21.to(ty), mask=m2[:, None])
+    tl.store(base + (r2[:, None] * _C + 32 + c), T22.to(ty), mask=m2[:, None])
+    tl.store(base + (r3[:, None] * _C + c), T30.to(ty), mask=m3[:, None])
+    tl.store(base + (r3[:, None] * _C + 16 + c), T31.to(ty), mask=m3[:, None])
+    tl.store(base + (r3[:, None] * _C + 32 + c), T32.to(ty), mask=m3[:, None])
+    tl.store(base + (r3[:, None] * _C + 48 + c), T33.to(ty), mask=m3[:, None])
     Gh = Gout + _head_off(h, n_tok, 1) + t0
     tl.store(Gh + r0, G0, mask=m0)
     tl.store(Gh + r1, G1, mask=m1)
