@@ -2,17 +2,18 @@
 
 Three paths, all starting with the same launch:
   1. `_intra_solve_kernel`  (chunks x value heads, all parallel): gating from raw a/b, the
-     in-chunk cumulative decay G, A = beta k k^T o Gamma (strictly lower) and T = (I + A)^-1,
-     solved on 16-row blocks in registers; only T's blocks on and below the diagonal are stored.
+     in-chunk cumulative decay G, A = beta k k^T o Gamma (strictly lower) and T = (I + A)^-1
+     diag(beta), solved on 16-row blocks in registers; only T's blocks on and below the diagonal
+     are stored. (Below, T means this product: beta reaches every reader inside it.)
   2. `_intra_wu_kernel`     (chunks x value heads, all parallel): with 64-row products,
-     w = T (beta e^G k), u = T (beta v), P = (q k^T o Gamma, j <= i), and the state-free parts
+     w = T e^G k, u = T v, P = (q k^T o Gamma, j <= i), and the state-free parts
      Q' = e^G q - P w and O_c = P u of the chunk output.
   3. `_state_pass_kernel`   (sequences x value heads x dv blocks): walks the chunks in order,
      U = u - w S, o = O_c + Q' S, S <- e^{G_last} S + (e^{G_last - G} k)^T U, reading the initial
      state from the slot pool and writing the final state back in place (it holds S^T; see below).
 That is the "split" path. The "fused" path replaces 2 and 3 with `_fused_pass_kernel`, which
 forms w, u and the causal q k^T per chunk inside the sequential walk (o = e^G q S + P (u - w S)),
-so only T, G and beta go through memory; it needs many (sequence, head) programs, since that work
+so only T and G go through memory; it needs many (sequence, head) programs, since that work
 lies on the sequential path. It holds the state transposed (S^T), so that the two products on
 the chain from one chunk's state to the next take their left operand from registers. When one
 of its programs spans dv, it can also store the gated RMSNorm of o (gated_norm) in place of o.
@@ -163,7 +164,7 @@ def _norm_shift(K, G):
 @triton.jit
 def _head_off(h, n_tok, width: tl.constexpr):
     """Where head h's rows start (int64 elements) in a head-major [heads, n_tok, width] buffer,
-    the layout of every buffer that one launch of a path hands the next (T, G, beta, w, u, Q',
+    the layout of every buffer that one launch of a path hands the next (T, G, w, u, Q',
     O_c): one head's rows of a chunk are then one contiguous block."""
     return h.to(tl.int64) * n_tok * width
 
@@ -239,7 +240,8 @@ def _intra_solve_kernel(
     k3 = _load_qk(k, r3, m3, stride_k, col0, o_k, m_k, NORM_QK, 1.0)
     kt0, kt1, kt2 = tl.trans(k0), tl.trans(k1), tl.trans(k2)
 
-    # A_ij = beta_i (k_i . k_j) exp(G_i - G_j), blocks of 16 rows; row scaling by beta after the dot
+    # the diagonal blocks A_jj = beta_i (k_i . k_j) exp(G_i - G_j) (blocks of 16 rows; row scaling
+    # by beta after the dot); below them the same without beta (E_ij)
     if NORM_QK == 2:
         # raw k, normalised through the exps: |k_i|^2 is the diagonal of the Gram block k_i k_i^T,
         # and n_i n_j exp(G_i - G_j) = exp((G_i + ln n_i) - (G_j - ln n_j)) with n = (|k|^2 + 1e-6)^-1/2.
@@ -268,7 +270,7 @@ def _intra_solve_kernel(
         A11 = tl.dot(k1, kt1, input_precision=PREC) * _decay(G1, G1, True, FTZ) * b1[:, None]
         A22 = tl.dot(k2, kt2, input_precision=PREC) * _decay(G2, G2, True, FTZ) * b2[:, None]
         A33 = tl.dot(k3, tl.trans(k3), input_precision=PREC) * _decay(G3, G3, True, FTZ) * b3[:, None]
-    # below the diagonal blocks, K o Gamma without beta (E_ij; beta enters through T_jj below)
+    # below the diagonal blocks (beta enters through the T_jj below)
     E10 = tl.dot(k1, kt0, input_precision=PREC) * exp_ftz(Gr1[:, None] - Gc0[None, :], FTZ)
     E20 = tl.dot(k2, kt0, input_precision=PREC) * exp_ftz(Gr2[:, None] - Gc0[None, :], FTZ)
     E21 = tl.dot(k2, kt1, input_precision=PREC) * exp_ftz(Gr2[:, None] - Gc1[None, :], FTZ)
@@ -662,9 +664,12 @@ def scan_bvs(n_seg: int, nv: int, dk: int, dv: int) -> tuple[int, int, int]:
 
 
 def intra_solve(k, a, b, A_log, dt_bias, meta, k_col0: int, nk: int, nv: int, dk: int, normalize_qk: bool):
-    """The first launch of every path, on its own: (T [nv, tokens, 64] in k's dtype, G and beta
-    [nv, tokens] fp32), per chunk T = (I + beta k k^T o Gamma)^-1 and the in-chunk cumulative
-    gate G (arguments as chunk_delta_rule_varlen's). Head-major, so that one head's rows of a
+    """The first launch of every path, on its own: (T [nv, tokens, 64] in k's dtype, G [nv, tokens]
+    fp32), per chunk T = (I + diag(beta) k k^T o Gamma)^-1 diag(beta) (row i at token i, its
+    entries above the diagonal left unwritten) and the in-chunk cumulative gate G (arguments as
+    chunk_delta_rule_varlen's). Storing T with beta folded in spares its readers beta: H200, against
+    T and beta apart, the fused pass took 10% less and the solve 2.5% less in the tp=1 layer at
+    8x4096 (benchmarks/results/compare_tbeta2_h200_s18.log). Head-major, so that one head's rows of a
     chunk are one contiguous block for every reader. Against token-major ([tokens, nv, 64]), H200,
     kernel times at 8x4096: the solve 6-15% less; the fused pass the same with q/k normalised
     before it (the layer) and 5-7% more with the l2norm inside (gdn_prefill); the split and scan
