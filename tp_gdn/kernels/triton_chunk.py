@@ -126,7 +126,7 @@ def _load_qk(ptr, rows, m_rows, stride_t, col0, o_k, m_k, NORM: tl.constexpr, sc
     x = tl.load(ptr + (rows[:, None] * stride_t + col0 + o_k[None, :]), mask=m_rows[:, None] & m_k[None, :], other=0.0)
     if NORM == 1:
         xf = x.to(tl.float32)
-        xf = xf * tl.rsqrt(tl.sum(xf * xf, axis=1) + 1e-6)[:, None] * scale
+        xf = xf * (tl.rsqrt(tl.sum(xf * xf, axis=1) + 1e-6) * scale)[:, None]      # one product an entry
         x = xf.to(x.dtype)
     return x
 
@@ -558,24 +558,35 @@ def _fused_pass_kernel(
         # addresses: one int64 row base per chunk, int32 offsets inside the tiles
         t0 = bos + i_t * _C
         m_t = o_c < (eos - t0).to(tl.int32)
-        kk = _load_qk(k + t0 * stride_k, o_c, m_t, stride_k, k_col0 + hk * DK, o_k, m_k, NORM_QK, 1.0)      # [C, BK]
+        G = tl.load(Gh + t0 + o_c, mask=m_t, other=0.0)
+        # FTZ: exp_ftz at dv blocks up to FUSED_FTZ_MAX_BV only (faster at BV 64, slower at 128)
+        eG = exp_ftz(G, FTZ)
+        # k [C, BK] for the products with q and the state, and e^G k for w, each rounded to 16 bits
+        # once from k's fp32 tile (with NORM_QK, the norm and e^G in one factor a row). H200, core
+        # 16/32 at 8x4096, against rounding e^G k from the rounded k: fused pass 0.9356 against
+        # 0.9454 ms (3 rounds, benchmarks/results/compare_micro_h200_s18.log)
+        kk = tl.load(k + t0 * stride_k + (o_c[:, None] * stride_k + k_col0 + hk * DK + o_k[None, :]),
+                     mask=m_t[:, None] & m_k[None, :], other=0.0)
+        dt = kk.dtype
+        kf = kk.to(tl.float32)
+        if NORM_QK:
+            rk = tl.rsqrt(tl.sum(kf * kf, axis=1) + 1e-6)
+            kk = (kf * rk[:, None]).to(dt)
+            kg = (kf * (rk * eG)[:, None]).to(dt)
+        else:
+            kg = (kf * eG[:, None]).to(dt)
         qq = _load_qk(q + t0 * stride_q, o_c, m_t, stride_q, q_col0 + hk * DK, o_k, m_k, NORM_QK, scale)    # [C, BK]
         mvt = m_v[:, None] & m_t[None, :]
         vt = tl.load(v + t0 * stride_v + (o_c[None, :] * stride_v + v_col0 + h * DV + o_v[:, None]), mask=mvt,
                      other=0.0)                                                                             # [BV, C]
         # Tt[j, i] = T[i, j]: T's row i is token t0 + i
         Tt = _load_T(Th + t0 * _C, o_c[None, :], o_c[:, None], m_t[None, :])
-        G = tl.load(Gh + t0 + o_c, mask=m_t, other=0.0)
         G_last = tl.load(Gh + tl.minimum(t0 + _C, eos) - 1)
 
-        dt = kk.dtype
-        # FTZ: exp_ftz at dv blocks up to FUSED_FTZ_MAX_BV only (faster at BV 64, slower at 128)
-        eG = exp_ftz(G, FTZ)
         # w^T and P^T are only ever read as 16-bit operands: cast once, where they are formed (fp32
         # tiles that live until their use took registers; H200, 8x4096, 8/16 heads: 0.805 against
         # 0.892 ms, outputs bit-equal; benchmarks/results/exp_fused_variants_h200x2_s7.log)
-        wt = tl.dot(tl.trans((kk.to(tl.float32) * eG[:, None]).to(dt)), Tt,
-                    input_precision=PREC).to(dt)                                                           # [BK, C]
+        wt = tl.dot(tl.trans(kg), Tt, input_precision=PREC).to(dt)                                        # [BK, C]
         ut = tl.dot(vt, Tt, input_precision=PREC)                                                          # [BV, C]
         # Pt[j, i] = (k_j . q_i) e^{G_i - G_j} for j <= i
         causal = (o_c[:, None] <= o_c[None, :]) & m_t[None, :]
