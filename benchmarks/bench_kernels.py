@@ -12,9 +12,10 @@ Times are medians of CUDA-event timings after warm-up; ratio = fla time / our ti
 are timed as single calls (a sync after each: what the ratio and the issue's goals take), and
 also back to back (the host runs ahead, so its launch work is hidden) and, for ours, as the sum
 of the kernels' times under the profiler: the three show how much of a single call is not
-kernel time. Each prefill row also times the kernel paths ("split", "fused" at several dv blocks, "scan" at its own
-blocks and segment length), next to the one `choose_path` picks, and the solve launch that every
-path starts with on its own; `--no-variants` leaves those out (they take most of the run's time).
+kernel time. Each prefill row also times the kernel paths ("split", "fused" at several dv
+blocks, "scan" at its own blocks and segment length), next to the one `choose_path` picks, and
+the solve launch that every path starts with on its own; `--no-variants` leaves those out (they
+take most of the run's time).
 `--sweep` first tries launch settings and keeps the fastest.
 """
 
@@ -288,7 +289,8 @@ def main():
         t_ours = timeit(ours)
         t_var, t_bat = timeit(fla_var), timeit(fla_bat)
         t_fla = min(t_var, t_bat)
-        b_ours, b_fla = back_to_back(ours, iters=20), back_to_back(fla_var if t_var <= t_bat else fla_bat, iters=20)
+        b_ours = back_to_back(ours, iters=20)
+        b_fla = back_to_back(fla_var if t_var <= t_bat else fla_bat, iters=20)
         k_ours = sum(ms for ms, _ in kernel_times(ours, 5).values())
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule  # final state check on a fresh call
         _, h_fla = chunk_gated_delta_rule(x["q"][None], x["k"][None], x["v"][None], x["a"][None], x["b"][None],

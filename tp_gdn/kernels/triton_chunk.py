@@ -176,15 +176,15 @@ def _head_off(h, n_tok, width: tl.constexpr):
 def _invert_unit_lower4(A0, A1, A2, A3, b0, b1, b2, b3):
     """(I + A)^-1 diag(b) for four strictly lower 16x16 blocks A and 16-vectors b, by elimination
     column by column: X = diag(b), then for j = 0..14, X <- X - A[:, j] X[j, :] (the row operations
-    that take I + A to I take diag(b) to (I + A)^-1 diag(b)). The multipliers are A's own entries (eliminating
-    column j leaves the other columns of I + A as they were), so extracting A[:, j] does not wait
-    on X; only X[j, :] lies on the chain from one step to the next. The four blocks' chains are
-    independent, so their latencies overlap. The 15 steps are unrolled. H200, solve alone, kernel
-    time with k normalised (the layer's launch) at 8x4096, 16/32 heads: 0.2306 ms, against 0.2735
-    for the row substitution it replaced (each row of X from the rows above, in a loop) and 0.2464
-    for this elimination in a loop; 16-18% less at every shape tried, 0-6% less with the l2norm
-    inside (benchmarks/results/exp_solve_h200_s13.log). Inside the tp=1 layer: 0.259 against
-    0.309 ms at 8x4096, no change at 1x4096 (exp_solve_core_layer_h200_s13.log)."""
+    that take I + A to I take diag(b) to (I + A)^-1 diag(b)). The multipliers are A's own entries
+    (eliminating column j leaves the other columns of I + A as they were), so extracting A[:, j]
+    does not wait on X; only X[j, :] lies on the chain from one step to the next. The four blocks'
+    chains are independent, so their latencies overlap. The 15 steps are unrolled. H200, solve
+    alone, kernel time with k normalised (the layer's launch) at 8x4096, 16/32 heads: 0.2306 ms,
+    against 0.2735 for the row substitution it replaced (each row of X from the rows above, in a
+    loop) and 0.2464 for this elimination in a loop; 16-18% less at every shape tried, 0-6% less
+    with the l2norm inside (benchmarks/results/exp_solve_h200_s13.log). Inside the tp=1 layer: 0.259
+    against 0.309 ms at 8x4096, no change at 1x4096 (exp_solve_core_layer_h200_s13.log)."""
     o = tl.arange(0, 16)
     eye = o[:, None] == o[None, :]
     X0, X1, X2, X3 = (tl.where(eye, b0[:, None], 0.0), tl.where(eye, b1[:, None], 0.0),
@@ -281,10 +281,11 @@ def _intra_solve_kernel(
     E31 = tl.dot(k3, kt1, input_precision=PREC) * exp_ftz(Gr3[:, None] - Gc1[None, :], FTZ)
     E32 = tl.dot(k3, kt2, input_precision=PREC) * exp_ftz(Gr3[:, None] - Gc2[None, :], FTZ)
 
-    # The solve stores T diag(beta), which every reader takes (w = T diag(beta) e^G k, u = T diag(beta) v),
-    # so beta goes through memory inside T. Write T_ij for the blocks of T diag(beta) and A_ij = diag(b_i) E_ij.
-    # Diagonal blocks: the elimination started from diag(b_j) gives T_jj directly. Below them, from
-    # T (I + A) = I: T_ij = -(sum_{j<m<=i} T_im E_mj) T_jj, every factor a block of T diag(beta).
+    # The solve stores T diag(beta), which every reader takes (w = T diag(beta) e^G k,
+    # u = T diag(beta) v), so beta goes through memory inside T. Write T_ij for the blocks of
+    # T diag(beta) and A_ij = diag(b_i) E_ij. Diagonal blocks: the elimination started from diag(b_j)
+    # gives T_jj directly. Below them, from T (I + A) = I: T_ij = -(sum_{j<m<=i} T_im E_mj) T_jj,
+    # every factor a block of T diag(beta).
     T00, T11, T22, T33 = _invert_unit_lower4(A00, A11, A22, A33, b0, b1, b2, b3)
     T10 = -tl.dot(tl.dot(T11, E10, input_precision=PREC), T00, input_precision=PREC)
     T21 = -tl.dot(tl.dot(T22, E21, input_precision=PREC), T11, input_precision=PREC)
