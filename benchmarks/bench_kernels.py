@@ -10,9 +10,9 @@ inside on both sides, initial states read and final states written on both sides
   sides) and called eagerly.
 Times are medians of CUDA-event timings after warm-up; ratio = fla time / our time. Prefill rows
 are timed as single calls (a sync after each: what the ratio and the issue's goals take), and
-also back to back (the host runs ahead, so its launch work is hidden) and, for ours, as the sum
-of the kernels' times under the profiler: the three show how much of a single call is not
-kernel time. Each prefill row also times the kernel paths ("split", "fused" at several dv
+also back to back (the host runs ahead, so its launch work is hidden) and, for ours, by the time
+of its kernels alone under the profiler (kernel_ms): the three show how much of a single call is
+not kernel time. Each prefill row also times the kernel paths ("split", "fused" at several dv
 blocks, "scan" at its own blocks and segment length), next to the one `choose_path` picks, and
 the solve launch that every path starts with on its own; `--no-variants` leaves those out (they
 take most of the run's time).
@@ -171,11 +171,11 @@ def sweep_decode():
     triton_decode.LAUNCH["decode"] = dict(num_warps=4, num_stages=1)
 
 
-def conv_kernel_ms(fn, rounds: int = 5) -> float:
-    """Median over `rounds` of the GPU time of fn's kernels under the profiler (5 calls a round):
-    the time of a single call with a sync, as timeit takes it, also holds the host's launch,
-    which at this size moved the settings' order (seventeenth session: 4 warps over 8 heads came
-    out 4% faster that way and 2.4% slower in the layer's profile)."""
+def kernel_ms(fn, rounds: int = 5) -> float:
+    """Median over `rounds` of the GPU time of fn's kernels per call under the profiler (5 calls a
+    round): the time of a single call with a sync, as timeit takes it, also holds the host's
+    launch, which for the conv moved the settings' order (seventeenth session: 4 warps over 8
+    heads came out 4% faster that way and 2.4% slower in the layer's profile)."""
     import statistics
     return statistics.median(sum(ms for ms, _ in kernel_times(fn, 5).values()) for _ in range(rounds))
 
@@ -183,7 +183,7 @@ def conv_kernel_ms(fn, rounds: int = 5) -> float:
 def sweep_conv():
     """The prefill conv (+ l2norm) alone on the tp=1 layer's projection of 8x4096 tokens, at several
     rows per program, warp counts, channels per program and rows loaded ahead, by kernel time
-    (conv_kernel_ms); every setting's output is checked against the fp32 torch reference, and
+    (kernel_ms); every setting's output is checked against the fp32 torch reference, and
     fla-core's causal_conv1d (conv + silu, no l2norm) is timed on the same input the same way."""
     from tp_gdn.kernels import reference as ref
     from tp_gdn.kernels import triton_conv
@@ -212,7 +212,7 @@ def sweep_conv():
         f = lambda: triton_conv.conv_prefill(proj, w, pool, out, meta.chunks, meta.num_chunks, meta.cu_seqlens,
                                              meta.slots, meta.has_state, nk, dk)
         f()
-        t = conv_kernel_ms(f)
+        t = kernel_ms(f)
         res.append((t, rows, nw, qk_heads, v_groups, ahead))
         print(f"sweep conv rows={rows} nw={nw} qk_heads={qk_heads} v_groups={v_groups} ahead={ahead}: {t:.3f} ms, "
               f"{moved / (t * 1e-3) / 1e12:.2f} TB/s of q|k|v in and out, err vs fp32 reference {rel(out, want):.1e}",
@@ -222,7 +222,7 @@ def sweep_conv():
         from fla.modules.causal_conv1d import causal_conv1d
         x = proj[:, :C][None]
         cu = meta.cu_seqlens.long()
-        t = conv_kernel_ms(lambda: causal_conv1d(x, weight=w, activation="silu", cu_seqlens=cu,
+        t = kernel_ms(lambda: causal_conv1d(x, weight=w, activation="silu", cu_seqlens=cu,
                                                  output_final_state=True))
         print(f"fla causal_conv1d (conv + silu, no l2norm) on the same input: {t:.3f} ms, "
               f"{moved / (t * 1e-3) / 1e12:.2f} TB/s", flush=True)
@@ -291,7 +291,7 @@ def main():
         t_fla = min(t_var, t_bat)
         b_ours = back_to_back(ours, iters=20)
         b_fla = back_to_back(fla_var if t_var <= t_bat else fla_bat, iters=20)
-        k_ours = sum(ms for ms, _ in kernel_times(ours, 5).values())
+        k_ours = kernel_ms(ours)
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule  # final state check on a fresh call
         _, h_fla = chunk_gated_delta_rule(x["q"][None], x["k"][None], x["v"][None], x["a"][None], x["b"][None],
                                           initial_state=x["h0"], output_final_state=True, cu_seqlens=x["cu"],
