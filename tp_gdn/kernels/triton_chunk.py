@@ -98,8 +98,14 @@ FUSED_MAX_BV = 128
 # The fused pass takes exp_ftz (16-bit inputs) at dv blocks up to this width, tl.exp above it.
 # H200, whole core at 8x4096, 5 interleaved rounds, outputs and states bit-equal: BV 64 (4/8
 # heads) 0.624 ms with exp_ftz against 0.660; BV 128 0.744 against 0.730 (8/16) and 1.481 against
-# 1.433 (16/32) (benchmarks/results/exp_fused_ftz_h200_s12.log)
-FUSED_FTZ_MAX_BV = 64
+# 1.433 (16/32) (benchmarks/results/exp_fused_ftz_h200_s12.log). On the kernel of the nineteenth
+# session (T with beta folded in), BV 128 with exp_ftz, fused pass kernel time, 3 rounds, bit-equal:
+# core 8x4096 0.8791 ms against 0.9373 (16/32) and 0.4445 against 0.4721 (8/16); but the tp=1
+# layer's form (q, k normalised before, no second norm) 1.0027 against 0.9509
+# (benchmarks/results/compare_ftz128_h200_s19.log). With the second norm on as well (below), the
+# layer's pass took 0.8813 against 0.9711 (compare_carve_ftz_renorm_h200_s19.log), so exp_ftz is
+# on at every width the fused pass takes.
+FUSED_FTZ_MAX_BV = 128
 # The fused pass l2-normalises q and k again when they come normalised (normalize_qk=False, the
 # layer's launch) at dv blocks from this width up. With the norm in, Triton 3.6 lays k out
 # differently (without it, k goes through an extra layout conversion for the w product) and the
@@ -110,10 +116,12 @@ FUSED_FTZ_MAX_BV = 64
 # once by bf16 rounding: the layer's output moved by 6.5e-4 relative, its states by 3.6e-4. Again
 # on 0c436b9 (3 rounds): 1.054 ms with the second norm against 1.122 without it in the tp=1 layer
 # at 8x4096 (benchmarks/results/compare_renorm_h200_s17.log). With T stored as T diag(beta)
-# (eighteenth session) the order reversed: 0.898 ms without the second norm against 0.944 with it
-# (3 rounds, output moved by 6.6e-4; compare_renorm_h200_s18.log), so it is off at every width
-# up to dv = 128 (the tests lower this to cover both forms).
-FUSED_RENORM_MIN_BV = 256
+# (eighteenth session) and tl.exp at BV 128 the order reversed: 0.898 ms without the second norm
+# against 0.944 with it (compare_renorm_h200_s18.log). With exp_ftz at BV 128 (nineteenth
+# session) it is the fastest form again: 0.8813 ms against 0.9711 for the eighteenth session's
+# (no exp_ftz, no second norm; 3 rounds; output moved by 2.3e-3 relative, states by 1.3e-3;
+# compare_carve_ftz_renorm_h200_s19.log). The tests lower this to cover both forms.
+FUSED_RENORM_MIN_BV = 128
 
 
 @triton.jit
@@ -563,7 +571,7 @@ def _fused_pass_kernel(
         t0 = bos + i_t * _C
         m_t = o_c < (eos - t0).to(tl.int32)
         G = tl.load(Gh + t0 + o_c, mask=m_t, other=0.0)
-        # FTZ: exp_ftz at dv blocks up to FUSED_FTZ_MAX_BV only (faster at BV 64, slower at 128)
+        # FTZ: exp_ftz at dv blocks up to FUSED_FTZ_MAX_BV (16-bit inputs)
         eG = exp_ftz(G, FTZ)
         # k [C, BK] for the products with q and the state, and e^G k for w, each rounded to 16 bits
         # once from k's fp32 tile (with NORM_QK, the norm and e^G in one factor a row). H200, core
