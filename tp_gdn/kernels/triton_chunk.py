@@ -543,9 +543,10 @@ def _segment_chain_kernel(
 @triton.jit
 def _fused_pass_kernel(
     q, k, v, Tin, Gin, out, state_pool, seqs, cu_seqlens, slots, has_state,
-    stride_q, stride_k, stride_v, q_col0, k_col0, v_col0, scale, stride_out, stride_ps, stride_ph,
+    q_col0, k_col0, v_col0, scale, stride_ps, stride_ph,
     z, stride_z, z_col0, norm_w, eps, n_tok,
-    R, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    R, stride_q: tl.constexpr, stride_k: tl.constexpr, stride_v: tl.constexpr, stride_out: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     NORM_QK: tl.constexpr, PREC: tl.constexpr, GATED_NORM: tl.constexpr, FTZ: tl.constexpr,
 ):
     """The fused pass with the state held transposed, S^T [BV, BK], and every tile that meets it
@@ -563,11 +564,22 @@ def _fused_pass_kernel(
     bos, eos, St, o_k, m_k, o_v, m_v, o_c, m_state, p_state = _walk_start(
         seqs, cu_seqlens, slots, has_state, state_pool, stride_ps, stride_ph, i_s, h, i_v, DK, DV, BK, BV)
     hk = h // R
+    o_b = tl.arange(0, BV)      # columns of the dv block (o_v = i_v BV + o_b)
     Th, Gh = Tin + _head_off(h, n_tok, _C), Gin + _head_off(h, n_tok, 1)
 
     n_chunks = ((eos - bos + _C - 1) // _C).to(tl.int32)
     for i_t in range(0, n_chunks):
-        # addresses: one int64 row base per chunk, int32 offsets inside the tiles
+        # addresses: one int64 base per tile and chunk that holds every scalar part (the chunk's
+        # row, the head's and the dv block's column), and int32 offsets inside the tile formed from
+        # the aranges and the row strides alone, which are constexprs. The compiler then holds far
+        # fewer per-thread offsets across the loop: with the column parts in the offsets and the
+        # strides as arguments, the loop spilled and reloaded them (ncu, H200: the top stalls of
+        # the pass were address arithmetic waiting on those reloads; benchmarks/results/
+        # ncu_fused_h200_s19.log). Spill stores at BV 128 (Triton 3.6, sm_90a): 192 B against 144.
+        # H200, fused pass kernel time (with exp_ftz and the second norm at BV 128, against
+        # neither; 3 rounds, compare_cstride_h200_s19.log): tp=1 layer 8x4096 0.7841 ms against
+        # 0.9698; core 8x4096 16/32 0.7926 against 0.9319, 8/16 0.3997 against 0.4689, 4/8 (BV 64)
+        # 0.4519 against 0.4880. One compiled kernel per set of strides (a layer has one).
         t0 = bos + i_t * _C
         m_t = o_c < (eos - t0).to(tl.int32)
         G = tl.load(Gh + t0 + o_c, mask=m_t, other=0.0)
@@ -577,7 +589,7 @@ def _fused_pass_kernel(
         # once from k's fp32 tile (with NORM_QK, the norm and e^G in one factor a row). H200, core
         # 16/32 at 8x4096, against rounding e^G k from the rounded k: fused pass 0.9356 against
         # 0.9454 ms (3 rounds, benchmarks/results/compare_micro_h200_s18.log)
-        kk = tl.load(k + t0 * stride_k + (o_c[:, None] * stride_k + k_col0 + hk * DK + o_k[None, :]),
+        kk = tl.load(k + (t0 * stride_k + k_col0 + hk * DK) + (o_c[:, None] * stride_k + o_k[None, :]),
                      mask=m_t[:, None] & m_k[None, :], other=0.0)
         dt = kk.dtype
         kf = kk.to(tl.float32)
@@ -587,10 +599,10 @@ def _fused_pass_kernel(
             kg = (kf * (rk * eG)[:, None]).to(dt)
         else:
             kg = (kf * eG[:, None]).to(dt)
-        qq = _load_qk(q + t0 * stride_q, o_c, m_t, stride_q, q_col0 + hk * DK, o_k, m_k, NORM_QK, scale)    # [C, BK]
+        qq = _load_qk(q + (t0 * stride_q + q_col0 + hk * DK), o_c, m_t, stride_q, 0, o_k, m_k, NORM_QK, scale)  # [C, BK]
         mvt = m_v[:, None] & m_t[None, :]
-        vt = tl.load(v + t0 * stride_v + (o_c[None, :] * stride_v + v_col0 + h * DV + o_v[:, None]), mask=mvt,
-                     other=0.0)                                                                             # [BV, C]
+        vt = tl.load(v + (t0 * stride_v + v_col0 + h * DV + i_v * BV) + (o_c[None, :] * stride_v + o_b[:, None]),
+                     mask=mvt, other=0.0)                                                                             # [BV, C]
         # Tt[j, i] = T[i, j]: T's row i is token t0 + i
         Tt = _load_T(Th + t0 * _C, o_c[None, :], o_c[:, None], m_t[None, :])
         G_last = tl.load(Gh + tl.minimum(t0 + _C, eos) - 1)
@@ -609,12 +621,12 @@ def _fused_pass_kernel(
         ot = tl.dot(Sd, tl.trans(qq), input_precision=PREC) * eG[None, :] + tl.dot(
             Ut.to(dt), Pt, input_precision=PREC)
         if GATED_NORM:                      # masked dv rows of ot are zero
-            zz = tl.load(z + t0 * stride_z + (o_c[None, :] * stride_z + z_col0 + h * DV + o_v[:, None]), mask=mvt,
-                         other=0.0)
+            zz = tl.load(z + (t0 * stride_z + z_col0 + h * DV + i_v * BV) + (o_c[None, :] * stride_z + o_b[:, None]),
+                         mask=mvt, other=0.0)
             zz = zz.to(tl.float32)
             nw = tl.load(norm_w + o_v, mask=m_v, other=0.0).to(tl.float32)
             ot = ot * tl.rsqrt(tl.sum(ot * ot, axis=0) / DV + eps)[None, :] * nw[:, None] * (zz * tl.sigmoid(zz))
-        tl.store(out + t0 * stride_out + (o_c[None, :] * stride_out + h * DV + o_v[:, None]),
+        tl.store(out + (t0 * stride_out + h * DV + i_v * BV) + (o_c[None, :] * stride_out + o_b[:, None]),
                  ot.to(out.dtype.element_ty), mask=mvt)
         St = _advance(St, Ut, kk, G, G_last, PREC, FTZ)
 
@@ -766,9 +778,9 @@ def chunk_delta_rule_varlen(
         z, z_col0, norm_w, eps = gated_norm or (out, 0, A_log, 0.0)     # unread without the norm
         launch(_fused_pass_kernel, (n_seq, nv, cdiv(dv, BV)),
             q, k, v, Tbuf, G, out, state_pool, meta.prefill_seqs, meta.cu_seqlens, meta.slots,
-            meta.has_state, q.stride(0), k.stride(0), v.stride(0), q_col0, k_col0, v_col0, dk ** -0.5,
-            out.stride(0), state_pool.stride(0), state_pool.stride(1), z, z.stride(0), z_col0, norm_w, eps, T,
-            R=nv // nk, DK=dk, DV=dv, BK=BK, BV=BV, NORM_QK=normalize_qk or BV >= FUSED_RENORM_MIN_BV, PREC=prec,
+            meta.has_state, q_col0, k_col0, v_col0, dk ** -0.5,
+            state_pool.stride(0), state_pool.stride(1), z, z.stride(0), z_col0, norm_w, eps, T,
+            R=nv // nk, stride_q=q.stride(0), stride_k=k.stride(0), stride_v=v.stride(0), stride_out=out.stride(0), DK=dk, DV=dv, BK=BK, BV=BV, NORM_QK=normalize_qk or BV >= FUSED_RENORM_MIN_BV, PREC=prec,
             GATED_NORM=gated_norm is not None, FTZ=_ftz(prec, BV), **LAUNCH["fused"],
         )
         return
