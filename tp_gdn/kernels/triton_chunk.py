@@ -601,10 +601,11 @@ def _fused_pass_kernel(
             kg = (kf * (rk * eG)[:, None]).to(dt)
         else:
             kg = (kf * eG[:, None]).to(dt)
-        qq = _load_qk(q + (t0 * stride_q + q_col0 + hk * DK), o_c, m_t, stride_q, 0, o_k, m_k, NORM_QK, scale)  # [C, BK]
+        # q [C, BK]
+        qq = _load_qk(q + (t0 * stride_q + q_col0 + hk * DK), o_c, m_t, stride_q, 0, o_k, m_k, NORM_QK, scale)
         mvt = m_v[:, None] & m_t[None, :]
         vt = tl.load(v + (t0 * stride_v + v_col0 + h * DV + i_v * BV) + (o_c[None, :] * stride_v + o_b[:, None]),
-                     mask=mvt, other=0.0)                                                                             # [BV, C]
+                     mask=mvt, other=0.0)                                                                   # [BV, C]
         # Tt[j, i] = T[i, j]: T's row i is token t0 + i
         Tt = _load_T(Th + t0 * _C, o_c[None, :], o_c[:, None], m_t[None, :])
         G_last = tl.load(Gh + tl.minimum(t0 + _C, eos) - 1)
@@ -782,7 +783,8 @@ def chunk_delta_rule_varlen(
             q, k, v, Tbuf, G, out, state_pool, meta.prefill_seqs, meta.cu_seqlens, meta.slots,
             meta.has_state, q_col0, k_col0, v_col0, dk ** -0.5,
             state_pool.stride(0), state_pool.stride(1), z, z.stride(0), z_col0, norm_w, eps, T,
-            R=nv // nk, stride_q=q.stride(0), stride_k=k.stride(0), stride_v=v.stride(0), stride_out=out.stride(0), DK=dk, DV=dv, BK=BK, BV=BV, NORM_QK=normalize_qk or BV >= FUSED_RENORM_MIN_BV, PREC=prec,
+            R=nv // nk, stride_q=q.stride(0), stride_k=k.stride(0), stride_v=v.stride(0), stride_out=out.stride(0),
+            DK=dk, DV=dv, BK=BK, BV=BV, NORM_QK=normalize_qk or BV >= FUSED_RENORM_MIN_BV, PREC=prec,
             GATED_NORM=gated_norm is not None, FTZ=_ftz(prec, BV), **LAUNCH["fused"],
         )
         return
