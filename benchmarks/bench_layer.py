@@ -37,19 +37,19 @@ CFG = GDNConfig(model_type="qwen3_next", hidden_size=2048, num_k_heads=16, num_v
                 head_v_dim=128, conv_kernel=4, rms_norm_eps=1e-6, layer_types=("linear_attention",))
 
 
-def full_weights(seed=0):
+def full_weights(seed=0, cfg=CFG):
     from tp_gdn.layer import full_shapes
     from tp_gdn.loader.synthetic import gate_parameters
 
     g = torch.Generator().manual_seed(seed)
-    s = full_shapes(CFG)
-    A_log, dt_bias = gate_parameters(CFG.num_v_heads, g)
-    return {"in_proj.weight": torch.randn(s["in_proj.weight"], generator=g) / CFG.hidden_size ** 0.5,
+    s = full_shapes(cfg)
+    A_log, dt_bias = gate_parameters(cfg.num_v_heads, g)
+    return {"in_proj.weight": torch.randn(s["in_proj.weight"], generator=g) / cfg.hidden_size ** 0.5,
             "conv_weight": torch.randn(s["conv_weight"], generator=g) / 2,
             "A_log": A_log,
             "dt_bias": dt_bias,
             "norm_weight": 1 + 0.3 * torch.randn(s["norm_weight"], generator=g),
-            "out_proj.weight": torch.randn(s["out_proj.weight"], generator=g) / CFG.value_dim ** 0.5}
+            "out_proj.weight": torch.randn(s["out_proj.weight"], generator=g) / cfg.value_dim ** 0.5}
 
 
 class ComposedPeer:

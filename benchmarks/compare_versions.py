@@ -12,8 +12,10 @@ interleaved rounds (as the fifteenth session's comparisons in benchmarks/RESULTS
 
 Rows (default: the two layer rows and five core rows listed under --rows):
   layer-NxL            the tp=1 layer at Qwen3-Next-80B dims (bench_layer.py's weights), bf16
+  layer-NxL-tpP        one tp=P rank's share of it (nk/P, nv/P heads), as a tp=1 layer of that
+                       many heads: the rank's kernels at the rank's shapes, without the all-reduce
   core-NxL-NK/NV       gdn_prefill on bench_kernels.py's inputs (l2norm inside), bf16
-e.g. layer-8x4096, core-1x32768-4/8. For each row: the relative difference of output and final
+e.g. layer-8x4096, layer-8x4096-tp4, core-1x32768-4/8. For each row: the relative difference of output and final
 state (NEW against OLD), then the median over N interleaved rounds (default 5) of each kernel's
 time under the torch profiler (5 calls a round), and of their sum.
 """
@@ -32,20 +34,23 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).parent))      # bench_layer, bench_kernels, timing
 DEFAULT_ROWS = ["layer-8x4096", "layer-1x4096", "core-8x4096-16/32", "core-8x4096-8/16", "core-8x4096-4/8",
                 "core-1x32768-4/8", "core-1x4096-16/32"]
 
 
 def parse_row(text: str) -> tuple:
-    """('layer', n, L) or ('core', n, L, nk, nv) from a row name; ValueError names what it takes."""
-    m = re.fullmatch(r"layer-(\d+)x(\d+)", text)
-    if m:
-        return ("layer", int(m[1]), int(m[2]))
+    """('layer', n, L, P) or ('core', n, L, nk, nv) from a row name; ValueError names what it takes."""
+    from bench_layer import CFG
+
+    m = re.fullmatch(r"layer-(\d+)x(\d+)(?:-tp(\d+))?", text)
+    if m and (m[3] is None or (int(m[3]) >= 1 and CFG.num_k_heads % int(m[3]) == 0)):
+        return ("layer", int(m[1]), int(m[2]), int(m[3] or 1))
     m = re.fullmatch(r"core-(\d+)x(\d+)-(\d+)/(\d+)", text)
     if m and int(m[4]) % int(m[3]) == 0:
         return ("core", int(m[1]), int(m[2]), int(m[3]), int(m[4]))
-    raise ValueError(f"{text!r}: rows are layer-NxL or core-NxL-NK/NV (NV a multiple of NK), "
-                     "e.g. layer-8x4096 or core-1x32768-4/8")
+    raise ValueError(f"{text!r}: rows are layer-NxL, layer-NxL-tpP (P dividing {CFG.num_k_heads}) or "
+                     "core-NxL-NK/NV (NV a multiple of NK), e.g. layer-8x4096, layer-8x4096-tp4 or core-1x32768-4/8")
 
 
 def load_version(rev: str | None, tag: str, into: Path):
@@ -87,24 +92,28 @@ def compare(label: str, fns: dict, outs: dict, rounds: int) -> None:
 
 
 def run_row(row: tuple, versions: dict, rounds: int) -> None:
+    import dataclasses
+
     import torch
     from bench_kernels import prefill_inputs
     from bench_layer import CFG, full_weights
 
     fns, outs = {}, {}
     if row[0] == "layer":
-        _, n, L = row
+        _, n, L, P = row
+        cfg = dataclasses.replace(CFG, num_k_heads=CFG.num_k_heads // P, num_v_heads=CFG.num_v_heads // P)
         dev = torch.device("cuda")
-        w = full_weights()
+        w = full_weights(cfg=cfg)
         x = torch.randn(n * L, CFG.hidden_size, device=dev, dtype=torch.bfloat16,
                         generator=torch.Generator(device=dev).manual_seed(1))
         for k, pkg in versions.items():
-            layer = pkg.GDNLayer.from_full(CFG, 0, w, 0, 1, dtype=torch.bfloat16, device=dev, backend="triton")
+            layer = pkg.GDNLayer.from_full(cfg, 0, w, 0, 1, dtype=torch.bfloat16, device=dev, backend="triton")
             batch = pkg.Batch([L] * n, list(range(n)), [False] * n)
-            cache = pkg.StateCache(CFG, [0], n, dtype=torch.bfloat16, device=dev, tp_size=1)
+            cache = pkg.StateCache(cfg, [0], n, dtype=torch.bfloat16, device=dev, tp_size=1)
             fns[k] = lambda layer=layer, batch=batch, cache=cache: layer(x, batch, cache)
             outs[k] = (fns[k]().clone(), cache.ssm[0].clone())
-        compare(f"layer tp=1 {n}x{L}", fns, outs, rounds)
+        compare(f"layer tp=1 {n}x{L}" if P == 1 else f"layer, one tp={P} rank ({cfg.num_k_heads}/{cfg.num_v_heads} heads), {n}x{L}",
+                fns, outs, rounds)
         return
     _, n, L, nk, nv = row
     x = prefill_inputs(n, L, nk, nv)
@@ -134,7 +143,6 @@ def main(argv=None) -> int:
     import torch
     if not torch.cuda.is_available():
         raise SystemExit("compare_versions.py times GPU kernels: it needs a CUDA GPU")
-    sys.path.insert(0, str(Path(__file__).parent))
     with tempfile.TemporaryDirectory() as tmp:
         versions = {"old": load_version(args.old, "v0", Path(tmp)), "new": load_version(args.new, "v1", Path(tmp))}
         print(f"device {torch.cuda.get_device_name()}; old {args.old}, new {args.new or 'the working tree'}",

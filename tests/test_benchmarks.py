@@ -15,10 +15,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_compare_versions_rows():
     cv = load_benchmark("compare_versions")
-    assert cv.parse_row("layer-8x4096") == ("layer", 8, 4096)
+    assert cv.parse_row("layer-8x4096") == ("layer", 8, 4096, 1)
+    assert cv.parse_row("layer-8x4096-tp4") == ("layer", 8, 4096, 4)
     assert cv.parse_row("core-1x32768-4/8") == ("core", 1, 32768, 4, 8)
-    for bad in ("core-8x4096-3/8", "layer-8", "core-8x4096", "prefill-8x4096"):
-        with pytest.raises(ValueError, match="layer-NxL or core-NxL-NK/NV"):
+    for bad in ("core-8x4096-3/8", "layer-8", "core-8x4096", "prefill-8x4096", "layer-8x4096-tp3",
+                "layer-8x4096-tp0", "layer-8x4096-tp"):
+        with pytest.raises(ValueError, match="layer-NxL, layer-NxL-tpP"):
             cv.parse_row(bad)
     for d in cv.DEFAULT_ROWS:
         cv.parse_row(d)
