@@ -15,9 +15,9 @@ Rows (default: the two layer rows and five core rows listed under --rows):
   layer-NxL-tpP        one tp=P rank's share of it (nk/P, nv/P heads), as a tp=1 layer of that
                        many heads: the rank's kernels at the rank's shapes, without the all-reduce
   core-NxL-NK/NV       gdn_prefill on bench_kernels.py's inputs (l2norm inside), bf16
-e.g. layer-8x4096, layer-8x4096-tp4, core-1x32768-4/8. For each row: the relative difference of output and final
-state (NEW against OLD), then the median over N interleaved rounds (default 5) of each kernel's
-time under the torch profiler (5 calls a round), and of their sum.
+e.g. layer-8x4096, layer-8x4096-tp4, core-1x32768-4/8. For each row: the relative difference of
+output and final state (NEW against OLD), then the median over N interleaved rounds (default 5)
+of each kernel's time under the torch profiler (5 calls a round), and of their sum.
 """
 
 from __future__ import annotations
@@ -50,7 +50,8 @@ def parse_row(text: str) -> tuple:
     if m and int(m[4]) % int(m[3]) == 0:
         return ("core", int(m[1]), int(m[2]), int(m[3]), int(m[4]))
     raise ValueError(f"{text!r}: rows are layer-NxL, layer-NxL-tpP (P dividing {CFG.num_k_heads}) or "
-                     "core-NxL-NK/NV (NV a multiple of NK), e.g. layer-8x4096, layer-8x4096-tp4 or core-1x32768-4/8")
+                     "core-NxL-NK/NV (NV a multiple of NK), e.g. layer-8x4096, layer-8x4096-tp4 or "
+                     "core-1x32768-4/8")
 
 
 def load_version(rev: str | None, tag: str, into: Path):
@@ -112,8 +113,9 @@ def run_row(row: tuple, versions: dict, rounds: int) -> None:
             cache = pkg.StateCache(cfg, [0], n, dtype=torch.bfloat16, device=dev, tp_size=1)
             fns[k] = lambda layer=layer, batch=batch, cache=cache: layer(x, batch, cache)
             outs[k] = (fns[k]().clone(), cache.ssm[0].clone())
-        compare(f"layer tp=1 {n}x{L}" if P == 1 else f"layer, one tp={P} rank ({cfg.num_k_heads}/{cfg.num_v_heads} heads), {n}x{L}",
-                fns, outs, rounds)
+        label = f"layer tp=1 {n}x{L}" if P == 1 else \
+            f"layer, one tp={P} rank ({cfg.num_k_heads}/{cfg.num_v_heads} heads), {n}x{L}"
+        compare(label, fns, outs, rounds)
         return
     _, n, L, nk, nv = row
     x = prefill_inputs(n, L, nk, nv)
