@@ -105,7 +105,7 @@ def run_row(row: tuple, versions: dict, rounds: int) -> None:
         cfg = dataclasses.replace(CFG, num_k_heads=CFG.num_k_heads // P, num_v_heads=CFG.num_v_heads // P)
         dev = torch.device("cuda")
         w = full_weights(cfg=cfg)
-        x = torch.randn(n * L, CFG.hidden_size, device=dev, dtype=torch.bfloat16,
+        x = torch.randn(n * L, cfg.hidden_size, device=dev, dtype=torch.bfloat16,
                         generator=torch.Generator(device=dev).manual_seed(1))
         for k, pkg in versions.items():
             layer = pkg.GDNLayer.from_full(cfg, 0, w, 0, 1, dtype=torch.bfloat16, device=dev, backend="triton")
