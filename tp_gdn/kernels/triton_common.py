@@ -71,7 +71,7 @@ FAST_LAUNCH = (not _INTERPRETED and knobs is not None and os.environ.get("TP_GDN
 # (kernel, device, argument specialisation, keyword items) -> (launcher, function, packed metadata,
 # values of the parameters after the positional ones); None where those do not allow the short path
 _LAUNCHES: dict = {}
-_DRIVER: list = []     # [get_current_device, get_current_stream], bound on first use
+_DRIVER: list = []     # [current device query, get_current_stream], bound on first use
 _I32 = 1 << 31
 
 
@@ -113,7 +113,11 @@ def launch(kernel, grid: tuple, *args, **meta) -> None:
             and _unhooked(knobs.runtime.launch_exit_hook):
         if not _DRIVER:
             from triton.runtime import driver
-            _DRIVER[:] = [driver.active.get_current_device, driver.active.get_current_stream]
+            driver.active.get_current_device()      # torch.cuda.current_device: initialises CUDA
+            # later calls take torch's device query without current_device's initialisation checks
+            # (5-7 us a launch on an H200 host), which only Triton's binding of it goes through
+            _DRIVER[:] = [getattr(torch._C, "_cuda_getDevice", driver.active.get_current_device),
+                          driver.active.get_current_stream]
         device = _DRIVER[0]()
         spec = _specialise(args)
         key = None if spec is None else (kernel, device, spec[0], tuple(meta.items()))
