@@ -736,7 +736,9 @@ def chunk_delta_rule_varlen(
     fused buffer are used in place); v: [T, *] with value head h at columns v_col0 + h dv;
     a, b: [T, *] raw gate inputs, value head h at column h (pass column views, row stride kept);
     state_pool: [S, nv, dk, dv] (fp32), read for has_state sequences and overwritten with each
-    final state; out: [T, *] receives o of value head h at columns h dv.
+    final state; out: [T, *] receives o of value head h at columns h dv, or None: then a new
+    [T, nv dv] tensor in v's dtype, allocated after the first launch (so that the solve starts
+    sooner), takes o. Returns out.
     normalize_qk: l2-normalise q and k and scale q by dk^-0.5 inside (else they come normalised;
     the fused pass still normalises them again at dv blocks from FUSED_RENORM_MIN_BV up).
     path, BV: "split", "fused" or "scan" and the dv block of the sequential pass (default:
@@ -746,7 +748,7 @@ def chunk_delta_rule_varlen(
     inside the fused pass; only where that pass runs with one dv block (fused_norm_applies).
     """
     if meta.num_chunks == 0:
-        return
+        return out
     if path not in (None, *PATHS):
         raise ValueError(f"path must be one of {PATHS}, got {path!r}")
     T = q.shape[0]
@@ -776,6 +778,8 @@ def chunk_delta_rule_varlen(
                          f"BV={BV}, dv={dv})")
     prec = _prec(dt)
     Tbuf, G = intra_solve(k, a, b, A_log, dt_bias, meta, k_col0, nk, nv, dk, normalize_qk)
+    if out is None:
+        out = torch.empty(T, nv * dv, device=dev, dtype=v.dtype)
     grid = (meta.num_chunks, nv)
     if path == "fused":
         z, z_col0, norm_w, eps = gated_norm or (out, 0, A_log, 0.0)     # unread without the norm
@@ -787,7 +791,7 @@ def chunk_delta_rule_varlen(
             DK=dk, DV=dv, BK=BK, BV=BV, NORM_QK=normalize_qk or BV >= FUSED_RENORM_MIN_BV, PREC=prec,
             GATED_NORM=gated_norm is not None, FTZ=_ftz(prec, BV), **LAUNCH["fused"],
         )
-        return
+        return out
     w = torch.empty(nv, T, dk, device=dev, dtype=dt)        # head-major, as intra_solve's outputs
     qp = torch.empty_like(w)
     u = torch.empty(nv, T, dv, device=dev, dtype=dt)
@@ -808,7 +812,7 @@ def chunk_delta_rule_varlen(
             R=nv // nk, DK=dk, DV=dv, BK=BK, BV=BV, NORM_QK=normalize_qk, PREC=prec, FTZ=_ftz(prec),
             **pass_launch,
         )
-        return
+        return out
     # scan: the sequential pass over segments in parallel, from start states chained per sequence
     if seg_chunks is None:
         seg_chunks = SCAN["seg_chunks"] or scan_seg_chunks(meta.num_chunks, nv)
@@ -835,3 +839,4 @@ def chunk_delta_rule_varlen(
         R=nv // nk, DK=dk, DV=dv, BK=BK, BV=pass_bv, NORM_QK=normalize_qk, PREC=prec, FTZ=_ftz(prec),
         **pass_launch,
     )
+    return out
