@@ -1,7 +1,7 @@
 """Two versions of tp_gdn's kernels in one process, on one GPU: per-kernel time, and whether their
 outputs and final states are bit-equal.
 
-    python benchmarks/compare_versions.py OLD [NEW] [--rows ROW ...] [--rounds N]
+    python benchmarks/compare_versions.py OLD [NEW] [--rows ROW ...] [--rounds N] [--calls]
 
 OLD and NEW are git revisions of this repository (NEW: the working tree when left out). Each is
 read with `git archive` into a temporary directory as a package of its own (`tp_gdn_v0`,
@@ -17,7 +17,9 @@ Rows (default: the two layer rows and five core rows listed under --rows):
   core-NxL-NK/NV       gdn_prefill on bench_kernels.py's inputs (l2norm inside), bf16
 e.g. layer-8x4096, layer-8x4096-tp4, core-1x32768-4/8. For each row: the relative difference of
 output and final state (NEW against OLD), then the median over N interleaved rounds (default 5)
-of each kernel's time under the torch profiler (5 calls a round), and of their sum.
+of each kernel's time under the torch profiler (5 calls a round), and of their sum. With --calls,
+also the median over the rounds of whole calls (the host's work included): a round's median of
+20 single calls with a sync after each (bench_kernels.py's "ours" column), and 20 back to back.
 """
 
 from __future__ import annotations
@@ -73,26 +75,30 @@ def load_version(rev: str | None, tag: str, into: Path):
     return importlib.import_module(name)
 
 
-def compare(label: str, fns: dict, outs: dict, rounds: int) -> None:
-    from timing import kernel_times, rel
+def compare(label: str, fns: dict, outs: dict, rounds: int, calls: bool = False) -> None:
+    from timing import back_to_back, kernel_times, rel, timeit
 
     (o0, s0), (o1, s1) = outs["old"], outs["new"]
     same = "bit-equal" if o0.equal(o1) and s0.equal(s1) else "not bit-equal"
     print(f"{label}: output new vs old {rel(o1, o0):.1e}, state {rel(s1, s0):.1e} ({same})", flush=True)
     times = {k: [] for k in fns}
+    whole = {k: [] for k in fns}      # whole calls, the host's work included
     for _ in range(rounds):
         for k, fn in fns.items():
             times[k].append({name: ms for name, (ms, _) in kernel_times(fn, 5).items()})
+            if calls:
+                whole[k].append({"single call": timeit(fn, iters=20), "back to back": back_to_back(fn, iters=20)})
     names = sorted(set().union(*(d.keys() for k in fns for d in times[k])))
-    med = lambda k, f: statistics.median(f(d) for d in times[k])
-    for name in names + ["all kernels"]:
-        get = (lambda d: sum(d.values())) if name == "all kernels" else (lambda d, n=name: d.get(n, 0.0))
-        old, new = med("old", get), med("new", get)
+    rows = [(name, times, lambda d, n=name: d.get(n, 0.0)) for name in names]
+    rows.append(("all kernels", times, lambda d: sum(d.values())))
+    rows += [(name, whole, lambda d, n=name: d[n]) for name in (["single call", "back to back"] if calls else [])]
+    for name, table, get in rows:
+        old, new = (statistics.median(get(d) for d in table[k]) for k in ("old", "new"))
         change = f"{100 * (new / old - 1):+.1f}%" if old > 0 else ""
         print(f"  {name[:40]:40s} old {old:8.4f} ms  new {new:8.4f} ms  {change}", flush=True)
 
 
-def run_row(row: tuple, versions: dict, rounds: int) -> None:
+def run_row(row: tuple, versions: dict, rounds: int, calls: bool = False) -> None:
     import dataclasses
 
     import torch
@@ -115,7 +121,7 @@ def run_row(row: tuple, versions: dict, rounds: int) -> None:
             outs[k] = (fns[k]().clone(), cache.ssm[0].clone())
         label = f"layer tp=1 {n}x{L}" if P == 1 else \
             f"layer, one tp={P} rank ({cfg.num_k_heads}/{cfg.num_v_heads} heads), {n}x{L}"
-        compare(label, fns, outs, rounds)
+        compare(label, fns, outs, rounds, calls)
         return
     _, n, L, nk, nv = row
     x = prefill_inputs(n, L, nk, nv)
@@ -126,7 +132,7 @@ def run_row(row: tuple, versions: dict, rounds: int) -> None:
         fns[k] = lambda ops=ops, batch=batch, pool=pool: ops.gdn_prefill(
             x["q"], x["k"], x["v"], x["a"], x["b"], x["A_log"], x["dt_bias"], pool, batch)
         outs[k] = (fns[k]().clone(), pool.clone())   # the state after one call from h0
-    compare(f"core {n}x{L} {nk}/{nv}", fns, outs, rounds)
+    compare(f"core {n}x{L} {nk}/{nv}", fns, outs, rounds, calls)
 
 
 def main(argv=None) -> int:
@@ -135,6 +141,9 @@ def main(argv=None) -> int:
     ap.add_argument("new", nargs="?", default=None, help="git revision (default: the working tree)")
     ap.add_argument("--rows", nargs="+", default=DEFAULT_ROWS, help=f"workloads (default: {' '.join(DEFAULT_ROWS)})")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds per row (default 5)")
+    ap.add_argument("--calls", action="store_true",
+                    help="also time whole calls: single calls with a sync after each, and back to back, so "
+                         "that changes on the host's side show")
     args = ap.parse_args(argv)
     try:
         rows = [parse_row(r) for r in args.rows]
@@ -152,7 +161,7 @@ def main(argv=None) -> int:
         failed = 0
         for name, row in zip(args.rows, rows):
             try:
-                run_row(row, versions, args.rounds)
+                run_row(row, versions, args.rounds, args.calls)
             except Exception as e:      # said, and the next row runs (e.g. one version refuses a shape)
                 failed += 1
                 print(f"{name}: FAILED {type(e).__name__}: {e}", flush=True)

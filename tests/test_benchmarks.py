@@ -62,7 +62,14 @@ def test_compare_versions_loads_a_revision_beside_the_tree(tmp_path, seed):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message without a GPU")
-def test_compare_versions_needs_a_gpu():
-    run = subprocess.run([sys.executable, str(ROOT / "benchmarks/compare_versions.py"), "HEAD"],
+@pytest.mark.parametrize("script", ["compare_versions", "host_time"])
+def test_version_comparisons_need_a_gpu(script):
+    run = subprocess.run([sys.executable, str(ROOT / f"benchmarks/{script}.py"), "HEAD"],
                          capture_output=True, text=True, timeout=300)
     assert run.returncode != 0 and "needs a CUDA GPU" in run.stderr
+
+
+def test_host_time_takes_core_rows_only():
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks/host_time.py"), "HEAD", "--rows", "layer-8x4096"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2 and "core rows (core-NxL-NK/NV) only" in run.stderr

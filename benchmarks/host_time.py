@@ -1,0 +1,144 @@
+"""Host time of gdn_prefill in two versions of tp_gdn, in one process on one GPU: when each of its
+kernel launches is called, and what a single call takes.
+
+    python benchmarks/host_time.py OLD [NEW] [--rows ROW ...] [--calls N]
+
+OLD and NEW as in compare_versions.py (git revisions; NEW: the working tree when left out); rows
+are its core rows (core-NxL-NK/NV, default the four of bench_kernels.py's prefill table).
+
+A single call with a sync after it (bench_kernels.py's "ours" column) takes its kernels' time
+plus the host's work up to the first launch, and plus any later launch that the host issues
+after the GPU has run out of work. That host work is tens of microseconds on the lent machines,
+and it varies from call to call by about as much, so a change to it shows only in many calls of
+both versions taken in turn. Per version this prints:
+
+- the median, over N calls, of the microseconds from the call's start to each of its kernel
+  launches and to its return, with the GPU kept busy by a sleep kernel queued before the call
+  (so that the launches queue and the host's time is its own);
+- the median over N single calls (event to event, a sync after each) in milliseconds.
+
+Calls of the two versions alternate, so drifts of the host's speed fall on both alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from compare_versions import load_version, parse_row  # noqa: E402
+
+DEFAULT_ROWS = ["core-8x4096-16/32", "core-8x4096-8/16", "core-8x4096-4/8", "core-1x32768-4/8"]
+SLEEP_CYCLES = 4_000_000      # about 2 ms at 2 GHz: longer than the host's work for one call
+
+
+def stamped_calls(fns: dict, chunks: dict, n: int) -> dict:
+    """{version: [per call: microseconds from the call's start to each launch, then to its return]}."""
+    import torch
+
+    stamps, out = [], {k: [] for k in fns}
+    real = {k: m.launch for k, m in chunks.items()}
+
+    def wrap(k):
+        def launch(*args, **kw):
+            stamps.append(time.perf_counter())
+            real[k](*args, **kw)
+        return launch
+
+    try:
+        for k, m in chunks.items():
+            m.launch = wrap(k)
+        for _ in range(n):
+            for k, fn in fns.items():
+                torch.cuda.synchronize()
+                torch.cuda._sleep(SLEEP_CYCLES)
+                stamps.clear()
+                t = time.perf_counter()
+                fn()
+                end = time.perf_counter()
+                out[k].append([(s - t) * 1e6 for s in stamps] + [(end - t) * 1e6])
+        torch.cuda.synchronize()
+    finally:
+        for k, m in chunks.items():
+            m.launch = real[k]
+    return out
+
+
+def single_calls(fns: dict, n: int) -> dict:
+    """{version: [ms of each single call, event to event, a sync after it]}."""
+    import torch
+
+    out = {k: [] for k in fns}
+    for _ in range(n):
+        for k, fn in fns.items():
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            out[k].append(a.elapsed_time(b))
+    return out
+
+
+def run_row(name: str, row: tuple, versions: dict, n: int) -> None:
+    import torch
+    from bench_kernels import prefill_inputs
+
+    _, nb, L, nk, nv = row
+    x = prefill_inputs(nb, L, nk, nv)
+    fns, chunks, outs = {}, {}, {}
+    for k, pkg in versions.items():
+        batch = pkg.Batch(x["batch"].seq_lens, x["batch"].slots, x["batch"].has_state)
+        pool = x["h0"].clone()
+        ops = importlib.import_module(pkg.__name__ + ".kernels.triton_ops")
+        chunks[k] = importlib.import_module(pkg.__name__ + ".kernels.triton_chunk")
+        fns[k] = lambda ops=ops, batch=batch, pool=pool: ops.gdn_prefill(
+            x["q"], x["k"], x["v"], x["a"], x["b"], x["A_log"], x["dt_bias"], pool, batch)
+        outs[k] = fns[k]()
+        for _ in range(3):
+            fns[k]()
+    torch.cuda.synchronize()
+    same = "bit-equal" if outs["old"].equal(outs["new"]) else "NOT bit-equal"
+    stamps, singles = stamped_calls(fns, chunks, n), single_calls(fns, n)
+    print(f"{name}: outputs {same}; {n} calls of each version, in turn", flush=True)
+    for k in fns:
+        med = [statistics.median(c) for c in zip(*stamps[k])]
+        print(f"  {k}: host us to each launch {', '.join(f'{s:.1f}' for s in med[:-1])}; to return {med[-1]:.1f}; "
+              f"single call {statistics.median(singles[k]):.4f} ms", flush=True)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("old", help="git revision of the version compared against")
+    ap.add_argument("new", nargs="?", default=None, help="git revision (default: the working tree)")
+    ap.add_argument("--rows", nargs="+", default=DEFAULT_ROWS, help=f"core rows (default: {' '.join(DEFAULT_ROWS)})")
+    ap.add_argument("--calls", type=int, default=200, help="calls of each version per measure (default 200)")
+    args = ap.parse_args(argv)
+    try:
+        rows = [parse_row(r) for r in args.rows]
+    except ValueError as e:
+        ap.error(str(e))
+    if any(r[0] != "core" for r in rows):
+        ap.error("host_time.py takes core rows (core-NxL-NK/NV) only")
+    if args.calls < 1:
+        ap.error("--calls must be at least 1")
+    import torch
+    if not torch.cuda.is_available():
+        raise SystemExit("host_time.py times launches of GPU kernels: it needs a CUDA GPU")
+    with tempfile.TemporaryDirectory() as tmp:
+        versions = {"old": load_version(args.old, "v0", Path(tmp)), "new": load_version(args.new, "v1", Path(tmp))}
+        print(f"device {torch.cuda.get_device_name()}; old {args.old}, new {args.new or 'the working tree'}",
+              flush=True)
+        for name, row in zip(args.rows, rows):
+            run_row(name, row, versions, args.calls)
+            torch.cuda.empty_cache()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
