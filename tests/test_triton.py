@@ -227,8 +227,9 @@ def test_solve_inverts_each_chunk_against_fp64(hard):
 def test_choose_path_keeps_the_fused_path_to_many_16_bit_programs():
     chunk, *_ = tri()
     many = chunk.FUSED_MIN_PROGRAMS
-    assert chunk.choose_path(many, 1, 128) == ("fused", chunk.FUSED_BV)
-    assert chunk.choose_path(chunk.FUSED_FULL_DV_MIN_PROGRAMS, 1, 128) == ("fused", 128)  # one block spans dv
+    assert chunk.choose_path(8, 8, 128) == ("fused", 128)                # 8 sequences x 8 heads: one block spans dv
+    assert chunk.choose_path(chunk.FUSED_FULL_DV_MIN_PROGRAMS, 1, 128) == ("fused", 128)
+    assert chunk.choose_path(many, 1, 256) == ("fused", chunk.FUSED_BV)  # dv wider than FUSED_MAX_BV: FUSED_BV blocks
     assert chunk.choose_path(many, 1, 128, torch.float32)[0] == "split"   # fp32 overflows shared memory
     assert chunk.choose_path(many - 1, 1, 128)[0] == "split"
     assert chunk.choose_path(1, 8, 128) == ("split", 16)                 # one long sequence: cut dv finely

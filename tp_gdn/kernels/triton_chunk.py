@@ -77,7 +77,12 @@ LAUNCH = {
 #   32 heads: fused BV128 1.778 ms, fused BV64 2.912, split BV128 2.376
 #   16 heads: fused BV128 0.931 ms, fused BV64 1.470, split BV128 1.218
 #    8 heads: fused BV64 0.772 ms, fused BV128 0.802, split BV64 0.745 (within noise)
-# and 1x32768 at 8 heads: split BV16 1.768 ms, fused BV64 4.858.
+# and 1x32768 at 8 heads: split BV16 1.768 ms, fused BV64 4.858. Since the nineteenth session's
+# changes to the fused pass (exp_ftz and the addresses), one block spanning dv wins from 64 pairs
+# up. H200, kernel time, 5 interleaved rounds (benchmarks/results/bv128_h200_s20.log): core 8x4096
+# 4/8 0.5189 -> 0.4508 ms and 4x4096 8/16 0.5229 -> 0.4542 (64 pairs), 12x4096 4/8 1.0023 -> 0.4874
+# (96 pairs), outputs bit-equal; a tp=4 rank's layer at 8x4096 1.3797 -> 1.3001 ms (q and k are
+# normalised again inside at BV 128: output moved by 2.2e-3).
 PATHS = ("split", "fused", "scan")
 # The scan path: segments of this many chunks (None: scan_seg_chunks), and the dv blocks of its
 # phase 1 (summary, over dv + dk columns; None: the widest giving >= 128 programs, scan_bvs) and
@@ -93,7 +98,7 @@ SCAN_MIN_SEG_CHUNKS = 8
 SCAN_TARGET_PAIRS = 128
 FUSED_MIN_PROGRAMS = 64
 FUSED_BV = 64
-FUSED_FULL_DV_MIN_PROGRAMS = 128
+FUSED_FULL_DV_MIN_PROGRAMS = 64
 FUSED_MAX_BV = 128
 # The fused pass takes exp_ftz (16-bit inputs) at dv blocks up to this width, tl.exp above it.
 # H200, whole core at 8x4096, 5 interleaved rounds, outputs and states bit-equal: BV 64 (4/8
