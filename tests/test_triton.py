@@ -780,7 +780,7 @@ def test_gpu_layer_real_dims_matches_fp32_torch_layer(seed, monkeypatch, dtype):
     w.step([(0, 700, False), (1, 1030, False), (2, 64, False), (3, 513, False)])    # fused, BV 128
     for _ in range(2):
         w.step([(s, 1, True) for s in range(4)])                                    # decode kernel
-    w.step([(0, 1, True), (1, 200, True), (4, 77, False), (2, 1, True)])            # mixed: fused, BV 64
+    w.step([(0, 1, True), (1, 200, True), (4, 77, False), (2, 1, True)])            # mixed: fused, 64 pairs, BV 128
     w.step([(5, 300, False)])                                                       # 32 programs: split, BV 32
     want = run_steps({0: GDNLayer.from_full(cfg, 0, full, backend="torch", device=DEV)},
                      StateCache(cfg, [0], 6, device=DEV, tp_size=1), w.steps)
@@ -789,7 +789,7 @@ def test_gpu_layer_real_dims_matches_fp32_torch_layer(seed, monkeypatch, dtype):
     got = run_steps({0: layer}, cache, w.steps)
     for n, (g, e) in enumerate(zip(got[0], want[0])):
         assert rel_err(g.float(), e) < 3e-2, f"step {n}"
-    assert taken == [("fused", 128), ("fused", 64), ("split", 32)]
+    assert taken == [("fused", 128), ("fused", 128), ("split", 32)]
 
 
 def test_kernel_resources_compiles_the_kernels_a_layer_call_launches_for_hopper():
