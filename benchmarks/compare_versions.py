@@ -25,6 +25,7 @@ also the median over the rounds of whole calls (the host's work included): a rou
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import io
 import re
@@ -124,15 +125,37 @@ def run_row(row: tuple, versions: dict, rounds: int, calls: bool = False) -> Non
         compare(label, fns, outs, rounds, calls)
         return
     _, n, L, nk, nv = row
-    x = prefill_inputs(n, L, nk, nv)
+    for k, (fn, pool) in core_calls(prefill_inputs(n, L, nk, nv), versions).items():
+        fns[k] = fn
+        outs[k] = (fn().clone(), pool.clone())   # the state after one call from h0
+    compare(f"core {n}x{L} {nk}/{nv}", fns, outs, rounds, calls)
+
+
+def core_calls(x: dict, versions: dict) -> dict:
+    """{version: (a call of its gdn_prefill on bench_kernels.py's inputs x, the state pool that the
+    call reads and writes: a copy of x's initial states)}; each version has its own Batch and pool."""
+    calls = {}
     for k, pkg in versions.items():
         batch = pkg.Batch(x["batch"].seq_lens, x["batch"].slots, x["batch"].has_state)
         pool = x["h0"].clone()
         ops = importlib.import_module(pkg.__name__ + ".kernels.triton_ops")
-        fns[k] = lambda ops=ops, batch=batch, pool=pool: ops.gdn_prefill(
-            x["q"], x["k"], x["v"], x["a"], x["b"], x["A_log"], x["dt_bias"], pool, batch)
-        outs[k] = (fns[k]().clone(), pool.clone())   # the state after one call from h0
-    compare(f"core {n}x{L} {nk}/{nv}", fns, outs, rounds, calls)
+        calls[k] = (lambda ops=ops, batch=batch, pool=pool: ops.gdn_prefill(
+            x["q"], x["k"], x["v"], x["a"], x["b"], x["A_log"], x["dt_bias"], pool, batch), pool)
+    return calls
+
+
+@contextlib.contextmanager
+def two_versions(old: str, new: str | None, what: str):
+    """{"old": package, "new": package} of the two revisions (new None: the working tree), imported
+    side by side from a temporary directory, after a line naming the GPU; `what` the script's
+    purpose, for the message when there is no GPU."""
+    import torch
+    if not torch.cuda.is_available():
+        raise SystemExit(f"{what}: it needs a CUDA GPU")
+    with tempfile.TemporaryDirectory() as tmp:
+        versions = {"old": load_version(old, "v0", Path(tmp)), "new": load_version(new, "v1", Path(tmp))}
+        print(f"device {torch.cuda.get_device_name()}; old {old}, new {new or 'the working tree'}", flush=True)
+        yield versions
 
 
 def main(argv=None) -> int:
@@ -152,12 +175,7 @@ def main(argv=None) -> int:
     if args.rounds < 1:
         ap.error("--rounds must be at least 1")
     import torch
-    if not torch.cuda.is_available():
-        raise SystemExit("compare_versions.py times GPU kernels: it needs a CUDA GPU")
-    with tempfile.TemporaryDirectory() as tmp:
-        versions = {"old": load_version(args.old, "v0", Path(tmp)), "new": load_version(args.new, "v1", Path(tmp))}
-        print(f"device {torch.cuda.get_device_name()}; old {args.old}, new {args.new or 'the working tree'}",
-              flush=True)
+    with two_versions(args.old, args.new, "compare_versions.py times GPU kernels") as versions:
         failed = 0
         for name, row in zip(args.rows, rows):
             try:

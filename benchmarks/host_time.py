@@ -26,12 +26,11 @@ import argparse
 import importlib
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from compare_versions import load_version, parse_row  # noqa: E402
+from compare_versions import core_calls, parse_row, two_versions  # noqa: E402
 
 DEFAULT_ROWS = ["core-8x4096-16/32", "core-8x4096-8/16", "core-8x4096-4/8", "core-1x32768-4/8"]
 SLEEP_CYCLES = 4_000_000      # about 2 ms at 2 GHz: longer than the host's work for one call
@@ -90,15 +89,10 @@ def run_row(name: str, row: tuple, versions: dict, n: int) -> None:
     from bench_kernels import prefill_inputs
 
     _, nb, L, nk, nv = row
-    x = prefill_inputs(nb, L, nk, nv)
-    fns, chunks, outs = {}, {}, {}
+    fns = {k: fn for k, (fn, _) in core_calls(prefill_inputs(nb, L, nk, nv), versions).items()}
+    chunks, outs = {}, {}
     for k, pkg in versions.items():
-        batch = pkg.Batch(x["batch"].seq_lens, x["batch"].slots, x["batch"].has_state)
-        pool = x["h0"].clone()
-        ops = importlib.import_module(pkg.__name__ + ".kernels.triton_ops")
         chunks[k] = importlib.import_module(pkg.__name__ + ".kernels.triton_chunk")
-        fns[k] = lambda ops=ops, batch=batch, pool=pool: ops.gdn_prefill(
-            x["q"], x["k"], x["v"], x["a"], x["b"], x["A_log"], x["dt_bias"], pool, batch)
         outs[k] = fns[k]()
         for _ in range(3):
             fns[k]()
@@ -128,12 +122,7 @@ def main(argv=None) -> int:
     if args.calls < 1:
         ap.error("--calls must be at least 1")
     import torch
-    if not torch.cuda.is_available():
-        raise SystemExit("host_time.py times launches of GPU kernels: it needs a CUDA GPU")
-    with tempfile.TemporaryDirectory() as tmp:
-        versions = {"old": load_version(args.old, "v0", Path(tmp)), "new": load_version(args.new, "v1", Path(tmp))}
-        print(f"device {torch.cuda.get_device_name()}; old {args.old}, new {args.new or 'the working tree'}",
-              flush=True)
+    with two_versions(args.old, args.new, "host_time.py times launches of GPU kernels") as versions:
         for name, row in zip(args.rows, rows):
             run_row(name, row, versions, args.calls)
             torch.cuda.empty_cache()

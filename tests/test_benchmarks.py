@@ -46,19 +46,14 @@ def test_compare_versions_loads_a_revision_beside_the_tree(tmp_path, seed):
         return          # the tree's kernels differ from HEAD's: the numbers may too
     T, nk, nv, d = 70, 1, 2, 16
     g = torch.Generator().manual_seed(seed)
-    q, k = (torch.randn(T, nk, d, generator=g) for _ in range(2))
-    v = torch.randn(T, nv, d, generator=g)
-    a, b = (torch.randn(T, nv, generator=g) for _ in range(2))
-    A_log, dt_bias = torch.rand(nv, generator=g), torch.rand(nv, generator=g)
-    h0 = torch.randn(2, nv, d, d, generator=g) * 0.3
-    outs = []
-    for pkg in (old, new):
-        ops = importlib.import_module(pkg.__name__ + ".kernels.triton_ops")
-        pool = h0.clone()
-        o = ops.gdn_prefill(q, k, v, a, b, A_log, dt_bias, pool, pkg.Batch([64, 6], [1, 0], [True, False]))
-        outs.append((o, pool))
+    x = {name: torch.randn(T, n, d, generator=g) for name, n in (("q", nk), ("k", nk), ("v", nv))}
+    x.update(a=torch.randn(T, nv, generator=g), b=torch.randn(T, nv, generator=g), A_log=torch.rand(nv, generator=g),
+             dt_bias=torch.rand(nv, generator=g), h0=torch.randn(2, nv, d, d, generator=g) * 0.3,
+             batch=old.Batch([64, 6], [1, 0], [True, False]))
+    calls = cv.core_calls(x, {"old": old, "new": new})     # as compare_versions and host_time run them
+    outs = [(fn(), pool) for fn, pool in calls.values()]
     assert outs[0][0].equal(outs[1][0]) and outs[0][1].equal(outs[1][1])
-    assert outs[0][0].abs().sum() > 0 and not outs[0][1].equal(h0)
+    assert outs[0][0].abs().sum() > 0 and not outs[0][1].equal(x["h0"])
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message without a GPU")
