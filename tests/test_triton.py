@@ -106,6 +106,33 @@ def test_scan_path_with_longer_segments_and_dv_blocks(seg_chunks):
                 path="scan", BV=16, seg_chunks=seg_chunks)
 
 
+@pytest.mark.parametrize("layout", ["wide rows", "heads apart"])
+def test_prefill_takes_q_k_v_in_other_layouts(layout):
+    """gdn_prefill on q, k, v that are not contiguous, against the fp64 reference: column views of
+    one wider buffer (each row packed, a longer row stride: the kernels take them as they are), and
+    head-major buffers seen token-major (rows not packed: gdn_prefill packs them first)."""
+    *_, ops = tri()
+    lens, nk, nv, d = [70, 65], 1, 2, 16
+    q, k, v, a, b, A_log, dt_bias, pool = raw_inputs(sum(lens), nk, nv, d, d, torch.float64, 3)
+    batch = Batch(lens, [2, 0], [True, False])
+    pool64 = pool.clone()
+    want = reference_core(q, k, v, a, b, A_log, dt_bias, pool64, batch)
+    T = sum(lens)
+    if layout == "wide rows":
+        buf = torch.cat([q.reshape(T, -1), k.reshape(T, -1), v.reshape(T, -1), torch.zeros(T, 3, dtype=q.dtype)], 1)
+        buf = buf.float().to(DEV)
+        qkv = (buf[:, :nk * d].view(T, nk, d), buf[:, nk * d:2 * nk * d].view(T, nk, d), buf[:, 2 * nk * d:-3].view(T, nv, d))
+        assert all(x.stride() == (buf.shape[1], d, 1) for x in qkv)
+    else:
+        qkv = tuple(x.transpose(0, 1).contiguous().float().to(DEV).transpose(0, 1) for x in (q, k, v))
+        assert not any(x.is_contiguous() for x in qkv[2:])
+    pool_t = pool.float().to(DEV)
+    got = ops.gdn_prefill(*qkv, a.float().to(DEV), b.float().to(DEV), A_log.float().to(DEV),
+                          dt_bias.float().to(DEV), pool_t, batch, path="split")
+    assert got.shape == (T, nv, d)
+    assert rel_err(got.cpu(), want) < 1e-5 and rel_err(pool_t.cpu(), pool64) < 1e-5
+
+
 def test_segment_tables_cut_each_prefill_sequence():
     """Segments of 2 chunks (128 tokens) over prefill sequences with a decode between them."""
     meta = Batch([300, 1, 128, 129], [0, 1, 2, 3], [True, True, False, False]).meta("cpu")
