@@ -247,7 +247,8 @@ def bench_prefill(layer, n, L, dev, g, tp, rank, report, rows, profile=False):
     default = triton_ops.FUSE_NORM
     triton_ops.FUSE_NORM = not default
     other = triton_ops.fused_norm_applies(batch.meta(dev), layer.nv, layer.dv, bf) or default
-    t_other = timeit(lambda: layer(x, batch, cache), 5) if other else float("nan")
+    # (in one piece: at tp=2 the default tail in row chunks runs the norm as its own kernel)
+    t_other = timeit(lambda: layer(x, batch, cache, tail=1), 5) if other else float("nan")
     triton_ops.FUSE_NORM = default
     where = lambda inside: "inside the fused pass" if inside else "as its own kernel"
     report(f"prefill {n}x{L}", t_ours, t_peer, err,
@@ -264,10 +265,22 @@ def bench_prefill(layer, n, L, dev, g, tp, rank, report, rows, profile=False):
             y = layer(x, batch, cache, overlap=pieces)
             overlap[pieces] = (timeit(lambda: layer(x, batch, cache, overlap=pieces), 5), rel(y, y_peer))
         rows[-1]["overlap_ms"] = {p: t for p, (t, _) in overlap.items()}
+        # the gated norm, out_proj and all-reduce in row chunks (forward(tail=N); the default is
+        # layer.TAIL_CHUNKS), against the same call in one piece
+        y_one = layer(x, batch, cache, tail=1)
+        tails = {}
+        for chunks in (1, 2, 4):
+            fn = lambda: layer(x, batch, cache, tail=chunks)
+            e = rel(fn(), y_one)
+            tails[chunks] = (timeit(fn, 5), back_to_back(fn, 10), e)
+        rows[-1]["tail_ms"] = {c: (t, b) for c, (t, b, _) in tails.items()}
         if rank == 0:
             print(f"  all-reduce of the [{T}, {H}] bf16 output alone: {t_ar:.3f} ms; ours with the output cut in "
                   "pieces whose all-reduce overlaps the next piece: " +
                   ", ".join(f"{p} piece(s) {t:.3f} ms (err {e:.1e})" for p, (t, e) in overlap.items()), flush=True)
+            print("  ours with the gated norm, out_proj and all-reduce in row chunks (single / back to back): " +
+                  ", ".join(f"{c} chunk(s) {t:.3f} / {b:.3f} ms (against one piece {e:.1e})"
+                            for c, (t, b, e) in tails.items()), flush=True)
     if profile:
         profile_kernels(lambda: layer(x, batch, cache), rank, f"prefill {n}x{L}, tp={tp}")
 

@@ -7,7 +7,7 @@ from helpers import random_full_weights, rel_err, run_ranks, tiny_config
 from tp_gdn import GDNLayer, StateCache
 from tp_gdn.workload import mixed_workload, run_steps
 from tp_gdn import Batch
-from workers import overlapped_workload, sharded_workload
+from workers import overlapped_workload, sharded_workload, tail_chunks_workload
 
 
 @pytest.mark.parametrize("tp,nk,nv", [(2, 4, 8), (4, 4, 16), (8, 8, 16)])
@@ -59,6 +59,40 @@ def test_overlapped_all_reduce_gives_the_unsharded_result(tmp_path, pieces, seed
         for n, w in enumerate(want[i]):
             assert torch.equal(results[1][i][n], results[0][i][n])
             assert rel_err(results[0][i][n], w) < 1e-5, f"layer {i} step {n}"
+
+
+@pytest.mark.parametrize("chunks", [2, 3])
+def test_tail_in_row_chunks_gives_the_unsharded_result(tmp_path, chunks, seed):
+    cfg = tiny_config("qwen3_next", nk=4, nv=8, dk=16, dv=8, layers=2)
+    full = {i: random_full_weights(cfg, seed + i) for i in cfg.linear_layer_ids}
+    steps = mixed_workload(cfg.hidden_size, seed)
+    unsharded = {i: GDNLayer.from_full(cfg, i, w) for i, w in full.items()}
+    want = run_steps(unsharded, StateCache(cfg, list(full), 8, tp_size=1), steps)
+    (got, started), (other, _) = run_ranks(2, tail_chunks_workload, tmp_path, cfg, full, steps, 8, chunks)
+    # every call of every layer (steps in order, layers in order) went through the chunks, which
+    # split its rows as forward's row ranges do
+    expected = []
+    for st in steps:
+        t = st.x.shape[0]
+        c = min(chunks, t)
+        expected += [(i + 1) * t // c - i * t // c for _ in full for i in range(c)]
+    assert started == expected
+    for i in full:
+        for n, w in enumerate(want[i]):
+            assert torch.equal(other[i][n], got[i][n])
+            assert rel_err(got[i][n], w) < 1e-5, f"layer {i} step {n}"
+
+
+def test_tail_chunks_are_refused_below_one_and_off_where_not_measured():
+    from tp_gdn import layer as layer_module
+
+    assert layer_module.TAIL_CHUNKS == {2: 2}         # tp=2 only: the one tp it was measured at
+    cfg = tiny_config("qwen3_next", nk=4, nv=8, dk=16, dv=8, layers=1)
+    lid = cfg.linear_layer_ids[0]
+    layer = GDNLayer.from_full(cfg, lid, random_full_weights(cfg, 0))
+    steps = mixed_workload(cfg.hidden_size, 0)
+    with pytest.raises(ValueError, match="tail must be >= 1"):
+        layer(steps[0].x, steps[0].batch, StateCache(cfg, [lid], 8), tail=0)
 
 
 @pytest.mark.parametrize("var,getter,default,spelled,value,bad,choices", [

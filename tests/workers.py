@@ -45,3 +45,26 @@ def all_reduce_choice(rank, world, cfg, full, mode):
     except ValueError as e:
         return f"ValueError: {e}"
     return layer.out_proj.all_reduce_kind(1), layer.out_proj.all_reduce_kind(10 ** 6)
+
+
+def tail_chunks_workload(rank, world, cfg, full_by_layer, steps, num_slots, chunks):
+    """Like sharded_workload, with every call's gated norm, out_proj and all-reduce cut into
+    `chunks` row chunks (GDNLayer.forward(tail=chunks)); also returns the rows of each chunk
+    all-reduce that was started."""
+    from tp_gdn import layer as layer_module
+
+    started = []
+    start = layer_module.all_reduce_sum_async_
+
+    def counted(x, group=None):
+        started.append(x.shape[0])
+        return start(x, group)
+
+    layer_module.all_reduce_sum_async_ = counted
+    layers = {i: GDNLayer.from_full(cfg, i, full, rank, world) for i, full in full_by_layer.items()}
+    cache = StateCache(cfg, list(layers), num_slots)
+    out = {i: [] for i in layers}
+    for st in steps:
+        for i, layer in layers.items():
+            out[i].append(layer(st.x, st.batch, cache, tail=chunks))
+    return out, started

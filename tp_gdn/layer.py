@@ -2,7 +2,8 @@
 
 Rank p of tp holds key heads [p nk/tp, (p+1) nk/tp) and the value heads that read them; every
 per-head stage is local, and the output projection's partial sums are all-reduced (the only
-communication: in `RowParallelLinear.forward`, or per token piece in `forward(overlap=N)`).
+communication: in `RowParallelLinear.forward`, per token piece in `forward(overlap=N)`, or per row
+chunk of the output in `forward(tail=N)`, the default for large calls at tp=2).
 
 Parameters and how each takes its shard from the full (unsharded) layer:
   in_proj.weight   [2kd + 2vd + 2nv, H]  rows [q | k | v | z | b | a], block p of each segment
@@ -21,6 +22,7 @@ from .batch import Batch
 from .cache import StateCache
 from .config import GDNConfig
 from .kernels import get_ops, resolve_backend
+from .kernels.reference import proj_z
 from .parallel import ColumnParallelLinear, Replicate, RowParallelLinear, Split, load_full_, sharded_parameter
 from .parallel.comm import all_reduce_sum_async_
 
@@ -29,6 +31,18 @@ from .parallel.comm import all_reduce_sum_async_
 # 2 pieces gained 2% at tp=2 and lost 11% at tp=4 (benchmarks/RESULTS.md, bench_layer.py)
 OVERLAP_PIECES = 1
 OVERLAP_MIN_TOKENS = 8192
+# forward's default tail: for calls of at least TAIL_MIN_TOKENS tokens whose output takes the
+# process group's all-reduce (NCCL), the gated norm, out_proj and the all-reduce run in
+# TAIL_CHUNKS[tp] row chunks, chunk i's all-reduce (on NCCL's stream) beside chunk i+1's norm and
+# GEMM; a tp without an entry takes 1 (off). Measured at tp=2 only: H200 x2, 8x4096 tokens, 80B
+# dims, three runs, single / back to back, 2 chunks 2.761 / 2.670, 2.734 / 2.681, 2.826 / 2.716 ms
+# against 2.860 / 2.747, 2.824 / 2.751, 2.868 / 2.734 in one piece; 4 chunks 2.810 / 2.705,
+# 2.808 / 2.744, 2.862 / 2.710; the GEMM and all-reduce cut without the norm gained nothing
+# (benchmarks/results/exp_ar_*_h200x2_s22.log). This code, bench_layer.py on another host: 2 chunks
+# 2.689 / 2.657 against 2.793 / 2.731, 4 chunks 2.764 / 2.720, outputs bit-equal
+# (layer_pre_h200x2_s22_tp2.log)
+TAIL_CHUNKS = {2: 2}
+TAIL_MIN_TOKENS = 8192
 
 
 # the dtypes each backend computes in (weights and activations; the recurrent state is fp32)
@@ -131,28 +145,65 @@ class GDNLayer(nn.Module):
 
     # -- forward ---------------------------------------------------------------------------------
     @torch.no_grad()
-    def forward(self, x_TH: torch.Tensor, batch: Batch, cache: StateCache, overlap: int | None = None
-                ) -> torch.Tensor:
+    def forward(self, x_TH: torch.Tensor, batch: Batch, cache: StateCache, overlap: int | None = None,
+                tail: int | None = None) -> torch.Tensor:
         """x [tokens, H] (the same on every rank) -> y [tokens, H] (the same on every rank).
 
         Each used slot holds its sequence's state after the call. `overlap` > 1 (at tp > 1) cuts
         the tokens into that many pieces (Batch.token_pieces) and all-reduces each piece's
         output asynchronously while the next piece computes; None takes OVERLAP_PIECES for calls
-        of at least OVERLAP_MIN_TOKENS tokens, else 1.
+        of at least OVERLAP_MIN_TOKENS tokens, else 1. `tail` > 1 (at tp > 1, where the output
+        takes the process group's all-reduce, in one piece) cuts the gated norm, out_proj and
+        the all-reduce into that many row chunks, each chunk's all-reduce started before the next
+        chunk's norm (the norm runs as its own kernel there); None takes TAIL_CHUNKS[tp] for calls
+        of at least TAIL_MIN_TOKENS tokens, else 1 (and 1 where the backend forms the norm inside its
+        fused pass, triton_ops.FUSE_NORM). Both give the same numbers as one piece.
         """
         self.check_inputs(x_TH, batch, cache)
         if overlap is None:
             overlap = OVERLAP_PIECES if batch.num_tokens >= OVERLAP_MIN_TOKENS else 1
         if overlap < 1:
             raise ValueError(f"overlap must be >= 1, got {overlap}")
+        if tail is None:
+            # off where the backend forms the gated norm inside its fused pass (triton_ops.FUSE_NORM):
+            # the tail cuts the norm apart
+            fused_norm = getattr(self.ops, "FUSE_NORM", False)
+            tail = TAIL_CHUNKS.get(self.tp_size, 1) if batch.num_tokens >= TAIL_MIN_TOKENS and not fused_norm else 1
+        if tail < 1:
+            raise ValueError(f"tail must be >= 1, got {tail}")
         pieces = batch.token_pieces(overlap) if overlap > 1 and self.tp_size > 1 else []
         if len(pieces) < 2:
+            if tail > 1 and self.out_proj.all_reduce_kind(batch.num_tokens) == "group":
+                return self._tail_in_chunks(x_TH, batch, cache, min(tail, batch.num_tokens))
             return self.out_proj(self.partial_core(x_TH, batch, cache))
         y = torch.empty(x_TH.shape, device=x_TH.device, dtype=x_TH.dtype)
         pending = []
         for t0, t1, sub in pieces:
             torch.matmul(self.partial_core(x_TH[t0:t1], sub, cache), self.out_proj.weight.t(), out=y[t0:t1])
             pending.append(all_reduce_sum_async_(y[t0:t1], self.out_proj.group))
+        for work in pending:
+            if work is not None:
+                work.wait()
+        return y
+
+    def _tail_in_chunks(self, x_TH, batch: Batch, cache: StateCache, chunks: int) -> torch.Tensor:
+        """forward in one piece with the gated norm, out_proj and the process group's all-reduce
+        in `chunks` row chunks: chunk i's all-reduce runs on NCCL's stream while chunk i+1's norm
+        and GEMM run. Each row's norm and product are the ones partial_core and out_proj form."""
+        T = x_TH.shape[0]
+        nk, nv, dk, dv = self.nk, self.nv, self.dk, self.dv
+        proj = self.in_proj(x_TH)
+        o = self.ops.gdn_mix(proj, nk, nv, dk, dv, self.conv_weight, self.A_log, self.dt_bias,
+                             cache.conv[self.layer_id], cache.ssm[self.layer_id], batch, batch.meta(x_TH.device))
+        z = proj_z(proj, nk, nv, dk, dv)
+        y = torch.empty(x_TH.shape, device=x_TH.device, dtype=x_TH.dtype)
+        pending = []
+        for i in range(chunks):
+            r0, r1 = i * T // chunks, (i + 1) * T // chunks
+            normed = self.ops.gated_rmsnorm(o[r0:r1], z[r0:r1], self.norm_weight, self.cfg.rms_norm_eps,
+                                            out_dtype=x_TH.dtype)
+            torch.matmul(normed.reshape(r1 - r0, nv * dv), self.out_proj.weight.t(), out=y[r0:r1])
+            pending.append(all_reduce_sum_async_(y[r0:r1], self.out_proj.group))
         for work in pending:
             if work is not None:
                 work.wait()
