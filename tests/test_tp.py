@@ -83,10 +83,25 @@ def test_tail_in_row_chunks_gives_the_unsharded_result(tmp_path, chunks, seed):
             assert rel_err(got[i][n], w) < 1e-5, f"layer {i} step {n}"
 
 
-def test_tail_chunks_are_refused_below_one_and_off_where_not_measured():
-    from tp_gdn import layer as layer_module
+def test_large_calls_at_tp2_take_the_tail_in_two_chunks_by_default(tmp_path, seed):
+    from tp_gdn.workload import WorkloadBuilder
 
-    assert layer_module.TAIL_CHUNKS == {2: 2}         # tp=2 only: the one tp it was measured at
+    cfg = tiny_config("qwen3_next", nk=4, nv=8, dk=16, dv=8, layers=1)
+    full = {i: random_full_weights(cfg, seed + i) for i in cfg.linear_layer_ids}
+    w = WorkloadBuilder(cfg.hidden_size, seed)
+    w.step([(0, 5000, False), (1, 3201, False)])          # 8201 tokens: at least TAIL_MIN_TOKENS
+    w.step([(0, 1, True), (1, 1, True)])                  # a decode step: one piece
+    unsharded = {i: GDNLayer.from_full(cfg, i, x) for i, x in full.items()}
+    want = run_steps(unsharded, StateCache(cfg, list(full), 2, tp_size=1), w.steps)
+    (got, started), (other, _) = run_ranks(2, tail_chunks_workload, tmp_path, cfg, full, w.steps, 2, None)
+    assert started == [4100, 4101]
+    for i in full:
+        for n, ref in enumerate(want[i]):
+            assert torch.equal(other[i][n], got[i][n])
+            assert rel_err(got[i][n], ref) < 1e-5, f"layer {i} step {n}"
+
+
+def test_tail_chunks_below_one_are_refused():
     cfg = tiny_config("qwen3_next", nk=4, nv=8, dk=16, dv=8, layers=1)
     lid = cfg.linear_layer_ids[0]
     layer = GDNLayer.from_full(cfg, lid, random_full_weights(cfg, 0))

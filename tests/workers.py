@@ -49,8 +49,8 @@ def all_reduce_choice(rank, world, cfg, full, mode):
 
 def tail_chunks_workload(rank, world, cfg, full_by_layer, steps, num_slots, chunks):
     """Like sharded_workload, with every call's gated norm, out_proj and all-reduce cut into
-    `chunks` row chunks (GDNLayer.forward(tail=chunks)); also returns the rows of each chunk
-    all-reduce that was started."""
+    `chunks` row chunks (GDNLayer.forward(tail=chunks); None: the layer's default); also returns
+    the rows of each chunk all-reduce that was started."""
     from tp_gdn import layer as layer_module
 
     started = []
