@@ -47,13 +47,19 @@ def test_token_pieces_cover_the_batch_and_cut_on_chunk_multiples():
         batch.token_pieces(0)
 
 
-@pytest.mark.parametrize("pieces", [2, 3])
-def test_overlapped_all_reduce_gives_the_unsharded_result(tmp_path, pieces, seed):
+def mixed_workload_on_the_unsharded_layers(seed, steps=None):
+    """A tiny two-layer model's full weights, the steps (the mixed workload by default) and the
+    unsharded layers' outputs over them: (cfg, full weights by layer, steps, outputs by layer)."""
     cfg = tiny_config("qwen3_next", nk=4, nv=8, dk=16, dv=8, layers=2)
     full = {i: random_full_weights(cfg, seed + i) for i in cfg.linear_layer_ids}
-    steps = mixed_workload(cfg.hidden_size, seed)
+    steps = mixed_workload(cfg.hidden_size, seed) if steps is None else steps(cfg)
     unsharded = {i: GDNLayer.from_full(cfg, i, w) for i, w in full.items()}
-    want = run_steps(unsharded, StateCache(cfg, list(full), 8, tp_size=1), steps)
+    return cfg, full, steps, run_steps(unsharded, StateCache(cfg, list(full), 8, tp_size=1), steps)
+
+
+@pytest.mark.parametrize("pieces", [2, 3])
+def test_overlapped_all_reduce_gives_the_unsharded_result(tmp_path, pieces, seed):
+    cfg, full, steps, want = mixed_workload_on_the_unsharded_layers(seed)
     results = run_ranks(2, overlapped_workload, tmp_path, cfg, full, steps, 8, pieces)
     for i in full:
         for n, w in enumerate(want[i]):
@@ -63,11 +69,7 @@ def test_overlapped_all_reduce_gives_the_unsharded_result(tmp_path, pieces, seed
 
 @pytest.mark.parametrize("chunks", [2, 3])
 def test_tail_in_row_chunks_gives_the_unsharded_result(tmp_path, chunks, seed):
-    cfg = tiny_config("qwen3_next", nk=4, nv=8, dk=16, dv=8, layers=2)
-    full = {i: random_full_weights(cfg, seed + i) for i in cfg.linear_layer_ids}
-    steps = mixed_workload(cfg.hidden_size, seed)
-    unsharded = {i: GDNLayer.from_full(cfg, i, w) for i, w in full.items()}
-    want = run_steps(unsharded, StateCache(cfg, list(full), 8, tp_size=1), steps)
+    cfg, full, steps, want = mixed_workload_on_the_unsharded_layers(seed)
     (got, started), (other, _) = run_ranks(2, tail_chunks_workload, tmp_path, cfg, full, steps, 8, chunks)
     # every call of every layer (steps in order, layers in order) went through the chunks, which
     # split its rows as forward's row ranges do
@@ -86,15 +88,15 @@ def test_tail_in_row_chunks_gives_the_unsharded_result(tmp_path, chunks, seed):
 def test_large_calls_at_tp2_take_the_tail_in_two_chunks_by_default(tmp_path, seed):
     from tp_gdn.workload import WorkloadBuilder
 
-    cfg = tiny_config("qwen3_next", nk=4, nv=8, dk=16, dv=8, layers=1)
-    full = {i: random_full_weights(cfg, seed + i) for i in cfg.linear_layer_ids}
-    w = WorkloadBuilder(cfg.hidden_size, seed)
-    w.step([(0, 5000, False), (1, 3201, False)])          # 8201 tokens: at least TAIL_MIN_TOKENS
-    w.step([(0, 1, True), (1, 1, True)])                  # a decode step: one piece
-    unsharded = {i: GDNLayer.from_full(cfg, i, x) for i, x in full.items()}
-    want = run_steps(unsharded, StateCache(cfg, list(full), 2, tp_size=1), w.steps)
-    (got, started), (other, _) = run_ranks(2, tail_chunks_workload, tmp_path, cfg, full, w.steps, 2, None)
-    assert started == [4100, 4101]
+    def prefill_then_decode(cfg):
+        w = WorkloadBuilder(cfg.hidden_size, seed)
+        w.step([(0, 5000, False), (1, 3201, False)])      # 8201 tokens: at least TAIL_MIN_TOKENS
+        w.step([(0, 1, True), (1, 1, True)])              # a decode step: one piece
+        return w.steps
+
+    cfg, full, steps, want = mixed_workload_on_the_unsharded_layers(seed, prefill_then_decode)
+    (got, started), (other, _) = run_ranks(2, tail_chunks_workload, tmp_path, cfg, full, steps, 8, None)
+    assert started == [4100, 4101] * len(full)
     for i in full:
         for n, ref in enumerate(want[i]):
             assert torch.equal(other[i][n], got[i][n])

@@ -22,16 +22,21 @@ def checkpoint_workload(rank, world, ckpt_dir, steps, num_slots, dtype=torch.flo
     return run_steps(layers, cache, steps)
 
 
-def overlapped_workload(rank, world, cfg, full_by_layer, steps, num_slots, pieces):
-    """Like sharded_workload, with every call cut into `pieces` token pieces whose all-reduces
-    overlap the next piece (GDNLayer.forward(overlap=pieces))."""
+def _forward_each_step(rank, world, cfg, full_by_layer, steps, num_slots, **forward_kw):
+    """Like sharded_workload, calling every layer with the keyword arguments `forward_kw`."""
     layers = {i: GDNLayer.from_full(cfg, i, full, rank, world) for i, full in full_by_layer.items()}
     cache = StateCache(cfg, list(layers), num_slots)
     out = {i: [] for i in layers}
     for st in steps:
         for i, layer in layers.items():
-            out[i].append(layer(st.x, st.batch, cache, overlap=pieces))
+            out[i].append(layer(st.x, st.batch, cache, **forward_kw))
     return out
+
+
+def overlapped_workload(rank, world, cfg, full_by_layer, steps, num_slots, pieces):
+    """Like sharded_workload, with every call cut into `pieces` token pieces whose all-reduces
+    overlap the next piece (GDNLayer.forward(overlap=pieces))."""
+    return _forward_each_step(rank, world, cfg, full_by_layer, steps, num_slots, overlap=pieces)
 
 
 def all_reduce_choice(rank, world, cfg, full, mode):
@@ -61,10 +66,4 @@ def tail_chunks_workload(rank, world, cfg, full_by_layer, steps, num_slots, chun
         return start(x, group)
 
     layer_module.all_reduce_sum_async_ = counted
-    layers = {i: GDNLayer.from_full(cfg, i, full, rank, world) for i, full in full_by_layer.items()}
-    cache = StateCache(cfg, list(layers), num_slots)
-    out = {i: [] for i in layers}
-    for st in steps:
-        for i, layer in layers.items():
-            out[i].append(layer(st.x, st.batch, cache, tail=chunks))
-    return out, started
+    return _forward_each_step(rank, world, cfg, full_by_layer, steps, num_slots, tail=chunks), started
