@@ -174,40 +174,42 @@ class GDNLayer(nn.Module):
         pieces = batch.token_pieces(overlap) if overlap > 1 and self.tp_size > 1 else []
         if len(pieces) < 2:
             if tail > 1 and self.out_proj.all_reduce_kind(batch.num_tokens) == "group":
-                return self._tail_in_chunks(x_TH, batch, cache, min(tail, batch.num_tokens))
+                return self._out_proj_by_rows(x_TH, self._tail_chunks(x_TH, batch, cache,
+                                                                       min(tail, batch.num_tokens)))
             return self.out_proj(self.partial_core(x_TH, batch, cache))
+        return self._out_proj_by_rows(
+            x_TH, ((t0, t1, self.partial_core(x_TH[t0:t1], sub, cache)) for t0, t1, sub in pieces))
+
+    def _out_proj_by_rows(self, x_TH, parts) -> torch.Tensor:
+        """y [tokens, H] from `parts`, (r0, r1, the gated-norm output of rows r0..r1) in turn: each
+        part's out_proj product goes into its rows of y and its all-reduce starts at once on
+        NCCL's stream, before the next part is formed (`parts` is a generator, so the next part's
+        kernels run beside it); returns after every all-reduce is done."""
         y = torch.empty(x_TH.shape, device=x_TH.device, dtype=x_TH.dtype)
         pending = []
-        for t0, t1, sub in pieces:
-            torch.matmul(self.partial_core(x_TH[t0:t1], sub, cache), self.out_proj.weight.t(), out=y[t0:t1])
-            pending.append(all_reduce_sum_async_(y[t0:t1], self.out_proj.group))
+        for r0, r1, a in parts:
+            torch.matmul(a, self.out_proj.weight.t(), out=y[r0:r1])
+            pending.append(all_reduce_sum_async_(y[r0:r1], self.out_proj.group))
         for work in pending:
             if work is not None:
                 work.wait()
         return y
 
-    def _tail_in_chunks(self, x_TH, batch: Batch, cache: StateCache, chunks: int) -> torch.Tensor:
-        """forward in one piece with the gated norm, out_proj and the process group's all-reduce
-        in `chunks` row chunks: chunk i's all-reduce runs on NCCL's stream while chunk i+1's norm
-        and GEMM run. Each row's norm and product are the ones partial_core and out_proj form."""
+    def _tail_chunks(self, x_TH, batch: Batch, cache: StateCache, chunks: int):
+        """The call's gated-norm output in `chunks` row chunks, (r0, r1, rows r0..r1), each formed
+        when asked: the mixer runs once, then each chunk's norm. Each row's norm is the one
+        partial_core forms."""
         T = x_TH.shape[0]
         nk, nv, dk, dv = self.nk, self.nv, self.dk, self.dv
         proj = self.in_proj(x_TH)
         o = self.ops.gdn_mix(proj, nk, nv, dk, dv, self.conv_weight, self.A_log, self.dt_bias,
                              cache.conv[self.layer_id], cache.ssm[self.layer_id], batch, batch.meta(x_TH.device))
         z = proj_z(proj, nk, nv, dk, dv)
-        y = torch.empty(x_TH.shape, device=x_TH.device, dtype=x_TH.dtype)
-        pending = []
         for i in range(chunks):
             r0, r1 = i * T // chunks, (i + 1) * T // chunks
             normed = self.ops.gated_rmsnorm(o[r0:r1], z[r0:r1], self.norm_weight, self.cfg.rms_norm_eps,
                                             out_dtype=x_TH.dtype)
-            torch.matmul(normed.reshape(r1 - r0, nv * dv), self.out_proj.weight.t(), out=y[r0:r1])
-            pending.append(all_reduce_sum_async_(y[r0:r1], self.out_proj.group))
-        for work in pending:
-            if work is not None:
-                work.wait()
-        return y
+            yield r0, r1, normed.reshape(r1 - r0, nv * dv)
 
     def partial_core(self, x_TH, batch: Batch, cache: StateCache) -> torch.Tensor:
         """Everything before the output projection: the gated-norm output [T, nv/tp * dv]."""
