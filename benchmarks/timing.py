@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import statistics
+import subprocess
 
 import torch
 import torch.distributed as dist
@@ -88,3 +89,51 @@ def graphed(fn):
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.float(), b.float()
     return ((a - b).norm() / b.norm()).item()
+
+
+# nvidia-smi's clock event reasons (NVML's nvmlClocksEventReason* bits): why the SM clock is below
+# its maximum at the moment it is read
+CLOCK_REASONS = {0x1: "idle", 0x2: "application clocks", 0x4: "power cap", 0x8: "hw slowdown",
+                 0x10: "sync boost", 0x20: "thermal (sw)", 0x40: "thermal (hw)", 0x80: "power brake",
+                 0x100: "display clock"}
+_CLOCK_QUERY = "clocks.sm,clocks.max.sm,power.draw,clocks_event_reasons.active"
+
+
+def parse_clocks(line: str) -> dict | None:
+    """One line of `nvidia-smi --query-gpu=<_CLOCK_QUERY> --format=csv,noheader,nounits` as
+    {sm_mhz, max_sm_mhz, power_w, reasons: [names]}, or None where it does not read as that."""
+    parts = [p.strip() for p in line.strip().split(",")]
+    try:
+        sm, top, watts, mask = int(parts[0]), int(parts[1]), float(parts[2]), int(parts[3], 16)
+    except (IndexError, ValueError):
+        return None
+    if len(parts) != 4:
+        return None
+    return dict(sm_mhz=sm, max_sm_mhz=top, power_w=watts,
+                reasons=[name for bit, name in CLOCK_REASONS.items() if mask & bit])
+
+
+def gpu_clocks(device=None) -> dict | None:
+    """The current GPU's SM clock, its maximum, the power draw and why the clock is lower, read
+    now (parse_clocks); None where there is no GPU or nvidia-smi cannot say. The benchmarks print
+    it after each row: under sustained load an H200 ran the 8x4096 layer at 14-17% lower SM
+    clocks (power cap), so a row's time depends on how long the GPU had been busy
+    (benchmarks/RESULTS.md, twenty-third session)."""
+    if not torch.cuda.is_available():
+        return None
+    props = torch.cuda.get_device_properties(device)
+    try:
+        bus = f"{props.pci_domain_id:08X}:{props.pci_bus_id:02X}:{props.pci_device_id:02X}.0"
+        out = subprocess.run(["nvidia-smi", "-i", bus, f"--query-gpu={_CLOCK_QUERY}", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=20)
+    except (AttributeError, OSError, subprocess.SubprocessError):
+        return None
+    return parse_clocks(out.stdout) if out.returncode == 0 else None
+
+
+def clocks_text(clocks: dict | None) -> str:
+    """gpu_clocks' reading as a short note for a benchmark row."""
+    if clocks is None:
+        return "GPU clock: not read"
+    why = f" ({', '.join(clocks['reasons'])})" if clocks["reasons"] else ""
+    return f"GPU clock after it: SM {clocks['sm_mhz']}/{clocks['max_sm_mhz']} MHz, {clocks['power_w']:.0f} W{why}"

@@ -68,3 +68,19 @@ def test_host_time_takes_core_rows_only():
     run = subprocess.run([sys.executable, str(ROOT / "benchmarks/host_time.py"), "HEAD", "--rows", "layer-8x4096"],
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 2 and "core rows (core-NxL-NK/NV) only" in run.stderr
+
+
+def test_gpu_clock_readings_parse():
+    """The benchmarks' note of the GPU clock after each row: nvidia-smi's csv line, its event-reason
+    bit mask named, and lines that are not that refused (None), not misread."""
+    timing = load_benchmark("timing")
+    got = timing.parse_clocks("1695, 1980, 567.12, 0x0000000000000004\n")
+    assert got == dict(sm_mhz=1695, max_sm_mhz=1980, power_w=567.12, reasons=["power cap"])
+    assert timing.parse_clocks("1980, 1980, 125.63, 0x0000000000000000")["reasons"] == []
+    assert timing.parse_clocks("345, 1980, 80.0, 0x0000000000000041")["reasons"] == ["idle", "thermal (hw)"]
+    for bad in ("", "[N/A], 1980, 100.0, 0x0", "1980, 1980, 100.0", "1980, 1980, 100.0, 0x0, 7", "No devices were found"):
+        assert timing.parse_clocks(bad) is None
+    assert "1695/1980 MHz, 567 W (power cap)" in timing.clocks_text(got)
+    assert timing.clocks_text(None) == "GPU clock: not read"
+    if not torch.cuda.is_available():
+        assert timing.gpu_clocks() is None
