@@ -16,7 +16,8 @@ not kernel time. Each prefill row also times the kernel paths ("split", "fused" 
 blocks, "scan" at its own blocks and segment length), next to the one `choose_path` picks, and
 the solve launch that every path starts with on its own; `--no-variants` leaves those out (they
 take most of the run's time).
-`--sweep` first tries launch settings and keeps the fastest.
+`--sweep` first tries launch settings and keeps the fastest. After each row the GPU's SM clock,
+power draw and clock event reasons are printed (timing.gpu_clocks).
 """
 
 from __future__ import annotations

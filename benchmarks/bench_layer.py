@@ -10,7 +10,9 @@ way HF and vLLM do), fla-core 0.6.0's causal_conv1d / causal_conv1d_update and
 chunk_gated_delta_rule / fused_recurrent_gated_delta_rule (gating, beta sigmoid and l2norm inside
 fla), states gathered from and scattered to the slot pool, a torch gated RMSNorm, the out_proj
 GEMM and an NCCL all-reduce. Ours: GDNLayer with the Triton backend; decode replayed from CUDA
-graphs (GraphedDecoder). Every rank runs the same fixed number of iterations.
+graphs (GraphedDecoder). Every rank runs the same fixed number of iterations. After each row,
+rank 0 prints its GPU's SM clock, power draw and clock event reasons (timing.gpu_clocks): a row
+timed while the power cap held the clock down says so.
 """
 
 from __future__ import annotations

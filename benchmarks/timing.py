@@ -103,11 +103,11 @@ def parse_clocks(line: str) -> dict | None:
     """One line of `nvidia-smi --query-gpu=<_CLOCK_QUERY> --format=csv,noheader,nounits` as
     {sm_mhz, max_sm_mhz, power_w, reasons: [names]}, or None where it does not read as that."""
     parts = [p.strip() for p in line.strip().split(",")]
+    if len(parts) != 4:
+        return None
     try:
         sm, top, watts, mask = int(parts[0]), int(parts[1]), float(parts[2]), int(parts[3], 16)
-    except (IndexError, ValueError):
-        return None
-    if len(parts) != 4:
+    except ValueError:
         return None
     return dict(sm_mhz=sm, max_sm_mhz=top, power_w=watts,
                 reasons=[name for bit, name in CLOCK_REASONS.items() if mask & bit])
