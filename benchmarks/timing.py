@@ -97,6 +97,7 @@ CLOCK_REASONS = {0x1: "idle", 0x2: "application clocks", 0x4: "power cap", 0x8: 
                  0x10: "sync boost", 0x20: "thermal (sw)", 0x40: "thermal (hw)", 0x80: "power brake",
                  0x100: "display clock"}
 _CLOCK_QUERY = "clocks.sm,clocks.max.sm,power.draw,clocks_event_reasons.active"
+_CLOCK_QUERY_OLD = "clocks.sm,clocks.max.sm,power.draw,clocks_throttle_reasons.active"   # drivers before the rename
 
 
 def parse_clocks(line: str) -> dict | None:
@@ -122,13 +123,16 @@ def gpu_clocks(device=None) -> dict | None:
     if not torch.cuda.is_available():
         return None
     props = torch.cuda.get_device_properties(device)
-    try:
-        bus = f"{props.pci_domain_id:08X}:{props.pci_bus_id:02X}:{props.pci_device_id:02X}.0"
-        out = subprocess.run(["nvidia-smi", "-i", bus, f"--query-gpu={_CLOCK_QUERY}", "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True, timeout=20)
-    except (AttributeError, OSError, subprocess.SubprocessError):
-        return None
-    return parse_clocks(out.stdout) if out.returncode == 0 else None
+    for query in (_CLOCK_QUERY, _CLOCK_QUERY_OLD):
+        try:
+            bus = f"{props.pci_domain_id:08X}:{props.pci_bus_id:02X}:{props.pci_device_id:02X}.0"
+            out = subprocess.run(["nvidia-smi", "-i", bus, f"--query-gpu={query}", "--format=csv,noheader,nounits"],
+                                 capture_output=True, text=True, timeout=20)
+        except (AttributeError, OSError, subprocess.SubprocessError):
+            return None
+        if out.returncode == 0:
+            return parse_clocks(out.stdout)
+    return None
 
 
 def clocks_text(clocks: dict | None) -> str:
