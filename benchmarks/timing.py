@@ -97,7 +97,7 @@ CLOCK_REASONS = {0x1: "idle", 0x2: "application clocks", 0x4: "power cap", 0x8: 
                  0x10: "sync boost", 0x20: "thermal (sw)", 0x40: "thermal (hw)", 0x80: "power brake",
                  0x100: "display clock"}
 _CLOCK_QUERY = "clocks.sm,clocks.max.sm,power.draw,clocks_event_reasons.active"
-_CLOCK_QUERY_OLD = "clocks.sm,clocks.max.sm,power.draw,clocks_throttle_reasons.active"   # drivers before the rename
+_CLOCK_QUERY_OLD = "clocks.sm,clocks.max.sm,power.draw,clocks_throttle_reasons.active"   # the name before the rename, for older drivers
 
 
 def parse_clocks(line: str) -> dict | None:
