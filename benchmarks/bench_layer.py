@@ -2,7 +2,7 @@
 it today, under torchrun on 1, 2 or 4 GPUs, in the same run on the same inputs and weights.
 
     torchrun --standalone --nproc-per-node N benchmarks/bench_layer.py [--profile] [--json OUT]
-        [--only prefill|decode] [--decode-sizes 256 1]
+        [--only prefill|decode] [--decode-sizes 256 1] [--warm-seconds S]
 
 Qwen3-Next-80B GDN dims (H 2048, nk 16, nv 32, dk = dv 128, K 4), bf16 weights and activations,
 fp32 state. The peer: torch GEMMs for in_proj_qkvz / in_proj_ba (grouped layout, reordered the
@@ -12,7 +12,8 @@ fla), states gathered from and scattered to the slot pool, a torch gated RMSNorm
 GEMM and an NCCL all-reduce. Ours: GDNLayer with the Triton backend; decode replayed from CUDA
 graphs (GraphedDecoder). Every rank runs the same fixed number of iterations. After each row,
 rank 0 prints its GPU's SM clock, power draw and clock event reasons (timing.gpu_clocks): a row
-timed while the power cap held the clock down says so.
+timed while the power cap held the clock down says so; --warm-seconds times the prefill rows
+after that long under load on each side, at the clock sustained load gives.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from tp_gdn.graphs import GraphedDecoder
 from tp_gdn.parallel import destroy_distributed, get_rank, get_world_size, init_distributed, local_device
 
 sys.path.insert(0, str(Path(__file__).parent))
-from timing import back_to_back, clocks_text, copy_bandwidth, gpu_clocks, graphed, kernel_times, rel, timeit  # noqa: E402
+from timing import back_to_back, clocks_text, copy_bandwidth, gpu_clocks, graphed, kernel_times, rel, timeit, warm  # noqa: E402
 
 CFG = GDNConfig(model_type="qwen3_next", hidden_size=2048, num_k_heads=16, num_v_heads=32, head_k_dim=128,
                 head_v_dim=128, conv_kernel=4, rms_norm_eps=1e-6, layer_types=("linear_attention",))
@@ -138,7 +139,13 @@ def main():
     ap.add_argument("--only", choices=["prefill", "decode"], default=None, help="run only these workloads")
     ap.add_argument("--decode-sizes", type=int, nargs="+", default=None,
                     help="decode batch sizes (default: 256 at tp=1, 1 at tp > 1)")
+    ap.add_argument("--warm-seconds", type=float, default=0.0, metavar="S",
+                    help="prefill rows: before each timing of ours and of the peer (single calls, back to back), "
+                         "run that side back to back for about S seconds, so the timing sees the clock sustained "
+                         "load holds the GPU to (default 0: timings start from whatever clock the GPU is at)")
     args = ap.parse_args()
+    if args.warm_seconds < 0:
+        ap.error(f"--warm-seconds must be >= 0, got {args.warm_seconds}")
     init_distributed()
     rank, tp = get_rank(), get_world_size()
     dev = local_device() if torch.cuda.is_available() else None
@@ -160,7 +167,8 @@ def main():
     prefills = [(8, 4096)] + ([(1, 4096)] if tp == 1 else [])
     for n, L in prefills if args.only != "decode" else []:
         run_guarded(f"prefill {n}x{L}", rank,
-                    lambda: bench_prefill(layer, n, L, dev, g, tp, rank, report, rows, args.profile))
+                    lambda: bench_prefill(layer, n, L, dev, g, tp, rank, report, rows, args.profile,
+                                          args.warm_seconds))
     decode_sizes = args.decode_sizes or ([256] if tp == 1 else [1])
     for B in decode_sizes if args.only != "prefill" else []:
         run_guarded(f"decode {B}", rank, lambda: bench_decode(layer, B, dev, g, tp, rank, report, rows, args.profile))
@@ -228,7 +236,7 @@ def profile_kernels(fn, rank, label, top=12):
             print(f"    {ms:8.3f} ms  {count:3d}x  {name[:90]}")
 
 
-def bench_prefill(layer, n, L, dev, g, tp, rank, report, rows, profile=False):
+def bench_prefill(layer, n, L, dev, g, tp, rank, report, rows, profile=False, warm_s=0.0):
     H, bf = CFG.hidden_size, torch.bfloat16
     T = n * L
     x = torch.randn(T, H, device=dev, dtype=bf, generator=g)
@@ -239,12 +247,18 @@ def bench_prefill(layer, n, L, dev, g, tp, rank, report, rows, profile=False):
     slots = torch.arange(n, device=dev)
     y_ours, y_peer = layer(x, batch, cache), peer.prefill(x, cu, slots)
     err = rel(y_ours, y_peer)
-    t_ours = timeit(lambda: layer(x, batch, cache), 5)
-    t_peer = timeit(lambda: peer.prefill(x, cu, slots), 5)
+    ours, theirs = (lambda: layer(x, batch, cache)), (lambda: peer.prefill(x, cu, slots))
+    # with warm_s, each side runs back to back for that long before each of its timings
+    warm(ours, warm_s)
+    t_ours = timeit(ours, 5)
+    warm(theirs, warm_s)
+    t_peer = timeit(theirs, 5)
     # calls issued back to back, as a model's layers are: the host's launch work overlaps the
-    # GPU's work of the call before (each timed call above starts on an idle GPU)
-    b2b_ours = back_to_back(lambda: layer(x, batch, cache), 10)
-    b2b_peer = back_to_back(lambda: peer.prefill(x, cu, slots), 10)
+    # GPU's work of the call before (without warm_s, each timed call above starts on an idle GPU)
+    warm(ours, warm_s)
+    b2b_ours = back_to_back(ours, 10)
+    warm(theirs, warm_s)
+    b2b_peer = back_to_back(theirs, 10)
     # the other setting of the gated norm (inside the fused pass, or its own kernel), where the
     # batch takes the fused path with one block spanning dv
     from tp_gdn.kernels import triton_ops
@@ -257,9 +271,10 @@ def bench_prefill(layer, n, L, dev, g, tp, rank, report, rows, profile=False):
     where = lambda inside: "inside the fused pass" if inside else "as its own kernel"
     report(f"prefill {n}x{L}", t_ours, t_peer, err,
            note=f"(back to back: ours {b2b_ours:.3f} ms, peer {b2b_peer:.3f} ms; gated norm {where(default)}; "
-                f"{where(not default)}: " + (f"{t_other:.3f} ms)" if other else "not on this path)"))
+                f"{where(not default)}: " + (f"{t_other:.3f} ms" if other else "not on this path") +
+                (f"; each side run {warm_s:g} s back to back before each of its timings)" if warm_s > 0 else ")"))
     rows[-1].update(norm_inside_pass=default, ours_other_norm_ms=t_other, ours_back_to_back_ms=b2b_ours,
-                    peer_back_to_back_ms=b2b_peer, all_reduce=layer.out_proj.all_reduce_kind(T))
+                    peer_back_to_back_ms=b2b_peer, all_reduce=layer.out_proj.all_reduce_kind(T), warm_s=warm_s)
     if tp > 1:
         out = torch.empty(T, H, device=dev, dtype=bf)
         t_ar = timeit(lambda: dist.all_reduce(out), 5)

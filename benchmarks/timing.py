@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 import subprocess
 
@@ -28,6 +29,32 @@ def timeit(fn, iters: int = 20, warmup: int = 3) -> float:
     if dist.is_initialized():
         dist.barrier()
     return statistics.median(times)
+
+
+def warm_calls(seconds: float, ms_per_call: float) -> int:
+    """How many calls of ms_per_call fill about `seconds` (0 for seconds <= 0, else at least 1)."""
+    if seconds <= 0:
+        return 0
+    return max(1, math.ceil(seconds * 1e3 / max(ms_per_call, 1e-3)))
+
+
+def warm(fn, seconds: float) -> int:
+    """Run fn back to back for about `seconds` before a timing, so that the timing sees the GPU at
+    the clock that sustained load holds it to (under the 8x4096 layer an H200 capped its power and
+    ran 14-17% below its top clock; benchmarks/RESULTS.md, twenty-third session). The call count
+    comes from one timed call on rank 0 and is broadcast, so every rank runs the same number.
+    Returns the count (0 for seconds <= 0)."""
+    if seconds <= 0:
+        return 0
+    n = warm_calls(seconds, timeit(fn, iters=1, warmup=0))
+    if dist.is_initialized():
+        t = torch.tensor([n], device=torch.cuda.current_device(), dtype=torch.int64)
+        dist.broadcast(t, 0)
+        n = int(t.item())
+    for _ in range(n):
+        fn()
+    torch.cuda.synchronize()
+    return n
 
 
 def back_to_back(fn, iters: int = 50, warmup: int = 3) -> float:

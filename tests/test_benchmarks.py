@@ -84,3 +84,14 @@ def test_gpu_clock_readings_parse():
     assert timing.clocks_text(None) == "GPU clock: not read"
     if not torch.cuda.is_available():
         assert timing.gpu_clocks() is None
+
+
+def test_warm_call_counts():
+    """--warm-seconds: how many calls fill the time (none when off, at least one when on)."""
+    timing = load_benchmark("timing")
+    assert timing.warm_calls(0, 4.5) == 0 and timing.warm_calls(-1, 4.5) == 0
+    assert timing.warm_calls(2.0, 4.5) == 445
+    assert timing.warm_calls(2.0, 9.8) == 205
+    assert timing.warm_calls(0.001, 50.0) == 1
+    assert timing.warm_calls(1.0, 0.0) == 1_000_000        # a zero estimate does not divide by zero
+    assert timing.warm(lambda: pytest.fail("warm ran a call with 0 seconds"), 0) == 0
