@@ -36,7 +36,7 @@ from tp_gdn.kernels.triton_ops import gdn_decode, gdn_prefill
 from tp_gdn.loader.synthetic import gate_parameters
 
 sys.path.insert(0, str(Path(__file__).parent))
-from timing import back_to_back, clocks_text, copy_bandwidth, gpu_clocks, graphed, kernel_times, rel, timeit  # noqa: E402
+from timing import back_to_back, copy_bandwidth, graphed, kernel_times, record_clocks, rel, timeit  # noqa: E402
 
 DK = DV = 128
 
@@ -307,14 +307,12 @@ def main():
               f"x{t_fla / t_ours:.2f}, |ours-fla|/|fla| = {rows[-1]['rel_err_vs_fla']:.1e} "
               f"(state {rows[-1]['state_rel_err_vs_fla']:.1e}); back to back ours {b_ours:.3f}, fla {b_fla:.3f} "
               f"(x{b_fla / b_ours:.2f}); our kernels {k_ours:.3f} ms per call", flush=True)
-        rows[-1]["gpu_clocks_after"] = gpu_clocks()
-        print(f"  {clocks_text(rows[-1]['gpu_clocks_after'])}", flush=True)
+        print(f"  {record_clocks(rows[-1])}", flush=True)
 
     for decode_row in (decode_256_row, decode_1_row):
         if want(decode_row.__doc__):
             rows.append(decode_row(bw))
-            rows[-1]["gpu_clocks_after"] = gpu_clocks()
-            print(f"  {clocks_text(rows[-1]['gpu_clocks_after'])}", flush=True)
+            print(f"  {record_clocks(rows[-1])}", flush=True)
     print_table(rows, dev)
     if args.json:
         with open(args.json, "w") as f:

@@ -34,7 +34,7 @@ from tp_gdn.graphs import GraphedDecoder
 from tp_gdn.parallel import destroy_distributed, get_rank, get_world_size, init_distributed, local_device
 
 sys.path.insert(0, str(Path(__file__).parent))
-from timing import back_to_back, clocks_text, copy_bandwidth, gpu_clocks, graphed, kernel_times, rel, timeit, warm  # noqa: E402
+from timing import back_to_back, copy_bandwidth, graphed, kernel_times, record_clocks, rel, timeit, warm  # noqa: E402
 
 CFG = GDNConfig(model_type="qwen3_next", hidden_size=2048, num_k_heads=16, num_v_heads=32, head_k_dim=128,
                 head_v_dim=128, conv_kernel=4, rms_norm_eps=1e-6, layer_types=("linear_attention",))
@@ -157,12 +157,11 @@ def main():
     g = torch.Generator(device=dev).manual_seed(1)
 
     def report(name, ours, peer, err, note=""):
-        clocks = gpu_clocks(dev) if rank == 0 else None
-        rows.append(dict(workload=name, tp=tp, ours_ms=ours, peer_ms=peer, ratio=peer / ours, rel_err=err, note=note,
-                         gpu_clocks_after=clocks))
-        if rank == 0:
+        rows.append(dict(workload=name, tp=tp, ours_ms=ours, peer_ms=peer, ratio=peer / ours, rel_err=err, note=note))
+        if rank == 0:       # rank 0 writes the JSON; its GPU's clock is read
+            clocks = record_clocks(rows[-1], dev)
             print(f"{name} tp={tp}: ours {ours:.3f} ms, peer {peer:.3f} ms, peer/ours {peer / ours:.2f}, "
-                  f"|ours-peer|/|peer| {err:.1e} {note}\n  {clocks_text(clocks)}", flush=True)
+                  f"|ours-peer|/|peer| {err:.1e} {note}\n  {clocks}", flush=True)
 
     prefills = [(8, 4096)] + ([(1, 4096)] if tp == 1 else [])
     for n, L in prefills if args.only != "decode" else []:

@@ -150,16 +150,25 @@ def gpu_clocks(device=None) -> dict | None:
     if not torch.cuda.is_available():
         return None
     props = torch.cuda.get_device_properties(device)
+    try:
+        bus = f"{props.pci_domain_id:08X}:{props.pci_bus_id:02X}:{props.pci_device_id:02X}.0"
+    except AttributeError:
+        return None
     for query in (_CLOCK_QUERY, _CLOCK_QUERY_OLD):
         try:
-            bus = f"{props.pci_domain_id:08X}:{props.pci_bus_id:02X}:{props.pci_device_id:02X}.0"
             out = subprocess.run(["nvidia-smi", "-i", bus, f"--query-gpu={query}", "--format=csv,noheader,nounits"],
                                  capture_output=True, text=True, timeout=20)
-        except (AttributeError, OSError, subprocess.SubprocessError):
+        except (OSError, subprocess.SubprocessError):
             return None
         if out.returncode == 0:
             return parse_clocks(out.stdout)
     return None
+
+
+def record_clocks(row: dict, device=None) -> str:
+    """Read gpu_clocks into row["gpu_clocks_after"] and return its note (clocks_text)."""
+    row["gpu_clocks_after"] = gpu_clocks(device)
+    return clocks_text(row["gpu_clocks_after"])
 
 
 def clocks_text(clocks: dict | None) -> str:

@@ -84,6 +84,8 @@ def test_gpu_clock_readings_parse():
     assert timing.clocks_text(None) == "GPU clock: not read"
     if not torch.cuda.is_available():
         assert timing.gpu_clocks() is None
+        row = {}
+        assert timing.record_clocks(row) == "GPU clock: not read" and row == {"gpu_clocks_after": None}
 
 
 def test_warm_call_counts():
