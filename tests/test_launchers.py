@@ -89,6 +89,25 @@ def test_the_job_refuses_bad_layers_before_any_rank_starts(ckpt, capsys, layers,
     assert re.search(message, capsys.readouterr().err)
 
 
+def test_the_job_says_on_stderr_what_it_starts(ckpt, capsys, monkeypatch):
+    from tp_gdn.launch import job
+
+    summary = job.run_rank(job.JobSpec(checkpoint=str(ckpt), tp=1, seqs=2, prompt_len=20, decode_steps=2,
+                                       check_layers="first"))
+    cap = capsys.readouterr()
+    assert cap.out == ""                      # the table (finish) is the only thing on stdout
+    lines = [line for line in cap.err.splitlines() if line.startswith("tp_gdn: ")]
+    assert [line.split()[1] for line in lines] == ["loading", "warming", "serving", "checking"]
+    assert str(ckpt) in lines[0] and "over 1 rank (cpu, float32)" in lines[0]
+    assert f"a prefill of {summary['prefill_tokens']} tokens, then 2 decode steps, through 3 layers" in lines[2]
+    assert f"layers {summary['checked_layers']} against" in lines[3]
+    assert "compile" not in lines[1]          # the kernel-compilation note is for GPUs
+    assert "compile the Triton kernels" in job.warm_up_message("cuda")
+    monkeypatch.setattr(job, "get_rank", lambda: 1)
+    job.progress("a step")                    # ranks other than 0 say nothing
+    assert capsys.readouterr().err == ""
+
+
 def test_help_explains_every_option(capsys):
     with pytest.raises(SystemExit):
         cli(["run", "--help"])

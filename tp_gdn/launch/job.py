@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -92,6 +93,24 @@ def check_spec(spec: JobSpec) -> None:
     check_presharded_tp(spec.checkpoint, spec.tp)
     if spec.layers:
         cfg.check_layer_ids(spec.layers, spec.checkpoint)
+
+
+def progress(message: str) -> None:
+    """Say on stderr what the job starts now (rank 0, or the driver under Ray), so that its long
+    steps do not pass in silence: the first calls on GPUs compile the Triton kernels, and the check
+    runs the unsharded fp32 layers on the CPU. The table stays alone on stdout."""
+    if get_rank() == 0:
+        print(f"tp_gdn: {message}", file=sys.stderr, flush=True)
+
+
+def warm_up_message(device: str) -> str:
+    return "warming up on the first two steps" + (
+        " (the first calls compile the Triton kernels: a minute or more on a fresh machine)" if device == "cuda" else "")
+
+
+def serving_message(steps: list[Step], layer_ids: list[int]) -> str:
+    return (f"serving a prefill of {steps[0].batch.num_tokens} tokens, then {len(steps) - 1} decode steps, "
+            f"through {len(layer_ids)} layers")
 
 
 def checked_layers(spec: JobSpec, layer_ids: list[int]) -> list[int]:
@@ -190,6 +209,7 @@ def summarize(spec: JobSpec, ckpt: Path, steps: list[Step], times: list[float], 
                    decode_step_ms=1e3 * sum(times[1:]) / max(len(times) - 1, 1))
     if outputs:
         check = list(outputs)
+        progress(f"checking layers {check} against the unsharded fp32 layers on the CPU")
         ref = reference_outputs(ckpt, check, steps, DTYPES[spec.dtype])
         summary.update(compare(outputs, ref), checked_layers=check)
     if spec.save_outputs:
@@ -207,6 +227,7 @@ def run_rank(spec: JobSpec) -> dict | None:
     ckpt = Path(spec.checkpoint) if spec.checkpoint else default_checkpoint(spec.device)
     dtype = DTYPES[spec.dtype]
     cfg = GDNConfig.from_pretrained(ckpt)
+    progress(f"loading {ckpt} over {world} rank{'s' if world > 1 else ''} ({spec.device}, {spec.dtype})")
     t0 = time.perf_counter()
     layers = load_layers(ckpt, dtype=dtype, device=device, layer_ids=spec.layers, backend=spec.backend)
     load_s = time.perf_counter() - t0
@@ -220,6 +241,7 @@ def run_rank(spec: JobSpec) -> dict | None:
         return StateCache(cfg, ids, spec.seqs, dtype=dtype, device=device)
 
     # warm-up on a scratch cache: compiles kernels and fills allocator pools outside the timing
+    progress(warm_up_message(device.type))
     serve(forward_on(new_cache()), ids, steps[:2], [], lambda: sync(device))
     cache, keep, step = new_cache(), checked_layers(spec, ids), None
     graphs = spec.decode_graphs
@@ -228,10 +250,12 @@ def run_rank(spec: JobSpec) -> dict | None:
     if graphs:
         from ..graphs import GraphedDecoder
         decoder = GraphedDecoder(layers, cache)
+        progress(f"capturing the decode step of {spec.seqs} sequences in CUDA graphs")
         decoder.prepare(spec.seqs)       # captured here, outside the timing
         step = graphed_decode_step(decoder, keep, device, dtype)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    progress(serving_message(steps, ids))
     times, outputs = serve(forward_on(cache), ids, steps, keep, lambda: sync(device), step)
     info = dict(rank=rank, device=str(device), backend=layers[ids[0]].backend, layers=len(ids), load_s=load_s,
                 peak_memory_bytes=peak_memory_bytes(device), decode_graphs=graphs)

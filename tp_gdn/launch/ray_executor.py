@@ -213,17 +213,20 @@ def run_job(spec, address: str | None = None) -> dict:
     """The main job (tp_gdn.launch.job) driven through a RayExecutor from this process."""
     from ..config import GDNConfig
     from ..workload import serving_workload
-    from .job import checked_layers, default_checkpoint, serve, summarize
+    from .job import checked_layers, default_checkpoint, progress, serve, serving_message, summarize, warm_up_message
 
     ckpt = spec.checkpoint or str(default_checkpoint(spec.device))
     cfg = GDNConfig.from_pretrained(ckpt)
+    progress(f"starting {spec.tp} Ray actors and loading {ckpt} ({spec.device}, {spec.dtype})")
     ex = RayExecutor(ckpt, spec.tp, address=address, use_gpu=spec.device == "cuda", dtype=spec.dtype,
                      backend=spec.backend, layer_ids=spec.layers, num_slots=spec.seqs)
     try:
         ids = ex.layer_ids()
         steps = serving_workload(cfg.hidden_size, spec.seqs, spec.prompt_len, spec.decode_steps, spec.seed)
+        progress(warm_up_message(spec.device))
         serve(ex.forward, ids, steps[:2], [], lambda: None)       # warm-up: compiles kernels in the actors
         ex.calls.clear()
+        progress(serving_message(steps, ids))
         times, outputs = serve(ex.forward, ids, steps, checked_layers(spec, ids), lambda: None)
         ranks = [dict(info, peak_memory_bytes=m) for info, m in zip(ex.rank_info, ex.peak_memory_bytes())]
         summary = summarize(spec, ckpt, steps, times, outputs, ranks)
