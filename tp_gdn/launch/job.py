@@ -105,7 +105,7 @@ def progress(message: str) -> None:
 
 def warm_up_message(device: str) -> str:
     return "warming up on the first two steps" + (
-        " (the first calls compile the Triton kernels: a minute or more on a fresh machine)" if device == "cuda" else "")
+        " (the first calls compile the Triton kernels, once per machine and shape)" if device == "cuda" else "")
 
 
 def serving_message(steps: list[Step], layer_ids: list[int]) -> str:
