@@ -673,6 +673,46 @@ def test_gpu_decode_core_matches_fp64(N, nv):
     assert rel_err(p.cpu(), pool64) < 1e-2
 
 
+@pytest.mark.gpu
+def test_gpu_decode_steps_with_pdl_equal_plain_launches(monkeypatch):
+    """The decode kernel launched to start while in_proj's GEMM still runs (PDL; it loads the
+    state before it waits for the projection) and the norm launched the same way after it: the
+    same bits as plain launches, over steps of fresh inputs, eager and from a graph, at a rank's
+    real dims (where the GEMM is long enough for the early start to happen)."""
+    from tp_gdn.graphs import GraphedDecoder
+    from tp_gdn.kernels.triton_common import pdl_possible
+
+    triton_decode, triton_norm = tri()[2:4]
+    if not pdl_possible(torch.device(DEV)):
+        pytest.skip("PDL needs compute capability 9.0 or above")
+    cfg = tiny_config(nk=8, nv=16, dk=128, dv=128, H=2048, layers=1)
+    layer = GDNLayer.from_full(cfg, 0, random_full_weights(cfg, 2), dtype=torch.bfloat16, device=DEV)
+    B = 64
+    base = StateCache(cfg, [0], B, dtype=torch.bfloat16, device=DEV, tp_size=1)
+    layer(torch.randn(8 * B, 2048, device=DEV, dtype=torch.bfloat16), Batch([8] * B, list(range(B)), [False] * B), base)
+    xs = [torch.randn(B, 2048, device=DEV, dtype=torch.bfloat16) for _ in range(4)]
+    runs = []
+    for pdl in (False, True):
+        monkeypatch.setattr(triton_decode, "PDL", pdl)
+        monkeypatch.setattr(triton_norm, "PDL", pdl)
+        caches = []
+        for _ in range(2):
+            c = StateCache(cfg, [0], B, dtype=torch.bfloat16, device=DEV, tp_size=1)
+            c.conv[0].copy_(base.conv[0]), c.ssm[0].copy_(base.ssm[0])
+            caches.append(c)
+        slots = list(range(B - 1, -1, -1))
+        eager = [layer(x, Batch([1] * B, slots, [True] * B), caches[0]) for x in xs]
+        decoder = GraphedDecoder({0: layer}, caches[1])
+        decoder.prepare(B)                   # captured under this setting
+        graphed = [decoder(x, slots)[0].clone() for x in xs]
+        runs.append((eager, graphed, caches))
+    (e0, g0, c0), (e1, g1, c1) = runs
+    for n in range(len(xs)):
+        assert torch.equal(e1[n], e0[n]) and torch.equal(g1[n], g0[n]) and torch.equal(g1[n], e1[n]), n
+    for c in c0[1:] + c1:
+        assert torch.equal(c.ssm[0], c0[0].ssm[0]) and torch.equal(c.conv[0], c0[0].conv[0])
+
+
 def fla_or_skip():
     return pytest.importorskip("fla.ops.gated_delta_rule")
 

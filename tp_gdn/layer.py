@@ -201,9 +201,12 @@ class GDNLayer(nn.Module):
         partial_core forms."""
         T = x_TH.shape[0]
         nk, nv, dk, dv = self.nk, self.nv, self.dk, self.dv
+        # meta's index copies (a new batch's) go ahead of in_proj: its GEMM is the launch just ahead
+        # of gdn_mix's (after_gemm)
+        meta = batch.meta(x_TH.device)
         proj = self.in_proj(x_TH)
         o = self.ops.gdn_mix(proj, nk, nv, dk, dv, self.conv_weight, self.A_log, self.dt_bias,
-                             cache.conv[self.layer_id], cache.ssm[self.layer_id], batch, batch.meta(x_TH.device))
+                             cache.conv[self.layer_id], cache.ssm[self.layer_id], batch, meta, after_gemm=True)
         z = proj_z(proj, nk, nv, dk, dv)
         for i in range(chunks):
             r0, r1 = i * T // chunks, (i + 1) * T // chunks
@@ -215,9 +218,9 @@ class GDNLayer(nn.Module):
         """Everything before the output projection: the gated-norm output [T, nv/tp * dv]."""
         T = x_TH.shape[0]
         nk, nv, dk, dv = self.nk, self.nv, self.dk, self.dv
+        meta = batch.meta(x_TH.device)     # as in _tail_chunks: in_proj's GEMM is the launch just ahead
         proj = self.in_proj(x_TH)
         y = self.ops.gdn_mix_norm(proj, nk, nv, dk, dv, self.conv_weight, self.A_log, self.dt_bias,
-                                  cache.conv[self.layer_id], cache.ssm[self.layer_id], batch,
-                                  batch.meta(x_TH.device), self.norm_weight, self.cfg.rms_norm_eps,
-                                  out_dtype=x_TH.dtype)
+                                  cache.conv[self.layer_id], cache.ssm[self.layer_id], batch, meta,
+                                  self.norm_weight, self.cfg.rms_norm_eps, out_dtype=x_TH.dtype, after_gemm=True)
         return y.reshape(T, nv * dv)

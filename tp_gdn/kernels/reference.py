@@ -236,11 +236,12 @@ def gated_delta_rule_varlen(
 
 # -- the layer's mixer: projections in, core output out -------------------------------------------
 def gdn_mix(proj_TP, nk: int, nv: int, dk: int, dv: int, conv_weight_CK, A_log_H, dt_bias_H,
-            conv_pool_SWC, ssm_pool_SHKV, batch, meta=None) -> torch.Tensor:
+            conv_pool_SWC, ssm_pool_SHKV, batch, meta=None, after_gemm: bool = False) -> torch.Tensor:
     """From the fused projection [q | k | v | z | b | a] (local heads) to the core output o.
 
     conv + silu over q|k|v with carried conv state, l2norm of q and k, q scaled by dk^-0.5,
     gating, and the gated delta rule with carried recurrent state. Returns o [T, nv, dv].
+    after_gemm: as gdn_mix_norm's.
     """
     T = proj_TP.shape[0]
     kd, vd = nk * dk, nv * dv
@@ -264,8 +265,9 @@ def proj_z(proj_TP, nk: int, nv: int, dk: int, dv: int) -> torch.Tensor:
 
 def gdn_mix_norm(proj_TP, nk: int, nv: int, dk: int, dv: int, conv_weight_CK, A_log_H, dt_bias_H,
                  conv_pool_SWC, ssm_pool_SHKV, batch, meta, norm_weight_V, eps: float,
-                 out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """gdn_mix, then the gated RMSNorm with z from the projection: y [T, nv, dv]."""
+                 out_dtype: torch.dtype | None = None, after_gemm: bool = False) -> torch.Tensor:
+    """gdn_mix, then the gated RMSNorm with z from the projection: y [T, nv, dv]. after_gemm (the
+    triton backend's launch hint) changes nothing here: torch runs its ops in stream order."""
     o = gdn_mix(proj_TP, nk, nv, dk, dv, conv_weight_CK, A_log_H, dt_bias_H, conv_pool_SWC, ssm_pool_SHKV,
                 batch, meta)
     return gated_rmsnorm(o, proj_z(proj_TP, nk, nv, dk, dv), norm_weight_V, eps, out_dtype=out_dtype)

@@ -5,11 +5,13 @@ the host, a few microseconds each)."""
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_wait
 from triton.runtime.jit import JITFunction
 
 try:
@@ -50,7 +52,33 @@ def exp_ftz(x, FTZ: tl.constexpr):
         return tl.exp(x)
 
 
+@triton.jit
+def wait_for_prior_grid(GDC: tl.constexpr):
+    """Under programmatic dependent launch (a launch with launch_pdl=True, Hopper on) a kernel may
+    start before the kernel ahead of it in the stream has finished: everything it does before
+    this call must neither read what that kernel writes nor write what it reads. This waits until
+    that kernel has finished and its writes are visible (griddepcontrol.wait). GDC False (any
+    launch without PDL, and the interpreter) compiles nothing."""
+    if GDC and _COMPILED:
+        gdc_wait()
+
+
 # -- the host side of a launch -------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def pdl_possible(device: torch.device) -> bool:
+    """Whether launches on `device` can take programmatic dependent launch: compiled kernels
+    (not the interpreter) on a CUDA GPU of compute capability 9.0 or above."""
+    return (not _INTERPRETED and device.type == "cuda"
+            and torch.cuda.get_device_capability(device)[0] >= 9)
+
+
+def pdl_option(on: bool) -> dict:
+    """The launch option of programmatic dependent launch, for a launch's keywords: nothing when
+    off, so that launches without it (and the interpreter, which takes no such option) are
+    Triton's plain ones."""
+    return {"launch_pdl": True} if on else {}
+
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)

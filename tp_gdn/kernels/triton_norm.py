@@ -10,8 +10,15 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import cdiv, launch, next_pow2
+from .triton_common import cdiv, launch, next_pow2, pdl_option, pdl_possible, wait_for_prior_grid
 from .triton_decode import qk_shift_launch, shift_qk_block
+
+# programmatic dependent launch of the norm that also shifts decode sequences' q|k conv state (a
+# decode step's launch after the decode kernel): its programs are placed while the kernel ahead
+# finishes, and wait for it before they start (wait_for_prior_grid). On an H200 (80B dims, graphed
+# step, beside the decode kernel's PDL) it gained 0.2-0.3 us back to back, at 1 and 256 sequences
+# alike, bit-equal (benchmarks/results/exp_pdl*_h200_s25.log)
+PDL = True
 
 
 @triton.jit
@@ -40,11 +47,13 @@ def _gated_rmsnorm_shift_kernel(o, z, w, y, T, stride_o, stride_z, stride_y, eps
                                 proj, conv_pool, seqs, cu_seqlens, slots, has_state, stride_proj, stride_ps,
                                 stride_pw, n_shift, DV: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
                                 NQK: tl.constexpr, W: tl.constexpr, BW: tl.constexpr, BC: tl.constexpr,
-                                NCB: tl.constexpr):
+                                NCB: tl.constexpr, GDC: tl.constexpr = False):
     """_gated_rmsnorm_kernel's grid plus rows of programs that each shift one (decode sequence,
     channel block) of the n_shift = sequences x NCB, in row-major order over the grid's rows of
     heads. A kernel of its own, so that calls without decode sequences (prefill) launch the
-    plain kernel, with its shorter argument list (host time per launch)."""
+    plain kernel, with its shorter argument list (host time per launch). GDC: launched with PDL,
+    so it waits for the launch ahead (which reads the q|k conv state it shifts) before anything."""
+    wait_for_prior_grid(GDC)
     i_t, h = tl.program_id(0), tl.program_id(1)
     n_t = tl.cdiv(T, BT)
     if i_t >= n_t:
@@ -82,7 +91,9 @@ def gated_rmsnorm(o_THV: torch.Tensor, z_THV: torch.Tensor, weight_V: torch.Tens
         # shift programs: 3.98 us with 8 tokens and 2 warps a program, 4.91 with 32 and 4 (the
         # defaults); 6.85 with 256-channel shift programs as well (exp_norm_shift_h200x2_s9.log)
         BT, warps = 8, 2
+    gdc = PDL and pdl_possible(o_THV.device)
     launch(_gated_rmsnorm_shift_kernel, (cdiv(T, BT) + cdiv(n_shift, H), H),
-        *args, *shift["args"], n_shift, DV=dv, BT=BT, BV=BV, NCB=shift["blocks"], num_warps=warps, **shift["meta"],
+        *args, *shift["args"], n_shift, DV=dv, BT=BT, BV=BV, NCB=shift["blocks"], GDC=gdc, num_warps=warps,
+        **shift["meta"], **pdl_option(gdc),
     )
     return y

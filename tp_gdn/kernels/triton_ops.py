@@ -34,17 +34,20 @@ def check_config(cfg) -> None:
 
 def gdn_mix(proj_TP, nk: int, nv: int, dk: int, dv: int, conv_weight_CK, A_log_H, dt_bias_H,
             conv_pool_SWC, ssm_pool_SHKV, batch, meta, gated_norm: tuple | None = None,
-            shift_qk: bool = True) -> torch.Tensor:
+            shift_qk: bool = True, after_gemm: bool = False) -> torch.Tensor:
     """From the fused projection [q | k | v | z | b | a] of the local heads to o [T, nv, dv]
     (or, with gated_norm = (weight, eps) for a prefill-only batch on the fused one-block path,
     to the gated-norm output, formed inside the fused pass). shift_qk=False leaves the decode
-    sequences' q|k conv state for the caller's next launch to shift (gated_rmsnorm's qk_shift)."""
+    sequences' q|k conv state for the caller's next launch to shift (gated_rmsnorm's qk_shift).
+    after_gemm: proj_TP was written by the launch just ahead, which writes nothing else read here
+    (the layer's in_proj GEMM): the decode kernel may then start before it ends
+    (triton_decode.decode_step)."""
     T = proj_TP.shape[0]
     kd, vd = nk * dk, nv * dv
     o = torch.empty(T, nv, dv, device=proj_TP.device, dtype=proj_TP.dtype)
     o_T = o.view(T, vd)
     decode_step(proj_TP, conv_weight_CK, conv_pool_SWC, A_log_H, dt_bias_H, ssm_pool_SHKV, o_T, meta,
-                nk, nv, dk, dv, shift_qk=shift_qk)
+                nk, nv, dk, dv, shift_qk=shift_qk, after_gemm=after_gemm)
     if meta.num_chunks:
         C = 2 * kd + vd
         mixed = torch.empty(T, C, device=proj_TP.device, dtype=proj_TP.dtype)
@@ -71,14 +74,15 @@ def fused_norm_applies(meta, nv: int, dv: int, dtype: torch.dtype) -> bool:
 
 def gdn_mix_norm(proj_TP, nk: int, nv: int, dk: int, dv: int, conv_weight_CK, A_log_H, dt_bias_H,
                  conv_pool_SWC, ssm_pool_SHKV, batch, meta, norm_weight_V, eps: float,
-                 out_dtype: torch.dtype | None = None) -> torch.Tensor:
+                 out_dtype: torch.dtype | None = None, after_gemm: bool = False) -> torch.Tensor:
     """gdn_mix and the gated RMSNorm with z from the projection: y [T, nv, dv]. The norm runs
     inside the fused prefill pass where `fused_norm_applies`, else as its own kernel, whose
-    launch also shifts the decode sequences' q|k conv state (one launch fewer per step)."""
+    launch also shifts the decode sequences' q|k conv state (one launch fewer per step).
+    after_gemm: as gdn_mix's."""
     args = (proj_TP, nk, nv, dk, dv, conv_weight_CK, A_log_H, dt_bias_H, conv_pool_SWC, ssm_pool_SHKV, batch, meta)
     if (out_dtype is None or out_dtype == proj_TP.dtype) and fused_norm_applies(meta, nv, dv, proj_TP.dtype):
-        return gdn_mix(*args, gated_norm=(norm_weight_V, eps))
-    o = gdn_mix(*args, shift_qk=False)
+        return gdn_mix(*args, gated_norm=(norm_weight_V, eps), after_gemm=after_gemm)
+    o = gdn_mix(*args, shift_qk=False, after_gemm=after_gemm)
     return gated_rmsnorm(o, proj_z(proj_TP, nk, nv, dk, dv), norm_weight_V, eps, out_dtype=out_dtype,
                          qk_shift=(proj_TP, conv_pool_SWC, meta, 2 * nk * dk))
 
