@@ -337,14 +337,14 @@ def bench_decode(layer, B, dev, g, tp, rank, report, rows, profile=False):
                             else lambda: peer.decode(x, slots_t), 50)
     kind = layer.out_proj.all_reduce_kind(B)
     # the same step other ways, each replayed from its own graph: the decode kernel with the index
-    # loads of a mixed call; the decode and norm kernels launched plainly, without programmatic
-    # dependent launch; and, where the all-reduce is over symmetric memory, NCCL's and torch's
-    # one-shot kernel in its place
-    from tp_gdn.kernels import triton_decode, triton_norm
+    # loads of a mixed call; the decode, norm and push all-reduce kernels launched plainly, without
+    # programmatic dependent launch; and, where the all-reduce is over symmetric memory, NCCL's
+    # and torch's one-shot kernel in its place
+    from tp_gdn.kernels import triton_allreduce, triton_decode, triton_norm
 
     @contextlib.contextmanager
     def plain_launches():
-        with patched(triton_decode, PDL=False), patched(triton_norm, PDL=False):
+        with patched(triton_decode, PDL=False), patched(triton_norm, PDL=False), patched(triton_allreduce, PDL=False):
             yield
 
     variants = {"decode kernel with mixed-call indexing":
