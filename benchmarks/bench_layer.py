@@ -337,19 +337,21 @@ def bench_decode(layer, B, dev, g, tp, rank, report, rows, profile=False):
                             else lambda: peer.decode(x, slots_t), 50)
     kind = layer.out_proj.all_reduce_kind(B)
     # the same step other ways, each replayed from its own graph: the decode kernel with the index
-    # loads of a mixed call; the decode, norm and push all-reduce kernels launched plainly, without
-    # programmatic dependent launch; and, where the all-reduce is over symmetric memory, NCCL's
+    # loads of a mixed call; the decode, norm, projection and push all-reduce kernels launched
+    # plainly, without programmatic dependent launch; cuBLAS for the projections of few rows; and, where the all-reduce is over symmetric memory, NCCL's
     # and torch's one-shot kernel in its place
-    from tp_gdn.kernels import triton_allreduce, triton_decode, triton_norm
+    from tp_gdn.kernels import triton_allreduce, triton_decode, triton_gemv, triton_norm
 
     @contextlib.contextmanager
     def plain_launches():
-        with patched(triton_decode, PDL=False), patched(triton_norm, PDL=False), patched(triton_allreduce, PDL=False):
+        with patched(triton_decode, PDL=False), patched(triton_norm, PDL=False), \
+                patched(triton_allreduce, PDL=False), patched(triton_gemv, PDL=False):
             yield
 
     variants = {"decode kernel with mixed-call indexing":
                 (layer, lambda: patched(triton_decode, ALL_DECODE_INDEXING=False)),
-                "plain launches (no PDL)": (layer, plain_launches)}
+                "plain launches (no PDL)": (layer, plain_launches),
+                "cuBLAS projections": (layer, lambda: patched(triton_gemv, MAX_ROWS=0))}
     if kind == "symm":
         for name, env in (("NCCL all-reduce", {"TP_GDN_ALL_REDUCE": "nccl"}),
                           ("torch one-shot all-reduce", {"TP_GDN_SYMM_KERNEL": "oneshot"})):

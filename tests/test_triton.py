@@ -752,6 +752,33 @@ def test_gpu_decode_agrees_with_fla_core():
     assert rel_err(ours, theirs[:, 0]) < 1e-2
 
 
+@pytest.mark.parametrize("M,N,K", [(1, 37, 100), (3, 64, 64), (4, 50, 700)])
+def test_few_rows_product_matches_fp64(M, N, K):
+    """triton_gemv: rows of x times a weight whose rows and columns are not whole blocks, into a
+    new tensor, and into a view of a larger one (launched under PDL on a GPU that has it)."""
+    from tp_gdn.kernels.triton_gemv import gemv
+    dt = torch.bfloat16 if CUDA else torch.float32
+    x, w = torch.randn(M, K, dtype=torch.float64), torch.randn(N, K, dtype=torch.float64)
+    want = x @ w.T
+    got = gemv(x.to(DEV, dt), w.to(DEV, dt))
+    assert got.shape == (M, N) and got.dtype == dt
+    assert rel_err(got.cpu().double(), want) < (1e-2 if CUDA else 1e-6)
+    big = torch.zeros(M, N + 5, device=DEV, dtype=dt)
+    gemv(x.to(DEV, dt), w.to(DEV, dt), out=big[:, 2:N + 2], pdl=True)
+    assert torch.equal(big[:, 2:N + 2], got) and not big[:, :2].any() and not big[:, N + 2:].any()
+
+
+def test_few_rows_product_refuses_what_it_does_not_take():
+    from tp_gdn.kernels.triton_gemv import MAX_ROWS, gemv
+    w = torch.randn(8, 16, device=DEV)
+    with pytest.raises(ValueError, match=f"1 to {MAX_ROWS} rows"):
+        gemv(torch.randn(MAX_ROWS + 1, 16, device=DEV), w)
+    with pytest.raises(ValueError, match="packed rows"):
+        gemv(torch.randn(1, 16, device=DEV), torch.randn(16, 8, device=DEV).t())
+    with pytest.raises(ValueError, match=r"out must be \[1, 8\]"):
+        gemv(torch.randn(1, 16, device=DEV), w, out=torch.empty(1, 9, device=DEV))
+
+
 def test_host_cdiv_and_next_pow2():
     from tp_gdn.kernels.triton_common import cdiv, next_pow2
     for n in range(0, 300):

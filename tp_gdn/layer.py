@@ -98,6 +98,10 @@ class GDNLayer(nn.Module):
         self.dt_bias = sharded_parameter(shapes["dt_bias"], Split(0, (nv,)), tp_size, f32, device)
         self.norm_weight = sharded_parameter(shapes["norm_weight"], Replicate(), tp_size, f32, device)
         self.out_proj = RowParallelLinear(vd, cfg.hidden_size, tp_size, dtype, device, group)
+        if hasattr(self.ops, "few_rows_product"):
+            # decode steps of few tokens: Triton products (out_proj's follows the norm kernel, under PDL)
+            self.in_proj.few_rows = self.ops.few_rows_product(pdl=False)
+            self.out_proj.few_rows = self.ops.few_rows_product(pdl=True)
 
     @classmethod
     def from_full(cls, cfg: GDNConfig, layer_id: int, full: dict[str, torch.Tensor], tp_rank: int = 0,

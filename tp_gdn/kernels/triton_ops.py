@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import torch
 
+from . import triton_gemv
 from .reference import proj_z
 from .triton_chunk import choose_path, chunk_delta_rule_varlen
 from .triton_conv import MAX_TAPS, conv_prefill, conv_state_update
 from .triton_decode import decode_step
 from .triton_norm import gated_rmsnorm
 
-__all__ = ["check_config", "gdn_mix", "gdn_mix_norm", "gated_rmsnorm", "gdn_prefill", "gdn_decode"]
+__all__ = ["check_config", "gdn_mix", "gdn_mix_norm", "gated_rmsnorm", "few_rows_product", "gdn_prefill",
+           "gdn_decode"]
 
 # gdn_mix_norm forms the gated norm inside the fused prefill pass where it can (fused_norm_applies)
 # only when this is True. Off: on an H200 at 8x4096 tokens, tp=1, the layer took 6.021 ms with the
@@ -85,6 +87,17 @@ def gdn_mix_norm(proj_TP, nk: int, nv: int, dk: int, dv: int, conv_weight_CK, A_
     o = gdn_mix(*args, shift_qk=False, after_gemm=after_gemm)
     return gated_rmsnorm(o, proj_z(proj_TP, nk, nv, dk, dv), norm_weight_V, eps, out_dtype=out_dtype,
                          qk_shift=(proj_TP, conv_pool_SWC, meta, 2 * nk * dk))
+
+
+def few_rows_product(pdl: bool):
+    """The layer's projections of few rows (decode steps of up to triton_gemv.MAX_ROWS tokens):
+    product(x [M, K], W [N, K], out=None) -> x W^T through triton_gemv.gemv, or None where x has
+    more rows (or unpacked rows) and the caller's cuBLAS product applies. pdl: as gemv's."""
+    def product(x_MK, w_NK, out=None):
+        if x_MK.shape[0] > triton_gemv.MAX_ROWS or x_MK.stride(1) != 1:
+            return None
+        return triton_gemv.gemv(x_MK, w_NK, out, pdl=pdl)
+    return product
 
 
 def gdn_prefill(q_THK, k_THK, v_THV, a_TH, b_TH, A_log_H, dt_bias_H, state_pool_SHKV, batch,

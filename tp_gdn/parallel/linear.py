@@ -7,6 +7,8 @@ sum; `forward` all-reduces it, so every rank returns the full output. Small outp
 the symmetric-memory all-reduce where it applies (comm.symmetric_all_reduce_for): the product is
 written straight into its staging buffer (with torch's one-shot kernel, the mapped buffer
 itself), and one kernel per rank sums the ranks' partial outputs.
+Either may hold a `few_rows` product (set by the layer: its backend's kernel for decode steps of
+few tokens), used wherever it takes the input; cuBLAS forms the rest.
 """
 
 from __future__ import annotations
@@ -19,14 +21,28 @@ from .comm import all_reduce_sum_, symmetric_all_reduce_for
 from .sharding import Split, sharded_parameter
 
 
+def product(module, x_TI: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x W^T of a linear module: through its `few_rows` product where one is set and takes x
+    (returns other than None), else cuBLAS; into `out` where given."""
+    if module.few_rows is not None:
+        y = module.few_rows(x_TI, module.weight, out)
+        if y is not None:
+            return y
+    if out is None:
+        return F.linear(x_TI, module.weight)
+    return torch.matmul(x_TI, module.weight.t(), out=out)
+
+
 class ColumnParallelLinear(nn.Module):
     def __init__(self, in_features: int, out_segments: tuple[int, ...], world: int, dtype, device):
         super().__init__()
         self.weight = sharded_parameter((sum(out_segments), in_features), Split(0, tuple(out_segments)),
                                         world, dtype, device)
+        # product(x, W, out) -> x W^T, or None to leave x to cuBLAS: the layer's kernels for few rows
+        self.few_rows = None
 
     def forward(self, x_TI: torch.Tensor) -> torch.Tensor:
-        return F.linear(x_TI, self.weight)
+        return product(self, x_TI)
 
 
 class RowParallelLinear(nn.Module):
@@ -37,6 +53,7 @@ class RowParallelLinear(nn.Module):
                                         world, dtype, device)
         # a collective where tp > 1 under a process group: every rank builds its layers in the same order
         self.symm = symmetric_all_reduce_for(group, device) if world > 1 else None
+        self.few_rows = None     # as ColumnParallelLinear's
 
     def all_reduce_kind(self, rows: int) -> str:
         """Which all-reduce `forward` runs on an output of `rows` rows: "none" (tp = 1), "symm"
@@ -48,13 +65,13 @@ class RowParallelLinear(nn.Module):
 
     def partial(self, x_TI: torch.Tensor) -> torch.Tensor:
         """This rank's partial sum of the output, before the all-reduce."""
-        return F.linear(x_TI, self.weight)
+        return product(self, x_TI)
 
     def forward(self, x_TI: torch.Tensor) -> torch.Tensor:
         kind = self.all_reduce_kind(x_TI.numel() // x_TI.shape[-1])
         if kind == "symm":      # the product goes straight into the all-reduce's staging buffer
             staged = self.symm.staging((*x_TI.shape[:-1], self.weight.shape[0]), x_TI.dtype)
-            torch.matmul(x_TI, self.weight.t(), out=staged)
+            product(self, x_TI, out=staged)
             return self.symm.reduce_out(staged, torch.empty_like(staged))
         y = self.partial(x_TI)
         # a layer sharded for one rank holds the whole sum, even inside a larger process group
