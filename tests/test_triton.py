@@ -769,10 +769,10 @@ def test_few_rows_product_matches_fp64(M, N, K):
 
 
 def test_few_rows_product_refuses_what_it_does_not_take():
-    from tp_gdn.kernels.triton_gemv import MAX_ROWS, gemv
+    from tp_gdn.kernels.triton_gemv import ROWS, gemv
     w = torch.randn(8, 16, device=DEV)
-    with pytest.raises(ValueError, match=f"1 to {MAX_ROWS} rows"):
-        gemv(torch.randn(MAX_ROWS + 1, 16, device=DEV), w)
+    with pytest.raises(ValueError, match=f"1 to {ROWS} rows"):
+        gemv(torch.randn(ROWS + 1, 16, device=DEV), w)
     with pytest.raises(ValueError, match="packed rows"):
         gemv(torch.randn(1, 16, device=DEV), torch.randn(16, 8, device=DEV).t())
     with pytest.raises(ValueError, match=r"out must be \[1, 8\]"):

@@ -99,7 +99,8 @@ class GDNLayer(nn.Module):
         self.norm_weight = sharded_parameter(shapes["norm_weight"], Replicate(), tp_size, f32, device)
         self.out_proj = RowParallelLinear(vd, cfg.hidden_size, tp_size, dtype, device, group)
         if hasattr(self.ops, "few_rows_product"):
-            # decode steps of few tokens: Triton products (out_proj's follows the norm kernel, under PDL)
+            # calls of up to triton_gemv.MAX_ROWS tokens (one: a decode step of one sequence): Triton
+            # products; out_proj's follows the norm kernel, under PDL
             self.in_proj.few_rows = self.ops.few_rows_product(pdl=False)
             self.out_proj.few_rows = self.ops.few_rows_product(pdl=True)
 

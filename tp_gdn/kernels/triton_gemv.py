@@ -1,4 +1,5 @@
-"""Triton products of a few rows with a weight matrix, y = x W^T, for decode steps of a few tokens.
+"""Triton products of a few rows with a weight matrix, y = x W^T, for decode steps of few tokens
+(the layer uses it up to MAX_ROWS rows).
 
 At one to a few rows a projection is a pass over its weight, bound by memory bandwidth. Grid: one
 program per BN rows of W, each streaming its [BN, K] block in [BN, BK] pieces and forming the
@@ -13,8 +14,13 @@ import triton.language as tl
 
 from .triton_common import cdiv, launch, next_pow2, pdl_option, pdl_possible, wait_for_prior_grid
 
-# the most rows the layer forms with this kernel; more take cuBLAS
-MAX_ROWS = 4
+# the most rows gemv takes (its kernel unrolls a loop over them)
+ROWS = 4
+# the most rows the layer forms with it; more take cuBLAS. On an H200 (CUDA graphs, each call
+# reading HBM) it beat cuBLAS at one row only: in_proj [6176, 2048] 8.58 against 9.80 us at one
+# row, 12.16 against 9.96 at two, 18.57 against 10.12 at four; out_proj [2048, 2048] 4.94
+# against 6.23, 6.22 against 6.35, 8.65 against 6.16 (benchmarks/results/exp_gemv_rows_h200_s25.log)
+MAX_ROWS = 1
 # On an H200, one row, each call reading its weight from HBM (CUDA graphs of 40 calls over 8
 # weight copies), BN 8, BK 1024, 8 warps, 2 stages was the best or within 0.15 us of the best of
 # 66 settings at each of the layer's four decode shapes at tp 1 and 2, in us against cuBLAS:
@@ -48,7 +54,7 @@ def _gemv_kernel(x, w, y, M, N, K, stride_xm, stride_wn, stride_ym,
 
 
 def gemv(x_MK: torch.Tensor, w_NK: torch.Tensor, out: torch.Tensor | None = None, pdl: bool = False) -> torch.Tensor:
-    """y [M, N] = x [M, K] W [N, K]^T for M <= MAX_ROWS, accumulated in fp32, written to `out`
+    """y [M, N] = x [M, K] W [N, K]^T for M <= ROWS, accumulated in fp32, written to `out`
     (a new tensor by default; any [M, N] view whose rows are packed).
 
     pdl: launch under programmatic dependent launch where the GPU has it (the programs are placed
@@ -56,8 +62,8 @@ def gemv(x_MK: torch.Tensor, w_NK: torch.Tensor, out: torch.Tensor | None = None
     """
     M, K = x_MK.shape
     N = w_NK.shape[0]
-    if not 1 <= M <= MAX_ROWS:
-        raise ValueError(f"gemv takes 1 to {MAX_ROWS} rows, got {M}")
+    if not 1 <= M <= ROWS:
+        raise ValueError(f"gemv takes 1 to {ROWS} rows, got {M}")
     if w_NK.shape[1] != K or w_NK.stride(1) != 1 or x_MK.stride(1) != 1:
         raise ValueError(f"gemv takes x [M, K] and W [N, K] with packed rows, got {tuple(x_MK.shape)} and "
                          f"{tuple(w_NK.shape)}")

@@ -90,7 +90,7 @@ def gdn_mix_norm(proj_TP, nk: int, nv: int, dk: int, dv: int, conv_weight_CK, A_
 
 
 def few_rows_product(pdl: bool):
-    """The layer's projections of few rows (decode steps of up to triton_gemv.MAX_ROWS tokens):
+    """The layer's projections of few rows (calls of up to triton_gemv.MAX_ROWS tokens):
     product(x [M, K], W [N, K], out=None) -> x W^T through triton_gemv.gemv, or None where x has
     more rows (or unpacked rows) and the caller's cuBLAS product applies. pdl: as gemv's."""
     def product(x_MK, w_NK, out=None):
