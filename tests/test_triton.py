@@ -674,12 +674,14 @@ def test_gpu_decode_core_matches_fp64(N, nv):
 
 
 @pytest.mark.gpu
-def test_gpu_decode_steps_with_pdl_equal_plain_launches(monkeypatch):
-    """The decode kernel launched to start while in_proj's GEMM still runs (PDL; it loads the
-    state before it waits for the projection) and the norm launched the same way after it: the
-    same bits as plain launches, over steps of fresh inputs, eager and from a graph, at a rank's
-    real dims (where the GEMM is long enough for the early start to happen)."""
+@pytest.mark.parametrize("B", [1, 64])
+def test_gpu_decode_steps_with_pdl_equal_plain_launches(monkeypatch, B):
+    """The decode kernel launched to start while in_proj's product still runs (PDL; it loads the
+    state before it waits for the projection), and the norm and (one sequence) out_proj's few-row
+    product launched the same way after it: the same bits as plain launches, over steps of fresh
+    inputs, eager and from a graph, at a rank's real dims."""
     from tp_gdn.graphs import GraphedDecoder
+    from tp_gdn.kernels import triton_gemv
     from tp_gdn.kernels.triton_common import pdl_possible
 
     triton_decode, triton_norm = tri()[2:4]
@@ -687,14 +689,13 @@ def test_gpu_decode_steps_with_pdl_equal_plain_launches(monkeypatch):
         pytest.skip("PDL needs compute capability 9.0 or above")
     cfg = tiny_config(nk=8, nv=16, dk=128, dv=128, H=2048, layers=1)
     layer = GDNLayer.from_full(cfg, 0, random_full_weights(cfg, 2), dtype=torch.bfloat16, device=DEV)
-    B = 64
     base = StateCache(cfg, [0], B, dtype=torch.bfloat16, device=DEV, tp_size=1)
     layer(torch.randn(8 * B, 2048, device=DEV, dtype=torch.bfloat16), Batch([8] * B, list(range(B)), [False] * B), base)
     xs = [torch.randn(B, 2048, device=DEV, dtype=torch.bfloat16) for _ in range(4)]
     runs = []
     for pdl in (False, True):
-        monkeypatch.setattr(triton_decode, "PDL", pdl)
-        monkeypatch.setattr(triton_norm, "PDL", pdl)
+        for module in (triton_decode, triton_norm, triton_gemv):
+            monkeypatch.setattr(module, "PDL", pdl)
         caches = []
         for _ in range(2):
             c = StateCache(cfg, [0], B, dtype=torch.bfloat16, device=DEV, tp_size=1)
