@@ -338,8 +338,9 @@ def bench_decode(layer, B, dev, g, tp, rank, report, rows, profile=False):
     kind = layer.out_proj.all_reduce_kind(B)
     # the same step other ways, each replayed from its own graph: the decode kernel with the index
     # loads of a mixed call; the decode, norm, projection and push all-reduce kernels launched
-    # plainly, without programmatic dependent launch; cuBLAS for the projections of few rows; and, where the all-reduce is over symmetric memory, NCCL's
-    # and torch's one-shot kernel in its place
+    # plainly, without programmatic dependent launch; cuBLAS for the projections of few rows;
+    # and, where the all-reduce is over symmetric memory, NCCL's and torch's one-shot kernel in
+    # its place
     from tp_gdn.kernels import triton_allreduce, triton_decode, triton_gemv, triton_norm
 
     @contextlib.contextmanager

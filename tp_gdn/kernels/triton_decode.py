@@ -20,7 +20,7 @@ from .triton_common import cdiv, launch, next_pow2, pdl_option, pdl_possible, wa
 # Launch settings (benchmarks/bench_kernels.py --sweep measures the alternatives).
 LAUNCH = {"decode": dict(num_warps=4, num_stages=1)}
 # programmatic dependent launch of the decode kernel where its caller says the launch ahead of it
-# is the projection's GEMM (decode_step's after_gemm): the kernel may then start while that GEMM
+# is the projection's product (decode_step's after_gemm): the kernel may then start while it
 # finishes, loading the state blocks before it waits for the projection (wait_for_prior_grid). On
 # an H200, the layer's graphed decode step at 80B dims, 256 sequences: 325.2 against 328.0 us
 # single, 319.6 against 322.4 back to back (5 interleaved rounds each, in two runs alike); one
@@ -86,9 +86,9 @@ def _decode_kernel(
         shifted = tl.load(p_conv + stride_pw, mask=tl.where(keep, m_next, False), other=0.0)
     A = tl.load(A_log + h).to(tl.float32)
     dtb = tl.load(dt_bias + h).to(tl.float32)
-    # GDC (the launch may start while the projection's GEMM still runs): only the state, the v
-    # channels' conv history, the slot indices and the weights are read above, none of which
-    # that GEMM writes; the projection is read below
+    # GDC (the launch may start while the projection's product still runs): only the state, the
+    # v channels' conv history, the slot indices and the weights are read above, none of which
+    # that product writes; the projection is read below
     wait_for_prior_grid(GDC)
     if USE_CONV:
         q = _conv_token(proj, conv_pool, conv_w, t, slot, keep, hk * DK + o_k, m_k, stride_ps, stride_pw, K)
@@ -180,7 +180,8 @@ def decode_step(proj_TP, conv_weight_CK, conv_pool_SWC, A_log, dt_bias, state_po
     other recurrent kernels) and leaves the conv pool alone. shift_qk=False leaves the q|k
     channels' conv state unshifted: the caller's next launch must shift it (qk_shift_launch).
     after_gemm: the launch just ahead of this one in the stream is the one that wrote proj_TP and
-    writes nothing else this step reads (the layer's in_proj GEMM); with PDL, on a GPU that has it,
+    writes nothing else this step reads (the layer's in_proj product: a cuBLAS GEMM, or
+    triton_gemv's kernel at one token); with PDL, on a GPU that has it,
     the kernel is then launched to start before that launch ends.
     """
     if meta.num_decode == 0:

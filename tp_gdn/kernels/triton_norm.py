@@ -16,8 +16,8 @@ from .triton_decode import qk_shift_launch, shift_qk_block
 # programmatic dependent launch of the norm that also shifts decode sequences' q|k conv state (a
 # decode step's launch after the decode kernel): its programs are placed while the kernel ahead
 # finishes, and wait for it before they start (wait_for_prior_grid). On an H200 (80B dims, graphed
-# step, beside the decode kernel's PDL) it gained 0.2-0.3 us back to back, at 1 and 256 sequences
-# alike, bit-equal (benchmarks/results/exp_pdl*_h200_s25.log)
+# step, beside the decode kernel's PDL) it gained 0 to 0.6 us back to back in two runs at 1 and 256
+# sequences, bit-equal (benchmarks/results/exp_pdl*_h200_s25.log)
 PDL = True
 
 

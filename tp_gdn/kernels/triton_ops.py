@@ -42,7 +42,7 @@ def gdn_mix(proj_TP, nk: int, nv: int, dk: int, dv: int, conv_weight_CK, A_log_H
     to the gated-norm output, formed inside the fused pass). shift_qk=False leaves the decode
     sequences' q|k conv state for the caller's next launch to shift (gated_rmsnorm's qk_shift).
     after_gemm: proj_TP was written by the launch just ahead, which writes nothing else read here
-    (the layer's in_proj GEMM): the decode kernel may then start before it ends
+    (the layer's in_proj product): the decode kernel may then start before it ends
     (triton_decode.decode_step)."""
     T = proj_TP.shape[0]
     kd, vd = nk * dk, nv * dv
