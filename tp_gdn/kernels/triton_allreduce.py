@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import cdiv, launch, pdl_option, pdl_possible, wait_for_prior_grid
+from .triton_common import cdiv, launch, pdl_launch, wait_for_prior_grid
 
 BLOCK_BYTES = 2048  # bytes per program: 1024 bf16 elements, 512 fp32
 # programmatic dependent launch: the programs are placed while the launch ahead (the out_proj
@@ -97,8 +97,8 @@ def push_all_reduce(send: torch.Tensor, out: torch.Tensor, recv_ptrs: torch.Tens
     assert slot % block == 0, f"regions of {slot} elements are not whole programs of {block}"
     grid = cdiv(numel, block)
     assert grid <= epochs.numel(), f"{numel} elements need {grid} programs, the buffers hold {epochs.numel()}"
-    gdc = PDL and pdl_possible(send.device)
     launch(_push_all_reduce_kernel, (grid,),
         send, out, recv_ptrs, flag_ptrs, epochs, numel, rank, slot, WORLD=recv_ptrs.numel(), BLOCK=block,
-        PUSH=phases in ("both", "push"), REDUCE=phases in ("both", "reduce"), GDC=gdc, num_warps=4, **pdl_option(gdc))
+        PUSH=phases in ("both", "push"), REDUCE=phases in ("both", "reduce"), num_warps=4,
+        **pdl_launch(PDL, send.device))
     return out

@@ -73,11 +73,14 @@ def pdl_possible(device: torch.device) -> bool:
             and torch.cuda.get_device_capability(device)[0] >= 9)
 
 
-def pdl_option(on: bool) -> dict:
-    """The launch option of programmatic dependent launch, for a launch's keywords: nothing when
-    off, so that launches without it (and the interpreter, which takes no such option) are
-    Triton's plain ones."""
-    return {"launch_pdl": True} if on else {}
+def pdl_launch(on: bool, device: torch.device) -> dict:
+    """The keywords of a launch of a kernel that calls wait_for_prior_grid(GDC): where `on` and
+    pdl_possible(device), its GDC constexpr and Triton's launch_pdl option, always together (a
+    launch under PDL whose kernel does not wait would race the launch ahead); else GDC=False
+    alone, a plain launch (the interpreter takes no launch_pdl)."""
+    if on and pdl_possible(device):
+        return {"GDC": True, "launch_pdl": True}
+    return {"GDC": False}
 
 
 def cdiv(a: int, b: int) -> int:

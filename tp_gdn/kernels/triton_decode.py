@@ -15,7 +15,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_common import cdiv, launch, next_pow2, pdl_option, pdl_possible, wait_for_prior_grid
+from .triton_common import cdiv, launch, next_pow2, pdl_launch, wait_for_prior_grid
 
 # Launch settings (benchmarks/bench_kernels.py --sweep measures the alternatives).
 LAUNCH = {"decode": dict(num_warps=4, num_stages=1)}
@@ -195,7 +195,6 @@ def decode_step(proj_TP, conv_weight_CK, conv_pool_SWC, A_log, dt_bias, state_po
     kd, vd = nk * dk, nv * dv
     if b_col0 is None:
         b_col0 = 2 * kd + 2 * vd
-    gdc = after_gemm and PDL and pdl_possible(proj_TP.device)
     launch(_decode_kernel, (meta.num_decode, nv, cdiv(dv, BV)),
         proj_TP, conv_weight_CK, conv_pool_SWC, A_log, dt_bias, state_pool, out,
         meta.decode_seqs, meta.cu_seqlens, meta.slots, meta.has_state,
@@ -203,8 +202,8 @@ def decode_step(proj_TP, conv_weight_CK, conv_pool_SWC, A_log, dt_bias, state_po
         state_pool.stride(0), state_pool.stride(1), out.stride(0),
         b_col0, b_col0 + nv, dk ** -0.5,
         R=nv // nk, NK=nk, DK=dk, DV=dv, K=K, BK=BK, BV=BV, BW=next_pow2(K - 1), USE_CONV=use_conv,
-        ALL_DECODE=ALL_DECODE_INDEXING and meta.num_decode == meta.slots.numel(), GDC=gdc,
-        **LAUNCH["decode"], **pdl_option(gdc),
+        ALL_DECODE=ALL_DECODE_INDEXING and meta.num_decode == meta.slots.numel(),
+        **LAUNCH["decode"], **pdl_launch(after_gemm and PDL, proj_TP.device),
     )
     if not (use_conv and shift_qk):
         return

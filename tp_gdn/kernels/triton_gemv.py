@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import cdiv, launch, next_pow2, pdl_option, pdl_possible, wait_for_prior_grid
+from .triton_common import cdiv, launch, next_pow2, pdl_launch, wait_for_prior_grid
 
 # the most rows gemv takes (its kernel unrolls a loop over them)
 ROWS = 4
@@ -73,8 +73,7 @@ def gemv(x_MK: torch.Tensor, w_NK: torch.Tensor, out: torch.Tensor | None = None
         raise ValueError(f"out must be [{M}, {N}] with packed rows, got {tuple(out.shape)}")
     cfg = LAUNCH["gemv"]
     BN, BK = cfg["BN"], min(cfg["BK"], next_pow2(K))
-    gdc = pdl and PDL and pdl_possible(x_MK.device)
     launch(_gemv_kernel, (cdiv(N, BN),), x_MK, w_NK, out, M, N, K, x_MK.stride(0), w_NK.stride(0), out.stride(0),
-           BM=next_pow2(M), BN=BN, BK=BK, GDC=gdc, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-           **pdl_option(gdc))
+           BM=next_pow2(M), BN=BN, BK=BK, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+           **pdl_launch(pdl and PDL, x_MK.device))
     return out

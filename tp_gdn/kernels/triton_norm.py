@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import cdiv, launch, next_pow2, pdl_option, pdl_possible, wait_for_prior_grid
+from .triton_common import cdiv, launch, next_pow2, pdl_launch, wait_for_prior_grid
 from .triton_decode import qk_shift_launch, shift_qk_block
 
 # programmatic dependent launch of the norm that also shifts decode sequences' q|k conv state (a
@@ -91,9 +91,8 @@ def gated_rmsnorm(o_THV: torch.Tensor, z_THV: torch.Tensor, weight_V: torch.Tens
         # shift programs: 3.98 us with 8 tokens and 2 warps a program, 4.91 with 32 and 4 (the
         # defaults); 6.85 with 256-channel shift programs as well (exp_norm_shift_h200x2_s9.log)
         BT, warps = 8, 2
-    gdc = PDL and pdl_possible(o_THV.device)
     launch(_gated_rmsnorm_shift_kernel, (cdiv(T, BT) + cdiv(n_shift, H), H),
-        *args, *shift["args"], n_shift, DV=dv, BT=BT, BV=BV, NCB=shift["blocks"], GDC=gdc, num_warps=warps,
-        **shift["meta"], **pdl_option(gdc),
+        *args, *shift["args"], n_shift, DV=dv, BT=BT, BV=BV, NCB=shift["blocks"], num_warps=warps,
+        **shift["meta"], **pdl_launch(PDL, o_THV.device),
     )
     return y
