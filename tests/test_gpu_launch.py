@@ -337,3 +337,84 @@ def test_push_all_reduce_back_to_back_on_gpus(seed, tp):
 
     results = spawn_ranks(tp, _with_rank, _push_back_to_back, seed, 200, backend="nccl")
     assert results == [[]] * tp
+
+
+# (tokens, sequences, tail) at hidden size TAIL_H: calls of growing and shrinking size (the mapped
+# buffer grows four times), uneven chunks, a call whose output is small enough for the symmetric
+# all-reduce (no tail: one piece), a call in one piece, one over TAIL_MIN_TOKENS with the default tail
+TAIL_H = 1024
+TAIL_CALLS = [(1100, 4, 3), (3000, 5, 5), (1500, 3, 2), (300, 2, 3), (2000, 2, 1), (6000, 6, 4), (3000, 4, 7),
+              (8200, 2, None)]
+
+
+def _tail_paths(rank, world, cfg, full, seed):
+    """TAIL_CALLS issued back to back (no host wait between them) with TP_GDN_ALL_REDUCE=nccl
+    and =auto: {mode: (the chunked all-reduce kind, outputs, rows of each chunk the copy
+    engines summed)}."""
+    import os
+
+    from tp_gdn.parallel import comm
+
+    dev, bf, H = f"cuda:{rank}", torch.bfloat16, cfg.hidden_size
+    counted = []
+    reduce = comm.CopyEngineCall.reduce
+
+    def count(self, r0, r1, out):
+        counted.append(r1 - r0)
+        return reduce(self, r0, r1, out)
+
+    comm.CopyEngineCall.reduce = count
+    out = {}
+    for mode in ("nccl", "auto"):
+        os.environ["TP_GDN_ALL_REDUCE"] = mode
+        layer = GDNLayer.from_full(cfg, 0, full, rank, world, dtype=bf, device=dev)
+        cache = StateCache(cfg, [0], 8, dtype=bf, device=dev, tp_size=world)
+        g = torch.Generator().manual_seed(seed)
+        counted.clear()
+        ys = []
+        for T, n, tail in TAIL_CALLS:
+            lens = [T // n + (i < T % n) for i in range(n)]
+            x = torch.randn(T, H, generator=g).to(dev, bf)
+            ys.append(layer(x, Batch(lens, list(range(n)), [False] * n), cache, tail=tail))
+        torch.cuda.synchronize(dev)
+        out[mode] = (layer.out_proj.chunked_all_reduce_kind(1100), [y.float().cpu() for y in ys], list(counted))
+    return out
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tp", tps(2, 4))
+def test_copy_engine_tail_equals_nccl_on_gpus(seed, tp):
+    """The tail's all-reduce on copy engines (the default for row chunks on GPUs of one host):
+    calls of several sizes and chunk counts, back to back, give NCCL's outputs (bit for bit at
+    tp=2, where both add the same two numbers), the unsharded fp32 layer's within bf16
+    tolerance, the same bits on every rank, and every chunk went through the copy engines."""
+    from tp_gdn.launch.local import spawn_ranks
+    from tp_gdn.layer import TAIL_CHUNKS
+    from tp_gdn.parallel.comm import SYMM_MAX_BYTES
+
+    from helpers import _with_rank
+
+    cfg = tiny_config(nk=4, nv=8, dk=32, dv=32, H=TAIL_H, layers=1)
+    full = random_full_weights(cfg, seed)
+    results = spawn_ranks(tp, _with_rank, _tail_paths, cfg, full, seed, backend="nccl")
+    ref_layer = GDNLayer.from_full(cfg, 0, full)
+    cache = StateCache(cfg, [0], 8)
+    g = torch.Generator().manual_seed(seed)
+    want, rows = [], []
+    for T, n, tail in TAIL_CALLS:
+        lens = [T // n + (i < T % n) for i in range(n)]
+        x = torch.randn(T, TAIL_H, generator=g).to(torch.bfloat16).float()
+        want.append(ref_layer(x, Batch(lens, list(range(n)), [False] * n), cache))
+        c = TAIL_CHUNKS.get(("copy", tp), 1) if tail is None else tail
+        if c > 1 and T * TAIL_H * 2 > SYMM_MAX_BYTES:
+            rows += [(i + 1) * T // c - i * T // c for i in range(c)]
+    assert len(rows) > 20
+    assert results[0]["nccl"][0] == "group" and results[0]["auto"][0] == "copy"
+    assert results[0]["auto"][2] == rows and results[0]["nccl"][2] == []
+    for r in range(tp):
+        for n, (a, b, w) in enumerate(zip(results[r]["auto"][1], results[r]["nccl"][1], want)):
+            assert torch.equal(a, results[0]["auto"][1][n]), (r, n)
+            if tp == 2:
+                assert torch.equal(a, b), (r, n)
+            assert rel_err(a, b) < 1e-2, (r, n)
+            assert rel_err(a, w) < BF16_TOL, (r, n, rel_err(a, w))

@@ -130,18 +130,38 @@ def test_all_reduce_settings_are_checked(monkeypatch, var, getter, default, spel
 
 
 def test_symmetric_all_reduce_does_not_apply_to_gloo_ranks(tmp_path, seed):
-    """On CPU ranks (gloo) "auto" takes the group's all-reduce for every size, and "symm" refuses
-    to build the layer, saying why, on every rank alike."""
+    """On CPU ranks (gloo) "auto" takes the group's all-reduce for every size, whole or in row
+    chunks (no copy engines), and "symm" refuses to build the layer, saying why, on every rank
+    alike."""
     from workers import all_reduce_choice
 
     cfg = tiny_config(nk=2, nv=4)
     full = random_full_weights(cfg, seed)
-    assert run_ranks(2, all_reduce_choice, tmp_path, cfg, full, "auto") == [("group", "group")] * 2
-    assert run_ranks(2, all_reduce_choice, tmp_path, cfg, full, "nccl") == [("group", "group")] * 2
+    assert run_ranks(2, all_reduce_choice, tmp_path, cfg, full, "auto") == [("group", "group", "group")] * 2
+    assert run_ranks(2, all_reduce_choice, tmp_path, cfg, full, "nccl") == [("group", "group", "group")] * 2
     refused = run_ranks(2, all_reduce_choice, tmp_path, cfg, full, "symm")
     assert refused[0] == refused[1] and "symmetric memory does not apply: the layer is on cpu" in refused[0]
     # one rank holds the whole sum: no all-reduce at all
     assert GDNLayer.from_full(cfg, 0, full).out_proj.all_reduce_kind(1) == "none"
+
+
+def test_stream_memory_operations_say_why_they_are_unavailable(monkeypatch):
+    """Without a loadable CUDA driver library the copy-engine all-reduce's stream operations give
+    the reason (which makes the layer keep NCCL for its tail) and refuse to run, naming it."""
+    import ctypes.util
+
+    from tp_gdn.parallel import streamops
+
+    monkeypatch.setattr(ctypes.util, "find_library", lambda name: "libno-such-cuda-driver.so")
+    monkeypatch.setattr(streamops, "_loaded", False)
+    monkeypatch.setattr(streamops, "_lib", None)
+    monkeypatch.setattr(streamops, "_why", None)
+    why = streamops.why_unavailable()
+    assert why is not None and "libno-such-cuda-driver.so" in why and "does not load" in why
+    with pytest.raises(RuntimeError, match="stream memory operations are unavailable: the CUDA driver library"):
+        streamops.wait_equal(None, 0, 1)
+    with pytest.raises(RuntimeError, match="unavailable"):
+        streamops.write(None, 0, 1)
 
 
 def test_symmetric_all_reduce_verdict_from_what_the_ranks_report():

@@ -41,7 +41,8 @@ def overlapped_workload(rank, world, cfg, full_by_layer, steps, num_slots, piece
 
 def all_reduce_choice(rank, world, cfg, full, mode):
     """Build a layer under TP_GDN_ALL_REDUCE=mode and report which all-reduce its out_proj takes
-    for 1 and 10^6 rows, or the error its construction raised."""
+    for 1 and 10^6 rows, and for 10^6 rows formed in row chunks (the layer's tail), or the error
+    its construction raised."""
     import os
 
     os.environ["TP_GDN_ALL_REDUCE"] = mode
@@ -49,7 +50,8 @@ def all_reduce_choice(rank, world, cfg, full, mode):
         layer = GDNLayer.from_full(cfg, 0, full, rank, world)
     except ValueError as e:
         return f"ValueError: {e}"
-    return layer.out_proj.all_reduce_kind(1), layer.out_proj.all_reduce_kind(10 ** 6)
+    o = layer.out_proj
+    return o.all_reduce_kind(1), o.all_reduce_kind(10 ** 6), o.chunked_all_reduce_kind(10 ** 6)
 
 
 def tail_chunks_workload(rank, world, cfg, full_by_layer, steps, num_slots, chunks):

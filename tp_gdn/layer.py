@@ -3,7 +3,8 @@
 Rank p of tp holds key heads [p nk/tp, (p+1) nk/tp) and the value heads that read them; every
 per-head stage is local, and the output projection's partial sums are all-reduced (the only
 communication: in `RowParallelLinear.forward`, per token piece in `forward(overlap=N)`, or per row
-chunk of the output in `forward(tail=N)`, the default for large calls at tp=2).
+chunk of the output in `forward(tail=N)`, the default for large calls at tp=2, where copy engines
+move the chunks if they can).
 
 Parameters and how each takes its shard from the full (unsharded) layer:
   in_proj.weight   [2kd + 2vd + 2nv, H]  rows [q | k | v | z | b | a], block p of each segment
@@ -32,16 +33,26 @@ from .parallel.comm import all_reduce_sum_async_
 OVERLAP_PIECES = 1
 OVERLAP_MIN_TOKENS = 8192
 # forward's default tail: for calls of at least TAIL_MIN_TOKENS tokens whose output takes the
-# process group's all-reduce (NCCL), the gated norm, out_proj and the all-reduce run in
-# TAIL_CHUNKS[tp] row chunks, chunk i's all-reduce (on NCCL's stream) beside chunk i+1's norm and
-# GEMM; a tp without an entry takes 1 (off). Measured at tp=2 only: H200 x2, 8x4096 tokens, 80B
-# dims, three runs, single / back to back, 2 chunks 2.761 / 2.670, 2.734 / 2.681, 2.826 / 2.716 ms
-# against 2.860 / 2.747, 2.824 / 2.751, 2.868 / 2.734 in one piece; 4 chunks 2.810 / 2.705,
-# 2.808 / 2.744, 2.862 / 2.710; the GEMM and all-reduce cut without the norm gained nothing
-# (benchmarks/results/exp_ar_*_h200x2_s22.log). This code, bench_layer.py on another host: 2 chunks
-# 2.689 / 2.657 against 2.793 / 2.731, 4 chunks 2.764 / 2.720, outputs bit-equal
-# (layer_pre_h200x2_s22_tp2.log)
-TAIL_CHUNKS = {2: 2}
+# process group's all-reduce as a whole, the gated norm, out_proj and the all-reduce run in row
+# chunks, chunk i's all-reduce beside chunk i+1's norm and GEMM: TAIL_CHUNKS[(kind, tp)] chunks,
+# kind being the all-reduce the chunks take (out_proj.chunked_all_reduce_kind): "copy" (copy
+# engines, comm.CopyEngineAllReduce, where it applies) or "group" (NCCL's stream); a pair without
+# an entry takes 1 (off). Measured at tp=2 only. NCCL: H200 x2, 8x4096 tokens, 80B dims, three
+# runs, single / back to back, 2 chunks 2.761 / 2.670, 2.734 / 2.681, 2.826 / 2.716 ms against
+# 2.860 / 2.747, 2.824 / 2.751, 2.868 / 2.734 in one piece; 4 chunks 2.810 / 2.705, 2.808 / 2.744,
+# 2.862 / 2.710; the GEMM and all-reduce cut without the norm gained nothing
+# (benchmarks/results/exp_ar_*_h200x2_s22.log); bench_layer.py on another host: 2 chunks 2.689 /
+# 2.657 against 2.793 / 2.731, 4 chunks 2.764 / 2.720, outputs bit-equal (layer_pre_h200x2_s22_tp2.log).
+# Copy engines, H200 x2, 8x4096, outputs bit-equal to one piece on NCCL in every run, single /
+# back to back, ms (one host per line):
+#   a prototype: 2 / 4 / 8 chunks 2.692 / 2.565, 2.658 / 2.529, 2.692 / 2.504; NCCL's 2 chunks
+#     2.766 / 2.593 and 2.843 / 2.657 (before and after) (exp_ce_h200x2_s26.log)
+#   bench_layer.py: 2 / 4 / 8 chunks 2.887 / 2.609, 2.854 / 2.552, 3.187 / 3.364; NCCL's 2 / 4
+#     chunks 2.849 / 2.629, 2.925 / 2.698 (layer_pre_h200x2_s26_tp2.log)
+#   medians of 3 interleaved rounds: 2 / 3 / 4 / 6 / 8 chunks 2.900 / 2.660, 2.826 / 2.647,
+#     2.832 / 2.611, 2.801 / 2.622, 2.989 / 2.649; NCCL's 2 chunks 2.885 / 2.735, one piece
+#     2.995 / 2.816 (exp_ce2_h200x2_s26.log)
+TAIL_CHUNKS = {("copy", 2): 4, ("group", 2): 2}
 TAIL_MIN_TOKENS = 8192
 
 
@@ -160,40 +171,60 @@ class GDNLayer(nn.Module):
         of at least OVERLAP_MIN_TOKENS tokens, else 1. `tail` > 1 (at tp > 1, where the output
         takes the process group's all-reduce, in one piece) cuts the gated norm, out_proj and
         the all-reduce into that many row chunks, each chunk's all-reduce started before the next
-        chunk's norm (the norm runs as its own kernel there); None takes TAIL_CHUNKS[tp] for calls
-        of at least TAIL_MIN_TOKENS tokens, else 1 (and 1 where the backend forms the norm inside its
-        fused pass, triton_ops.FUSE_NORM). Both give the same numbers as one piece.
+        chunk's norm (the norm runs as its own kernel there), on copy engines where
+        out_proj.chunked_all_reduce_kind says "copy", else on NCCL's stream; None takes
+        TAIL_CHUNKS[(kind, tp)] for calls of at least TAIL_MIN_TOKENS tokens, else 1 (and 1 where
+        the backend forms the norm inside its fused pass, triton_ops.FUSE_NORM). Both give the
+        same numbers as one piece at tp=2 (at tp > 2 the copy engines' sum, in rank order, can
+        differ from NCCL's in the last bit).
         """
         self.check_inputs(x_TH, batch, cache)
         if overlap is None:
             overlap = OVERLAP_PIECES if batch.num_tokens >= OVERLAP_MIN_TOKENS else 1
         if overlap < 1:
             raise ValueError(f"overlap must be >= 1, got {overlap}")
+        kind = self.out_proj.chunked_all_reduce_kind(batch.num_tokens)
         if tail is None:
             # off where the backend forms the gated norm inside its fused pass (triton_ops.FUSE_NORM):
             # the tail cuts the norm apart
             fused_norm = getattr(self.ops, "FUSE_NORM", False)
-            tail = TAIL_CHUNKS.get(self.tp_size, 1) if batch.num_tokens >= TAIL_MIN_TOKENS and not fused_norm else 1
+            tail = TAIL_CHUNKS.get((kind, self.tp_size), 1) \
+                if batch.num_tokens >= TAIL_MIN_TOKENS and not fused_norm else 1
         if tail < 1:
             raise ValueError(f"tail must be >= 1, got {tail}")
         pieces = batch.token_pieces(overlap) if overlap > 1 and self.tp_size > 1 else []
+        if kind == "copy":
+            parts = len(pieces) if len(pieces) > 1 else min(tail, batch.num_tokens)
+            if parts > self.out_proj.copy.MAX_CHUNKS:
+                raise ValueError(f"the copy-engine all-reduce takes at most {self.out_proj.copy.MAX_CHUNKS} row chunks "
+                                 f"a call (this call asks for {parts}); TP_GDN_ALL_REDUCE=nccl takes any number")
         if len(pieces) < 2:
-            if tail > 1 and self.out_proj.all_reduce_kind(batch.num_tokens) == "group":
+            if tail > 1 and kind in ("group", "copy"):
                 return self._out_proj_by_rows(x_TH, self._tail_chunks(x_TH, batch, cache,
-                                                                       min(tail, batch.num_tokens)))
+                                                                       min(tail, batch.num_tokens)), kind)
             return self.out_proj(self.partial_core(x_TH, batch, cache))
         return self._out_proj_by_rows(
-            x_TH, ((t0, t1, self.partial_core(x_TH[t0:t1], sub, cache)) for t0, t1, sub in pieces))
+            x_TH, ((t0, t1, self.partial_core(x_TH[t0:t1], sub, cache)) for t0, t1, sub in pieces), kind)
 
-    def _out_proj_by_rows(self, x_TH, parts) -> torch.Tensor:
+    def _out_proj_by_rows(self, x_TH, parts, kind: str) -> torch.Tensor:
         """y [tokens, H] from `parts`, (r0, r1, the gated-norm output of rows r0..r1) in turn: each
-        part's out_proj product goes into its rows of y and its all-reduce starts at once on
-        NCCL's stream, before the next part is formed (`parts` is a generator, so the next part's
-        kernels run beside it); returns after every all-reduce is done."""
+        part's out_proj product goes into its rows, and its all-reduce starts at once, before the
+        next part is formed (`parts` is a generator, so the next part's kernels run beside it):
+        with kind "copy" on the copy engines (the product goes into the mapped buffer, the sum
+        into y), else on NCCL's stream (in place in y). Returns y once every all-reduce is done
+        (as the current stream sees it)."""
         y = torch.empty(x_TH.shape, device=x_TH.device, dtype=x_TH.dtype)
+        w = self.out_proj.weight
+        if kind == "copy":
+            call = self.out_proj.copy.start(y.shape[0], y.shape[1], y.dtype)
+            for r0, r1, a in parts:
+                torch.matmul(a, w.t(), out=call.partial(r0, r1))
+                call.reduce(r0, r1, y[r0:r1])
+            call.finish()
+            return y
         pending = []
         for r0, r1, a in parts:
-            torch.matmul(a, self.out_proj.weight.t(), out=y[r0:r1])
+            torch.matmul(a, w.t(), out=y[r0:r1])
             pending.append(all_reduce_sum_async_(y[r0:r1], self.out_proj.group))
         for work in pending:
             if work is not None:

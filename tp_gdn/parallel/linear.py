@@ -6,7 +6,9 @@ RowParallelLinear: each rank holds a block of input columns, so each rank's prod
 sum; `forward` all-reduces it, so every rank returns the full output. Small outputs go through
 the symmetric-memory all-reduce where it applies (comm.symmetric_all_reduce_for): the product is
 written straight into its staging buffer (with torch's one-shot kernel, the mapped buffer
-itself), and one kernel per rank sums the ranks' partial outputs.
+itself), and one kernel per rank sums the ranks' partial outputs. Large outputs that a caller
+forms in row chunks (the layer's tail) can take the copy-engine all-reduce (`copy`,
+chunked_all_reduce_kind).
 Either may hold a `few_rows` product (set by the layer: its backend's kernel for decode steps of
 few tokens), used wherever it takes the input; cuBLAS forms the rest.
 """
@@ -17,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .comm import all_reduce_sum_, symmetric_all_reduce_for
+from .comm import all_reduce_sum_, copy_engine_all_reduce_for, symmetric_all_reduce_for
 from .sharding import Split, sharded_parameter
 
 
@@ -53,6 +55,8 @@ class RowParallelLinear(nn.Module):
                                         world, dtype, device)
         # a collective where tp > 1 under a process group: every rank builds its layers in the same order
         self.symm = symmetric_all_reduce_for(group, device) if world > 1 else None
+        # for outputs formed in row chunks (GDNLayer.forward's tail); None where it does not apply
+        self.copy = copy_engine_all_reduce_for(group, device) if world > 1 else None
         self.few_rows = None     # as ColumnParallelLinear's
 
     def all_reduce_kind(self, rows: int) -> str:
@@ -62,6 +66,13 @@ class RowParallelLinear(nn.Module):
             return "none"
         fits = self.symm is not None and self.symm.fits(rows * self.weight.shape[0], self.weight.dtype)
         return "symm" if fits else "group"
+
+    def chunked_all_reduce_kind(self, rows: int) -> str:
+        """Which all-reduce an output of `rows` rows formed in row chunks takes (GDNLayer.forward's
+        tail): "copy" (comm.CopyEngineAllReduce) where the whole output would take the process
+        group's and the copy-engine one applies, else all_reduce_kind(rows)."""
+        kind = self.all_reduce_kind(rows)
+        return "copy" if kind == "group" and self.copy is not None else kind
 
     def partial(self, x_TI: torch.Tensor) -> torch.Tensor:
         """This rank's partial sum of the output, before the all-reduce."""
