@@ -285,20 +285,37 @@ def bench_prefill(layer, n, L, dev, g, tp, rank, report, rows, profile=False, wa
         rows[-1]["overlap_ms"] = {p: t for p, (t, _) in overlap.items()}
         # the gated norm, out_proj and all-reduce in row chunks (forward(tail=N); the default is
         # layer.TAIL_CHUNKS), against the same call in one piece
+        # (on copy engines where out_proj.chunked_all_reduce_kind says "copy"; then also on NCCL's
+        # stream, the copy engines set aside)
         y_one = layer(x, batch, cache, tail=1)
+        kind = layer.out_proj.chunked_all_reduce_kind(T)
         tails = {}
-        for chunks in (1, 2, 4):
+        for chunks in (1, 2, 4, 8):
             fn = lambda: layer(x, batch, cache, tail=chunks)
             e = rel(fn(), y_one)
             tails[chunks] = (timeit(fn, 5), back_to_back(fn, 10), e)
+        nccl_tails = {}
+        if kind == "copy":
+            copy, layer.out_proj.copy = layer.out_proj.copy, None
+            for chunks in (2, 4):
+                fn = lambda: layer(x, batch, cache, tail=chunks)
+                e = rel(fn(), y_one)
+                nccl_tails[chunks] = (timeit(fn, 5), back_to_back(fn, 10), e)
+            layer.out_proj.copy = copy
+        rows[-1]["tail_all_reduce"] = kind
         rows[-1]["tail_ms"] = {c: (t, b) for c, (t, b, _) in tails.items()}
+        rows[-1]["tail_nccl_ms"] = {c: (t, b) for c, (t, b, _) in nccl_tails.items()}
         if rank == 0:
             print(f"  all-reduce of the [{T}, {H}] bf16 output alone: {t_ar:.3f} ms; ours with the output cut in "
                   "pieces whose all-reduce overlaps the next piece: " +
                   ", ".join(f"{p} piece(s) {t:.3f} ms (err {e:.1e})" for p, (t, e) in overlap.items()), flush=True)
-            print("  ours with the gated norm, out_proj and all-reduce in row chunks (single / back to back): " +
-                  ", ".join(f"{c} chunk(s) {t:.3f} / {b:.3f} ms (against one piece {e:.1e})"
-                            for c, (t, b, e) in tails.items()), flush=True)
+            print(f"  ours with the gated norm, out_proj and all-reduce in row chunks, all-reduce {kind!r} "
+                  "(single / back to back): " + ", ".join(f"{c} chunk(s) {t:.3f} / {b:.3f} ms (against one piece {e:.1e})"
+                                                          for c, (t, b, e) in tails.items()), flush=True)
+            if nccl_tails:
+                print("  the same with the chunks' all-reduce on NCCL's stream: " +
+                      ", ".join(f"{c} chunk(s) {t:.3f} / {b:.3f} ms (against one piece {e:.1e})"
+                                for c, (t, b, e) in nccl_tails.items()), flush=True)
     if profile:
         profile_kernels(lambda: layer(x, batch, cache), rank, f"prefill {n}x{L}, tp={tp}")
 
