@@ -49,6 +49,8 @@ OVERLAP_MIN_TOKENS = 8192
 #     2.766 / 2.593 and 2.843 / 2.657 (before and after) (exp_ce_h200x2_s26.log)
 #   bench_layer.py: 2 / 4 / 8 chunks 2.887 / 2.609, 2.854 / 2.552, 3.187 / 3.364; NCCL's 2 / 4
 #     chunks 2.849 / 2.629, 2.925 / 2.698 (layer_pre_h200x2_s26_tp2.log)
+#   bench_layer.py: 2 / 4 / 8 chunks 2.855 / 2.811, 2.791 / 2.562, 2.777 / 2.532; NCCL's 2 / 4
+#     chunks 2.882 / 2.695, 2.888 / 2.683 (layer_pre_h200x2_s26b_tp2.log)
 #   medians of 3 interleaved rounds: 2 / 3 / 4 / 6 / 8 chunks 2.900 / 2.660, 2.826 / 2.647,
 #     2.832 / 2.611, 2.801 / 2.622, 2.989 / 2.649; NCCL's 2 chunks 2.885 / 2.735, one piece
 #     2.995 / 2.816 (exp_ce2_h200x2_s26.log)
