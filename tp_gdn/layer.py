@@ -16,6 +16,8 @@ Parameters and how each takes its shard from the full (unsharded) layer:
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import nn
 
@@ -214,18 +216,24 @@ class GDNLayer(nn.Module):
         next part is formed (`parts` is a generator, so the next part's kernels run beside it):
         with kind "copy" on the copy engines (the product goes into the mapped buffer, the sum
         into y), else on NCCL's stream (in place in y). Returns y once every all-reduce is done
-        (as the current stream sees it)."""
+        (as the current stream sees it). The first part is formed before anything else here, so
+        that the call's first kernels (in_proj and the mixer) are queued as early as they can be:
+        an idle GPU waits for them (a single call at tp=2, copy engines, H200 x2: in_proj was
+        queued 145 us after the call started with the copy engines' start ahead of it, against
+        68 us with NCCL's stream; benchmarks/results/probe_host_h200x2_s26.log)."""
+        parts = iter(parts)
+        first = next(parts)
         y = torch.empty(x_TH.shape, device=x_TH.device, dtype=x_TH.dtype)
         w = self.out_proj.weight
         if kind == "copy":
             call = self.out_proj.copy.start(y.shape[0], y.shape[1], y.dtype)
-            for r0, r1, a in parts:
+            for r0, r1, a in itertools.chain([first], parts):
                 torch.matmul(a, w.t(), out=call.partial(r0, r1))
                 call.reduce(r0, r1, y[r0:r1])
             call.finish()
             return y
         pending = []
-        for r0, r1, a in parts:
+        for r0, r1, a in itertools.chain([first], parts):
             torch.matmul(a, w.t(), out=y[r0:r1])
             pending.append(all_reduce_sum_async_(y[r0:r1], self.out_proj.group))
         for work in pending:

@@ -205,12 +205,14 @@ class CopyEngineAllReduce:
         self.handle = symm.rendezvous(self.buffer, self.group_name)
         self.capacity = nbytes
 
-    def mapped(self, rows: int, cols: int, dtype: torch.dtype) -> dict[int, torch.Tensor]:
-        """{peer: its buffer as this rank maps it, viewed as [rows, cols] of dtype}."""
+    def views(self, rows: int, cols: int, dtype: torch.dtype) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """This rank's buffer and {peer: its buffer as this rank maps it}, viewed as [rows, cols]
+        of dtype (kept per shape: forming them costs host time in every call)."""
         key = (rows, cols, dtype)
         if key not in self._views:
-            self._views[key] = {p: self.handle.get_buffer(p, (rows, cols), dtype)
-                                for p in range(self.world) if p != self.rank}
+            own = self.buffer[: rows * cols * dtype.itemsize].view(dtype).view(rows, cols)
+            self._views[key] = own, {p: self.handle.get_buffer(p, (rows, cols), dtype)
+                                     for p in range(self.world) if p != self.rank}
         return self._views[key]
 
     def start(self, rows: int, cols: int, dtype: torch.dtype) -> "CopyEngineCall":
@@ -230,9 +232,8 @@ class CopyEngineCall:
 
         self.ar, self.ops, self.e, self.chunks = ar, streamops, ar.epoch, 0
         self.cols, self.dtype = cols, dtype
-        self.own = ar.buffer[: rows * cols * dtype.itemsize].view(dtype).view(rows, cols)
-        self.peers = [p for p in range(ar.world) if p != ar.rank]
-        self.mapped = ar.mapped(rows, cols, dtype)
+        self.own, self.mapped = ar.views(rows, cols, dtype)
+        self.peers = list(self.mapped)
         self.main = torch.cuda.current_stream(ar.device)
         for p in self.peers:   # the peers have read this rank's rows of the call before
             streamops.wait_equal(self.main, ar._flag(ar.rank, ar._done0 + p), self.e - 1)
