@@ -434,13 +434,22 @@ def test_gated_rmsnorm_matches_reference():
 def check_triton_layer_against_torch(cfg, full, steps, num_slots, tol=1e-5, dtype=torch.float32):
     """The Triton layer in `dtype` over `steps`, step by step against the fp32 torch layer with the
     same weights (its outputs in `dtype`); after the last step both caches (conv and recurrent
-    state of every slot) must agree too, which also covers state that no later output reads."""
+    state of every slot) must agree too, which also covers state that no later output reads.
+    For a 16-bit dtype a step's output may also miss `tol` by up to twice the error of the torch
+    layer run in that dtype on the same steps: some random steps are ill-conditioned in 16 bits
+    (a decode row whose output the gated norm scales up), and both implementations lose the same
+    digits there (fp16, one seed in CI: 1.4e-2 for Triton, 1.9e-2 for torch, in one decode step)."""
     ref_cache = StateCache(cfg, [0], num_slots, tp_size=1)
     want = run_steps({0: GDNLayer.from_full(cfg, 0, full, backend="torch")}, ref_cache, steps)
+    bound = [tol] * len(steps)
+    if dtype != torch.float32:
+        same = run_steps({0: GDNLayer.from_full(cfg, 0, full, backend="torch", dtype=dtype)},
+                         StateCache(cfg, [0], num_slots, dtype=dtype, tp_size=1), steps)
+        bound = [max(tol, 2 * rel_err(h.float(), w)) for h, w in zip(same[0], want[0])]
     cache = StateCache(cfg, [0], num_slots, dtype=dtype, device=DEV, tp_size=1)
     got = run_steps({0: GDNLayer.from_full(cfg, 0, full, backend="triton", device=DEV, dtype=dtype)}, cache, steps)
     for n, (g, w) in enumerate(zip(got[0], want[0])):
-        assert g.dtype == dtype and rel_err(g.cpu(), w) < tol, f"step {n}"
+        assert g.dtype == dtype and rel_err(g.cpu(), w) < bound[n], (f"step {n}", rel_err(g.cpu(), w), bound[n])
     assert rel_err(cache.conv[0].cpu().float(), ref_cache.conv[0]) < tol
     assert rel_err(cache.ssm[0].cpu(), ref_cache.ssm[0]) < tol
 
