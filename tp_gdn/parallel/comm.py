@@ -3,13 +3,16 @@
 Small all-reduces (a decode step's output) can run as one kernel over CUDA symmetric memory
 instead of through NCCL: one kernel per rank moves the partial sums over NVLink between buffers
 that every rank of the group has mapped, and sums them (`SymmetricAllReduce`; our push kernel by
-default, TP_GDN_SYMM_KERNEL=oneshot takes torch's one-shot kernel). The environment variable
-TP_GDN_ALL_REDUCE picks the mode, read where a row-parallel layer is built:
-  auto (default)  symmetric memory for outputs of up to SYMM_MAX_BYTES where it applies (NCCL
-                  group of CUDA ranks on one host whose GPUs reach each other peer to peer),
-                  NCCL for the rest and everywhere else;
+default, TP_GDN_SYMM_KERNEL=oneshot takes torch's one-shot kernel). Large outputs that the layer
+forms in row chunks can move on copy engines instead (`CopyEngineAllReduce`), so that the next
+chunk's GEMM keeps every SM. The environment variable TP_GDN_ALL_REDUCE picks the mode, read
+where a row-parallel layer is built:
+  auto (default)  symmetric memory for outputs of up to SYMM_MAX_BYTES, and copy engines for
+                  outputs formed in row chunks, where they apply (NCCL group of CUDA ranks on
+                  one host whose GPUs reach each other peer to peer; for the copy engines also
+                  a driver with stream memory operations), NCCL for the rest and everywhere else;
   nccl            always the process group's own all-reduce;
-  symm            as auto, but an error where symmetric memory does not apply.
+  symm            as auto, but an error where either does not apply.
 """
 
 from __future__ import annotations
