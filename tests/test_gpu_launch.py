@@ -2,8 +2,9 @@
 
 Tests parametrized by tp skip where fewer GPUs are visible (run them on nvidia-h100-x4): NCCL runs
 at tp = 1, 2, 4 against the fp32 reference and HF, tp = 2, 4 against tp = 1, torchrun against
-Ray, and prefill-then-decode against one prefill. The real-dims check under every launcher also
-runs at tp = 8 where eight GPUs are visible (nvidia-h100-x8; issue 7).
+Ray, prefill-then-decode against one prefill, and the symmetric-memory and copy-engine
+all-reduces against NCCL's. The real-dims check under every launcher also runs at tp = 8 where
+eight GPUs are visible (nvidia-h100-x8; issue 7).
 """
 
 import json
