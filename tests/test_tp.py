@@ -103,6 +103,35 @@ def test_large_calls_at_tp2_take_the_tail_in_two_chunks_by_default(tmp_path, see
             assert rel_err(got[i][n], ref) < 1e-5, f"layer {i} step {n}"
 
 
+def test_large_calls_at_tp2_take_the_copy_engines_tail_in_four_chunks_where_it_applies(tmp_path, seed):
+    """Where out_proj has a copy-engine all-reduce (here a stand-in that sums each chunk through
+    gloo, as the GPUs' copy engines do over NVLink), a call of 8201 tokens goes through it in
+    TAIL_CHUNKS[("copy", 2)] = 4 chunks: one start, four reduces over the forward's row ranges,
+    one finish, in that order, every layer; smaller calls do not use it. Outputs equal the
+    unsharded layer's on both ranks. A call asking for more chunks than it takes is refused on
+    every rank before any work."""
+    from tp_gdn.workload import WorkloadBuilder
+    from workers import chunked_stand_in_workload
+
+    def steps_of(cfg):
+        w = WorkloadBuilder(cfg.hidden_size, seed)
+        w.step([(0, 5000, False), (1, 3201, False)])
+        w.step([(0, 1, True), (1, 1, True)])
+        w.step([(2, 300, False)])
+        return w.steps
+
+    cfg, full, steps, want = mixed_workload_on_the_unsharded_layers(seed, steps_of)
+    (got, log, err), (other, log1, err1) = run_ranks(2, chunked_stand_in_workload, tmp_path, cfg, full, steps, 8, 7)
+    H = cfg.hidden_size
+    assert log == log1 == [("start", 8201, H), ("reduce", 2050), ("reduce", 2050), ("reduce", 2050),
+                           ("reduce", 2051), ("finish",)] * len(full)
+    for i in full:
+        for n, ref in enumerate(want[i]):
+            assert torch.equal(other[i][n], got[i][n])
+            assert rel_err(got[i][n], ref) < 1e-5, f"layer {i} step {n}"
+    assert err == err1 and "at most 6 row chunks a call (this call asks for 7)" in err
+
+
 def test_tail_chunks_below_one_are_refused():
     cfg = tiny_config("qwen3_next", nk=4, nv=8, dk=16, dv=8, layers=1)
     lid = cfg.linear_layer_ids[0]

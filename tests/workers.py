@@ -69,3 +69,55 @@ def tail_chunks_workload(rank, world, cfg, full_by_layer, steps, num_slots, chun
 
     layer_module.all_reduce_sum_async_ = counted
     return _forward_each_step(rank, world, cfg, full_by_layer, steps, num_slots, tail=chunks), started
+
+
+class GlooChunkedAllReduce:
+    """Stands in for comm.CopyEngineAllReduce on CPU ranks: the same calls (start, then partial
+    and reduce per chunk, then finish), each chunk summed through the process group (gloo); logs
+    every call, so a test sees how the layer drives it."""
+
+    MAX_CHUNKS = 6
+
+    def __init__(self, group=None):
+        self.group, self.log = group, []
+
+    def start(self, rows, cols, dtype):
+        self.log.append(("start", rows, cols))
+        return _GlooChunkedCall(self, torch.full((rows, cols), float("nan"), dtype=dtype))
+
+
+class _GlooChunkedCall:
+    def __init__(self, ar, own):
+        self.ar, self.own = ar, own
+
+    def partial(self, r0, r1):
+        return self.own[r0:r1]
+
+    def reduce(self, r0, r1, out):
+        import torch.distributed as dist
+
+        out.copy_(self.own[r0:r1])
+        dist.all_reduce(out, group=self.ar.group)
+        self.ar.log.append(("reduce", r1 - r0))
+
+    def finish(self):
+        self.ar.log.append(("finish",))
+
+
+def chunked_stand_in_workload(rank, world, cfg, full_by_layer, steps, num_slots, refused_tail):
+    """Every layer's out_proj with GlooChunkedAllReduce as its copy-engine all-reduce, the steps run
+    with forward's defaults: (outputs, the stand-in's log, the error a call with
+    tail=refused_tail raised, or None)."""
+    layers = {i: GDNLayer.from_full(cfg, i, full, rank, world) for i, full in full_by_layer.items()}
+    stand_in = GlooChunkedAllReduce()
+    for layer in layers.values():
+        layer.out_proj.copy = stand_in
+    cache = StateCache(cfg, list(layers), num_slots)
+    out = run_steps(layers, cache, steps)
+    err = None
+    try:
+        st = steps[0]
+        layers[next(iter(layers))](st.x, st.batch, cache, tail=refused_tail)
+    except ValueError as e:
+        err = str(e)
+    return out, stand_in.log, err
