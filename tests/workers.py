@@ -78,8 +78,8 @@ class GlooChunkedAllReduce:
 
     MAX_CHUNKS = 6
 
-    def __init__(self, group=None):
-        self.group, self.log = group, []
+    def __init__(self, min_rows: int, group=None):
+        self.MIN_ROWS, self.group, self.log = min_rows, group, []
 
     def start(self, rows, cols, dtype):
         self.log.append(("start", rows, cols))
@@ -104,12 +104,12 @@ class _GlooChunkedCall:
         self.ar.log.append(("finish",))
 
 
-def chunked_stand_in_workload(rank, world, cfg, full_by_layer, steps, num_slots, refused_tail):
-    """Every layer's out_proj with GlooChunkedAllReduce as its copy-engine all-reduce, the steps run
-    with forward's defaults: (outputs, the stand-in's log, the error a call with
-    tail=refused_tail raised, or None)."""
+def chunked_stand_in_workload(rank, world, cfg, full_by_layer, steps, num_slots, refused_tail, min_rows):
+    """Every layer's out_proj with GlooChunkedAllReduce (taking outputs from min_rows rows) as its
+    copy-engine all-reduce, the steps run with forward's defaults: (outputs, the stand-in's log,
+    the error a call with tail=refused_tail raised, or None)."""
     layers = {i: GDNLayer.from_full(cfg, i, full, rank, world) for i, full in full_by_layer.items()}
-    stand_in = GlooChunkedAllReduce()
+    stand_in = GlooChunkedAllReduce(min_rows)
     for layer in layers.values():
         layer.out_proj.copy = stand_in
     cache = StateCache(cfg, list(layers), num_slots)

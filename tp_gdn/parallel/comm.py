@@ -169,6 +169,12 @@ class CopyEngineAllReduce:
     """
 
     MAX_CHUNKS = 256   # row chunks a call (flags per peer and chunk)
+    # outputs of fewer rows keep NCCL (RowParallelLinear.chunked_all_reduce_kind). Measured at
+    # 32768 rows only (8x4096 tokens at tp=2). Its host work is fixed: on hosts of 2 H200 a
+    # prefill call took 1.0-1.1 ms of host time with it against 0.65-0.72 on NCCL's stream
+    # (benchmarks/results/probe_host_h200x2_s26.log), so a smaller call, whose GPU work is
+    # shorter, could end up waiting on the host
+    MIN_ROWS = 32768
 
     def __init__(self, group, device: torch.device):
         import torch.distributed._symmetric_memory as symm

@@ -70,9 +70,9 @@ class RowParallelLinear(nn.Module):
     def chunked_all_reduce_kind(self, rows: int) -> str:
         """Which all-reduce an output of `rows` rows formed in row chunks takes (GDNLayer.forward's
         tail): "copy" (comm.CopyEngineAllReduce) where the whole output would take the process
-        group's and the copy-engine one applies, else all_reduce_kind(rows)."""
+        group's, the copy-engine one applies and rows >= its MIN_ROWS, else all_reduce_kind(rows)."""
         kind = self.all_reduce_kind(rows)
-        return "copy" if kind == "group" and self.copy is not None else kind
+        return "copy" if kind == "group" and self.copy is not None and rows >= self.copy.MIN_ROWS else kind
 
     def partial(self, x_TI: torch.Tensor) -> torch.Tensor:
         """This rank's partial sum of the output, before the all-reduce."""
