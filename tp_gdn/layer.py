@@ -197,15 +197,13 @@ class GDNLayer(nn.Module):
         if tail < 1:
             raise ValueError(f"tail must be >= 1, got {tail}")
         pieces = batch.token_pieces(overlap) if overlap > 1 and self.tp_size > 1 else []
-        if kind == "copy":
-            parts = len(pieces) if len(pieces) > 1 else min(tail, batch.num_tokens)
-            if parts > self.out_proj.copy.MAX_CHUNKS:
-                raise ValueError(f"the copy-engine all-reduce takes at most {self.out_proj.copy.MAX_CHUNKS} row chunks "
-                                 f"a call (this call asks for {parts}); TP_GDN_ALL_REDUCE=nccl takes any number")
+        parts = len(pieces) if len(pieces) > 1 else min(tail, batch.num_tokens)
+        if kind == "copy" and parts > self.out_proj.copy.MAX_CHUNKS:
+            raise ValueError(f"the copy-engine all-reduce takes at most {self.out_proj.copy.MAX_CHUNKS} row chunks "
+                             f"a call (this call asks for {parts}); TP_GDN_ALL_REDUCE=nccl takes any number")
         if len(pieces) < 2:
             if tail > 1 and kind in ("group", "copy"):
-                return self._out_proj_by_rows(x_TH, self._tail_chunks(x_TH, batch, cache,
-                                                                       min(tail, batch.num_tokens)), kind)
+                return self._out_proj_by_rows(x_TH, self._tail_chunks(x_TH, batch, cache, parts), kind)
             return self.out_proj(self.partial_core(x_TH, batch, cache))
         return self._out_proj_by_rows(
             x_TH, ((t0, t1, self.partial_core(x_TH[t0:t1], sub, cache)) for t0, t1, sub in pieces), kind)

@@ -265,21 +265,17 @@ class CopyEngineCall:
         side = ar.side
         side.wait_stream(self.main)
         rows = r1 - r0
-        need = len(self.peers) * rows * self.cols
-        if ar.tmp is None or ar.tmp.numel() < need or ar.tmp.dtype != self.dtype:
+        n = rows * self.cols
+        if ar.tmp is None or ar.tmp.numel() < len(self.peers) * n or ar.tmp.dtype != self.dtype:
             with torch.cuda.stream(side):        # freed on the side stream, which last used it
-                ar.tmp = torch.empty(need, device=ar.device, dtype=self.dtype)
+                ar.tmp = torch.empty(len(self.peers) * n, device=ar.device, dtype=self.dtype)
         with torch.cuda.stream(side):
-            parts = []
-            for p in range(ar.world):
-                if p == ar.rank:
-                    parts.append(self.own[r0:r1])
-                    continue
+            pulled = {}
+            for j, p in enumerate(self.peers):
                 ops.wait_equal(side, ar._flag(ar.rank, p * ar.MAX_CHUNKS + i), self.e)
-                k = self.peers.index(p) * rows * self.cols
-                t = ar.tmp[k: k + rows * self.cols].view(rows, self.cols)
-                t.copy_(self.mapped[p][r0:r1])
-                parts.append(t)
+                pulled[p] = ar.tmp[j * n: (j + 1) * n].view(rows, self.cols)
+                pulled[p].copy_(self.mapped[p][r0:r1])
+            parts = [self.own[r0:r1] if p == ar.rank else pulled[p] for p in range(ar.world)]    # rank order
             if len(parts) == 2:
                 torch.add(parts[0], parts[1], out=out)
             else:
@@ -339,10 +335,12 @@ def _why_not_symmetric(group, device: torch.device) -> str | None:
     return next((v for v in verdicts if v is not None), None)
 
 
-def symmetric_all_reduce_for(group, device) -> SymmetricAllReduce | None:
-    """The group's symmetric-memory all-reduce on `device`, built once and shared by every layer
-    (None where TP_GDN_ALL_REDUCE=nccl, or, with "auto", where it does not apply; with "symm"
-    that is an error). Call it on every rank of the group at the same point."""
+def _built_once(cache: dict, group, device, what: str, build, extra_key=(), also_why=None):
+    """The shared part of symmetric_all_reduce_for and copy_engine_all_reduce_for: None where
+    TP_GDN_ALL_REDUCE=nccl or there is no group of several ranks; else, once per (group, device,
+    *extra_key), build(group, device) where symmetric memory applies and also_why() (this rank's
+    further reason, gathered from every rank so that all agree) gives none, else None, or with
+    "symm" a ValueError naming `what`."""
     mode = all_reduce_mode()
     if mode == "nccl" or not dist.is_initialized() or dist.get_world_size(group) == 1:
         if mode == "symm" and not dist.is_initialized():
@@ -352,14 +350,32 @@ def symmetric_all_reduce_for(group, device) -> SymmetricAllReduce | None:
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    kernel = symm_kernel()
-    key = (group.group_name, device.type, device.index, kernel)
-    if key not in _SYMM:
-        why = _why_not_symmetric(group, device)
+    key = (group.group_name, device.type, device.index, *extra_key)
+    if key not in cache:
+        where = key[:3]
+        if where not in _VERDICTS:         # its collectives run once per group and device
+            _VERDICTS[where] = _why_not_symmetric(group, device)
+        why = _VERDICTS[where]
+        if why is None and also_why is not None:
+            verdicts = [None] * dist.get_world_size(group)
+            dist.all_gather_object(verdicts, also_why(), group=group)
+            why = next((v for v in verdicts if v is not None), None)
         if why is not None and mode == "symm":
-            raise ValueError(f"TP_GDN_ALL_REDUCE=symm, but symmetric memory does not apply: {why}")
-        _SYMM[key] = None if why is not None else SymmetricAllReduce(group, device, kernel=kernel)
-    return _SYMM[key]
+            raise ValueError(f"TP_GDN_ALL_REDUCE=symm, but {what} does not apply: {why}")
+        cache[key] = None if why is not None else build(group, device)
+    return cache[key]
+
+
+_VERDICTS: dict[tuple, str | None] = {}
+
+
+def symmetric_all_reduce_for(group, device) -> SymmetricAllReduce | None:
+    """The group's symmetric-memory all-reduce on `device`, built once and shared by every layer
+    (None where TP_GDN_ALL_REDUCE=nccl, or, with "auto", where it does not apply; with "symm"
+    that is an error). Call it on every rank of the group at the same point."""
+    kernel = symm_kernel()
+    return _built_once(_SYMM, group, device, "symmetric memory",
+                       lambda g, d: SymmetricAllReduce(g, d, kernel=kernel), extra_key=(kernel,))
 
 
 _COPY: dict[tuple, CopyEngineAllReduce | None] = {}
@@ -369,32 +385,16 @@ def copy_engine_all_reduce_for(group, device) -> CopyEngineAllReduce | None:
     """The group's copy-engine all-reduce on `device` (for outputs formed in row chunks), built
     once and shared by every layer: None where TP_GDN_ALL_REDUCE=nccl, or, with "auto", where
     it does not apply (where symmetric memory does not, or the driver lacks stream memory
-    operations); with "symm" that is an error. Call it on every rank of the group at the same
-    point."""
+    operations, the same on every rank of one host); with "symm" that is an error. Call it on
+    every rank of the group at the same point."""
     from . import streamops
 
-    mode = all_reduce_mode()
-    if mode == "nccl" or not dist.is_initialized() or dist.get_world_size(group) == 1:
-        return None
-    group = group or dist.group.WORLD
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    key = (group.group_name, device.type, device.index)
-    if key not in _COPY:
-        why = _why_not_symmetric(group, device)
-        if why is None and device.type == "cuda":
-            # the same on every rank of one host (one driver); gathered so that all agree
-            verdicts = [None] * dist.get_world_size(group)
-            dist.all_gather_object(verdicts, streamops.why_unavailable(), group=group)
-            why = next((v for v in verdicts if v is not None), None)
-        if why is not None and mode == "symm":
-            raise ValueError(f"TP_GDN_ALL_REDUCE=symm, but the copy-engine all-reduce does not apply: {why}")
-        _COPY[key] = None if why is not None else CopyEngineAllReduce(group, device)
-    return _COPY[key]
+    return _built_once(_COPY, group, device, "the copy-engine all-reduce", CopyEngineAllReduce,
+                       also_why=streamops.why_unavailable)
 
 
 def release_symmetric_buffers() -> None:
     """Drop the symmetric buffers (before the process group goes)."""
     _SYMM.clear()
     _COPY.clear()
+    _VERDICTS.clear()
