@@ -289,18 +289,24 @@ def bench_prefill(layer, n, L, dev, g, tp, rank, report, rows, profile=False, wa
         # stream, the copy engines set aside)
         y_one = layer(x, batch, cache, tail=1)
         kind = layer.out_proj.chunked_all_reduce_kind(T)
-        tails = {}
-        for chunks in (1, 2, 4, 8):
-            fn = lambda: layer(x, batch, cache, tail=chunks)
-            e = rel(fn(), y_one)
-            tails[chunks] = (timeit(fn, 5), back_to_back(fn, 10), e)
-        nccl_tails = {}
-        if kind == "copy":
-            copy, layer.out_proj.copy = layer.out_proj.copy, None
-            for chunks in (2, 4):
+
+        def time_tails(counts):
+            """{chunks: (single ms, back-to-back ms, error against one piece)}"""
+            timed = {}
+            for chunks in counts:
                 fn = lambda: layer(x, batch, cache, tail=chunks)
                 e = rel(fn(), y_one)
-                nccl_tails[chunks] = (timeit(fn, 5), back_to_back(fn, 10), e)
+                timed[chunks] = (timeit(fn, 5), back_to_back(fn, 10), e)
+            return timed
+
+        def tails_text(timed):
+            return ", ".join(f"{c} chunk(s) {t:.3f} / {b:.3f} ms (against one piece {e:.1e})"
+                             for c, (t, b, e) in timed.items())
+
+        tails, nccl_tails = time_tails((1, 2, 4, 8)), {}
+        if kind == "copy":
+            copy, layer.out_proj.copy = layer.out_proj.copy, None
+            nccl_tails = time_tails((2, 4))
             layer.out_proj.copy = copy
         rows[-1]["tail_all_reduce"] = kind
         rows[-1]["tail_ms"] = {c: (t, b) for c, (t, b, _) in tails.items()}
@@ -310,12 +316,9 @@ def bench_prefill(layer, n, L, dev, g, tp, rank, report, rows, profile=False, wa
                   "pieces whose all-reduce overlaps the next piece: " +
                   ", ".join(f"{p} piece(s) {t:.3f} ms (err {e:.1e})" for p, (t, e) in overlap.items()), flush=True)
             print(f"  ours with the gated norm, out_proj and all-reduce in row chunks, all-reduce {kind!r} "
-                  "(single / back to back): " + ", ".join(f"{c} chunk(s) {t:.3f} / {b:.3f} ms (against one piece {e:.1e})"
-                                                          for c, (t, b, e) in tails.items()), flush=True)
+                  f"(single / back to back): {tails_text(tails)}", flush=True)
             if nccl_tails:
-                print("  the same with the chunks' all-reduce on NCCL's stream: " +
-                      ", ".join(f"{c} chunk(s) {t:.3f} / {b:.3f} ms (against one piece {e:.1e})"
-                                for c, (t, b, e) in nccl_tails.items()), flush=True)
+                print(f"  the same with the chunks' all-reduce on NCCL's stream: {tails_text(nccl_tails)}", flush=True)
     if profile:
         profile_kernels(lambda: layer(x, batch, cache), rank, f"prefill {n}x{L}, tp={tp}")
 
