@@ -179,9 +179,6 @@ class Batch:
         return self._pieces[pieces]
 
     def meta(self, device) -> BatchMeta:
-        known = self._meta.get(device)      # a device seen before, as the layer passes it (x.device)
-        if known is not None:
-            return known
         device = torch.device(device)
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())

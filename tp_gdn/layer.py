@@ -183,48 +183,30 @@ class GDNLayer(nn.Module):
         differ from NCCL's in the last bit).
         """
         self.check_inputs(x_TH, batch, cache)
-        T = batch.num_tokens
         if overlap is None:
-            overlap = OVERLAP_PIECES if T >= OVERLAP_MIN_TOKENS else 1
+            overlap = OVERLAP_PIECES if batch.num_tokens >= OVERLAP_MIN_TOKENS else 1
         if overlap < 1:
             raise ValueError(f"overlap must be >= 1, got {overlap}")
-        if tail is not None and tail < 1:
-            raise ValueError(f"tail must be >= 1, got {tail}")
-        pieces = batch.token_pieces(overlap) if overlap > 1 and self.tp_size > 1 else []
-        if len(pieces) > 1:
-            kind = self.out_proj.chunked_all_reduce_kind(T)
-            self._check_chunk_limit(T, len(pieces), kind)
-            return self._out_proj_by_rows(
-                x_TH, ((t0, t1, self.partial_core(x_TH[t0:t1], sub, cache)) for t0, t1, sub in pieces), kind)
-        if self.tp_size == 1:       # nothing to all-reduce: tail has no effect
-            return self.out_proj(self.partial_core(x_TH, batch, cache))
-        # A single call waits for its first kernel, in_proj's GEMM, on an idle GPU, so the
-        # host queues it before choosing the tail; only a tail over the copy engines' limit is
-        # refused first, before any work
-        if tail is not None:
-            self._check_chunk_limit(T, min(tail, T))
-        meta = batch.meta(x_TH.device)
-        proj = self.in_proj(x_TH)
-        kind = self.out_proj.chunked_all_reduce_kind(T)
+        kind = self.out_proj.chunked_all_reduce_kind(batch.num_tokens)
         if tail is None:
             # off where the backend forms the gated norm inside its fused pass (triton_ops.FUSE_NORM):
             # the tail cuts the norm apart
             fused_norm = getattr(self.ops, "FUSE_NORM", False)
-            tail = TAIL_CHUNKS.get((kind, self.tp_size), 1) if T >= TAIL_MIN_TOKENS and not fused_norm else 1
-        if tail > 1 and kind in ("group", "copy"):
-            return self._out_proj_by_rows(x_TH, self._tail_chunks(x_TH, batch, cache, min(tail, T), meta, proj), kind)
-        return self.out_proj(self.partial_core(x_TH, batch, cache, meta, proj))
-
-    def _check_chunk_limit(self, rows: int, parts: int, kind: str | None = None) -> None:
-        """Refuse a call of `rows` rows in `parts` row chunks where they would take the copy
-        engines (kind: out_proj.chunked_all_reduce_kind(rows), worked out here only for more
-        chunks than they take) and those take fewer."""
-        copy = self.out_proj.copy
-        if copy is None or parts <= copy.MAX_CHUNKS:
-            return
-        if (kind or self.out_proj.chunked_all_reduce_kind(rows)) == "copy":
+            tail = TAIL_CHUNKS.get((kind, self.tp_size), 1) \
+                if batch.num_tokens >= TAIL_MIN_TOKENS and not fused_norm else 1
+        if tail < 1:
+            raise ValueError(f"tail must be >= 1, got {tail}")
+        pieces = batch.token_pieces(overlap) if overlap > 1 and self.tp_size > 1 else []
+        parts = len(pieces) if len(pieces) > 1 else min(tail, batch.num_tokens)
+        if kind == "copy" and parts > self.out_proj.copy.MAX_CHUNKS:
             raise ValueError(f"the copy-engine all-reduce takes at most {self.out_proj.copy.MAX_CHUNKS} row chunks "
                              f"a call (this call asks for {parts}); TP_GDN_ALL_REDUCE=nccl takes any number")
+        if len(pieces) < 2:
+            if tail > 1 and kind in ("group", "copy"):
+                return self._out_proj_by_rows(x_TH, self._tail_chunks(x_TH, batch, cache, parts), kind)
+            return self.out_proj(self.partial_core(x_TH, batch, cache))
+        return self._out_proj_by_rows(
+            x_TH, ((t0, t1, self.partial_core(x_TH[t0:t1], sub, cache)) for t0, t1, sub in pieces), kind)
 
     def _out_proj_by_rows(self, x_TH, parts, kind: str) -> torch.Tensor:
         """y [tokens, H] from `parts`, (r0, r1, the gated-norm output of rows r0..r1) in turn: each
@@ -257,12 +239,16 @@ class GDNLayer(nn.Module):
                 work.wait()
         return y
 
-    def _tail_chunks(self, x_TH, batch: Batch, cache: StateCache, chunks: int, meta, proj):
+    def _tail_chunks(self, x_TH, batch: Batch, cache: StateCache, chunks: int):
         """The call's gated-norm output in `chunks` row chunks, (r0, r1, rows r0..r1), each formed
         when asked: the mixer runs once, then each chunk's norm. Each row's norm is the one
-        partial_core forms. meta, proj: as partial_core's (given here)."""
+        partial_core forms."""
         T = x_TH.shape[0]
         nk, nv, dk, dv = self.nk, self.nv, self.dk, self.dv
+        # meta's index copies (a new batch's) go ahead of in_proj: its GEMM is the launch just ahead
+        # of gdn_mix's (after_gemm)
+        meta = batch.meta(x_TH.device)
+        proj = self.in_proj(x_TH)
         o = self.ops.gdn_mix(proj, nk, nv, dk, dv, self.conv_weight, self.A_log, self.dt_bias,
                              cache.conv[self.layer_id], cache.ssm[self.layer_id], batch, meta, after_gemm=True)
         z = proj_z(proj, nk, nv, dk, dv)
@@ -272,16 +258,12 @@ class GDNLayer(nn.Module):
                                             out_dtype=x_TH.dtype)
             yield r0, r1, normed.reshape(r1 - r0, nv * dv)
 
-    def partial_core(self, x_TH, batch: Batch, cache: StateCache, meta=None, proj=None) -> torch.Tensor:
-        """Everything before the output projection: the gated-norm output [T, nv/tp * dv].
-        meta, proj: batch.meta(x's device) and in_proj(x), where the caller has formed them
-        (in that order: meta's index copies, a new batch's, go ahead of in_proj, whose GEMM must
-        be the launch just ahead of gdn_mix's, after_gemm)."""
+    def partial_core(self, x_TH, batch: Batch, cache: StateCache) -> torch.Tensor:
+        """Everything before the output projection: the gated-norm output [T, nv/tp * dv]."""
         T = x_TH.shape[0]
         nk, nv, dk, dv = self.nk, self.nv, self.dk, self.dv
-        if proj is None:
-            meta = batch.meta(x_TH.device)
-            proj = self.in_proj(x_TH)
+        meta = batch.meta(x_TH.device)     # as in _tail_chunks: in_proj's GEMM is the launch just ahead
+        proj = self.in_proj(x_TH)
         y = self.ops.gdn_mix_norm(proj, nk, nv, dk, dv, self.conv_weight, self.A_log, self.dt_bias,
                                   cache.conv[self.layer_id], cache.ssm[self.layer_id], batch, meta,
                                   self.norm_weight, self.cfg.rms_norm_eps, out_dtype=x_TH.dtype, after_gemm=True)
