@@ -420,3 +420,70 @@ def test_copy_engine_tail_equals_nccl_on_gpus(seed, tp):
                 assert torch.equal(a, b), (r, n)
             assert rel_err(a, b) < 1e-2, (r, n)
             assert rel_err(a, w) < BF16_TOL, (r, n, rel_err(a, w))
+
+
+def _tail_failure(rank, world, cfg, full, seed):
+    """Calls of TAIL_H-wide rows in 4 row chunks on the copy engines, back to back: a whole call,
+    a call in which the last rank's gated norm raises on the tail's third chunk, one in which it
+    raises inside the first part, then the first call again (every sequence fresh, so its output
+    does not depend on the calls between). Returns (first output, last output, the errors
+    caught)."""
+    import os
+
+    from tp_gdn.parallel import comm
+
+    os.environ["TP_GDN_ALL_REDUCE"] = "auto"
+    comm.CopyEngineAllReduce.MIN_ROWS = 0
+    dev, bf = f"cuda:{rank}", torch.bfloat16
+    layer = GDNLayer.from_full(cfg, 0, full, rank, world, dtype=bf, device=dev)
+    assert layer.out_proj.chunked_all_reduce_kind(3000) == "copy"
+    cache = StateCache(cfg, [0], 8, dtype=bf, device=dev, tp_size=world)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(3000, cfg.hidden_size, generator=g).to(dev, bf)
+    batch = Batch([700, 800, 600, 900], [0, 1, 2, 3], [False] * 4)
+    norm, errors = layer.ops.gated_rmsnorm, []
+    first = layer(x, batch, cache, tail=4)
+    for fail_at in (3, 1):
+        count = []
+
+        def failing(*args, **kw):
+            count.append(None)
+            if rank == world - 1 and len(count) == fail_at:
+                raise RuntimeError(f"injected failure in norm call {fail_at}")
+            return norm(*args, **kw)
+
+        layer.ops.gated_rmsnorm = failing
+        try:
+            layer(torch.randn(3000, cfg.hidden_size, generator=g).to(dev, bf), batch, cache, tail=4)
+            errors.append(None)
+        except RuntimeError as e:
+            errors.append(str(e))
+        finally:
+            layer.ops.gated_rmsnorm = norm
+    last = layer(x, batch, cache, tail=4)
+    torch.cuda.synchronize(dev)      # waits for ever where a peer's stream was left waiting
+    return first.float().cpu(), last.float().cpu(), errors
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tp", tps(2, 4))
+def test_a_rank_that_fails_inside_the_copy_engine_tail_leaves_its_peers_running_on_gpus(seed, tp):
+    """The last rank raises inside the copy engines' tail (in a later chunk, then in the first
+    part) and catches the error; the other ranks' calls complete instead of waiting for ever on
+    its flags, and the next call gives every rank the first call's bits, within bf16 tolerance of
+    the unsharded fp32 layer."""
+    from tp_gdn.launch.local import spawn_ranks
+
+    from helpers import _with_rank
+
+    cfg = tiny_config(nk=4, nv=8, dk=32, dv=32, H=TAIL_H, layers=1)
+    full = random_full_weights(cfg, seed)
+    results = spawn_ranks(tp, _with_rank, _tail_failure, cfg, full, seed, backend="nccl", timeout_s=300)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(3000, TAIL_H, generator=g).to(torch.bfloat16).float()
+    want = GDNLayer.from_full(cfg, 0, full)(x, Batch([700, 800, 600, 900], [0, 1, 2, 3], [False] * 4),
+                                           StateCache(cfg, [0], 8))
+    for r, (first, last, errors) in enumerate(results):
+        assert errors == ([f"injected failure in norm call {n}" for n in (3, 1)] if r == tp - 1 else [None, None])
+        assert torch.equal(last, first) and torch.equal(first, results[0][0]), r
+        assert rel_err(first, want) < BF16_TOL, (r, rel_err(first, want))

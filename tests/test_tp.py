@@ -139,6 +139,27 @@ def test_large_calls_at_tp2_take_the_copy_engines_tail_in_four_chunks_where_it_a
             assert err is None and err1 is None
 
 
+def test_a_rank_that_fails_inside_the_copy_engines_tail_ends_the_call_before_raising(tmp_path, seed):
+    """The copy engines' peers wait on a rank's flags with no timeout, so a rank that raises
+    inside the tail, in its first part (in_proj, the mixer, the first norm) or later, ends the
+    all-reduce's call (abort, which raises the flags on GPUs; a call is started first where none
+    had) and then raises the error itself. Driven here through the gloo stand-in, both ranks
+    failing alike."""
+    from workers import chunked_stand_in_failure
+
+    cfg = tiny_config("qwen3_next", nk=4, nv=8, dk=16, dv=8, layers=1)
+    full = {i: random_full_weights(cfg, seed + i) for i in cfg.linear_layer_ids}
+    steps = mixed_workload(cfg.hidden_size, seed)
+    T, H = steps[0].batch.num_tokens, cfg.hidden_size
+    chunk = [(i + 1) * T // 4 - i * T // 4 for i in range(4)]
+    for fail_at, expected in ((1, [("start", T, H), ("abort",)]),
+                              (3, [("start", T, H), ("reduce", chunk[0]), ("reduce", chunk[1]), ("abort",)])):
+        results = run_ranks(2, chunked_stand_in_failure, tmp_path, cfg, full, steps, 8, fail_at)
+        for log, err in results:
+            assert log == expected, fail_at
+            assert err == f"injected failure in norm call {fail_at}"
+
+
 def test_tail_chunks_below_one_are_refused():
     cfg = tiny_config("qwen3_next", nk=4, nv=8, dk=16, dv=8, layers=1)
     lid = cfg.linear_layer_ids[0]

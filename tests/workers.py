@@ -103,6 +103,9 @@ class _GlooChunkedCall:
     def finish(self):
         self.ar.log.append(("finish",))
 
+    def abort(self):
+        self.ar.log.append(("abort",))
+
 
 def chunked_stand_in_workload(rank, world, cfg, full_by_layer, steps, num_slots, refused_tail, min_rows):
     """Every layer's out_proj with GlooChunkedAllReduce (taking outputs from min_rows rows) as its
@@ -121,3 +124,29 @@ def chunked_stand_in_workload(rank, world, cfg, full_by_layer, steps, num_slots,
     except ValueError as e:
         err = str(e)
     return out, stand_in.log, err
+
+
+def chunked_stand_in_failure(rank, world, cfg, full_by_layer, steps, num_slots, fail_at):
+    """The first layer with GlooChunkedAllReduce (from 0 rows), its gated norm raising on its
+    fail_at-th call on every rank (1: inside the tail's first part), in a call of steps[0] with
+    tail=4: (the stand-in's log, the error the call raised)."""
+    lid, full = next(iter(full_by_layer.items()))
+    layer = GDNLayer.from_full(cfg, lid, full, rank, world)
+    stand_in = GlooChunkedAllReduce(0)
+    layer.out_proj.copy = stand_in
+    norm, calls = layer.ops.gated_rmsnorm, []
+
+    def failing(*args, **kw):
+        calls.append(None)
+        if len(calls) == fail_at:
+            raise RuntimeError(f"injected failure in norm call {fail_at}")
+        return norm(*args, **kw)
+
+    layer.ops.gated_rmsnorm = failing
+    try:
+        layer(steps[0].x, steps[0].batch, StateCache(cfg, [lid], num_slots), tail=4)
+    except RuntimeError as e:
+        return stand_in.log, str(e)
+    finally:
+        layer.ops.gated_rmsnorm = norm
+    return stand_in.log, None

@@ -220,16 +220,11 @@ class GDNLayer(nn.Module):
         queued 145 us after the call started with the copy engines' start ahead of it, against
         68 us with NCCL's stream; benchmarks/results/probe_host_h200x2_s26.log)."""
         parts = iter(parts)
+        if kind == "copy":
+            return self._copy_engine_tail(x_TH, parts)
         first = next(parts)
         y = torch.empty(x_TH.shape, device=x_TH.device, dtype=x_TH.dtype)
         w = self.out_proj.weight
-        if kind == "copy":
-            call = self.out_proj.copy.start(y.shape[0], y.shape[1], y.dtype)
-            for r0, r1, a in itertools.chain([first], parts):
-                torch.matmul(a, w.t(), out=call.partial(r0, r1))
-                call.reduce(r0, r1, y[r0:r1])
-            call.finish()
-            return y
         pending = []
         for r0, r1, a in itertools.chain([first], parts):
             torch.matmul(a, w.t(), out=y[r0:r1])
@@ -237,6 +232,32 @@ class GDNLayer(nn.Module):
         for work in pending:
             if work is not None:
                 work.wait()
+        return y
+
+    def _copy_engine_tail(self, x_TH, parts) -> torch.Tensor:
+        """_out_proj_by_rows on the copy engines. The peers' streams wait on this rank's flags,
+        and stream waits have no timeout: if this rank raises anywhere from the first part
+        (in_proj) to the last reduce, it releases them before the error goes on (CopyEngineCall.
+        abort; starting the call first where it had not started), so that a caller who catches
+        the error does not leave its peers' GPUs waiting for ever."""
+        copy, w = self.out_proj.copy, self.out_proj.weight
+        call, starting = None, False
+        try:
+            first = next(parts)
+            y = torch.empty(x_TH.shape, device=x_TH.device, dtype=x_TH.dtype)
+            starting = True
+            call = copy.start(y.shape[0], y.shape[1], y.dtype)
+            for r0, r1, a in itertools.chain([first], parts):
+                torch.matmul(a, w.t(), out=call.partial(r0, r1))
+                call.reduce(r0, r1, y[r0:r1])
+        except BaseException as e:
+            if call is not None or not starting:      # (where start itself failed there is no call to end)
+                try:
+                    (call or copy.start(x_TH.shape[0], x_TH.shape[1], x_TH.dtype)).abort()
+                except Exception as abort_error:
+                    e.add_note(f"releasing the peers' copy-engine waits failed as well: {abort_error!r}")
+            raise
+        call.finish()
         return y
 
     def _tail_chunks(self, x_TH, batch: Batch, cache: StateCache, chunks: int):

@@ -291,6 +291,19 @@ class CopyEngineCall:
             self.ops.write(ar.side, ar._flag(p, ar._done0 + ar.rank), self.e)
         self.main.wait_stream(ar.side)
 
+    def abort(self) -> None:
+        """In place of finish after an error on this rank between start and finish: raise every
+        flag of this call that the peers may wait on (each chunk's "written", up to MAX_CHUNKS,
+        and "read"), so that their streams go on; stream waits have no timeout, and without
+        this a peer would wait for ever. The peers' sums of the chunks this rank had not written
+        hold whatever its buffer held: the error this rank raises is what says the call failed.
+        The epochs stay in step, so the next call on every rank is whole again."""
+        ar = self.ar
+        for p in self.peers:
+            for i in range(self.chunks, ar.MAX_CHUNKS):
+                self.ops.write(self.main, ar._flag(p, ar.rank * ar.MAX_CHUNKS + i), self.e)
+        self.finish()
+
 
 _SYMM: dict[tuple, SymmetricAllReduce | None] = {}
 
