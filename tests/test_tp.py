@@ -160,6 +160,47 @@ def test_a_rank_that_fails_inside_the_copy_engines_tail_ends_the_call_before_rai
             assert err == f"injected failure in norm call {fail_at}"
 
 
+def test_copy_engine_abort_raises_its_read_flag_only_after_each_peers_first_chunk_flag():
+    """CopyEngineCall.abort's stream operations, recorded in order (no GPU): every later chunk's
+    "written" flag into the peer on the main stream; then, on the side stream after the main
+    stream, a wait for the peer's chunk-0 flag of this call before this rank's "read" flag goes
+    out. Waits are for equality: without that wait, a call that failed before its first reduce
+    wrote its read flag at once, and a peer whose start had not yet seen the read flag of the
+    call before would wait for ever (the likely reason why one GPU run of the abort's test did
+    not finish in the twenty-seventh session)."""
+    from tp_gdn.parallel import comm
+
+    log = []
+
+    class Stream:
+        def __init__(self, name):
+            self.name = name
+
+        def wait_stream(self, other):
+            log.append(("join", self.name, other.name))
+
+    class Ops:
+        @staticmethod
+        def write(stream, addr, value):
+            log.append(("write", stream.name, addr, value))
+
+        @staticmethod
+        def wait_equal(stream, addr, value):
+            log.append(("wait", stream.name, addr, value))
+
+    M = comm.CopyEngineAllReduce.MAX_CHUNKS
+    ar = object.__new__(comm.CopyEngineAllReduce)
+    ar.world, ar.rank, ar._done0 = 2, 1, 2 * M
+    ar.flag_ptrs, ar.side = [1 << 20, 2 << 20], Stream("side")
+    call = object.__new__(comm.CopyEngineCall)
+    call.ar, call.ops, call.e, call.chunks, call.peers, call.main = ar, Ops, 7, 1, [0], Stream("main")
+    call.abort()
+    peer, own = 1 << 20, 2 << 20
+    assert log == ([("write", "main", peer + 4 * (M + i), 7) for i in range(1, M)] +
+                   [("join", "side", "main"), ("wait", "side", own + 4 * 0, 7),
+                    ("write", "side", peer + 4 * (2 * M + 1), 7), ("join", "main", "side")])
+
+
 def test_tail_chunks_below_one_are_refused():
     cfg = tiny_config("qwen3_next", nk=4, nv=8, dk=16, dv=8, layers=1)
     lid = cfg.linear_layer_ids[0]

@@ -297,11 +297,22 @@ class CopyEngineCall:
         and "read"), so that their streams go on; stream waits have no timeout, and without
         this a peer would wait for ever. The peers' sums of the chunks this rank had not written
         hold whatever its buffer held: the error this rank raises is what says the call failed.
-        The epochs stay in step, so the next call on every rank is whole again."""
+        The epochs stay in step, so the next call on every rank is whole again. Only peers that
+        reach this call are released: this rank's own read flag waits for theirs (below), as
+        its reduce would have."""
         ar = self.ar
         for p in self.peers:
             for i in range(self.chunks, ar.MAX_CHUNKS):
                 self.ops.write(self.main, ar._flag(p, ar.rank * ar.MAX_CHUNKS + i), self.e)
+        # Waits are for equality, so this rank's "read" flag of this call must not reach a peer
+        # before the peer's start has seen the one of the call before: finish's write waits for
+        # each peer's chunk-0 flag of this call, which a peer raises only past its start (in
+        # reduce, or in its own abort). A normal call orders it so through its first reduce; a
+        # call that failed before any had no such wait, and its early write could hang a peer
+        # (the likely reason why one GPU run of the abort's test did not finish, s27 call 5)
+        ar.side.wait_stream(self.main)
+        for p in self.peers:
+            self.ops.wait_equal(ar.side, ar._flag(ar.rank, p * ar.MAX_CHUNKS), self.e)
         self.finish()
 
 
