@@ -461,7 +461,7 @@ def _tail_failure(rank, world, cfg, full, seed):
         finally:
             layer.ops.gated_rmsnorm = norm
     last = layer(x, batch, cache, tail=4)
-    torch.cuda.synchronize(dev)      # waits for ever where a peer's stream was left waiting
+    torch.cuda.synchronize(dev)      # waits for ever where this rank's streams wait on flags no peer raised
     return first.float().cpu(), last.float().cpu(), errors
 
 
