@@ -143,8 +143,8 @@ def test_a_rank_that_fails_inside_the_copy_engines_tail_ends_the_call_before_rai
     """The copy engines' peers wait on a rank's flags with no timeout, so a rank that raises
     inside the tail, in its first part (in_proj, the mixer, the first norm) or later, ends the
     all-reduce's call (abort, which raises the flags on GPUs; a call is started first where none
-    had) and then raises the error itself. Driven here through the gloo stand-in, both ranks
-    failing alike."""
+    had) and then raises the error itself; where the call's start itself failed, there is no
+    call to end. Driven here through the gloo stand-in, both ranks failing alike."""
     from workers import chunked_stand_in_failure
 
     cfg = tiny_config("qwen3_next", nk=4, nv=8, dk=16, dv=8, layers=1)
@@ -153,11 +153,12 @@ def test_a_rank_that_fails_inside_the_copy_engines_tail_ends_the_call_before_rai
     T, H = steps[0].batch.num_tokens, cfg.hidden_size
     chunk = [(i + 1) * T // 4 - i * T // 4 for i in range(4)]
     for fail_at, expected in ((1, [("start", T, H), ("abort",)]),
-                              (3, [("start", T, H), ("reduce", chunk[0]), ("reduce", chunk[1]), ("abort",)])):
+                              (3, [("start", T, H), ("reduce", chunk[0]), ("reduce", chunk[1]), ("abort",)]),
+                              (0, [("start refused",)])):     # tried once: no second start to end it
         results = run_ranks(2, chunked_stand_in_failure, tmp_path, cfg, full, steps, 8, fail_at)
         for log, err in results:
             assert log == expected, fail_at
-            assert err == f"injected failure in norm call {fail_at}"
+            assert err == (f"injected failure in norm call {fail_at}" if fail_at else "injected failure in start")
 
 
 def test_copy_engine_abort_raises_its_read_flag_only_after_each_peers_first_chunk_flag():

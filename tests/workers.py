@@ -128,12 +128,18 @@ def chunked_stand_in_workload(rank, world, cfg, full_by_layer, steps, num_slots,
 
 def chunked_stand_in_failure(rank, world, cfg, full_by_layer, steps, num_slots, fail_at):
     """The first layer with GlooChunkedAllReduce (from 0 rows), its gated norm raising on its
-    fail_at-th call on every rank (1: inside the tail's first part), in a call of steps[0] with
-    tail=4: (the stand-in's log, the error the call raised)."""
+    fail_at-th call on every rank (1: inside the tail's first part; 0: the stand-in's start
+    raising instead), in a call of steps[0] with tail=4: (the stand-in's log, the error the call
+    raised)."""
     lid, full = next(iter(full_by_layer.items()))
     layer = GDNLayer.from_full(cfg, lid, full, rank, world)
     stand_in = GlooChunkedAllReduce(0)
     layer.out_proj.copy = stand_in
+    if fail_at == 0:
+        def refuse(rows, cols, dtype):
+            stand_in.log.append(("start refused",))
+            raise RuntimeError("injected failure in start")
+        stand_in.start = refuse
     norm, calls = layer.ops.gated_rmsnorm, []
 
     def failing(*args, **kw):
