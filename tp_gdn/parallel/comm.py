@@ -198,6 +198,14 @@ class CopyEngineAllReduce:
     def _flag(self, owner: int, index: int) -> int:
         return self.flag_ptrs[owner] + 4 * index
 
+    def _written(self, owner: int, source: int, chunk: int) -> int:
+        """Address, in `owner`'s flags, of `source`'s "chunk written" flag."""
+        return self._flag(owner, source * self.MAX_CHUNKS + chunk)
+
+    def _read(self, owner: int, source: int) -> int:
+        """Address, in `owner`'s flags, of `source`'s "rows read" flag."""
+        return self._flag(owner, self._done0 + source)
+
     def _reserve(self, nbytes: int) -> None:
         import torch.distributed._symmetric_memory as symm
 
@@ -245,7 +253,7 @@ class CopyEngineCall:
         self.peers = list(self.mapped)
         self.main = torch.cuda.current_stream(ar.device)
         for p in self.peers:   # the peers have read this rank's rows of the call before
-            streamops.wait_equal(self.main, ar._flag(ar.rank, ar._done0 + p), self.e - 1)
+            streamops.wait_equal(self.main, ar._read(ar.rank, p), self.e - 1)
 
     def partial(self, r0: int, r1: int) -> torch.Tensor:
         """Where this rank writes its partial sum of rows r0..r1 (on the current stream)."""
@@ -261,7 +269,7 @@ class CopyEngineCall:
             raise ValueError(f"out is {tuple(out.shape)} {out.dtype}, expected {(r1 - r0, self.cols)} {self.dtype}")
         self.chunks += 1
         for p in self.peers:
-            ops.write(self.main, ar._flag(p, ar.rank * ar.MAX_CHUNKS + i), self.e)
+            ops.write(self.main, ar._written(p, ar.rank, i), self.e)
         side = ar.side
         side.wait_stream(self.main)
         rows = r1 - r0
@@ -272,7 +280,7 @@ class CopyEngineCall:
         with torch.cuda.stream(side):
             pulled = {}
             for j, p in enumerate(self.peers):
-                ops.wait_equal(side, ar._flag(ar.rank, p * ar.MAX_CHUNKS + i), self.e)
+                ops.wait_equal(side, ar._written(ar.rank, p, i), self.e)
                 pulled[p] = ar.tmp[j * n: (j + 1) * n].view(rows, self.cols)
                 pulled[p].copy_(self.mapped[p][r0:r1])
             parts = [self.own[r0:r1] if p == ar.rank else pulled[p] for p in range(ar.world)]    # rank order
@@ -288,7 +296,7 @@ class CopyEngineCall:
         """Tell the peers this rank has read their rows; the current stream waits for the sums."""
         ar = self.ar
         for p in self.peers:
-            self.ops.write(ar.side, ar._flag(p, ar._done0 + ar.rank), self.e)
+            self.ops.write(ar.side, ar._read(p, ar.rank), self.e)
         self.main.wait_stream(ar.side)
 
     def abort(self) -> None:
@@ -303,7 +311,7 @@ class CopyEngineCall:
         ar = self.ar
         for p in self.peers:
             for i in range(self.chunks, ar.MAX_CHUNKS):
-                self.ops.write(self.main, ar._flag(p, ar.rank * ar.MAX_CHUNKS + i), self.e)
+                self.ops.write(self.main, ar._written(p, ar.rank, i), self.e)
         # Waits are for equality, so this rank's "read" flag of this call must not reach a peer
         # before the peer's start has seen the one of the call before: finish's write waits for
         # each peer's chunk-0 flag of this call, which a peer raises only past its start (in
@@ -312,11 +320,13 @@ class CopyEngineCall:
         # (the likely reason why one GPU run of the abort's test did not finish, s27 call 5)
         ar.side.wait_stream(self.main)
         for p in self.peers:
-            self.ops.wait_equal(ar.side, ar._flag(ar.rank, p * ar.MAX_CHUNKS), self.e)
+            self.ops.wait_equal(ar.side, ar._written(ar.rank, p, 0), self.e)
         self.finish()
 
 
 _SYMM: dict[tuple, SymmetricAllReduce | None] = {}
+# why symmetric memory does not apply (None: it does), per (group, device type, index): its collectives run once
+_VERDICTS: dict[tuple, str | None] = {}
 
 
 def _local_verdict(where: list, visible: list, index: int, can_access) -> str | None:
@@ -377,7 +387,7 @@ def _built_once(cache: dict, group, device, what: str, build, extra_key=(), also
     key = (group.group_name, device.type, device.index, *extra_key)
     if key not in cache:
         where = key[:3]
-        if where not in _VERDICTS:         # its collectives run once per group and device
+        if where not in _VERDICTS:
             _VERDICTS[where] = _why_not_symmetric(group, device)
         why = _VERDICTS[where]
         if why is None and also_why is not None:
@@ -389,8 +399,6 @@ def _built_once(cache: dict, group, device, what: str, build, extra_key=(), also
         cache[key] = None if why is not None else build(group, device)
     return cache[key]
 
-
-_VERDICTS: dict[tuple, str | None] = {}
 
 
 def symmetric_all_reduce_for(group, device) -> SymmetricAllReduce | None:

@@ -52,21 +52,22 @@ def _check(result: int, what: str) -> None:
         raise RuntimeError(f"{what} failed with CUDA driver error {result}")
 
 
-def wait_equal(stream: torch.cuda.Stream, address: int, value: int) -> None:
-    """Work queued on `stream` after this starts once the uint32 at device `address` equals
-    `value` (mod 2^32)."""
+def _driver() -> ctypes.CDLL:
     _load()
     if _lib is None:
         raise RuntimeError(f"stream memory operations are unavailable: {_why}")
-    _check(_lib.cuStreamWaitValue32_v2(stream.cuda_stream, address, value & 0xFFFFFFFF, _WAIT_EQ),
+    return _lib
+
+
+def wait_equal(stream: torch.cuda.Stream, address: int, value: int) -> None:
+    """Work queued on `stream` after this starts once the uint32 at device `address` equals
+    `value` (mod 2^32)."""
+    _check(_driver().cuStreamWaitValue32_v2(stream.cuda_stream, address, value & 0xFFFFFFFF, _WAIT_EQ),
            "cuStreamWaitValue32")
 
 
 def write(stream: torch.cuda.Stream, address: int, value: int) -> None:
     """Write `value` (mod 2^32) to the uint32 at device `address` once the work queued on `stream`
     before it is done, after a memory fence."""
-    _load()
-    if _lib is None:
-        raise RuntimeError(f"stream memory operations are unavailable: {_why}")
-    _check(_lib.cuStreamWriteValue32_v2(stream.cuda_stream, address, value & 0xFFFFFFFF, _WRITE_DEFAULT),
+    _check(_driver().cuStreamWriteValue32_v2(stream.cuda_stream, address, value & 0xFFFFFFFF, _WRITE_DEFAULT),
            "cuStreamWriteValue32")
