@@ -487,3 +487,80 @@ def test_a_rank_that_fails_inside_the_copy_engine_tail_leaves_its_peers_running_
         assert errors == ([f"injected failure in norm call {n}" for n in (3, 1)] if r == tp - 1 else [None, None])
         assert torch.equal(last, first) and torch.equal(first, results[0][0]), r
         assert rel_err(first, want) < BF16_TOL, (r, rel_err(first, want))
+
+
+def _watchdog_skip(rank, world, cfg, full, seed, path):
+    """Calls of one all-reduce path ("graph": graphed decode, push kernel; "eager": eager decode,
+    push kernel; "copy": a prefill whose tail takes the copy engines) with a 3 s watchdog: calls
+    on every rank, then the GPU idle for 4 s (longer than the timeout: nothing may fire), more
+    calls, then the last rank skips one call that the others make and wait on. Returns what the
+    last rank did; the others must not return (the watchdog ends them)."""
+    import os
+    import sys
+    import time
+
+    from tp_gdn.graphs import GraphedDecoder
+    from tp_gdn.parallel import comm
+
+    os.environ["TP_GDN_COLLECTIVE_TIMEOUT"] = "3"
+    os.environ["TP_GDN_ALL_REDUCE"] = "auto"
+    comm.CopyEngineAllReduce.MIN_ROWS = 0
+    dev, bf = f"cuda:{rank}", torch.bfloat16
+    layer = GDNLayer.from_full(cfg, 0, full, rank, world, dtype=bf, device=dev)
+    cache = StateCache(cfg, [0], 8, dtype=bf, device=dev, tp_size=world)
+    g = torch.Generator().manual_seed(seed)
+    if path == "copy":
+        batch = Batch([700, 800, 600, 900], [0, 1, 2, 3], [False] * 4)
+        assert layer.out_proj.chunked_all_reduce_kind(3000) == "copy"
+        xs = [torch.randn(3000, cfg.hidden_size, generator=g).to(dev, bf) for _ in range(3)]
+
+        def call(i):
+            return layer(xs[i % 3], batch, cache, tail=4)
+    else:
+        assert layer.out_proj.all_reduce_kind(3) == "symm"
+        layer(torch.randn(30, cfg.hidden_size, generator=g).to(dev, bf), Batch([10, 10, 10], [0, 1, 2], [False] * 3),
+              cache)
+        xs = [torch.randn(3, cfg.hidden_size, generator=g).to(dev, bf) for _ in range(3)]
+        decode = Batch([1, 1, 1], [0, 1, 2], [True] * 3)
+        graphed = GraphedDecoder({0: layer}, cache) if path == "graph" else None
+
+        def call(i):
+            return graphed(xs[i % 3], [0, 1, 2])[0] if graphed else layer(xs[i % 3], decode, cache)
+    for i in range(3):
+        call(i)
+    torch.cuda.synchronize(dev)
+    time.sleep(4)
+    for i in range(5):
+        call(i)
+    torch.cuda.synchronize(dev)
+    if rank == world - 1:
+        return "skipped the call"
+    print(f"rank {rank}: the call that the last rank skips", file=sys.stderr, flush=True)
+    call(0)
+    torch.cuda.synchronize(dev)       # waits for ever: the watchdog ends this process
+    print(f"rank {rank}: the call completed", file=sys.stderr, flush=True)
+    return "the call completed"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("path", ["graph", "eager", "copy"])
+@pytest.mark.parametrize("tp", tps(2, 4))
+def test_the_watchdog_ends_a_rank_whose_peer_skips_a_call_on_gpus(seed, tp, path, capfd):
+    """The push kernel's and the copy engines' waits have no timeout. With
+    TP_GDN_COLLECTIVE_TIMEOUT=3, calls on every rank and 4 s of idle GPUs end nothing; then the
+    last rank skips a call, and each other rank, whose GPU waits on it for ever, ends with exit
+    code 3 and the watchdog's message on stderr, naming the all-reduce. (spawn_ranks then kills
+    the ranks still running: the last rank, which skipped the call, may still be ending.)"""
+    from tp_gdn.launch.local import spawn_ranks
+
+    from helpers import _with_rank
+
+    cfg = tiny_config(nk=4, nv=8, dk=32, dv=32, H=TAIL_H, layers=1)
+    full = random_full_weights(cfg, seed)
+    with pytest.raises(RuntimeError, match=r"ranks exited abnormally \(rank, exit code\): .*, 3\)"):
+        spawn_ranks(tp, _with_rank, _watchdog_skip, cfg, full, seed, path, backend="nccl", timeout_s=120)
+    err = capfd.readouterr().err
+    what = "the copy-engine all-reduce" if path == "copy" else "the decode all-reduce (push kernel)"
+    assert "rank 0: the call that the last rank skips" in err, err[-3000:]
+    assert f"{what}: this rank queued" in err and "ending this process (exit code 3)" in err, err[-3000:]
+    assert "rank 0: the call completed" not in err

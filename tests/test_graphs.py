@@ -1,8 +1,8 @@
 """GraphedDecoder's host side on the CPU: which steps send their slots to the graph's index buffer,
 which copy x into its input buffer, and what a step refuses. A stand-in takes the captured graph's
 place: its replay runs the layer on the graph's input buffer with the slots that the index buffer
-holds, so a step whose slots did not reach that buffer gives another sequence's output. The real
-graphs are checked against eager steps on a GPU (tests/test_gpu_launch.py)."""
+holds, so a step whose slots did not reach that buffer gives another sequence's output; each
+replay counts the watchdog's calls it holds. The real graphs are checked against eager steps on a GPU (tests/test_gpu_launch.py)."""
 
 import types
 
@@ -12,6 +12,7 @@ import torch
 from helpers import random_full_weights, tiny_config
 from tp_gdn import Batch, GDNLayer, StateCache
 from tp_gdn.graphs import GraphedDecoder
+from tp_gdn.parallel.watchdog import Progress
 
 
 class Counter:
@@ -32,6 +33,7 @@ def stand_in_decoder(layer, cache):
     decoder.layers, decoder.cache = {0: layer}, cache
     decoder.device, decoder.dtype, decoder.H = layer.device, layer.dtype, layer.cfg.hidden_size
     decoder._graphs = {}
+    decoder.progress = Progress("the stand-in's all-reduce", pinned=False)
 
     def capture(B):
         x = torch.zeros(B, decoder.H, dtype=decoder.dtype)
@@ -42,8 +44,10 @@ def stand_in_decoder(layer, cache):
             slots = index.tolist()
             ys[0].copy_(layer(x, Batch([1] * B, slots, [True] * B), cache))
 
+        # as if the graph held two watched all-reduces (parallel/watchdog.py): each replay counts them
         return dict(graph=types.SimpleNamespace(replay=replay), x=x, meta=types.SimpleNamespace(slots=index), ys=ys,
-                    host=torch.empty(B, dtype=torch.int64), copied=Counter(), last=None)
+                    host=torch.empty(B, dtype=torch.int64), copied=Counter(), last=None,
+                    watched=[(decoder.progress, 2)])
 
     decoder._capture = capture
     return decoder
@@ -74,6 +78,7 @@ def test_decode_steps_send_slots_and_copy_inputs_only_when_they_change(seed):
         sends.append(g["copied"].records)
         assert sends[-1] - (sends[-2] if step else 0) == int(sent), step
     assert torch.equal(caches[0].ssm[0], caches[1].ssm[0]) and torch.equal(caches[0].conv[0], caches[1].conv[0])
+    assert decoder.progress.queued == 2 * 5          # five replays of two watched all-reduces
 
     # the graph's own input buffer: nothing copied into it (a stand-in buffer that refuses copies)
     buf = decoder.input_buffer(2)

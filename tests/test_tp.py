@@ -165,11 +165,13 @@ def test_copy_engine_abort_raises_its_read_flag_only_after_each_peers_first_chun
     """CopyEngineCall.abort's stream operations, recorded in order (no GPU): every later chunk's
     "written" flag into the peer on the main stream; then, on the side stream after the main
     stream, a wait for the peer's chunk-0 flag of this call before this rank's "read" flag goes
-    out. Waits are for equality: without that wait, a call that failed before its first reduce
+    out; last, on the main stream, the call's number into the watchdog's host word, which the
+    host counts as queued. Waits are for equality: without that wait, a call that failed before its first reduce
     wrote its read flag at once, and a peer whose start had not yet seen the read flag of the
     call before would wait for ever (the likely reason why one GPU run of the abort's test did
     not finish in the twenty-seventh session)."""
     from tp_gdn.parallel import comm
+    from tp_gdn.parallel.watchdog import Progress
 
     log = []
 
@@ -193,13 +195,18 @@ def test_copy_engine_abort_raises_its_read_flag_only_after_each_peers_first_chun
     ar = object.__new__(comm.CopyEngineAllReduce)
     ar.world, ar.rank, ar._done0 = 2, 1, 2 * M
     ar.flag_ptrs, ar.side = [1 << 20, 2 << 20], Stream("side")
+    ar.progress = Progress("the stand-in", pinned=False)
+    ar.progress.set_queued(6)
+    ar.progress.word[0] = 6                                          # the GPU got through call 6
     call = object.__new__(comm.CopyEngineCall)
     call.ar, call.ops, call.e, call.chunks, call.peers, call.main = ar, Ops, 7, 1, [0], Stream("main")
     call.abort()
     peer, own = 1 << 20, 2 << 20
     assert log == ([("write", "main", peer + 4 * (M + i), 7) for i in range(1, M)] +
                    [("join", "side", "main"), ("wait", "side", own + 4 * 0, 7),
-                    ("write", "side", peer + 4 * (2 * M + 1), 7), ("join", "main", "side")])
+                    ("write", "side", peer + 4 * (2 * M + 1), 7), ("join", "main", "side"),
+                    ("write", "main", ar.progress.address, 7)])
+    assert ar.progress.queued == 7 and ar.progress.behind() == 1     # no GPU ran the write here
 
 
 def test_tail_chunks_below_one_are_refused():

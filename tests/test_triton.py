@@ -307,7 +307,9 @@ def test_decode_step_matches_reference_with_conv_update():
 def test_push_all_reduce_plays_every_rank_in_one_process(world, dtype):
     """The push all-reduce's kernel, every rank played here on one device: all ranks' pushes,
     then all ranks' reduces, over several calls of uneven sizes (parities and epochs advance per
-    program). Every rank gets the fp32 sum in rank order, rounded once: the same bits on all."""
+    program). Every rank gets the fp32 sum in rank order, rounded once: the same bits on all.
+    Each reduce writes the calls its rank has got through into that rank's watchdog word, where
+    it has one."""
     from tp_gdn.kernels.triton_allreduce import BLOCK_BYTES, push_all_reduce
 
     BLOCK = BLOCK_BYTES // dtype.itemsize        # elements per program
@@ -317,13 +319,20 @@ def test_push_all_reduce_plays_every_rank_in_one_process(world, dtype):
     epochs = [torch.zeros(programs, dtype=torch.int64, device=DEV) for _ in range(world)]
     recv_ptrs = torch.tensor([t.data_ptr() for t in recv], dtype=torch.int64, device=DEV)
     flag_ptrs = torch.tensor([t.data_ptr() for t in flags], dtype=torch.int64, device=DEV)
-    for n in [BLOCK + 300, 7, 3 * BLOCK, 2 * BLOCK - 1]:
+    # the watchdog's host words (each rank's count of calls it got through), rank 0 without one
+    words = [torch.full((1,), -7, dtype=torch.int32) for _ in range(world)]
+    word_ptrs = [None] + [w.data_ptr() for w in words[1:]]
+    for call, n in enumerate([BLOCK + 300, 7, 3 * BLOCK, 2 * BLOCK - 1], 1):
         xs = [torch.randn(n).to(DEV, dtype) for _ in range(world)]
         outs = [torch.full((n,), float("nan"), device=DEV, dtype=dtype) for _ in range(world)]
-        with interp_bounds.also_allow(recv + flags):        # the peers' buffers, reached through the tables
+        with interp_bounds.also_allow(recv + flags + words):   # reached through the tables
             for phase in ("push", "reduce"):
                 for r in range(world):
-                    push_all_reduce(xs[r], outs[r], recv_ptrs, flag_ptrs, epochs[r], r, slot, phases=phase)
+                    push_all_reduce(xs[r], outs[r], recv_ptrs, flag_ptrs, epochs[r], r, slot, phases=phase,
+                                    progress=word_ptrs[r])
+                    if phase == "push":
+                        assert words[r].item() == (-7 if r == 0 or call == 1 else call - 1)
+        assert [w.item() for w in words] == [-7] + [call] * (world - 1)
         want = xs[0].float()
         for x in xs[1:]:
             want = want + x.float()

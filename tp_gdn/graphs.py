@@ -9,6 +9,7 @@ step's (and are checked then), so a steady decode loop costs one copy and one re
 host. A caller that writes the step's input straight into `input_buffer(B)` and passes that
 buffer saves the copy too (as a model's previous stage would). The graph is bound to this
 cache's tensors; the returned outputs are the graph's static buffers, valid until the next step.
+Each replay counts the watched all-reduces captured in it as queued (parallel/watchdog.py).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 
 from .batch import Batch
 from .cache import StateCache
+from .parallel import watchdog
 
 
 class GraphedDecoder:
@@ -46,10 +48,14 @@ class GraphedDecoder:
                 layer(x, batch, scratch)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
+        before = watchdog.captured_counts()
         with torch.cuda.graph(graph):
             ys = {i: layer(x, batch, self.cache) for i, layer in self.layers.items()}
+        # the watched all-reduces a replay runs (their counts go up with each replay)
+        watched = watchdog.replayed_calls(before, watchdog.captured_counts())
         host = torch.empty(B, dtype=torch.int64, pin_memory=True)
-        return dict(graph=graph, x=x, meta=meta, ys=ys, host=host, copied=torch.cuda.Event(), last=None)
+        return dict(graph=graph, x=x, meta=meta, ys=ys, host=host, copied=torch.cuda.Event(), last=None,
+                    watched=watched)
 
     def prepare(self, B: int) -> None:
         """Capture the graph for B sequences now (a step captures it otherwise): it compiles and
@@ -103,6 +109,8 @@ class GraphedDecoder:
         if x_BH is not g["x"] and (x_BH.data_ptr() != g["x"].data_ptr() or x_BH.stride() != g["x"].stride()):
             g["x"].copy_(x_BH, non_blocking=True)
         g["graph"].replay()
+        if g["watched"]:
+            watchdog.queue_replayed(g["watched"])
         return g["ys"]
 
     def _check_input(self, x_BH, B: int) -> None:

@@ -11,7 +11,10 @@ below holds across calls of different dtypes):
    sets flag (c, r) of every peer to e with release semantics at system scope;
 3. waits until its own flags (c, p) of every peer p reach e (acquire, system scope);
 4. sums the regions (parity, p) for p = 0..world-1 in that order, in fp32 (its own part from
-   registers), so every rank produces the same bits, and stores epochs[c] = e.
+   registers), so every rank produces the same bits, and stores epochs[c] = e. Where `progress`
+   is given, program 0, once past its wait, first writes e (mod 2^32) to the host word it points
+   to: program 0 runs in every call, so e counts the calls whose wait this rank has got through
+   (parallel/watchdog.py).
 
 Why one wait is enough: a peer writes region (parity, r) of step e + 2 only after finishing
 step e + 1, which needed this rank's flag of step e + 1, set only after this rank's step e
@@ -39,9 +42,9 @@ PDL = True
 
 
 @triton.jit
-def _push_all_reduce_kernel(send, out, recv_ptrs, flag_ptrs, epochs, numel, rank, slot,
+def _push_all_reduce_kernel(send, out, recv_ptrs, flag_ptrs, epochs, progress, numel, rank, slot,
                             WORLD: tl.constexpr, BLOCK: tl.constexpr, PUSH: tl.constexpr,
-                            REDUCE: tl.constexpr, GDC: tl.constexpr = False):
+                            REDUCE: tl.constexpr, WATCH: tl.constexpr, GDC: tl.constexpr = False):
     wait_for_prior_grid(GDC)
     c = tl.program_id(0)
     offs = c * BLOCK + tl.arange(0, BLOCK)
@@ -69,6 +72,9 @@ def _push_all_reduce_kernel(send, out, recv_ptrs, flag_ptrs, epochs, numel, rank
                 while tl.atomic_add(mine + c * WORLD + p, 0, sem="acquire", scope="sys") < epoch:
                     pass
         tl.debug_barrier()
+        if WATCH:
+            if c == 0:      # past the only wait that can hang; stored before the sum, which hides its latency
+                tl.store(progress.to(tl.int64).to(tl.pointer_type(tl.int32)), epoch.to(tl.int32))   # the low 32 bits
         recv = tl.load(recv_ptrs + rank).to(tl.pointer_type(send.dtype.element_ty))
         acc = tl.zeros([BLOCK], dtype=tl.float32)
         for p in tl.static_range(WORLD):
@@ -82,14 +88,17 @@ def _push_all_reduce_kernel(send, out, recv_ptrs, flag_ptrs, epochs, numel, rank
 
 
 def push_all_reduce(send: torch.Tensor, out: torch.Tensor, recv_ptrs: torch.Tensor, flag_ptrs: torch.Tensor,
-                    epochs: torch.Tensor, rank: int, slot: int, phases: str = "both") -> torch.Tensor:
+                    epochs: torch.Tensor, rank: int, slot: int, phases: str = "both",
+                    progress: int | None = None) -> torch.Tensor:
     """out <- sum over ranks of `send` (contiguous, same shape and dtype on every rank).
 
     recv_ptrs / flag_ptrs: [world] int64 device addresses, as this rank maps them, of every rank's
     receive buffer (2 x world regions of `slot` elements of send's dtype) and flags ([programs,
     world] int64, zero at start); epochs: [programs] int64 in this rank's memory, zero at start.
     phases "push" / "reduce" run one half (for tests that play every rank in one process: all
-    pushes, then all reduces); "both" is the real thing.
+    pushes, then all reduces); "both" is the real thing. progress: the address of a uint32 in
+    pinned host memory, or None: the reduce writes its call count there (watchdog.Progress). It
+    goes in as a scalar argument, so that the write costs no load.
     """
     numel = send.numel()
     assert send.is_contiguous() and out.is_contiguous() and out.numel() == numel and numel <= slot
@@ -98,7 +107,8 @@ def push_all_reduce(send: torch.Tensor, out: torch.Tensor, recv_ptrs: torch.Tens
     grid = cdiv(numel, block)
     assert grid <= epochs.numel(), f"{numel} elements need {grid} programs, the buffers hold {epochs.numel()}"
     launch(_push_all_reduce_kernel, (grid,),
-        send, out, recv_ptrs, flag_ptrs, epochs, numel, rank, slot, WORLD=recv_ptrs.numel(), BLOCK=block,
-        PUSH=phases in ("both", "push"), REDUCE=phases in ("both", "reduce"), num_warps=4,
+        send, out, recv_ptrs, flag_ptrs, epochs, progress or 0, numel, rank, slot,
+        WORLD=recv_ptrs.numel(), BLOCK=block, PUSH=phases in ("both", "push"), REDUCE=phases in ("both", "reduce"),
+        WATCH=progress is not None, num_warps=4,
         **pdl_launch(PDL, send.device))
     return out

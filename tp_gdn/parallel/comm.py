@@ -25,6 +25,8 @@ import warnings
 import torch
 import torch.distributed as dist
 
+from . import watchdog
+
 ALL_REDUCE_MODES = ("auto", "nccl", "symm")
 # outputs up to this size take the symmetric-memory all-reduce (a decode step of up to 512
 # sequences at hidden size 2048 in bf16). H200 x2, graph replay back to back: the all-reduce of
@@ -123,6 +125,10 @@ class SymmetricAllReduce:
         ptrs = list(self.handle.buffer_ptrs)
         self.recv_ptrs = torch.tensor(ptrs, dtype=torch.int64, device=device)
         self.flag_ptrs = torch.tensor([q + recv_bytes for q in ptrs], dtype=torch.int64, device=device)
+        # the kernel spins on its peers' flags with no timeout: the watchdog ends a process whose
+        # GPU stays behind (None where TP_GDN_COLLECTIVE_TIMEOUT=0)
+        self.progress = watchdog.progress_for(
+            f"rank {self.rank} of group {self.group_name!r} on {device}: the decode all-reduce (push kernel)")
         torch.cuda.synchronize(device)
         dist.barrier(group=group)                              # no rank pushes before every rank zeroed
 
@@ -142,8 +148,12 @@ class SymmetricAllReduce:
             return out
         from ..kernels.triton_allreduce import push_all_reduce
 
-        return push_all_reduce(staged, out, self.recv_ptrs, self.flag_ptrs, self.epochs, self.rank,
-                               self.max_bytes // staged.element_size())
+        push_all_reduce(staged, out, self.recv_ptrs, self.flag_ptrs, self.epochs, self.rank,
+                        self.max_bytes // staged.element_size(),
+                        progress=None if self.progress is None else self.progress.address)
+        if self.progress is not None:
+            self.progress.launched()
+        return out
 
 
 class CopyEngineAllReduce:
@@ -192,6 +202,9 @@ class CopyEngineAllReduce:
         # high priority: the sums' kernels take SMs ahead of the GEMM blocks queued beside them
         self.side = torch.cuda.Stream(device=device, priority=-1)
         self.epoch = 0
+        # stream waits have no timeout: the watchdog ends a process whose GPU stays behind
+        self.progress = watchdog.progress_for(
+            f"rank {self.rank} of group {self.group_name!r} on {device}: the copy-engine all-reduce")
         torch.cuda.synchronize(device)
         dist.barrier(group=group)                              # no rank writes a flag before every rank zeroed
 
@@ -298,6 +311,9 @@ class CopyEngineCall:
         for p in self.peers:
             self.ops.write(ar.side, ar._read(p, ar.rank), self.e)
         self.main.wait_stream(ar.side)
+        if ar.progress is not None:     # the call's number, once the main stream is past it
+            self.ops.write(self.main, ar.progress.address, self.e)
+            ar.progress.set_queued(self.e)
 
     def abort(self) -> None:
         """In place of finish after an error on this rank between start and finish: raise every
