@@ -493,7 +493,8 @@ def _watchdog_skip(rank, world, cfg, full, seed, path):
     """Calls of one all-reduce path ("graph": graphed decode, push kernel; "eager": eager decode,
     push kernel; "copy": a prefill whose tail takes the copy engines) with a 3 s watchdog: calls
     on every rank, then the GPU idle for 4 s (longer than the timeout: nothing may fire), more
-    calls, then the last rank skips one call that the others make and wait on. Returns what the
+    calls, after which the watchdog's host and GPU counts of the all-reduce must both equal the
+    calls made, then the last rank skips one call that the others make and wait on. Returns what the
     last rank did; the others must not return (the watchdog ends them)."""
     import os
     import sys
@@ -533,6 +534,11 @@ def _watchdog_skip(rank, world, cfg, full, seed, path):
     for i in range(5):
         call(i)
     torch.cuda.synchronize(dev)
+    # the counts agree: every call the host counted, the GPU reported (copy: 8 calls; decode: the
+    # prefill, then the graph's warm-up call on its scratch cache and 8 replays, or 8 eager steps)
+    progress = layer.out_proj.copy.progress if path == "copy" else layer.out_proj.symm.progress
+    want = {"copy": 8, "graph": 10, "eager": 9}[path]
+    assert (progress.queued, progress.finished) == (want, want), (progress.queued, progress.finished)
     if rank == world - 1:
         return "skipped the call"
     print(f"rank {rank}: the call that the last rank skips", file=sys.stderr, flush=True)
