@@ -127,3 +127,16 @@ def test_a_stuck_count_ends_the_process_with_its_message():
     assert "tp_gdn watchdog: the stand-in of rank 0: this rank queued 1 calls" in done.stderr
     assert "ending this process (exit code 3)" in done.stderr
     assert "woke up" not in done.stdout
+
+
+def test_the_local_launcher_says_when_the_watchdog_ended_a_rank(tmp_path, capfd):
+    """Through spawn_ranks (tp-gdn run's default launcher): rank 0 ended by the watchdog's real
+    ending; the launcher's error names the watchdog, and the watchdog's message is on stderr."""
+    from helpers import run_ranks
+    from workers import watchdog_ends_rank0
+
+    with pytest.raises(RuntimeError, match=r"exited abnormally \(rank, exit code\): \[\(0, 3\).*; exit code 3 is "
+                                           r"tp_gdn's watchdog: that rank's GPU waited on a peer for "
+                                           r"TP_GDN_COLLECTIVE_TIMEOUT seconds \(its message is on stderr\)"):
+        run_ranks(2, watchdog_ends_rank0, tmp_path, timeout=60)
+    assert "tp_gdn watchdog: rank 0's stand-in: this rank queued 1 calls" in capfd.readouterr().err

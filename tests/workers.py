@@ -156,3 +156,18 @@ def chunked_stand_in_failure(rank, world, cfg, full_by_layer, steps, num_slots, 
     finally:
         layer.ops.gated_rmsnorm = norm
     return stand_in.log, None
+
+
+def watchdog_ends_rank0(rank, world):
+    """Rank 0 holds a watched count that never moves (a stand-in for a GPU waiting on a peer) under
+    a 0.5 s watchdog with its real ending, and sleeps; the other ranks return at once."""
+    import time
+
+    from tp_gdn.parallel.watchdog import Progress, Watchdog
+
+    if rank == 0:
+        p = Progress("rank 0's stand-in", pinned=False)
+        Watchdog(0.5, poll_s=0.05).watch(p)
+        p.launched(1)
+        time.sleep(60)
+    return rank

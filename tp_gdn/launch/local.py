@@ -60,6 +60,12 @@ def spawn_ranks(world: int, fn, *args, backend: str = "gloo", timeout_s: float =
             raise RuntimeError(f"{errors[0].stem} failed:\n{errors[0].read_text()}")
         bad = [(r, p.exitcode) for r, p in enumerate(procs) if p.exitcode != 0]
         if bad:
+            from ..parallel.watchdog import TIMEOUT_ENV, WATCHDOG_EXIT_CODE
+
             what = "timed out" if time.monotonic() > deadline else "exited abnormally"
-            raise RuntimeError(f"ranks {what} (rank, exit code): {bad}")
+            why = ""
+            if any(code == WATCHDOG_EXIT_CODE for _, code in bad):
+                why = (f"; exit code {WATCHDOG_EXIT_CODE} is tp_gdn's watchdog: that rank's GPU waited on a peer "
+                       f"for {TIMEOUT_ENV} seconds (its message is on stderr)")
+            raise RuntimeError(f"ranks {what} (rank, exit code): {bad}{why}")
         return [pickle.loads(Path(d, f"rank{r}.pkl").read_bytes()) for r in range(world)]
