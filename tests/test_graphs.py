@@ -2,7 +2,8 @@
 which copy x into its input buffer, and what a step refuses. A stand-in takes the captured graph's
 place: its replay runs the layer on the graph's input buffer with the slots that the index buffer
 holds, so a step whose slots did not reach that buffer gives another sequence's output; each
-replay counts the watchdog's calls it holds. The real graphs are checked against eager steps on a GPU (tests/test_gpu_launch.py)."""
+replay counts the watchdog's calls it holds. The real graphs are checked against eager steps on
+a GPU (tests/test_gpu_launch.py)."""
 
 import types
 

@@ -166,10 +166,10 @@ def test_copy_engine_abort_raises_its_read_flag_only_after_each_peers_first_chun
     "written" flag into the peer on the main stream; then, on the side stream after the main
     stream, a wait for the peer's chunk-0 flag of this call before this rank's "read" flag goes
     out; last, on the main stream, the call's number into the watchdog's host word, which the
-    host counts as queued. Waits are for equality: without that wait, a call that failed before its first reduce
-    wrote its read flag at once, and a peer whose start had not yet seen the read flag of the
-    call before would wait for ever (the likely reason why one GPU run of the abort's test did
-    not finish in the twenty-seventh session)."""
+    host counts as queued. Waits are for equality: without that wait, a call that failed before
+    its first reduce wrote its read flag at once, and a peer whose start had not yet seen the read
+    flag of the call before would wait for ever (the likely reason why one GPU run of the abort's
+    test did not finish in the twenty-seventh session)."""
     from tp_gdn.parallel import comm
     from tp_gdn.parallel.watchdog import Progress
 

@@ -9,13 +9,15 @@ host thread that synchronises with that GPU.
 
 Each such all-reduce keeps a `Progress`: how many calls this rank has queued, counted on the
 host, and how many of them its GPU has got through, which the GPU writes into pinned host memory
-(the push kernel once past its wait, a stream write after each copy-engine call). A daemon thread reads both every poll. Where the GPU's count stands
-still below the host's for TP_GDN_COLLECTIVE_TIMEOUT seconds (default 600, as torch's NCCL
-groups; 0 turns the watchdog off, and with it the GPU's writes), the thread writes what is stuck
-to stderr and ends the process with exit code WATCHDOG_EXIT_CODE: no host call can release a
-waiting stream or kernel, and a process exit frees the GPU (torchrun then ends the other ranks).
-The thread makes no CUDA call, it reads host memory only, so it never disturbs a CUDA graph
-capture on another thread.
+(the push kernel once past its wait, a stream write after each copy-engine call). A daemon
+thread reads both every poll. Where the GPU's count stands still below the host's for
+TP_GDN_COLLECTIVE_TIMEOUT seconds (default 600, as torch's NCCL groups; 0 turns the watchdog
+off, and with it the GPU's writes), the thread writes what is stuck to stderr and ends the
+process with exit code WATCHDOG_EXIT_CODE: no host call can release a waiting stream or kernel,
+and a process exit frees the GPU (torchrun then ends the other ranks). The thread makes no CUDA
+call, it reads host memory only, so it never disturbs a CUDA graph capture on another thread.
+The host counts a call after queuing it, so the GPU's count can be ahead for a moment but the
+host's is never above the calls really queued: a slow GPU is never taken for a stuck one.
 
 A replay of a CUDA graph runs the calls captured in it: GraphedDecoder counts them per replay
 (`captured_counts`, `queue_replayed`). Graphs captured and replayed elsewhere are not counted:
