@@ -108,13 +108,20 @@ def test_the_job_says_on_stderr_what_it_starts(ckpt, capsys, monkeypatch):
     assert capsys.readouterr().err == ""
 
 
-def test_help_explains_every_option(capsys):
+def test_help_explains_every_option_and_environment_variable(capsys):
     with pytest.raises(SystemExit):
         cli(["run", "--help"])
     text = capsys.readouterr().out
     for opt in ("--checkpoint", "--tp", "--launcher", "--device", "--dtype", "--backend", "--seqs", "--prompt-len",
                 "--decode-steps", "--check-layers", "--ray-address", "--json", "--decode-graphs"):
         assert opt in text
+    # and every environment variable the package reads
+    import re
+    from pathlib import Path
+
+    import tp_gdn
+    read = {v for f in Path(tp_gdn.__file__).parent.rglob("*.py") for v in re.findall(r"TP_GDN_[A-Z_]+", f.read_text())}
+    assert read and {v for v in read if v not in " ".join(text.split())} == set()
 
 
 def test_decode_graphs_are_refused_without_cuda():

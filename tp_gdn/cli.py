@@ -69,14 +69,35 @@ def cmd_make_checkpoint(args) -> int:
     return 0
 
 
+ENVIRONMENT = """\
+environment (the README says more):
+  TP_GDN_ALL_REDUCE=auto|nccl|symm
+                        the output projection's all-reduce on GPUs of one host.
+                        auto (default): symmetric memory for small outputs, copy
+                        engines for large ones formed in row chunks, NCCL for the
+                        rest; nccl: NCCL always; symm: as auto, and an error
+                        where it cannot apply
+  TP_GDN_SYMM_KERNEL=push|oneshot
+                        the symmetric-memory kernel (default push)
+  TP_GDN_COLLECTIVE_TIMEOUT=SECONDS
+                        how long a GPU may wait on a peer in those all-reduces
+                        before the watchdog ends the process with exit code 3
+                        (default 600; 0: no watchdog)
+  TP_GDN_FAST_LAUNCH=0  every Triton launch through Triton's own path
+  TP_GDN_CACHE=DIR      where the embedded default checkpoint is generated
+                        (default ~/.cache/tp_gdn)
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="tp-gdn", description="Tensor-parallel Gated DeltaNet runtime.")
     sub = ap.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="the main job: load, serve prefills then decodes, check, report",
-                         description="Load a checkpoint sharded over --tp ranks, serve packed prefills then "
-                                     "decode steps through every GDN layer, compare with the unsharded fp32 "
-                                     "layer, and print throughput, error and per-rank memory.")
+                         description="Load a checkpoint sharded over --tp ranks, serve packed prefills then\n"
+                                     "decode steps through every GDN layer, compare with the unsharded fp32\n"
+                                     "layer, and print throughput, error and per-rank memory.",
+                         epilog=ENVIRONMENT, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_job_args(run)
     run.add_argument("--launcher", choices=["local", "torchrun", "ray"], default="local",
                      help="local: spawned processes on this machine (default); torchrun: torch.distributed.run "
