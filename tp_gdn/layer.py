@@ -39,10 +39,10 @@ OVERLAP_MIN_TOKENS = 8192
 # chunks, chunk i's all-reduce beside chunk i+1's norm and GEMM: TAIL_CHUNKS[(kind, tp)] chunks,
 # kind being the all-reduce the chunks take (out_proj.chunked_all_reduce_kind): "copy" (copy
 # engines, comm.CopyEngineAllReduce, where it applies, from its MIN_ROWS rows) or "group" (NCCL's
-# stream); a pair without an entry takes 1 (off). Measured at tp=2 only. NCCL: H200 x2, 8x4096 tokens, 80B dims, three
-# runs, single / back to back, 2 chunks 2.761 / 2.670, 2.734 / 2.681, 2.826 / 2.716 ms against
-# 2.860 / 2.747, 2.824 / 2.751, 2.868 / 2.734 in one piece; 4 chunks 2.810 / 2.705, 2.808 / 2.744,
-# 2.862 / 2.710; the GEMM and all-reduce cut without the norm gained nothing
+# stream); a pair without an entry takes 1 (off). Measured at tp=2 only. NCCL: H200 x2, 8x4096
+# tokens, 80B dims, three runs, single / back to back, 2 chunks 2.761 / 2.670, 2.734 / 2.681,
+# 2.826 / 2.716 ms against 2.860 / 2.747, 2.824 / 2.751, 2.868 / 2.734 in one piece; 4 chunks
+# 2.810 / 2.705, 2.808 / 2.744, 2.862 / 2.710; the GEMM and all-reduce cut without the norm gained nothing
 # (benchmarks/results/exp_ar_*_h200x2_s22.log); bench_layer.py on another host: 2 chunks 2.689 /
 # 2.657 against 2.793 / 2.731, 4 chunks 2.764 / 2.720, outputs bit-equal (layer_pre_h200x2_s22_tp2.log).
 # Copy engines, H200 x2, 8x4096, outputs bit-equal to one piece on NCCL in every run, single /

@@ -416,7 +416,6 @@ def _built_once(cache: dict, group, device, what: str, build, extra_key=(), also
     return cache[key]
 
 
-
 def symmetric_all_reduce_for(group, device) -> SymmetricAllReduce | None:
     """The group's symmetric-memory all-reduce on `device`, built once and shared by every layer
     (None where TP_GDN_ALL_REDUCE=nccl, or, with "auto", where it does not apply; with "symm"

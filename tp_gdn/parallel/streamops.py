@@ -1,5 +1,7 @@
 """CUDA stream memory operations: a stream waits until a 32-bit word in device memory holds a
 value, or writes one, without a kernel (so without an SM, beside kernels that fill every SM).
+The word may also be in pinned host memory, which the GPU reaches by the same address (the
+watchdog's counts, parallel/watchdog.py).
 The driver API's cuStreamWaitValue32 and cuStreamWriteValue32 (the _v2 entry points of CUDA 12
 drivers), called through ctypes; torch exposes no wait. A write is preceded by a memory fence
 (the driver's default), so a peer that sees the word also sees what the stream wrote before it.
@@ -67,7 +69,7 @@ def wait_equal(stream: torch.cuda.Stream, address: int, value: int) -> None:
 
 
 def write(stream: torch.cuda.Stream, address: int, value: int) -> None:
-    """Write `value` (mod 2^32) to the uint32 at device `address` once the work queued on `stream`
-    before it is done, after a memory fence."""
+    """Write `value` (mod 2^32) to the uint32 at `address` (device or pinned host memory) once the
+    work queued on `stream` before it is done, after a memory fence."""
     _check(_driver().cuStreamWriteValue32_v2(stream.cuda_stream, address, value & 0xFFFFFFFF, _WRITE_DEFAULT),
            "cuStreamWriteValue32")
