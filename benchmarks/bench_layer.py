@@ -303,20 +303,32 @@ def bench_prefill(layer, n, L, dev, g, tp, rank, report, rows, profile=False, wa
             return ", ".join(f"{c} chunk(s) {t:.3f} / {b:.3f} ms (against one piece {e:.1e})"
                              for c, (t, b, e) in timed.items())
 
-        tails, nccl_tails = time_tails((1, 2, 4, 8)), {}
+        tails, nccl_tails, other_tails, form = time_tails((1, 2, 4, 8)), {}, {}, None
         if kind == "copy":
-            copy, layer.out_proj.copy = layer.out_proj.copy, None
+            copy = layer.out_proj.copy
+            # the copy engines' other form (comm.CopyEngineAllReduce: whole or scatter, by group size)
+            form = "scatter" if tp >= copy.SCATTER_MIN_WORLD else "whole"
+            copy.SCATTER_MIN_WORLD = 2 if form == "whole" else tp + 1
+            other_tails = time_tails((4, 8))
+            del copy.SCATTER_MIN_WORLD                      # back to the class's setting
+            layer.out_proj.copy = None
             nccl_tails = time_tails((2, 4))
             layer.out_proj.copy = copy
         rows[-1]["tail_all_reduce"] = kind
+        rows[-1]["tail_copy_form"] = form
         rows[-1]["tail_ms"] = {c: (t, b) for c, (t, b, _) in tails.items()}
+        rows[-1]["tail_other_form_ms"] = {c: (t, b) for c, (t, b, _) in other_tails.items()}
         rows[-1]["tail_nccl_ms"] = {c: (t, b) for c, (t, b, _) in nccl_tails.items()}
         if rank == 0:
             print(f"  all-reduce of the [{T}, {H}] bf16 output alone: {t_ar:.3f} ms; ours with the output cut in "
                   "pieces whose all-reduce overlaps the next piece: " +
                   ", ".join(f"{p} piece(s) {t:.3f} ms (err {e:.1e})" for p, (t, e) in overlap.items()), flush=True)
             print(f"  ours with the gated norm, out_proj and all-reduce in row chunks, all-reduce {kind!r} "
-                  f"(single / back to back): {tails_text(tails)}", flush=True)
+                  + (f"in its {form} form " if form else "") + f"(single / back to back): {tails_text(tails)}",
+                  flush=True)
+            if other_tails:
+                other = "scatter" if form == "whole" else "whole"
+                print(f"  the same with the copy engines in their {other} form: {tails_text(other_tails)}", flush=True)
             if nccl_tails:
                 print(f"  the same with the chunks' all-reduce on NCCL's stream: {tails_text(nccl_tails)}", flush=True)
     if profile:

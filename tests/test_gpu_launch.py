@@ -348,13 +348,23 @@ TAIL_CALLS = [(1100, 4, 3), (3000, 5, 5), (1500, 3, 2), (300, 2, 3), (2000, 2, 1
               (8200, 2, None)]
 
 
-def _tail_paths(rank, world, cfg, full, seed):
+def _copy_form(world: int, form: str) -> None:
+    """Make the copy engines take `form` ("whole" or "scatter", CopyEngineAllReduce's two
+    forms) at this group size."""
+    from tp_gdn.parallel import comm
+
+    comm.CopyEngineAllReduce.SCATTER_MIN_WORLD = 2 if form == "scatter" else world + 1
+
+
+def _tail_paths(rank, world, cfg, full, seed, form):
     """TAIL_CALLS issued back to back (no host wait between them) with TP_GDN_ALL_REDUCE=nccl
-    and =auto: {mode: (the chunked all-reduce kind, outputs, rows of each chunk the copy
-    engines summed)}."""
+    and =auto (the copy engines in `form`): {mode: (the chunked all-reduce kind, outputs, rows
+    of each chunk the copy engines summed)}."""
     import os
 
     from tp_gdn.parallel import comm
+
+    _copy_form(world, form)
 
     dev, bf, H = f"cuda:{rank}", torch.bfloat16, cfg.hidden_size
     counted = []
@@ -384,12 +394,14 @@ def _tail_paths(rank, world, cfg, full, seed):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("form", ["whole", "scatter"])
 @pytest.mark.parametrize("tp", tps(2, 4))
-def test_copy_engine_tail_equals_nccl_on_gpus(seed, tp):
-    """The tail's all-reduce on copy engines (the default for row chunks on GPUs of one host):
-    calls of several sizes and chunk counts, back to back, give NCCL's outputs (bit for bit at
-    tp=2, where both add the same two numbers), the unsharded fp32 layer's within bf16
-    tolerance, the same bits on every rank, and every chunk went through the copy engines."""
+def test_copy_engine_tail_equals_nccl_on_gpus(seed, tp, form):
+    """The tail's all-reduce on copy engines (the default for row chunks on GPUs of one host),
+    in each of its two forms: calls of several sizes and chunk counts, back to back, give NCCL's
+    outputs (bit for bit at tp=2, where both add the same two numbers), the unsharded fp32
+    layer's within bf16 tolerance, the same bits on every rank, and every chunk went through the
+    copy engines."""
     from tp_gdn.launch.local import spawn_ranks
     from tp_gdn.layer import TAIL_CHUNKS
     from tp_gdn.parallel.comm import SYMM_MAX_BYTES
@@ -398,7 +410,7 @@ def test_copy_engine_tail_equals_nccl_on_gpus(seed, tp):
 
     cfg = tiny_config(nk=4, nv=8, dk=32, dv=32, H=TAIL_H, layers=1)
     full = random_full_weights(cfg, seed)
-    results = spawn_ranks(tp, _with_rank, _tail_paths, cfg, full, seed, backend="nccl")
+    results = spawn_ranks(tp, _with_rank, _tail_paths, cfg, full, seed, form, backend="nccl")
     ref_layer = GDNLayer.from_full(cfg, 0, full)
     cache = StateCache(cfg, [0], 8)
     g = torch.Generator().manual_seed(seed)
@@ -422,16 +434,17 @@ def test_copy_engine_tail_equals_nccl_on_gpus(seed, tp):
             assert rel_err(a, w) < BF16_TOL, (r, n, rel_err(a, w))
 
 
-def _tail_failure(rank, world, cfg, full, seed):
+def _tail_failure(rank, world, cfg, full, seed, form):
     """Calls of TAIL_H-wide rows in 4 row chunks on the copy engines, back to back: a whole call,
     a call in which the last rank's gated norm raises on the tail's third chunk, one in which it
     raises inside the first part, then the first call again (every sequence fresh, so its output
     does not depend on the calls between). Returns (first output, last output, the errors
-    caught)."""
+    caught). The copy engines take `form`."""
     import os
 
     from tp_gdn.parallel import comm
 
+    _copy_form(world, form)
     os.environ["TP_GDN_ALL_REDUCE"] = "auto"
     comm.CopyEngineAllReduce.MIN_ROWS = 0
     dev, bf = f"cuda:{rank}", torch.bfloat16
@@ -466,8 +479,9 @@ def _tail_failure(rank, world, cfg, full, seed):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("form", ["whole", "scatter"])
 @pytest.mark.parametrize("tp", tps(2, 4))
-def test_a_rank_that_fails_inside_the_copy_engine_tail_leaves_its_peers_running_on_gpus(seed, tp):
+def test_a_rank_that_fails_inside_the_copy_engine_tail_leaves_its_peers_running_on_gpus(seed, tp, form):
     """The last rank raises inside the copy engines' tail (in a later chunk, then in the first
     part) and catches the error; the other ranks' calls complete instead of waiting for ever on
     its flags, and the next call gives every rank the first call's bits, within bf16 tolerance of
@@ -478,7 +492,7 @@ def test_a_rank_that_fails_inside_the_copy_engine_tail_leaves_its_peers_running_
 
     cfg = tiny_config(nk=4, nv=8, dk=32, dv=32, H=TAIL_H, layers=1)
     full = random_full_weights(cfg, seed)
-    results = spawn_ranks(tp, _with_rank, _tail_failure, cfg, full, seed, backend="nccl", timeout_s=300)
+    results = spawn_ranks(tp, _with_rank, _tail_failure, cfg, full, seed, form, backend="nccl", timeout_s=300)
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(3000, TAIL_H, generator=g).to(torch.bfloat16).float()
     want = GDNLayer.from_full(cfg, 0, full)(x, Batch([700, 800, 600, 900], [0, 1, 2, 3], [False] * 4),

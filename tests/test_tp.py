@@ -200,6 +200,7 @@ def test_copy_engine_abort_raises_its_read_flag_only_after_each_peers_first_chun
     ar.progress.word[0] = 6                                          # the GPU got through call 6
     call = object.__new__(comm.CopyEngineCall)
     call.ar, call.ops, call.e, call.chunks, call.peers, call.main = ar, Ops, 7, 1, [0], Stream("main")
+    call.scatter = False                                             # the form tp=2 takes
     call.abort()
     peer, own = 1 << 20, 2 << 20
     assert log == ([("write", "main", peer + 4 * (M + i), 7) for i in range(1, M)] +

@@ -25,7 +25,7 @@ import warnings
 import torch
 import torch.distributed as dist
 
-from . import watchdog
+from . import streamops, watchdog
 
 ALL_REDUCE_MODES = ("auto", "nccl", "symm")
 # outputs up to this size take the symmetric-memory all-reduce (a decode step of up to 512
@@ -156,19 +156,78 @@ class SymmetricAllReduce:
         return out
 
 
+def sum_in_rank_order(parts: list[torch.Tensor], out: torch.Tensor) -> None:
+    """out <- parts[0] + parts[1] + ... (the ranks' partial rows, in rank order) on the current
+    stream: one add for two parts, else an fp32 sum rounded once. `out` may be one of the parts."""
+    if len(parts) == 2:
+        torch.add(parts[0], parts[1], out=out)
+        return
+    acc = parts[0].float()
+    for t in parts[1:]:
+        acc += t
+    out.copy_(acc)
+
+
+class StreamWork:
+    """How a copy-engine call queues its work: a stream's wait on a flag and write of one
+    (streamops), copies and sums on the current stream, and which stream that is. One place, so
+    that the CPU tests can stand in a simulator of several ranks' streams for it
+    (tests/test_copy_engines.py)."""
+
+    @staticmethod
+    def wait_equal(stream, address: int, value: int) -> None:
+        streamops.wait_equal(stream, address, value)
+
+    @staticmethod
+    def write(stream, address: int, value: int) -> None:
+        streamops.write(stream, address, value)
+
+    @staticmethod
+    def current_stream(device):
+        return torch.cuda.current_stream(device)
+
+    @staticmethod
+    def on(stream):
+        """Context in which copy, sum and empty queue on `stream`."""
+        return torch.cuda.stream(stream)
+
+    @staticmethod
+    def copy(dst: torch.Tensor, src: torch.Tensor) -> None:
+        dst.copy_(src)
+
+    @staticmethod
+    def sum(parts: list[torch.Tensor], out: torch.Tensor) -> None:
+        sum_in_rank_order(parts, out)
+
+    @staticmethod
+    def empty(numel: int, device, dtype: torch.dtype) -> torch.Tensor:
+        return torch.empty(numel, device=device, dtype=dtype)
+
+    @staticmethod
+    def capturing() -> bool:
+        return torch.cuda.is_current_stream_capturing()
+
+
 class CopyEngineAllReduce:
     """Sum of a large output that a caller forms in row chunks, moved by copy engines, for the
-    ranks of one group on one host (the tail of GDNLayer.forward at tp=2). Each rank writes its
-    partial sum of each chunk into its own mapped (symmetric) buffer; a side stream then waits,
-    with a stream memory operation (no kernel), until every peer has written the same rows,
-    copies the peers' rows into a local buffer (a device-to-device copy from mapped memory: a
-    copy engine over NVLink, no SM) and sums them in rank order into the output rows (a short
-    kernel; every rank gets the same bits). A rank tells its peers that a chunk is written, and
-    that it has read theirs, by writing flags into their mapped flag buffer from its streams.
-    So the next chunk's GEMM keeps every SM while this chunk moves, where NCCL's kernels would
-    take SMs from it: on a host of 2 H200, the GEMM of [16384, 2048] x [2048, 2048] took 0.198 ms
-    alone and beside a pull of its rows from the peer, and 0.392 beside NCCL's all-reduce of
-    them; a pull of 64 MiB took 0.186 ms (361 GB/s) (benchmarks/results/exp_ce_h200x2_s26.log).
+    ranks of one group on one host (the tail of GDNLayer.forward). Each rank writes its partial
+    sum of each chunk into its own mapped (symmetric) buffer and raises a flag in every peer's
+    mapped flag buffer; a side stream waits on the peers' flags with stream memory operations
+    (no kernel), copies rows out of their buffers (a device-to-device copy from mapped memory: a
+    copy engine over NVLink, no SM) and sums them in rank order (a short kernel; every rank gets
+    the same bits). So the next chunk's GEMM keeps every SM while this chunk moves, where NCCL's
+    kernels would take SMs from it: on a host of 2 H200, the GEMM of [16384, 2048] x [2048,
+    2048] took 0.198 ms alone and beside a pull of its rows from the peer, and 0.392 beside
+    NCCL's all-reduce of them; a pull of 64 MiB took 0.186 ms (361 GB/s)
+    (benchmarks/results/exp_ce_h200x2_s26.log). Two forms, by group size:
+
+    whole (groups below SCATTER_MIN_WORLD ranks)  each rank copies every peer's rows of the chunk
+        and sums all of them: a rank reads (p - 1) chunks from its peers;
+    scatter (from SCATTER_MIN_WORLD ranks)  rank q copies only its slice q of the chunk's rows
+        (the chunk cut in p row blocks) from each peer, sums that slice into its own buffer and
+        raises a second flag ("summed"); then each rank copies every peer's summed slice into its
+        output (a reduce-scatter, then an all-gather): a rank reads 2 (p - 1) / p chunks, 1.5 at
+        p = 4 against 3, 1.75 at 8 against 7. At p = 2 both read one chunk.
 
     Use: `call = ar.start(rows, cols, dtype)`; for each chunk, write the partial rows into
     `call.partial(r0, r1)` on the current stream, then `call.reduce(r0, r1, out_rows)`; finally
@@ -185,15 +244,26 @@ class CopyEngineAllReduce:
     # (benchmarks/results/probe_host_h200x2_s26.log), so a smaller call, whose GPU work is
     # shorter, could end up waiting on the host
     MIN_ROWS = 32768
+    # groups of at least this many ranks take the scatter form (above), chosen by the bytes each
+    # rank reads, not by a timing: only tp=2 has run (no host of more GPUs lent since the copy
+    # engines were written). There both forms read the same bytes, and the scatter form's second
+    # step per chunk cost time: H200 x2, the layer's tail at 8x4096 (80B dims), 4 chunks, medians
+    # of 7 interleaved rounds, single / back to back, whole 2.733 / 2.657 ms, scatter 2.820 /
+    # 2.745; 8 chunks 2.751 / 2.653 against 2.871 / 2.757; outputs bit-equal
+    # (benchmarks/results/exp_scatter_h200x2_s29a.log)
+    SCATTER_MIN_WORLD = 3
+    ops = StreamWork
 
     def __init__(self, group, device: torch.device):
         import torch.distributed._symmetric_memory as symm
 
         self.group, self.group_name, self.device = group, group.group_name, device
         self.world, self.rank = dist.get_world_size(group), dist.get_rank(group)
-        # flags (uint32): [source rank, chunk] "written" epochs, then [source rank] "read" epochs
+        # flags (uint32): [source rank, chunk] "written" epochs, [source rank] "read" epochs, then
+        # [source rank, chunk] "summed" epochs (the scatter form's)
         self._done0 = self.world * self.MAX_CHUNKS
-        self.flags = symm.empty(self._done0 + self.world, dtype=torch.int32, device=device)
+        self._summed0 = self._done0 + self.world
+        self.flags = symm.empty(self._summed0 + self.world * self.MAX_CHUNKS, dtype=torch.int32, device=device)
         self.flag_handle = symm.rendezvous(self.flags, self.group_name)
         self.flags.zero_()
         self.flag_ptrs = list(self.flag_handle.buffer_ptrs)
@@ -214,6 +284,10 @@ class CopyEngineAllReduce:
     def _written(self, owner: int, source: int, chunk: int) -> int:
         """Address, in `owner`'s flags, of `source`'s "chunk written" flag."""
         return self._flag(owner, source * self.MAX_CHUNKS + chunk)
+
+    def _summed(self, owner: int, source: int, chunk: int) -> int:
+        """Address, in `owner`'s flags, of `source`'s "my slice of the chunk is summed" flag."""
+        return self._flag(owner, self._summed0 + source * self.MAX_CHUNKS + chunk)
 
     def _read(self, owner: int, source: int) -> int:
         """Address, in `owner`'s flags, of `source`'s "rows read" flag."""
@@ -246,7 +320,7 @@ class CopyEngineAllReduce:
         return self._views[key]
 
     def start(self, rows: int, cols: int, dtype: torch.dtype) -> "CopyEngineCall":
-        if torch.cuda.is_current_stream_capturing():
+        if self.ops.capturing():
             raise RuntimeError("the copy-engine all-reduce cannot be captured in a CUDA graph "
                                "(its flags count calls on the host); capture calls of fewer rows")
         self._reserve(rows * cols * dtype.itemsize)
@@ -254,19 +328,24 @@ class CopyEngineAllReduce:
         return CopyEngineCall(self, rows, cols, dtype)
 
 
+def _slice(r0: int, r1: int, j: int, world: int) -> tuple[int, int]:
+    """Rows of rank j's slice of rows r0..r1 in the scatter form (world row blocks, in rank order)."""
+    n = r1 - r0
+    return r0 + j * n // world, r0 + (j + 1) * n // world
+
+
 class CopyEngineCall:
     """One call of CopyEngineAllReduce (see there)."""
 
     def __init__(self, ar: CopyEngineAllReduce, rows: int, cols: int, dtype: torch.dtype):
-        from . import streamops
-
-        self.ar, self.ops, self.e, self.chunks = ar, streamops, ar.epoch, 0
+        self.ar, self.ops, self.e, self.chunks = ar, ar.ops, ar.epoch, 0
         self.cols, self.dtype = cols, dtype
+        self.scatter = ar.world >= ar.SCATTER_MIN_WORLD
         self.own, self.mapped = ar.views(rows, cols, dtype)
         self.peers = list(self.mapped)
-        self.main = torch.cuda.current_stream(ar.device)
+        self.main = self.ops.current_stream(ar.device)
         for p in self.peers:   # the peers have read this rank's rows of the call before
-            streamops.wait_equal(self.main, ar._read(ar.rank, p), self.e - 1)
+            self.ops.wait_equal(self.main, ar._read(ar.rank, p), self.e - 1)
 
     def partial(self, r0: int, r1: int) -> torch.Tensor:
         """Where this rank writes its partial sum of rows r0..r1 (on the current stream)."""
@@ -275,35 +354,39 @@ class CopyEngineCall:
     def reduce(self, r0: int, r1: int, out: torch.Tensor) -> None:
         """out [r1 - r0, cols] <- the sum over ranks of rows r0..r1, once the current stream has
         written this rank's partial rows (queued work; finish() joins it)."""
-        ar, ops, i = self.ar, self.ops, self.chunks
+        ar, ops, i, me = self.ar, self.ops, self.chunks, self.ar.rank
         if i >= ar.MAX_CHUNKS:
             raise ValueError(f"a call of the copy-engine all-reduce takes at most {ar.MAX_CHUNKS} chunks")
         if out.shape != (r1 - r0, self.cols) or out.dtype != self.dtype:
             raise ValueError(f"out is {tuple(out.shape)} {out.dtype}, expected {(r1 - r0, self.cols)} {self.dtype}")
         self.chunks += 1
         for p in self.peers:
-            ops.write(self.main, ar._written(p, ar.rank, i), self.e)
+            ops.write(self.main, ar._written(p, me, i), self.e)
         side = ar.side
         side.wait_stream(self.main)
-        rows = r1 - r0
-        n = rows * self.cols
-        if ar.tmp is None or ar.tmp.numel() < len(self.peers) * n or ar.tmp.dtype != self.dtype:
-            with torch.cuda.stream(side):        # freed on the side stream, which last used it
-                ar.tmp = torch.empty(len(self.peers) * n, device=ar.device, dtype=self.dtype)
-        with torch.cuda.stream(side):
+        a, b = _slice(r0, r1, me, ar.world) if self.scatter else (r0, r1)   # the rows this rank sums
+        n = (b - a) * self.cols
+        with ops.on(side):
+            if ar.tmp is None or ar.tmp.numel() < len(self.peers) * n or ar.tmp.dtype != self.dtype:
+                ar.tmp = ops.empty(len(self.peers) * n, ar.device, self.dtype)   # freed on the side stream, its last user
             pulled = {}
             for j, p in enumerate(self.peers):
-                ops.wait_equal(side, ar._written(ar.rank, p, i), self.e)
-                pulled[p] = ar.tmp[j * n: (j + 1) * n].view(rows, self.cols)
-                pulled[p].copy_(self.mapped[p][r0:r1])
-            parts = [self.own[r0:r1] if p == ar.rank else pulled[p] for p in range(ar.world)]    # rank order
-            if len(parts) == 2:
-                torch.add(parts[0], parts[1], out=out)
-            else:
-                acc = parts[0].float()
-                for t in parts[1:]:
-                    acc += t
-                out.copy_(acc)
+                ops.wait_equal(side, ar._written(me, p, i), self.e)
+                pulled[p] = ar.tmp[j * n: (j + 1) * n].view(b - a, self.cols)
+                ops.copy(pulled[p], self.mapped[p][a:b])
+            parts = [self.own[a:b] if p == me else pulled[p] for p in range(ar.world)]    # rank order
+            if not self.scatter:
+                ops.sum(parts, out)
+                return
+            # the slice's sum goes into this rank's own buffer, where the peers copy it from
+            ops.sum(parts, self.own[a:b])
+            for p in self.peers:
+                ops.write(side, ar._summed(p, me, i), self.e)
+            ops.copy(out[a - r0: b - r0], self.own[a:b])
+            for p in self.peers:
+                ops.wait_equal(side, ar._summed(me, p, i), self.e)
+                pa, pb = _slice(r0, r1, p, ar.world)
+                ops.copy(out[pa - r0: pb - r0], self.mapped[p][pa:pb])
 
     def finish(self) -> None:
         """Tell the peers this rank has read their rows; the current stream waits for the sums."""
@@ -317,17 +400,19 @@ class CopyEngineCall:
 
     def abort(self) -> None:
         """In place of finish after an error on this rank between start and finish: raise every
-        flag of this call that the peers may wait on (each chunk's "written", up to MAX_CHUNKS,
-        and "read"), so that their streams go on; stream waits have no timeout, and without
-        this a peer would wait for ever. The peers' sums of the chunks this rank had not written
-        hold whatever its buffer held: the error this rank raises is what says the call failed.
-        The epochs stay in step, so the next call on every rank is whole again. Only peers that
-        reach this call are released: this rank's own read flag waits for theirs (below), as
-        its reduce would have."""
+        flag of this call that the peers may wait on (each chunk's "written", and in the scatter
+        form "summed", up to MAX_CHUNKS, and "read"), so that their streams go on; stream waits
+        have no timeout, and without this a peer would wait for ever. The peers' sums of the
+        chunks this rank had not written hold whatever its buffer held: the error this rank
+        raises is what says the call failed. The epochs stay in step, so the next call on every
+        rank is whole again. Only peers that reach this call are released: this rank's own read
+        flag waits for theirs (below), as its reduce would have."""
         ar = self.ar
+        flags = (ar._written, ar._summed) if self.scatter else (ar._written,)
         for p in self.peers:
             for i in range(self.chunks, ar.MAX_CHUNKS):
-                self.ops.write(self.main, ar._written(p, ar.rank, i), self.e)
+                for flag in flags:
+                    self.ops.write(self.main, flag(p, ar.rank, i), self.e)
         # Waits are for equality, so this rank's "read" flag of this call must not reach a peer
         # before the peer's start has seen the one of the call before: finish's write waits for
         # each peer's chunk-0 flag of this call, which a peer raises only past its start (in
@@ -434,8 +519,6 @@ def copy_engine_all_reduce_for(group, device) -> CopyEngineAllReduce | None:
     it does not apply (where symmetric memory does not, or the driver lacks stream memory
     operations, the same on every rank of one host); with "symm" that is an error. Call it on
     every rank of the group at the same point."""
-    from . import streamops
-
     return _built_once(_COPY, group, device, "the copy-engine all-reduce", CopyEngineAllReduce,
                        also_why=streamops.why_unavailable)
 
