@@ -1,12 +1,13 @@
-"""comm.CopyEngineAllReduce's protocol on CPU: several ranks' main and side streams simulated in
-one process. The call's own code queues its work through a stand-in for comm.StreamWork: each
-flag wait or write, copy and sum becomes an operation on a simulated stream, and each rank's
-buffer is a CPU tensor that its peers "map" (the same object). A scheduler then runs the
-streams' operations in a random interleaving (a wait runs once its flag holds the value; a
-stream's wait on another once that one has run up to where it was asked), as GPUs would, and
-fails on a deadlock. So the group sizes that no lent machine has (tp = 3, 4, 8) run through the
-same code as tp = 2, in both forms (whole and scatter), including a rank that aborts a call.
-The GPU tests (test_gpu_launch.py) run the real streams at the tp the machine has."""
+"""comm.CopyEngineAllReduce's protocol on CPU: several ranks' streams (main, side, gather)
+simulated in one process. The call's own code queues its work through a stand-in for
+comm.StreamWork: each flag wait or write, copy and sum becomes an operation on a simulated
+stream, and each rank's buffer is a CPU tensor that its peers "map" (the same object). A
+scheduler then runs the streams' operations in a random interleaving (a wait runs once its flag
+holds the value; a stream's wait on another once that one has run up to where it was asked), as
+GPUs would, and fails on a deadlock. So the group sizes that no lent machine has (tp = 3, 4, 8)
+run through the same code as tp = 2, in both forms (whole and scatter), including a rank that
+aborts a call. The GPU tests (test_gpu_launch.py) run the real streams at the tp the machine
+has."""
 
 from __future__ import annotations
 
@@ -96,6 +97,7 @@ class SimAllReduce(comm.CopyEngineAllReduce):
         self.tmp, self.epoch, self.progress = None, 0, None
         self.ops = SimWork(sim, rank)
         self.main, self.side = SimStream(sim, f"main{rank}"), SimStream(sim, f"side{rank}")
+        self.gather = SimStream(sim, f"gather{rank}")
         self.ops.current = self.main
         self.buffer = torch.full((rows, cols), float("nan"), dtype=dtype)
         self.sim = sim
@@ -143,7 +145,7 @@ class Sim:
         """Run every stream to its end, each step taken by a ready stream drawn at random with
         a weight of its own for this run, most of them far apart (so that some streams lag far
         behind others, as a GPU whose host launched late does); returns the steps taken."""
-        streams = [s for ar in self.ranks for s in (ar.main, ar.side)]
+        streams = [s for ar in self.ranks for s in (ar.main, ar.side, ar.gather)]
         weight = {s.name: rng.random() ** 6 + 1e-9 for s in streams}
         steps = 0
         while any(s.queue for s in streams):

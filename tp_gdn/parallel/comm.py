@@ -246,11 +246,12 @@ class CopyEngineAllReduce:
     MIN_ROWS = 32768
     # groups of at least this many ranks take the scatter form (above), chosen by the bytes each
     # rank reads, not by a timing: only tp=2 has run (no host of more GPUs lent since the copy
-    # engines were written). There both forms read the same bytes, and the scatter form's second
-    # step per chunk cost time: H200 x2, the layer's tail at 8x4096 (80B dims), 4 chunks, medians
-    # of 7 interleaved rounds, single / back to back, whole 2.733 / 2.657 ms, scatter 2.820 /
-    # 2.745; 8 chunks 2.751 / 2.653 against 2.871 / 2.757; outputs bit-equal
-    # (benchmarks/results/exp_scatter_h200x2_s29a.log)
+    # engines were written), where both forms read the same bytes. H200 x2, the layer's tail at
+    # 8x4096 (80B dims), medians of 7 interleaved rounds, single / back to back, outputs
+    # bit-equal: 4 chunks, whole 2.699 / 2.599 ms, scatter 2.718 / 2.621; 8 chunks, whole 2.934 /
+    # 2.911, scatter 4.050 / 3.825 (benchmarks/results/exp_scatter_h200x2_s29b.log). With the
+    # second step on the side stream (before the gather stream), scatter took 2.820 / 2.745 at 4
+    # chunks against 2.733 / 2.657 on another host (exp_scatter_h200x2_s29a.log)
     SCATTER_MIN_WORLD = 3
     ops = StreamWork
 
@@ -271,6 +272,9 @@ class CopyEngineAllReduce:
         self.capacity, self._views = 0, {}
         # high priority: the sums' kernels take SMs ahead of the GEMM blocks queued beside them
         self.side = torch.cuda.Stream(device=device, priority=-1)
+        # the scatter form's second step (copying the peers' summed blocks), apart from the side
+        # stream, so that the next chunk's first step does not wait for this chunk's second
+        self.gather = torch.cuda.Stream(device=device, priority=-1)
         self.epoch = 0
         # stream waits have no timeout: the watchdog ends a process whose GPU stays behind
         self.progress = watchdog.progress_for(
@@ -382,15 +386,20 @@ class CopyEngineCall:
             ops.sum(parts, self.own[a:b])
             for p in self.peers:
                 ops.write(side, ar._summed(p, me, i), self.e)
+        gather = ar.gather
+        gather.wait_stream(side)
+        with ops.on(gather):
             ops.copy(out[a - r0: b - r0], self.own[a:b])
             for p in self.peers:
-                ops.wait_equal(side, ar._summed(me, p, i), self.e)
+                ops.wait_equal(gather, ar._summed(me, p, i), self.e)
                 pa, pb = _slice(r0, r1, p, ar.world)
                 ops.copy(out[pa - r0: pb - r0], self.mapped[p][pa:pb])
 
     def finish(self) -> None:
         """Tell the peers this rank has read their rows; the current stream waits for the sums."""
         ar = self.ar
+        if self.scatter:            # the peers' buffers are read on both streams
+            ar.side.wait_stream(ar.gather)
         for p in self.peers:
             self.ops.write(ar.side, ar._read(p, ar.rank), self.e)
         self.main.wait_stream(ar.side)
