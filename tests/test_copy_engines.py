@@ -71,8 +71,9 @@ class SimWork:
         finally:
             self.current = before
 
-    def copy(self, dst, src):
-        self.current.queue.append(("run", lambda: dst.copy_(src)))
+    def copy(self, stream, dst, src):
+        assert dst.shape == src.shape and dst.is_contiguous() and src.is_contiguous()
+        stream.queue.append(("run", lambda: dst.copy_(src)))
 
     def sum(self, parts, out):
         self.current.queue.append(("run", lambda: comm.sum_in_rank_order(parts, out)))
@@ -228,12 +229,12 @@ def test_the_scatter_form_reads_fewer_rows_from_peers():
         work = sim.ranks[0].ops
         plain_copy = work.copy
 
-        def counting(dst, src):
+        def counting(stream, dst, src):
             if src.data_ptr() != dst.data_ptr() and any(
                     src.untyped_storage().data_ptr() == sim.ranks[p].buffer.untyped_storage().data_ptr()
                     for p in range(1, world)):
                 copied[0] += src.shape[0]
-            plain_copy(dst, src)
+            plain_copy(stream, dst, src)
 
         work.copy = counting
         partials = [torch.randn(192, 2) for _ in range(world)]

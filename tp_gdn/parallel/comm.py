@@ -169,10 +169,10 @@ def sum_in_rank_order(parts: list[torch.Tensor], out: torch.Tensor) -> None:
 
 
 class StreamWork:
-    """How a copy-engine call queues its work: a stream's wait on a flag and write of one
-    (streamops), copies and sums on the current stream, and which stream that is. One place, so
-    that the CPU tests can stand in a simulator of several ranks' streams for it
-    (tests/test_copy_engines.py)."""
+    """How a copy-engine call queues its work: a stream's wait on a flag and write of one, and a
+    copy between packed tensors (streamops), sums on the current stream, and which stream that
+    is. One place, so that the CPU tests can stand in a simulator of several ranks' streams for
+    it (tests/test_copy_engines.py)."""
 
     @staticmethod
     def wait_equal(stream, address: int, value: int) -> None:
@@ -188,12 +188,16 @@ class StreamWork:
 
     @staticmethod
     def on(stream):
-        """Context in which copy, sum and empty queue on `stream`."""
+        """Context in which sum and empty queue on `stream`."""
         return torch.cuda.stream(stream)
 
     @staticmethod
-    def copy(dst: torch.Tensor, src: torch.Tensor) -> None:
-        dst.copy_(src)
+    def copy(stream, dst: torch.Tensor, src: torch.Tensor) -> None:
+        """dst <- src on `stream`, both packed, of one shape and dtype (checked)."""
+        if dst.shape != src.shape or dst.dtype != src.dtype or not (dst.is_contiguous() and src.is_contiguous()):
+            raise ValueError(f"copy of {tuple(src.shape)} {src.dtype} into {tuple(dst.shape)} {dst.dtype}: "
+                             "both must be packed and alike")
+        streamops.copy(stream, dst.data_ptr(), src.data_ptr(), dst.numel() * dst.element_size())
 
     @staticmethod
     def sum(parts: list[torch.Tensor], out: torch.Tensor) -> None:
@@ -364,36 +368,39 @@ class CopyEngineCall:
         if out.shape != (r1 - r0, self.cols) or out.dtype != self.dtype:
             raise ValueError(f"out is {tuple(out.shape)} {out.dtype}, expected {(r1 - r0, self.cols)} {self.dtype}")
         self.chunks += 1
-        for p in self.peers:
+        # the peers' "written" flags, and this rank's own slot of them (unused otherwise), on which
+        # its side stream waits: a flag costs less host time than an event, and the main stream
+        # cannot write the next call's before the side stream is past this one (finish joins it)
+        for p in range(ar.world):
             ops.write(self.main, ar._written(p, me, i), self.e)
         side = ar.side
-        side.wait_stream(self.main)
+        ops.wait_equal(side, ar._written(me, me, i), self.e)
         a, b = _slice(r0, r1, me, ar.world) if self.scatter else (r0, r1)   # the rows this rank sums
         n = (b - a) * self.cols
+        pulled = {}
+        if ar.tmp is None or ar.tmp.numel() < len(self.peers) * n or ar.tmp.dtype != self.dtype:
+            with ops.on(side):         # freed on the side stream, its last user
+                ar.tmp = ops.empty(len(self.peers) * n, ar.device, self.dtype)
+        for j, p in enumerate(self.peers):
+            ops.wait_equal(side, ar._written(me, p, i), self.e)
+            pulled[p] = ar.tmp[j * n: (j + 1) * n].view(b - a, self.cols)
+            ops.copy(side, pulled[p], self.mapped[p][a:b])
+        parts = [self.own[a:b] if p == me else pulled[p] for p in range(ar.world)]    # rank order
         with ops.on(side):
-            if ar.tmp is None or ar.tmp.numel() < len(self.peers) * n or ar.tmp.dtype != self.dtype:
-                ar.tmp = ops.empty(len(self.peers) * n, ar.device, self.dtype)   # freed on the side stream, its last user
-            pulled = {}
-            for j, p in enumerate(self.peers):
-                ops.wait_equal(side, ar._written(me, p, i), self.e)
-                pulled[p] = ar.tmp[j * n: (j + 1) * n].view(b - a, self.cols)
-                ops.copy(pulled[p], self.mapped[p][a:b])
-            parts = [self.own[a:b] if p == me else pulled[p] for p in range(ar.world)]    # rank order
-            if not self.scatter:
-                ops.sum(parts, out)
-                return
-            # the slice's sum goes into this rank's own buffer, where the peers copy it from
-            ops.sum(parts, self.own[a:b])
-            for p in self.peers:
-                ops.write(side, ar._summed(p, me, i), self.e)
+            # the whole form: the sum into out; scatter: into this rank's own buffer, where the
+            # peers copy it from
+            ops.sum(parts, self.own[a:b] if self.scatter else out)
+        if not self.scatter:
+            return
+        for p in range(ar.world):      # this rank's own slot: for its gather stream
+            ops.write(side, ar._summed(p, me, i), self.e)
         gather = ar.gather
-        gather.wait_stream(side)
-        with ops.on(gather):
-            ops.copy(out[a - r0: b - r0], self.own[a:b])
-            for p in self.peers:
-                ops.wait_equal(gather, ar._summed(me, p, i), self.e)
-                pa, pb = _slice(r0, r1, p, ar.world)
-                ops.copy(out[pa - r0: pb - r0], self.mapped[p][pa:pb])
+        ops.wait_equal(gather, ar._summed(me, me, i), self.e)
+        ops.copy(gather, out[a - r0: b - r0], self.own[a:b])
+        for p in self.peers:
+            ops.wait_equal(gather, ar._summed(me, p, i), self.e)
+            pa, pb = _slice(r0, r1, p, ar.world)
+            ops.copy(gather, out[pa - r0: pb - r0], self.mapped[p][pa:pb])
 
     def finish(self) -> None:
         """Tell the peers this rank has read their rows; the current stream waits for the sums."""

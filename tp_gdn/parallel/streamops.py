@@ -1,9 +1,11 @@
 """CUDA stream memory operations: a stream waits until a 32-bit word in device memory holds a
-value, or writes one, without a kernel (so without an SM, beside kernels that fill every SM).
+value, or writes one, without a kernel (so without an SM, beside kernels that fill every SM);
+and a plain asynchronous copy between two device addresses (a copy engine's), queued with less
+host work than a tensor's copy_.
 The word may also be in pinned host memory, which the GPU reaches by the same address (the
 watchdog's counts, parallel/watchdog.py).
 The driver API's cuStreamWaitValue32 and cuStreamWriteValue32 (the _v2 entry points of CUDA 12
-drivers), called through ctypes; torch exposes no wait. A write is preceded by a memory fence
+drivers) and cuMemcpyAsync, called through ctypes; torch exposes no wait. A write is preceded by a memory fence
 (the driver's default), so a peer that sees the word also sees what the stream wrote before it.
 """
 
@@ -16,7 +18,7 @@ import torch
 
 _WAIT_EQ = 0x1        # CU_STREAM_WAIT_VALUE_EQ
 _WRITE_DEFAULT = 0x0  # CU_STREAM_WRITE_VALUE_DEFAULT: fenced
-_NAMES = ("cuStreamWaitValue32_v2", "cuStreamWriteValue32_v2")
+_NAMES = ("cuStreamWaitValue32_v2", "cuStreamWriteValue32_v2", "cuMemcpyAsync")
 _lib: ctypes.CDLL | None = None
 _why: str | None = None
 _loaded = False
@@ -38,7 +40,10 @@ def _load() -> None:
             _why = f"the CUDA driver has no {fn} (a CUDA 12 driver has it)"
             return
         f = getattr(lib, fn)
-        f.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint]
+        if fn == "cuMemcpyAsync":    # (dst, src, bytes, stream)
+            f.argtypes = [ctypes.c_uint64, ctypes.c_uint64, ctypes.c_size_t, ctypes.c_void_p]
+        else:                        # (stream, address, value, flags)
+            f.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint]
         f.restype = ctypes.c_int
     _lib = lib
 
@@ -73,3 +78,10 @@ def write(stream: torch.cuda.Stream, address: int, value: int) -> None:
     work queued on `stream` before it is done, after a memory fence."""
     _check(_driver().cuStreamWriteValue32_v2(stream.cuda_stream, address, value & 0xFFFFFFFF, _WRITE_DEFAULT),
            "cuStreamWriteValue32")
+
+
+def copy(stream: torch.cuda.Stream, dst: int, src: int, nbytes: int) -> None:
+    """Copy `nbytes` from device address `src` to `dst` (either may be a peer's memory mapped
+    here) once the work queued on `stream` before it is done."""
+    if nbytes:
+        _check(_driver().cuMemcpyAsync(dst, src, nbytes, stream.cuda_stream), "cuMemcpyAsync")
