@@ -5,8 +5,9 @@ host work than a tensor's copy_.
 The word may also be in pinned host memory, which the GPU reaches by the same address (the
 watchdog's counts, parallel/watchdog.py).
 The driver API's cuStreamWaitValue32 and cuStreamWriteValue32 (the _v2 entry points of CUDA 12
-drivers) and cuMemcpyAsync, called through ctypes; torch exposes no wait. A write is preceded by a memory fence
-(the driver's default), so a peer that sees the word also sees what the stream wrote before it.
+drivers) and cuMemcpyAsync, called through ctypes; torch exposes no wait. A write is preceded by
+a memory fence (the driver's default), so a peer that sees the word also sees what the stream
+wrote before it.
 """
 
 from __future__ import annotations
