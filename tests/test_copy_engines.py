@@ -92,8 +92,7 @@ class SimAllReduce(comm.CopyEngineAllReduce):
 
     def __init__(self, sim, rank: int, world: int, rows: int, cols: int, dtype):
         self.world, self.rank, self.device = world, rank, "sim"
-        self._done0 = world * self.MAX_CHUNKS
-        self._summed0 = self._done0 + world
+        self._lay_out_flags()
         self.flag_ptrs = [(r + 1) << 20 for r in range(world)]   # each rank's flags at its own "address"
         self.tmp, self.epoch, self.progress = None, 0, None
         self.ops = SimWork(sim, rank)

@@ -193,7 +193,8 @@ def test_copy_engine_abort_raises_its_read_flag_only_after_each_peers_first_chun
 
     M = comm.CopyEngineAllReduce.MAX_CHUNKS
     ar = object.__new__(comm.CopyEngineAllReduce)
-    ar.world, ar.rank, ar._done0 = 2, 1, 2 * M
+    ar.world, ar.rank = 2, 1
+    ar._lay_out_flags()
     ar.flag_ptrs, ar.side = [1 << 20, 2 << 20], Stream("side")
     ar.progress = Progress("the stand-in", pinned=False)
     ar.progress.set_queued(6)

@@ -264,11 +264,7 @@ class CopyEngineAllReduce:
 
         self.group, self.group_name, self.device = group, group.group_name, device
         self.world, self.rank = dist.get_world_size(group), dist.get_rank(group)
-        # flags (uint32): [source rank, chunk] "written" epochs, [source rank] "read" epochs, then
-        # [source rank, chunk] "summed" epochs (the scatter form's)
-        self._done0 = self.world * self.MAX_CHUNKS
-        self._summed0 = self._done0 + self.world
-        self.flags = symm.empty(self._summed0 + self.world * self.MAX_CHUNKS, dtype=torch.int32, device=device)
+        self.flags = symm.empty(self._lay_out_flags(), dtype=torch.int32, device=device)
         self.flag_handle = symm.rendezvous(self.flags, self.group_name)
         self.flags.zero_()
         self.flag_ptrs = list(self.flag_handle.buffer_ptrs)
@@ -285,6 +281,14 @@ class CopyEngineAllReduce:
             f"rank {self.rank} of group {self.group_name!r} on {device}: the copy-engine all-reduce")
         torch.cuda.synchronize(device)
         dist.barrier(group=group)                              # no rank writes a flag before every rank zeroed
+
+    def _lay_out_flags(self) -> int:
+        """Sets where each kind of flag starts in a rank's flags (uint32): [source rank, chunk]
+        "written" epochs, [source rank] "read" epochs, then [source rank, chunk] "summed" epochs
+        (the scatter form's); returns how many flags that is."""
+        self._done0 = self.world * self.MAX_CHUNKS
+        self._summed0 = self._done0 + self.world
+        return self._summed0 + self.world * self.MAX_CHUNKS
 
     def _flag(self, owner: int, index: int) -> int:
         return self.flag_ptrs[owner] + 4 * index

@@ -204,4 +204,4 @@ def replayed_calls(before: dict, after: dict) -> list[tuple[Progress, int]]:
 def queue_replayed(calls: list[tuple[Progress, int]]) -> None:
     """Count one replay's calls as queued (replayed_calls)."""
     for p, n in calls:
-        p.queued = (p.queued + n) & _MASK
+        p.set_queued(p.queued + n)
