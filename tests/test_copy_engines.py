@@ -112,17 +112,18 @@ class SimAllReduce(comm.CopyEngineAllReduce):
 
 
 class Sim:
-    def __init__(self, world: int, rows: int, cols: int, dtype, scatter_from: int):
+    def __init__(self, world: int, rows: int, cols: int, dtype, scatter_from: int, last_on_main: bool = True):
         self.flags: dict[int, int] = {}
         self.ranks = []
         for r in range(world):
             ar = SimAllReduce(self, r, world, rows, cols, dtype)
-            ar.SCATTER_MIN_WORLD = scatter_from
+            ar.SCATTER_MIN_WORLD, ar.LAST_ON_MAIN = scatter_from, last_on_main
             self.ranks.append(ar)
 
     def call(self, rank: int, rows: int, partials: list[torch.Tensor], bounds, abort_after: int | None = None):
         """Queue one call of `rank`: for each chunk, its partial rows written on the main stream
-        (as the out_proj GEMM does), then reduce; finish, or abort after `abort_after` chunks.
+        (as the out_proj GEMM does), then reduce (the last chunk marked so, as the layer's tail
+        marks it); finish, or abort after `abort_after` chunks.
         Returns its output (filled in once the streams have run)."""
         ar = self.ranks[rank]
         cols = partials[0].shape[1]
@@ -134,7 +135,7 @@ class Sim:
                 return out
             dst, src = call.partial(r0, r1), partials[rank][r0:r1]
             ar.main.queue.append(("run", lambda dst=dst, src=src: dst.copy_(src)))
-            call.reduce(r0, r1, out[r0:r1])
+            call.reduce(r0, r1, out[r0:r1], last=n == len(bounds) - 1)
         if abort_after is not None and abort_after >= len(bounds):
             call.abort()
         else:
@@ -168,18 +169,23 @@ def _rank_order_sum(partials):
     return out
 
 
+FORMS = ["whole", "whole, last chunk on the side stream", "scatter"]
+
+
 @pytest.mark.parametrize("world", [2, 3, 4, 8])
-@pytest.mark.parametrize("form", ["whole", "scatter"])
+@pytest.mark.parametrize("form", FORMS)
 def test_copy_engine_calls_sum_every_chunk_on_every_rank(world, form, seed):
     """Calls of several sizes and chunk counts (chunks of fewer rows than ranks among them),
     queued back to back on every rank and run in random interleavings: every rank's output is
     the rank-order sum of the ranks' partial rows, bit for bit (bf16), the same on every rank,
-    and no stream waits for ever."""
+    and no stream waits for ever. In the whole form the main stream sums each call's last chunk
+    (LAST_ON_MAIN), or the side stream does, as it does the others."""
     rng = random.Random(seed)
     cols, dtype = 8, torch.bfloat16
     calls = [(37, 3), (64, 4), (5, 2), (29, 1), (37, 5)]        # (rows, chunks)
     for interleaving in range(4):
-        sim = Sim(world, 64, cols, dtype, scatter_from=2 if form == "scatter" else world + 1)
+        sim = Sim(world, 64, cols, dtype, scatter_from=2 if form == "scatter" else world + 1,
+                  last_on_main=form == "whole")
         queued = []
         for rows, chunks in calls:
             partials = [torch.randn(rows, cols).to(dtype) for _ in range(world)]
@@ -220,22 +226,29 @@ def test_a_rank_that_aborts_a_call_leaves_its_peers_and_the_next_call_whole(worl
 
 
 def test_the_scatter_form_reads_fewer_rows_from_peers():
-    """What the docstring claims of the two forms, counted: rows a rank copies out of its peers'
-    buffers over a call of 3 chunks of 64 rows, (p - 1) 192 whole and 2 (p - 1) / p 192 scattered."""
+    """What the docstring claims of the two forms, counted: rows a rank reads out of its peers'
+    buffers (by copies, and by the whole form's sum of the last chunk on the main stream) over a
+    call of 3 chunks of 64 rows, (p - 1) 192 whole and 2 (p - 1) / p 192 scattered."""
     def peer_rows(world, scatter_from):
         sim = Sim(world, 192, 2, torch.float32, scatter_from)
         copied = [0]
         work = sim.ranks[0].ops
-        plain_copy = work.copy
+        plain_copy, plain_sum = work.copy, work.sum
+
+        def a_peers(t):
+            return any(t.untyped_storage().data_ptr() == sim.ranks[p].buffer.untyped_storage().data_ptr()
+                       for p in range(1, world))
 
         def counting(stream, dst, src):
-            if src.data_ptr() != dst.data_ptr() and any(
-                    src.untyped_storage().data_ptr() == sim.ranks[p].buffer.untyped_storage().data_ptr()
-                    for p in range(1, world)):
+            if src.data_ptr() != dst.data_ptr() and a_peers(src):
                 copied[0] += src.shape[0]
             plain_copy(stream, dst, src)
 
-        work.copy = counting
+        def counting_sum(parts, out):
+            copied[0] += sum(t.shape[0] for t in parts if a_peers(t))
+            plain_sum(parts, out)
+
+        work.copy, work.sum = counting, counting_sum
         partials = [torch.randn(192, 2) for _ in range(world)]
         for r in range(world):
             sim.call(r, 192, partials, _chunk_bounds(192, 3))
@@ -253,12 +266,12 @@ def test_the_simulator_catches_a_summed_flag_raised_before_the_sum(monkeypatch, 
     calls = []
     original = comm.CopyEngineCall.reduce
 
-    def early_flag_reduce(self, r0, r1, out):
+    def early_flag_reduce(self, r0, r1, out, last=False):
         # queue the peers' "summed" flags of this chunk ahead of everything else on the side stream
         for p in self.peers:
             self.ops.write(self.ar.side, self.ar._summed(p, self.ar.rank, self.chunks), self.e)
         calls.append(None)
-        original(self, r0, r1, out)
+        original(self, r0, r1, out, last)
 
     monkeypatch.setattr(comm.CopyEngineCall, "reduce", early_flag_reduce)
     rng, wrong = random.Random(seed), 0

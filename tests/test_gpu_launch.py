@@ -349,11 +349,13 @@ TAIL_CALLS = [(1100, 4, 3), (3000, 5, 5), (1500, 3, 2), (300, 2, 3), (2000, 2, 1
 
 
 def _copy_form(world: int, form: str) -> None:
-    """Make the copy engines take `form` ("whole" or "scatter", CopyEngineAllReduce's two
-    forms) at this group size."""
+    """Make the copy engines take `form` at this group size: "whole" or "scatter"
+    (CopyEngineAllReduce's two forms), or "whole-last-on-side" (the whole form with the last
+    chunk summed on the side stream like the others, LAST_ON_MAIN off)."""
     from tp_gdn.parallel import comm
 
     comm.CopyEngineAllReduce.SCATTER_MIN_WORLD = 2 if form == "scatter" else world + 1
+    comm.CopyEngineAllReduce.LAST_ON_MAIN = form != "whole-last-on-side"
 
 
 def _tail_paths(rank, world, cfg, full, seed, form):
@@ -370,9 +372,9 @@ def _tail_paths(rank, world, cfg, full, seed, form):
     counted = []
     reduce = comm.CopyEngineCall.reduce
 
-    def count(self, r0, r1, out):
+    def count(self, r0, r1, out, last=False):
         counted.append(r1 - r0)
-        return reduce(self, r0, r1, out)
+        return reduce(self, r0, r1, out, last)
 
     comm.CopyEngineCall.reduce = count
     comm.CopyEngineAllReduce.MIN_ROWS = 0      # every size here takes the copy engines where they apply
@@ -394,11 +396,12 @@ def _tail_paths(rank, world, cfg, full, seed, form):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("form", ["whole", "scatter"])
+@pytest.mark.parametrize("form", ["whole", "whole-last-on-side", "scatter"])
 @pytest.mark.parametrize("tp", tps(2, 4))
 def test_copy_engine_tail_equals_nccl_on_gpus(seed, tp, form):
     """The tail's all-reduce on copy engines (the default for row chunks on GPUs of one host),
-    in each of its two forms: calls of several sizes and chunk counts, back to back, give NCCL's
+    in each of its two forms (the whole form also with its last chunk summed on the side
+    stream): calls of several sizes and chunk counts, back to back, give NCCL's
     outputs (bit for bit at tp=2, where both add the same two numbers), the unsharded fp32
     layer's within bf16 tolerance, the same bits on every rank, and every chunk went through the
     copy engines."""

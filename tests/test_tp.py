@@ -106,8 +106,8 @@ def test_large_calls_at_tp2_take_the_tail_in_two_chunks_by_default(tmp_path, see
 def test_large_calls_at_tp2_take_the_copy_engines_tail_in_four_chunks_where_it_applies(tmp_path, seed):
     """Where out_proj has a copy-engine all-reduce (here a stand-in that sums each chunk through
     gloo, as the GPUs' copy engines do over NVLink), a call of 8201 tokens goes through it in
-    TAIL_CHUNKS[("copy", 2)] = 4 chunks: one start, four reduces over the forward's row ranges,
-    one finish, in that order, every layer; smaller calls do not use it. Outputs equal the
+    TAIL_CHUNKS[("copy", 2)] = 4 chunks: one start, four reduces over the forward's row ranges
+    (the fourth marked last), one finish, in that order, every layer; smaller calls do not use it. Outputs equal the
     unsharded layer's on both ranks. A call asking for more chunks than it takes is refused on
     every rank before any work. With the stand-in's MIN_ROWS above the call's rows, the call
     does not use it (the group's all-reduce takes the tail, with no limit on chunks)."""
@@ -124,7 +124,7 @@ def test_large_calls_at_tp2_take_the_copy_engines_tail_in_four_chunks_where_it_a
     cfg, full, steps, want = mixed_workload_on_the_unsharded_layers(seed, steps_of)
     H = cfg.hidden_size
     for min_rows, expected in ((8201, [("start", 8201, H), ("reduce", 2050), ("reduce", 2050), ("reduce", 2050),
-                                       ("reduce", 2051), ("finish",)] * len(full)),
+                                       ("reduce last", 2051), ("finish",)] * len(full)),
                                (8202, [])):
         (got, log, err), (other, log1, err1) = run_ranks(2, chunked_stand_in_workload, tmp_path, cfg, full, steps,
                                                          8, 7, min_rows)
@@ -202,6 +202,7 @@ def test_copy_engine_abort_raises_its_read_flag_only_after_each_peers_first_chun
     call = object.__new__(comm.CopyEngineCall)
     call.ar, call.ops, call.e, call.chunks, call.peers, call.main = ar, Ops, 7, 1, [0], Stream("main")
     call.scatter = False                                             # the form tp=2 takes
+    call.main_read_peers = False                                     # no last chunk summed on main
     call.abort()
     peer, own = 1 << 20, 2 << 20
     assert log == ([("write", "main", peer + 4 * (M + i), 7) for i in range(1, M)] +

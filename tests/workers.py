@@ -93,12 +93,12 @@ class _GlooChunkedCall:
     def partial(self, r0, r1):
         return self.own[r0:r1]
 
-    def reduce(self, r0, r1, out):
+    def reduce(self, r0, r1, out, last=False):
         import torch.distributed as dist
 
         out.copy_(self.own[r0:r1])
         dist.all_reduce(out, group=self.ar.group)
-        self.ar.log.append(("reduce", r1 - r0))
+        self.ar.log.append(("reduce last" if last else "reduce", r1 - r0))
 
     def finish(self):
         self.ar.log.append(("finish",))

@@ -249,7 +249,7 @@ class GDNLayer(nn.Module):
             call = copy.start(y.shape[0], y.shape[1], y.dtype)
             for r0, r1, a in itertools.chain([first], parts):
                 torch.matmul(a, w.t(), out=call.partial(r0, r1))
-                call.reduce(r0, r1, y[r0:r1])
+                call.reduce(r0, r1, y[r0:r1], last=r1 == y.shape[0])
         except BaseException as e:
             if call is not None or not starting:      # (where start itself failed there is no call to end)
                 try:

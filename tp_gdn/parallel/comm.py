@@ -233,12 +233,17 @@ class CopyEngineAllReduce:
         output (a reduce-scatter, then an all-gather): a rank reads 2 (p - 1) / p chunks, 1.5 at
         p = 4 against 3, 1.75 at 8 against 7. At p = 2 both read one chunk.
 
+    The last chunk (reduce's `last`) in the whole form: the current stream itself waits for the
+    peers' rows and sums them straight out of their buffers (the add's kernel reads them over
+    NVLink), since nothing is left for the copy engines to hide behind by then: one kernel where
+    the side stream would pull, then add (LAST_ON_MAIN).
+
     Use: `call = ar.start(rows, cols, dtype)`; for each chunk, write the partial rows into
-    `call.partial(r0, r1)` on the current stream, then `call.reduce(r0, r1, out_rows)`; finally
-    `call.finish()`, after which the current stream sees every chunk's sum. Every rank makes
-    the same calls in the same order (epochs count them). No host synchronisation; not for CUDA
-    graph capture. Build it on every rank of the group at the same point (a collective); the
-    first call, and a call larger than any before, maps a larger buffer (a collective too).
+    `call.partial(r0, r1)` on the current stream, then `call.reduce(r0, r1, out_rows, last)`;
+    finally `call.finish()`, after which the current stream sees every chunk's sum. Every rank
+    makes the same calls in the same order (epochs count them). No host synchronisation; not for
+    CUDA graph capture. Build it on every rank of the group at the same point (a collective);
+    the first call, and a call larger than any before, maps a larger buffer (a collective too).
     """
 
     MAX_CHUNKS = 256   # row chunks a call (flags per peer and chunk)
@@ -257,6 +262,16 @@ class CopyEngineAllReduce:
     # second step on the side stream (before the gather stream), scatter took 2.820 / 2.745 at 4
     # chunks against 2.733 / 2.657 on another host (exp_scatter_h200x2_s29a.log)
     SCATTER_MIN_WORLD = 3
+    # the whole form's last chunk summed on the current stream from the peers' buffers (above).
+    # H200 x2, 8192 x 2048 bf16 (the last of 4 chunks at 8x4096), both ranks at once, medians:
+    # a copy engine's pull 99-100 us, then the add: 128-130 us in all; torch.add reading the
+    # peer's rows itself 103 us (324 GB/s over NVLink; Triton kernels of 8 launch settings the
+    # same), bit-equal (benchmarks/results/exp_pull_h200x2_s30c.log). The layer at 8x4096, tp=2,
+    # medians of 7 interleaved rounds, single / back to back, on the main stream against on the
+    # side: 3 chunks 2.849 / 2.663 ms against 2.899 / 2.701, 4 chunks 2.777 / 2.655 against
+    # 2.890 / 2.681, 6 chunks 2.771 / 2.676 against 2.884 / 2.742, outputs bit-equal to one
+    # piece on NCCL (exp_last_h200x2_s30c.log)
+    LAST_ON_MAIN = True
     ops = StreamWork
 
     def __init__(self, group, device: torch.device):
@@ -356,6 +371,7 @@ class CopyEngineCall:
         self.own, self.mapped = ar.views(rows, cols, dtype)
         self.peers = list(self.mapped)
         self.main = self.ops.current_stream(ar.device)
+        self.main_read_peers = False     # whether the main stream read the peers' buffers (a last chunk)
         for p in self.peers:   # the peers have read this rank's rows of the call before
             self.ops.wait_equal(self.main, ar._read(ar.rank, p), self.e - 1)
 
@@ -363,15 +379,24 @@ class CopyEngineCall:
         """Where this rank writes its partial sum of rows r0..r1 (on the current stream)."""
         return self.own[r0:r1]
 
-    def reduce(self, r0: int, r1: int, out: torch.Tensor) -> None:
+    def reduce(self, r0: int, r1: int, out: torch.Tensor, last: bool = False) -> None:
         """out [r1 - r0, cols] <- the sum over ranks of rows r0..r1, once the current stream has
-        written this rank's partial rows (queued work; finish() joins it)."""
+        written this rank's partial rows (queued work; finish() joins it). `last`: no chunk
+        follows before finish (in the whole form, with LAST_ON_MAIN, the current stream sums it)."""
         ar, ops, i, me = self.ar, self.ops, self.chunks, self.ar.rank
         if i >= ar.MAX_CHUNKS:
             raise ValueError(f"a call of the copy-engine all-reduce takes at most {ar.MAX_CHUNKS} chunks")
         if out.shape != (r1 - r0, self.cols) or out.dtype != self.dtype:
             raise ValueError(f"out is {tuple(out.shape)} {out.dtype}, expected {(r1 - r0, self.cols)} {self.dtype}")
         self.chunks += 1
+        if last and ar.LAST_ON_MAIN and not self.scatter:
+            for p in self.peers:
+                ops.write(self.main, ar._written(p, me, i), self.e)
+            for p in self.peers:
+                ops.wait_equal(self.main, ar._written(me, p, i), self.e)
+            ops.sum([self.own[r0:r1] if p == me else self.mapped[p][r0:r1] for p in range(ar.world)], out)
+            self.main_read_peers = True
+            return
         # the peers' "written" flags, and this rank's own slot of them (unused otherwise), on which
         # its side stream waits: a flag costs less host time than an event, and the main stream
         # cannot write the next call's before the side stream is past this one (finish joins it)
@@ -411,6 +436,8 @@ class CopyEngineCall:
         ar = self.ar
         if self.scatter:            # the peers' buffers are read on both streams
             ar.side.wait_stream(ar.gather)
+        if self.main_read_peers:    # and on the main stream (a last chunk)
+            ar.side.wait_stream(self.main)
         for p in self.peers:
             self.ops.write(ar.side, ar._read(p, ar.rank), self.e)
         self.main.wait_stream(ar.side)
