@@ -56,6 +56,11 @@ OVERLAP_MIN_TOKENS = 8192
 #   medians of 3 interleaved rounds: 2 / 3 / 4 / 6 / 8 chunks 2.900 / 2.660, 2.826 / 2.647,
 #     2.832 / 2.611, 2.801 / 2.622, 2.989 / 2.649; NCCL's 2 chunks 2.885 / 2.735, one piece
 #     2.995 / 2.816 (exp_ce2_h200x2_s26.log)
+#   with the last chunk summed on the main stream (CopyEngineAllReduce.LAST_ON_MAIN), medians of 7
+#     interleaved rounds, two hosts: 3 / 4 / 6 chunks 2.849 / 2.663, 2.777 / 2.655, 2.771 / 2.676
+#     and 2.825 / 2.649, 2.849 / 2.651, 2.820 / 2.631 (exp_last_h200x2_s30c.log, _s30g.log); a
+#     last chunk of 20, 16 or 12% of the rows (the rest even) gained nothing at 4 chunks
+#     (exp_uneven_h200x2_s30d.log)
 TAIL_CHUNKS = {("copy", 2): 4, ("group", 2): 2}
 TAIL_MIN_TOKENS = 8192
 
