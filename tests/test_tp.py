@@ -107,8 +107,8 @@ def test_large_calls_at_tp2_take_the_copy_engines_tail_in_four_chunks_where_it_a
     """Where out_proj has a copy-engine all-reduce (here a stand-in that sums each chunk through
     gloo, as the GPUs' copy engines do over NVLink), a call of 8201 tokens goes through it in
     TAIL_CHUNKS[("copy", 2)] = 4 chunks: one start, four reduces over the forward's row ranges
-    (the fourth marked last), one finish, in that order, every layer; smaller calls do not use it. Outputs equal the
-    unsharded layer's on both ranks. A call asking for more chunks than it takes is refused on
+    (the fourth marked last), one finish, in that order, every layer; smaller calls do not use
+    it. Outputs equal the unsharded layer's on both ranks. A call asking for more chunks than it takes is refused on
     every rank before any work. With the stand-in's MIN_ROWS above the call's rows, the call
     does not use it (the group's all-reduce takes the tail, with no limit on chunks)."""
     from tp_gdn.workload import WorkloadBuilder

@@ -265,12 +265,13 @@ class CopyEngineAllReduce:
     # the whole form's last chunk summed on the current stream from the peers' buffers (above).
     # H200 x2, 8192 x 2048 bf16 (the last of 4 chunks at 8x4096), both ranks at once, medians:
     # a copy engine's pull 99-100 us, then the add: 128-130 us in all; torch.add reading the
-    # peer's rows itself 103 us (324 GB/s over NVLink; Triton kernels of 8 launch settings the
+    # peer's rows itself 103 us (324 GB/s over NVLink; Triton kernels in 10 launch settings the
     # same), bit-equal (benchmarks/results/exp_pull_h200x2_s30c.log). The layer at 8x4096, tp=2,
     # medians of 7 interleaved rounds, single / back to back, on the main stream against on the
     # side: 3 chunks 2.849 / 2.663 ms against 2.899 / 2.701, 4 chunks 2.777 / 2.655 against
-    # 2.890 / 2.681, 6 chunks 2.771 / 2.676 against 2.884 / 2.742, outputs bit-equal to one
-    # piece on NCCL (exp_last_h200x2_s30c.log)
+    # 2.890 / 2.681, 6 chunks 2.771 / 2.676 against 2.884 / 2.742 (exp_last_h200x2_s30c.log); on
+    # another host 4 chunks 2.849 / 2.651 against 2.880 / 2.686 (exp_last_h200x2_s30g.log);
+    # outputs bit-equal to one piece on NCCL
     LAST_ON_MAIN = True
     ops = StreamWork
 
