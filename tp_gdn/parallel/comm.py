@@ -390,19 +390,19 @@ class CopyEngineCall:
         if out.shape != (r1 - r0, self.cols) or out.dtype != self.dtype:
             raise ValueError(f"out is {tuple(out.shape)} {out.dtype}, expected {(r1 - r0, self.cols)} {self.dtype}")
         self.chunks += 1
-        if last and ar.LAST_ON_MAIN and not self.scatter:
-            for p in self.peers:
-                ops.write(self.main, ar._written(p, me, i), self.e)
+        on_main = last and ar.LAST_ON_MAIN and not self.scatter
+        # the peers' "written" flags, and (unless the main stream sums this chunk) this rank's own
+        # slot of them (unused otherwise), on which its side stream waits: a flag costs less host
+        # time than an event, and the main stream cannot write the next call's before the side
+        # stream is past this one (finish joins it)
+        for p in self.peers if on_main else range(ar.world):
+            ops.write(self.main, ar._written(p, me, i), self.e)
+        if on_main:
             for p in self.peers:
                 ops.wait_equal(self.main, ar._written(me, p, i), self.e)
             ops.sum([self.own[r0:r1] if p == me else self.mapped[p][r0:r1] for p in range(ar.world)], out)
             self.main_read_peers = True
             return
-        # the peers' "written" flags, and this rank's own slot of them (unused otherwise), on which
-        # its side stream waits: a flag costs less host time than an event, and the main stream
-        # cannot write the next call's before the side stream is past this one (finish joins it)
-        for p in range(ar.world):
-            ops.write(self.main, ar._written(p, me, i), self.e)
         side = ar.side
         ops.wait_equal(side, ar._written(me, me, i), self.e)
         a, b = _slice(r0, r1, me, ar.world) if self.scatter else (r0, r1)   # the rows this rank sums
