@@ -46,6 +46,29 @@ def test_torchrun_gives_the_same_numbers_as_local_processes(ckpt, tmp_path):
             assert torch.equal(a, b)
 
 
+def test_joining_a_cpu_group_returns_only_once_every_rank_holds_it(tmp_path):
+    """A gloo group's construction is no rendezvous: rank 1 once built its side, left and closed
+    its sockets while rank 0 was still connecting, and rank 0's init failed ("Connection closed
+    by peer", CI). Here rank 0 holds for a second right after its group is built; rank 1's
+    init_distributed must not return before rank 0 is done."""
+    import multiprocessing as mp
+
+    from workers import join_and_leave
+
+    hold_s = 1.0
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=join_and_leave, args=(r, 2, str(tmp_path / "store"), str(tmp_path), hold_s))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    t0, t1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
+    assert t1["returned"] - t0["built"] >= 0.8 * hold_s, (t0, t1)
+    assert t0["returned"] - t0["built"] >= hold_s
+
+
 def test_the_job_refuses_a_tp_that_does_not_divide_the_heads(ckpt, capsys):
     assert cli(["run", "--checkpoint", str(ckpt), "--tp", "3", *JOB]) == 2
     assert "tp=3 does not divide linear_num_key_heads=4" in capsys.readouterr().err

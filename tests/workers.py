@@ -171,3 +171,32 @@ def watchdog_ends_rank0(rank, world):
         p.launched(1)
         time.sleep(60)
     return rank
+
+
+def join_and_leave(rank, world, init_file, out_dir, hold_s):
+    """Join a gloo group through init_distributed, rank 0 holding for `hold_s` seconds right
+    after its group is built, then leave at once; write when the group was built and when
+    init_distributed returned."""
+    import json
+    import time
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    from tp_gdn.parallel import destroy_distributed, init_distributed
+
+    build = dist.init_process_group
+    built = []
+
+    def build_then_hold(*args, **kwargs):
+        build(*args, **kwargs)
+        built.append(time.time())
+        if rank == 0:
+            time.sleep(hold_s)
+
+    dist.init_process_group = build_then_hold
+    init_distributed(backend="gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    returned = time.time()
+    destroy_distributed()
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps({"built": built[0], "returned": returned}))
+

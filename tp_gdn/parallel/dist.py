@@ -25,6 +25,7 @@ def init_distributed(
     with none set it does nothing and the process runs alone (rank 0 of 1). Backend: nccl when
     CUDA is available, else gloo. On CUDA the process binds to device LOCAL_RANK first.
     `init_method`/`rank`/`world_size` allow an explicit rendezvous (a file:// or tcp:// URL).
+    It returns on a rank only once every rank of the group has joined it.
     """
     if dist.is_initialized():
         return
@@ -49,6 +50,14 @@ def init_distributed(
         timeout=datetime.timedelta(seconds=timeout_s),
         device_id=device_id,
     )
+    if backend == "gloo":
+        # Building a gloo group is not a rendezvous: a rank can finish its own connections, do
+        # work that needs no collective, tear the group down and exit while a peer is still
+        # connecting, and the peer's init then fails with "Connection closed by peer" (seen once
+        # in CI). One barrier makes every rank return only once all of them hold a working
+        # group. NCCL's init is collective already: device_id makes it create the communicator
+        # now, which every rank must join.
+        dist.barrier()
 
 
 def destroy_distributed() -> None:
