@@ -69,6 +69,19 @@ def test_joining_a_cpu_group_returns_only_once_every_rank_holds_it(tmp_path):
     assert t0["returned"] - t0["built"] >= hold_s
 
 
+def test_a_failed_rank_is_reported_first_with_its_own_traceback(tmp_path):
+    """The rank that failed first leads the error, whatever its number; peers that failed
+    because it left follow."""
+    from helpers import run_ranks
+    from workers import fail_on_rank
+
+    with pytest.raises(RuntimeError) as err:
+        run_ranks(2, fail_on_rank, tmp_path, 1, "rank one gave up")
+    text = str(err.value)
+    assert text.startswith("rank1 failed:\nTraceback"), text[:300]
+    assert "RuntimeError: rank one gave up" in text.split("rank0 failed:")[0]
+
+
 def test_the_job_refuses_a_tp_that_does_not_divide_the_heads(ckpt, capsys):
     assert cli(["run", "--checkpoint", str(ckpt), "--tp", "3", *JOB]) == 2
     assert "tp=3 does not divide linear_num_key_heads=4" in capsys.readouterr().err

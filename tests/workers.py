@@ -200,3 +200,12 @@ def join_and_leave(rank, world, init_file, out_dir, hold_s):
     destroy_distributed()
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps({"built": built[0], "returned": returned}))
 
+
+def fail_on_rank(rank, world, failing, message):
+    """Rank `failing` raises RuntimeError(message); every other rank waits in a barrier, which
+    fails once the failing rank has left the group."""
+    import torch.distributed as dist
+
+    if rank == failing:
+        raise RuntimeError(message)
+    dist.barrier()

@@ -55,9 +55,11 @@ def spawn_ranks(world: int, fn, *args, backend: str = "gloo", timeout_s: float =
                 if p.is_alive():
                     p.kill()
                 p.join()
-        errors = sorted(Path(d).glob("rank*.err"))
+        # Every failed rank's traceback, the earliest written first: a rank that fails often
+        # makes its peers fail too, and the first one is the likeliest cause.
+        errors = sorted(Path(d).glob("rank*.err"), key=lambda f: (f.stat().st_mtime_ns, f.name))
         if errors:
-            raise RuntimeError(f"{errors[0].stem} failed:\n{errors[0].read_text()}")
+            raise RuntimeError("\n".join(f"{f.stem} failed:\n{f.read_text()}" for f in errors))
         bad = [(r, p.exitcode) for r, p in enumerate(procs) if p.exitcode != 0]
         if bad:
             from ..parallel.watchdog import TIMEOUT_ENV, WATCHDOG_EXIT_CODE
