@@ -66,7 +66,6 @@ def test_joining_a_cpu_group_returns_only_once_every_rank_holds_it(tmp_path):
     assert [p.exitcode for p in procs] == [0, 0]
     t0, t1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
     assert t1["returned"] - t0["built"] >= 0.8 * hold_s, (t0, t1)
-    assert t0["returned"] - t0["built"] >= hold_s
 
 
 def test_a_failed_rank_is_reported_first_with_its_own_traceback(tmp_path):
