@@ -1,7 +1,8 @@
 """Ranks as local processes: spawn `world` processes joined through a file:// store.
 
 Used by `tp-gdn run` (the default launcher) and by the tests. If a rank fails, the others are
-stopped and its traceback is raised in the caller; nothing waits forever.
+stopped and the caller gets a RuntimeError holding the traceback of every rank that failed, the
+earliest first; nothing waits forever.
 """
 
 from __future__ import annotations
