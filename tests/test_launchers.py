@@ -129,6 +129,36 @@ def test_the_job_refuses_bad_layers_before_any_rank_starts(ckpt, capsys, layers,
     assert re.search(message, capsys.readouterr().err)
 
 
+def test_the_job_refuses_a_backend_its_device_cannot_run_before_any_rank_starts(ckpt, tmp_path, capsys,
+                                                                                monkeypatch):
+    """--backend triton on the CPU (outside Triton's interpreter) once started every rank, and each
+    raised the same error with its own traceback; and a model whose conv the Triton kernels do not
+    run was refused only inside the ranks. Both now end the command in one line, before any rank
+    starts (no rank says "loading")."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert cli(["run", "--device", "cpu", "--backend", "triton", "--checkpoint", str(ckpt), *JOB]) == 2
+    err = capsys.readouterr().err
+    assert "tp-gdn run: error: backend 'triton' needs a CUDA device (got cpu)" in err, err
+    assert "Traceback" not in err and "loading" not in err, err
+    # under the interpreter the backend runs on the CPU, but not a conv of more taps than it takes
+    from tp_gdn.kernels.triton_conv import MAX_TAPS
+
+    wide = tmp_path / "wide-conv"
+    wide.mkdir()
+    for f in ckpt.iterdir():
+        (wide / f.name).symlink_to(f)
+    config = json.loads((ckpt / "config.json").read_text())
+    config["linear_conv_kernel_dim"] = MAX_TAPS + 1
+    (wide / "config.json").unlink()
+    (wide / "config.json").write_text(json.dumps(config))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert cli(["run", "--device", "cpu", "--backend", "triton", "--checkpoint", str(wide), *JOB]) == 2
+    err = capsys.readouterr().err
+    assert f"runs conv kernels of 2 to {MAX_TAPS} taps, but this model's linear_conv_kernel_dim is " \
+           f"{MAX_TAPS + 1}" in err, err
+    assert "Traceback" not in err and "loading" not in err, err
+
+
 def test_the_job_says_on_stderr_what_it_starts(ckpt, capsys, monkeypatch):
     from tp_gdn.launch import job
 

@@ -81,14 +81,19 @@ def default_checkpoint(device: str = "cpu") -> Path:
 
 
 def check_spec(spec: JobSpec) -> None:
-    """Refuse, before any rank loads anything, a checkpoint that cannot run as asked: a tp that
-    does not divide its heads or differs from its pre-sharded tp, or --layers that are not its
-    GDN layers or repeat one. (The default checkpoint is generated later, and always fits.)"""
+    """Refuse, before any rank starts, a job that cannot run as asked: a backend the device cannot
+    run (each rank would raise the same error, each with its own traceback), or a checkpoint
+    whose model that backend does not run, whose heads the tp does not divide, whose pre-sharded
+    tp differs, or whose GDN layers --layers does not name or names twice. (The default checkpoint
+    is generated later, and always fits.)"""
+    from ..kernels import get_ops, resolve_backend
     from ..loader.presharded import check_presharded_tp
 
+    backend = resolve_backend(spec.backend, spec.device)
     if spec.checkpoint is None:
         return
     cfg = GDNConfig.from_pretrained(spec.checkpoint)
+    get_ops(backend).check_config(cfg)
     cfg.check_tp(spec.tp)
     check_presharded_tp(spec.checkpoint, spec.tp)
     if spec.layers:
