@@ -204,6 +204,35 @@ def test_make_checkpoint_command_writes_a_loadable_checkpoint(tmp_path):
     assert len(load_layers(tmp_path / "c", tp_rank=0, tp_size=1)) == 3
 
 
+def directory_state(d: Path) -> dict:
+    return {f.name: f.read_bytes() for f in sorted(d.iterdir())}
+
+
+def test_checkpoints_are_written_only_into_new_or_empty_directories(hf_next, tmp_path, capsys):
+    """make-checkpoint over a pre-sharded directory once left its manifest, which is read first, so
+    the old rank files loaded under the new config.json; shard into an HF checkpoint's directory
+    turned it into a pre-sharded one. Both are refused now, with nothing written; an empty
+    directory that exists is taken."""
+    pre = tmp_path / "pre"
+    assert cli(["shard", str(hf_next[0]), "--tp", "2", "--out", str(pre)]) == 0
+    hf = write_checkpoint(tmp_path / "hf", "tiny", dtype="float32", seed=1)
+    before = {d: directory_state(d) for d in (pre, hf)}
+    capsys.readouterr()
+    assert cli(["make-checkpoint", str(pre), "--preset", "tiny", "--dtype", "float32"]) == 2
+    assert cli(["shard", str(hf_next[0]), "--tp", "2", "--out", str(hf)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"tp-gdn {cmd}: error: {d} exists and is not an empty directory; write the checkpoint to a new "
+                   "or empty directory (or remove this one first)" for cmd, d in (("make-checkpoint", pre),
+                                                                                  ("shard", hf))], err
+    assert {d: directory_state(d) for d in (pre, hf)} == before
+    with pytest.raises(CheckpointError, match="is not an empty directory"):
+        write_checkpoint(hf_next[0] / "config.json", "tiny")          # a file, not a directory
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert cli(["make-checkpoint", str(empty), "--preset", "tiny", "--dtype", "float32"]) == 0
+    assert len(load_layers(empty, tp_rank=0, tp_size=1)) == 3
+
+
 # -- failures that name the file and tensor ---------------------------------------------------------
 @pytest.fixture
 def ckpt(tmp_path):

@@ -112,13 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
                                        "(tp, layout, source config, sha256 per file); load_layers reads it directly.")
     shard.add_argument("checkpoint", help="HF checkpoint directory (config.json + safetensors)")
     shard.add_argument("--tp", type=int, required=True, help="tensor-parallel size to shard for")
-    shard.add_argument("--out", required=True, help="output directory")
+    shard.add_argument("--out", required=True, help="output directory (new, or empty)")
     shard.set_defaults(fn=cmd_shard)
 
     mk = sub.add_parser("make-checkpoint", help="write a random GDN-only HF checkpoint",
                         description="Write config.json, an index and several safetensors files with random "
                                     "GDN weights (only the linear-attention layers' tensors).")
-    mk.add_argument("out", help="output directory")
+    mk.add_argument("out", help="output directory (new, or empty)")
     mk.add_argument("--preset", default="tiny", choices=sorted(PRESETS),
                     help="tiny, qwen3-next-80b (the 80B-A3B GDN dims) or qwen3.5 (split layout); default: tiny")
     mk.add_argument("--gdn-layers", type=int, default=None, help="number of GDN layers (default: the preset's)")

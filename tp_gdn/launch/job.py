@@ -59,6 +59,7 @@ def default_checkpoint(device: str = "cpu") -> Path:
     layers with the real Qwen3-Next-80B-A3B GDN dims (H 2048, nk 16, nv 32, dk = dv 128), bf16,
     in two files (about 270 MB)."""
     import os
+    import shutil
     import sys
 
     from ..loader.synthetic import write_checkpoint
@@ -68,6 +69,7 @@ def default_checkpoint(device: str = "cpu") -> Path:
     path = root / name
     if not (path / "config.json").is_file():
         tmp = root / f".{name}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)   # left by an earlier process of this pid that did not finish
         if kw["preset"] != "tiny":
             print(f"tp_gdn: writing the default checkpoint ({kw['preset']} dims, {kw['gdn_layers']} GDN layers) "
                   f"to {path} once", file=sys.stderr, flush=True)
@@ -75,7 +77,6 @@ def default_checkpoint(device: str = "cpu") -> Path:
         try:
             tmp.rename(path)
         except OSError:  # another process finished first
-            import shutil
             shutil.rmtree(tmp, ignore_errors=True)
     return path
 

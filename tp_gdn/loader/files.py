@@ -26,6 +26,16 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded; the message names the file and tensor."""
 
 
+def check_new_output(out_dir: Path) -> None:
+    """Refuse to write a checkpoint into a directory that already holds something. Its files would
+    be mixed with the new ones: a pre-sharded manifest left there is read before the HF files (so
+    the old rank files would load under the new config.json), and one written beside an HF
+    checkpoint turns that checkpoint into a pre-sharded one."""
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise CheckpointError(f"{out_dir} exists and is not an empty directory; write the checkpoint to a new or "
+                              "empty directory (or remove this one first)")
+
+
 @dataclass
 class LoadStats:
     """What a load read: filled in by the loader when passed to `load_layers(stats=...)`."""

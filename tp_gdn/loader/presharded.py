@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from ..config import GDNConfig
-from .files import CheckpointError, SafetensorsCheckpoint
+from .files import CheckpointError, SafetensorsCheckpoint, check_new_output
 from .rules import tensor_rules
 
 MANIFEST = "tp_gdn_manifest.json"
@@ -71,7 +71,8 @@ def sha256_blocks(path: Path, block: int, threads: int | None = None) -> list[st
 
 
 def write_presharded(src_dir: str | Path, out_dir: str | Path, tp: int, progress: bool | None = None) -> Path:
-    """Write `out_dir` with one file per rank of `tp`, a copy of config.json and a manifest."""
+    """Write `out_dir` (new, or an empty directory) with one file per rank of `tp`, a copy of
+    config.json and a manifest."""
     src_dir, out_dir = Path(src_dir), Path(out_dir)
     cfg = GDNConfig.from_pretrained(src_dir)
     cfg.check_tp(tp)
@@ -79,6 +80,7 @@ def write_presharded(src_dir: str | Path, out_dir: str | Path, tp: int, progress
         raise CheckpointError(f"{src_dir} is already pre-sharded; shard the original HF checkpoint instead")
     if out_dir.resolve() == src_dir.resolve():
         raise CheckpointError("the output directory must differ from the source")
+    check_new_output(out_dir)
     files = SafetensorsCheckpoint(src_dir)
     rules = tensor_rules(cfg)
     names = [cfg.tensor_prefix(i) + n for i in cfg.linear_layer_ids for n in rules]

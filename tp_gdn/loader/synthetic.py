@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..config import GDNConfig
-from .files import INDEX
+from .files import INDEX, check_new_output
 from .rules import tensor_rules
 
 PRESETS = {
@@ -87,7 +87,7 @@ def random_tensors(cfg: GDNConfig, gen: torch.Generator, dtype: torch.dtype) -> 
 def write_checkpoint(out_dir: str | Path, preset: str = "tiny", gdn_layers: int | None = None,
                      dtype: str = "bfloat16", seed: int = 0, max_file_bytes: int = 1 << 30,
                      progress=None, **overrides) -> Path:
-    """Write a GDN-only HF checkpoint to `out_dir` and return it.
+    """Write a GDN-only HF checkpoint to `out_dir` (new, or an empty directory) and return it.
 
     Layers go to files in order, a new file starting once one holds `max_file_bytes`, so the
     checkpoint spans several files (tiny: one file per layer). A_log, dt_bias and the norm
@@ -98,6 +98,7 @@ def write_checkpoint(out_dir: str | Path, preset: str = "tiny", gdn_layers: int 
     raw = preset_config(preset, gdn_layers, dtype=dtype, **overrides)
     cfg = GDNConfig.from_dict(raw)
     out_dir = Path(out_dir)
+    check_new_output(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if preset == "tiny":
         max_file_bytes = 1          # one file per layer, so even the tiny one spans several files
