@@ -69,3 +69,6 @@ def test_tp_that_does_not_divide_key_heads_is_refused(tmp_path):
     cfg.check_tp(8)
     with pytest.raises(ValueError, match="tp=3 does not divide linear_num_key_heads=16"):
         cfg.check_tp(3)
+    for tp in (0, -2):      # (tp=0 was once refused as a tp that "does not divide" the heads)
+        with pytest.raises(ValueError, match=f"tp must be >= 1, got {tp}$"):
+            cfg.check_tp(tp)

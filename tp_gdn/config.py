@@ -103,8 +103,10 @@ class GDNConfig:
             raise ValueError(f"layers {layer_ids}: a layer is listed twice")
 
     def check_tp(self, tp_size: int) -> None:
-        """Refuse a tensor-parallel size that does not split the heads evenly."""
-        if tp_size < 1 or self.num_k_heads % tp_size:
+        """Refuse a tensor-parallel size below 1 or one that does not split the heads evenly."""
+        if tp_size < 1:
+            raise ValueError(f"tp must be >= 1, got {tp_size}")
+        if self.num_k_heads % tp_size:
             raise ValueError(
                 f"tp={tp_size} does not divide linear_num_key_heads={self.num_k_heads} "
                 f"(and linear_num_value_heads={self.num_v_heads}); use a tp that divides "
