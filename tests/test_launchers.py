@@ -91,11 +91,17 @@ def test_the_job_refuses_a_tp_that_does_not_divide_the_heads(ckpt, capsys):
     assert "tp=3 does not divide linear_num_key_heads=4" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("tp", ["0", "-2"])
-def test_the_job_refuses_a_tp_below_one(tp):
-    """--tp 0 once ran the default tp (2 CPU ranks) as if no --tp had been given."""
-    with pytest.raises(SystemExit, match=f"--tp must be >= 1, got {tp}"):
-        cli(["run", "--device", "cpu", "--tp", tp])
+@pytest.mark.parametrize("argv,message", [
+    (["--tp", "0"], "--tp must be >= 1, got 0"),    # --tp 0 once ran the default tp, as if no --tp had been given
+    (["--tp", "-2"], "--tp must be >= 1, got -2"),
+    (["--seqs", "0"], "--seqs and --prompt-len must be >= 1 and --decode-steps >= 0"),
+    (["--prompt-len", "-1"], "--seqs and --prompt-len must be >= 1 and --decode-steps >= 0"),
+    (["--decode-steps", "-1"], "--seqs and --prompt-len must be >= 1 and --decode-steps >= 0")])
+def test_the_job_refuses_bad_sizes_in_one_line(argv, message, capsys):
+    """Every refusal of `tp-gdn run` takes one form: 'tp-gdn run: error: ...' on stderr, exit code 2
+    (these once ended with the bare message and exit code 1)."""
+    assert cli(["run", "--device", "cpu", *argv]) == 2
+    assert capsys.readouterr().err == f"tp-gdn run: error: {message}\n"
 
 
 def test_the_job_runs_a_presharded_checkpoint_and_checks_it_against_the_joined_layer(ckpt, tmp_path, capsys):
@@ -194,9 +200,9 @@ def test_help_explains_every_option_and_environment_variable(capsys):
     assert read and {v for v in read if v not in " ".join(text.split())} == set()
 
 
-def test_decode_graphs_are_refused_without_cuda():
-    with pytest.raises(SystemExit, match="--decode-graphs needs --device cuda"):
-        cli(["run", "--device", "cpu", "--decode-graphs"])
+def test_decode_graphs_are_refused_without_cuda(capsys):
+    assert cli(["run", "--device", "cpu", "--decode-graphs"]) == 2
+    assert "tp-gdn run: error: --decode-graphs needs --device cuda" in capsys.readouterr().err
 
 
 def spec_for(argv):
@@ -208,7 +214,7 @@ def spec_for(argv):
     return spec_from_args(ap.parse_args(argv))
 
 
-def test_decode_graphs_are_the_default_on_gpus_only(monkeypatch):
+def test_decode_graphs_are_the_default_on_gpus_only(monkeypatch, capsys):
     assert not spec_for([]).decode_graphs or torch.cuda.is_available()
     assert not spec_for(["--device", "cpu"]).decode_graphs
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)     # what the choice sees on a GPU host
@@ -216,10 +222,12 @@ def test_decode_graphs_are_the_default_on_gpus_only(monkeypatch):
     assert spec_for([]).decode_graphs and spec_for([]).device == "cuda"
     assert not spec_for(["--no-decode-graphs"]).decode_graphs
     assert not spec_for(["--backend", "torch"]).decode_graphs
-    with pytest.raises(SystemExit, match="needs --device cuda and the triton backend"):
+    with pytest.raises(ValueError, match="needs --device cuda and the triton backend"):
         spec_for(["--backend", "torch", "--decode-graphs"])
-    with pytest.raises(SystemExit, match="not ray"):
-        cli(["run", "--launcher", "ray", "--decode-graphs"])
+    capsys.readouterr()
+    assert cli(["run", "--launcher", "ray", "--decode-graphs"]) == 2
+    assert "tp-gdn run: error: --decode-graphs works with the local and torchrun launchers, not ray" \
+        in capsys.readouterr().err
 
 
 class StaticBufferDecoder:

@@ -333,19 +333,20 @@ def add_job_args(ap: argparse.ArgumentParser) -> None:
 
 
 def spec_from_args(args) -> JobSpec:
+    """The job the command line asks for; ValueError names an option that cannot be taken."""
     cuda = torch.cuda.is_available()
     device = args.device or ("cuda" if cuda else "cpu")
     if device == "cuda" and not cuda:
-        raise SystemExit("--device cuda: no CUDA device is visible")
+        raise ValueError("--device cuda: no CUDA device is visible")
     tp = args.tp if args.tp is not None else (torch.cuda.device_count() if device == "cuda" else 2)
     if tp < 1:
-        raise SystemExit(f"--tp must be >= 1, got {tp}")
+        raise ValueError(f"--tp must be >= 1, got {tp}")
     graphs_ok = device == "cuda" and args.backend != "torch"
     if args.decode_graphs and not graphs_ok:
-        raise SystemExit("--decode-graphs needs --device cuda and the triton backend")
+        raise ValueError("--decode-graphs needs --device cuda and the triton backend")
     decode_graphs = graphs_ok if args.decode_graphs is None else args.decode_graphs
     if args.seqs < 1 or args.prompt_len < 1 or args.decode_steps < 0:
-        raise SystemExit("--seqs and --prompt-len must be >= 1 and --decode-steps >= 0")
+        raise ValueError("--seqs and --prompt-len must be >= 1 and --decode-steps >= 0")
     return JobSpec(checkpoint=args.checkpoint, tp=tp, device=device,
                    dtype=args.dtype or ("bfloat16" if device == "cuda" else "float32"), backend=args.backend,
                    seqs=args.seqs, prompt_len=args.prompt_len, decode_steps=args.decode_steps, seed=args.seed,
@@ -369,8 +370,8 @@ def main(argv=None) -> None:
     if args.tp is not None and args.tp != get_world_size():
         raise SystemExit(f"--tp {args.tp} but torchrun started {get_world_size()} ranks")
     args.tp = get_world_size()
-    spec = spec_from_args(args)
     try:
+        spec = spec_from_args(args)
         check_spec(spec)
     except (ValueError, FileNotFoundError) as e:      # CheckpointError is a ValueError
         destroy_distributed()
