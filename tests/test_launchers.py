@@ -104,6 +104,17 @@ def test_the_job_refuses_bad_sizes_in_one_line(argv, message, capsys):
     assert capsys.readouterr().err == f"tp-gdn run: error: {message}\n"
 
 
+@pytest.mark.parametrize("argv,message", [(["--seqs", "0"], "--seqs and --prompt-len must be >= 1"),
+                                          (["--tp", "3"], "--tp 3 but torchrun started 1 ranks")])
+def test_the_torchrun_entry_refuses_bad_options_in_one_line(tmp_path, argv, message):
+    """The per-rank entry (here one process, as torchrun with one rank would start it) says what is
+    wrong in one line, with no traceback."""
+    r = subprocess.run([sys.executable, "-m", "tp_gdn.launch.job", "--device", "cpu", *argv],
+                       capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert r.returncode == 1 and r.stderr.startswith(f"tp_gdn job: error: {message}"), r.stderr
+    assert "Traceback" not in r.stderr, r.stderr
+
+
 def test_the_job_runs_a_presharded_checkpoint_and_checks_it_against_the_joined_layer(ckpt, tmp_path, capsys):
     """The unsharded reference of a pre-sharded checkpoint is joined from every rank's file (the
     job once tried to load it at tp=1 and failed); outputs equal those from the HF checkpoint."""

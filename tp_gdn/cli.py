@@ -22,7 +22,7 @@ def cmd_run(args) -> int:
     spec = spec_from_args(args)
     if args.launcher == "ray" and args.decode_graphs:
         raise ValueError("--decode-graphs works with the local and torchrun launchers, not ray")
-    # refuse a bad checkpoint, tp or layer list here, before any rank starts
+    # refuse a backend the device cannot run, or a bad checkpoint, tp or layer list, before any rank starts
     check_spec(replace(spec, checkpoint=spec.checkpoint or str(default_checkpoint(spec.device))))
     if args.launcher == "torchrun":
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={spec.tp}",

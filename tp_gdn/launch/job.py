@@ -367,10 +367,10 @@ def main(argv=None) -> None:
     add_job_args(ap)
     args = ap.parse_args(argv)
     init_distributed()
-    if args.tp is not None and args.tp != get_world_size():
-        raise SystemExit(f"--tp {args.tp} but torchrun started {get_world_size()} ranks")
-    args.tp = get_world_size()
     try:
+        if args.tp is not None and args.tp != get_world_size():
+            raise ValueError(f"--tp {args.tp} but torchrun started {get_world_size()} ranks")
+        args.tp = get_world_size()
         spec = spec_from_args(args)
         check_spec(spec)
     except (ValueError, FileNotFoundError) as e:      # CheckpointError is a ValueError
