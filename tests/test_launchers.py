@@ -152,14 +152,19 @@ def test_the_job_refuses_a_backend_its_device_cannot_run_before_any_rank_starts(
     raised the same error with its own traceback; and a model whose conv the Triton kernels do not
     run was refused only inside the ranks. Both now end the command in one line, before any rank
     starts (no rank says "loading")."""
+    # the kernel modules are imported first, under the interpreter that conftest chose: a module
+    # imported while TRITON_INTERPRET is unset would hold compiled kernels for the later tests
+    import importlib
+
+    importlib.import_module("tp_gdn.kernels.triton_ops")
+    from tp_gdn.kernels.triton_conv import MAX_TAPS
+
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert cli(["run", "--device", "cpu", "--backend", "triton", "--checkpoint", str(ckpt), *JOB]) == 2
     err = capsys.readouterr().err
     assert "tp-gdn run: error: backend 'triton' needs a CUDA device (got cpu)" in err, err
     assert "Traceback" not in err and "loading" not in err, err
     # under the interpreter the backend runs on the CPU, but not a conv of more taps than it takes
-    from tp_gdn.kernels.triton_conv import MAX_TAPS
-
     wide = tmp_path / "wide-conv"
     wide.mkdir()
     for f in ckpt.iterdir():
