@@ -97,3 +97,15 @@ def test_warm_call_counts():
     assert timing.warm_calls(0.001, 50.0) == 1
     assert timing.warm_calls(1.0, 0.0) == 1_000_000        # a zero estimate does not divide by zero
     assert timing.warm(lambda: pytest.fail("warm ran a call with 0 seconds"), 0) == 0
+
+
+def test_kernel_table_gives_the_three_ratios_of_a_prefill_row(capsys):
+    """bench_kernels' table: each prefill row's ratio of single calls, of calls back to back and of
+    the kernels alone (fla-core's time over ours in each)."""
+    bk = load_benchmark("bench_kernels")
+    row = dict(workload="prefill 8x4096, 16/32", ours_ms=1.1, ours_back_to_back_ms=1.0, ours_kernels_ms=0.9,
+               fla_ms=2.2, fla_back_to_back_ms=1.5, fla_kernels_ms=1.62, ratio=2.2 / 1.1)
+    bk.print_table([row], "a GPU")
+    line = capsys.readouterr().out.splitlines()[-1]
+    assert line == ("| prefill 8x4096, 16/32 | 1.100 ms; 1.000 back to back; 0.900 kernels | 2.200 ms; 1.500 back "
+                    "to back; 1.620 kernels | 2.00; 1.50 back to back; 1.80 kernels |"), line
