@@ -246,6 +246,24 @@ def test_decode_graphs_are_the_default_on_gpus_only(monkeypatch, capsys):
         in capsys.readouterr().err
 
 
+def test_ray_takes_device_cuda_from_a_machine_without_gpus(monkeypatch):
+    """A Ray driver often runs on a head node without GPUs while its ranks land on the cluster's:
+    --device cuda is taken there under --launcher ray (with --tp, which this machine cannot
+    count), and still refused without a GPU under the other launchers."""
+    from tp_gdn.cli import build_parser
+    from tp_gdn.launch.job import spec_from_args
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    spec = spec_from_args(build_parser().parse_args(["run", "--launcher", "ray", "--device", "cuda", "--tp", "4"]))
+    assert (spec.device, spec.tp, spec.dtype) == ("cuda", 4, "bfloat16")
+    with pytest.raises(ValueError, match="--launcher ray on a machine without GPUs: give --tp"):
+        spec_from_args(build_parser().parse_args(["run", "--launcher", "ray", "--device", "cuda"]))
+    for launcher in ("local", "torchrun"):
+        with pytest.raises(ValueError, match="--device cuda: no CUDA device is visible"):
+            spec_from_args(build_parser().parse_args(["run", "--launcher", launcher, "--device", "cuda", "--tp", "2"]))
+
+
 class StaticBufferDecoder:
     """Stands in for GraphedDecoder on the CPU: runs every layer eagerly and returns the same
     output tensors each step, overwritten in place, as graph replays do."""
@@ -311,10 +329,13 @@ def local_ray():
     ray.shutdown()
 
 
-def test_ray_job_gives_the_same_numbers_as_local_processes(ckpt, tmp_path, local_ray):
+def test_ray_job_gives_the_same_numbers_as_local_processes(ckpt, tmp_path, local_ray, capsys):
     local, _ = run_main_job(["--checkpoint", str(ckpt), "--tp", "2", *JOB], tmp_path, "local")
+    capsys.readouterr()
     got, summary = run_main_job(["--checkpoint", str(ckpt), "--tp", "2", "--launcher", "ray", *JOB], tmp_path, "ray")
     assert summary["max_rel_err"] < 1e-5 and summary["ray_overhead_ms"] > 0
+    if not torch.cuda.is_available():       # the default device is this machine's, and the job says so
+        assert "no GPU is visible on this machine, so the Ray ranks run on CPUs" in capsys.readouterr().err
     for i in local:
         for a, b in zip(got[i], local[i]):
             assert torch.equal(a, b)
@@ -334,6 +355,20 @@ def test_ray_executor_forward_equals_the_unsharded_layer(ckpt, local_ray, seed):
                 assert rel_err(ex.forward(i, st.x, st.batch), want[i][n]) < 1e-5
     finally:
         ex.shutdown()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without GPUs")
+def test_ray_refuses_gpu_ranks_at_once_where_its_own_local_instance_has_no_gpus(ckpt, tmp_path):
+    """A local Ray instance started by the job gains no GPUs, so its placement would wait out
+    start_timeout_s (300 s) for nothing: the job says so at once instead (a fresh process, as the
+    check applies where the executor starts Ray itself)."""
+    t0 = time.monotonic()
+    r = subprocess.run([sys.executable, "-m", "tp_gdn.cli", "run", "--launcher", "ray", "--device", "cuda", "--tp",
+                        "2", "--checkpoint", str(ckpt), *JOB], capture_output=True, text=True, timeout=240,
+                       cwd=tmp_path)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "tp-gdn run: error: the local Ray instance has 0 GPUs, and 2 ranks on GPUs need 2" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and time.monotonic() - t0 < 120
 
 
 def test_ray_dead_rank_surfaces_as_an_error_naming_it(ckpt, local_ray):

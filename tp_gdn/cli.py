@@ -17,11 +17,15 @@ from .loader.synthetic import PRESETS
 
 
 def cmd_run(args) -> int:
-    from .launch.job import check_spec, default_checkpoint
+    from .launch.job import check_spec, default_checkpoint, progress
 
     spec = spec_from_args(args)
     if args.launcher == "ray" and args.decode_graphs:
         raise ValueError("--decode-graphs works with the local and torchrun launchers, not ray")
+    if args.launcher == "ray" and args.device is None and spec.device == "cpu":
+        # the default device is this machine's; say so, as the cluster may have GPUs that it does not
+        progress("no GPU is visible on this machine, so the Ray ranks run on CPUs; --device cuda "
+                 "places them on the cluster's GPUs")
     # refuse a backend the device cannot run, or a bad checkpoint, tp or layer list, before any rank starts
     check_spec(replace(spec, checkpoint=spec.checkpoint or str(default_checkpoint(spec.device))))
     if args.launcher == "torchrun":

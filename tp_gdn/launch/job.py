@@ -94,7 +94,12 @@ def check_spec(spec: JobSpec) -> None:
     if spec.checkpoint is None:
         return
     cfg = GDNConfig.from_pretrained(spec.checkpoint)
-    get_ops(backend).check_config(cfg)
+    try:
+        ops = get_ops(backend)
+    except ImportError:     # a Ray driver without Triton, its ranks on GPUs elsewhere: they check the model
+        ops = None
+    if ops is not None:
+        ops.check_config(cfg)
     cfg.check_tp(spec.tp)
     check_presharded_tp(spec.checkpoint, spec.tp)
     if spec.layers:
@@ -311,7 +316,9 @@ def add_job_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--tp", type=int, default=None,
                     help="tensor-parallel size (default: every visible GPU, or 2 ranks on the CPU)")
     ap.add_argument("--device", choices=["cpu", "cuda"], default=None,
-                    help="cpu: gloo and torch kernels; cuda: nccl and Triton kernels (default: cuda if visible)")
+                    help="cpu: gloo and torch kernels; cuda: nccl and Triton kernels (default: cuda if visible "
+                         "here; under --launcher ray, cuda puts the ranks on the cluster's GPUs even from a "
+                         "machine without any)")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                     help="weights and activations (default: float32 on the CPU, bfloat16 on GPUs)")
     ap.add_argument("--backend", choices=["auto", "torch", "triton"], default=d.backend,
@@ -333,11 +340,18 @@ def add_job_args(ap: argparse.ArgumentParser) -> None:
 
 
 def spec_from_args(args) -> JobSpec:
-    """The job the command line asks for; ValueError names an option that cannot be taken."""
+    """The job the command line asks for; ValueError names an option that cannot be taken. Under
+    `--launcher ray` (`args.launcher`), --device cuda needs no GPU here: the ranks are actors
+    placed on the cluster's GPUs, and a driver on a CPU-only head node is the usual case."""
     cuda = torch.cuda.is_available()
+    on_ray = getattr(args, "launcher", None) == "ray"
     device = args.device or ("cuda" if cuda else "cpu")
     if device == "cuda" and not cuda:
-        raise ValueError("--device cuda: no CUDA device is visible")
+        if not on_ray:
+            raise ValueError("--device cuda: no CUDA device is visible")
+        if args.tp is None:
+            raise ValueError("--device cuda with --launcher ray on a machine without GPUs: give --tp (the ranks "
+                             "take the cluster's GPUs, which this machine cannot count)")
     tp = args.tp if args.tp is not None else (torch.cuda.device_count() if device == "cuda" else 2)
     if tp < 1:
         raise ValueError(f"--tp must be >= 1, got {tp}")

@@ -120,13 +120,20 @@ class RayExecutor:
             if address is None:
                 kw.setdefault("include_dashboard", False)
             ray.init(address=address, **kw)
+        gpus = ray.cluster_resources().get("GPU", 0)
         if use_gpu is None:
-            use_gpu = ray.cluster_resources().get("GPU", 0) >= tp
+            use_gpu = gpus >= tp
         self.tp, self.use_gpu, self.call_timeout_s = tp, use_gpu, call_timeout_s
         self.calls: list[tuple[float, float]] = []     # (driver latency, rank-0 compute) per forward
+        self.actors, self.pg = [], None
+        if use_gpu and gpus < tp and self._owns_ray and address is None:
+            # a local instance started here gains no GPUs while the placement waits (a cluster's
+            # autoscaler might add some, so there the wait stays)
+            self.shutdown()
+            raise ValueError(f"the local Ray instance has {gpus:g} GPUs, and {tp} ranks on GPUs need {tp}; "
+                               "join a cluster that has them (address, --ray-address) or run on CPUs")
         bundle = {"GPU": 1, "CPU": 1} if use_gpu else {"CPU": 1}
         self.pg = placement_group([dict(bundle) for _ in range(tp)], strategy="PACK")
-        self.actors = []
         try:
             self._wait([self.pg.ready()], start_timeout_s, "placing the ranks (does the cluster have "
                        f"{tp} x {bundle} free?)")
