@@ -131,7 +131,7 @@ class RayExecutor:
             # autoscaler might add some, so there the wait stays)
             self.shutdown()
             raise ValueError(f"the local Ray instance has {gpus:g} GPUs, and {tp} ranks on GPUs need {tp}; "
-                               "join a cluster that has them (address, --ray-address) or run on CPUs")
+                             "join a cluster that has them (address, --ray-address) or run on CPUs")
         bundle = {"GPU": 1, "CPU": 1} if use_gpu else {"CPU": 1}
         self.pg = placement_group([dict(bundle) for _ in range(tp)], strategy="PACK")
         try:
