@@ -174,6 +174,14 @@ def run_ranks(world: int, fn, tmp_path: Path, *args, timeout: float = 600) -> li
 
 
 # -- the main job under every launcher -----------------------------------------------------------
+def copy_checkpoint(src: Path, dst: Path) -> Path:
+    """A copy of checkpoint directory `src` at `dst` (new), to edit without touching `src`."""
+    dst.mkdir()
+    for f in src.iterdir():
+        dst.joinpath(f.name).write_bytes(f.read_bytes())
+    return dst
+
+
 def run_main_job(args: list[str], tmp_path: Path, name: str) -> tuple[dict, dict]:
     """`tp-gdn run *args`, which must succeed: (the checked layers' saved outputs, the summary)."""
     import json

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from helpers import random_full_weights, tiny_config
+from helpers import copy_checkpoint, random_full_weights, tiny_config
 from tp_gdn import Batch, CheckpointError, GDNLayer, LoadStats, StateCache, load_layers
 
 
@@ -102,13 +102,6 @@ def test_load_refuses_an_integer_dtype_before_reading_any_tensor(hf_next):
     with pytest.raises(ValueError, match="dtype torch.int8 is not one the 'torch' backend computes in"):
         load_layers(hf_next[0], dtype=torch.int8, tp_rank=0, tp_size=1, stats=stats)
     assert stats.bytes_read == 0 and stats.files_opened == []
-
-
-def copy_checkpoint(src, dst):
-    dst.mkdir()
-    for f in src.iterdir():
-        dst.joinpath(f.name).write_bytes(f.read_bytes())
-    return dst
 
 
 def edit_tensor(ckpt, name, fn):

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import job_across_launchers, rel_err, run_main_job
+from helpers import copy_checkpoint, job_across_launchers, rel_err, run_main_job
 from tp_gdn import Batch, GDNConfig, StateCache, load_layers
 from tp_gdn.cli import main as cli
 from tp_gdn.loader.synthetic import write_checkpoint
@@ -165,13 +165,9 @@ def test_the_job_refuses_a_backend_its_device_cannot_run_before_any_rank_starts(
     assert "tp-gdn run: error: backend 'triton' needs a CUDA device (got cpu)" in err, err
     assert "Traceback" not in err and "loading" not in err, err
     # under the interpreter the backend runs on the CPU, but not a conv of more taps than it takes
-    wide = tmp_path / "wide-conv"
-    wide.mkdir()
-    for f in ckpt.iterdir():
-        (wide / f.name).symlink_to(f)
-    config = json.loads((ckpt / "config.json").read_text())
+    wide = copy_checkpoint(ckpt, tmp_path / "wide-conv")
+    config = json.loads((wide / "config.json").read_text())
     config["linear_conv_kernel_dim"] = MAX_TAPS + 1
-    (wide / "config.json").unlink()
     (wide / "config.json").write_text(json.dumps(config))
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert cli(["run", "--device", "cpu", "--backend", "triton", "--checkpoint", str(wide), *JOB]) == 2
