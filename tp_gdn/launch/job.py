@@ -97,8 +97,8 @@ def check_spec(spec: JobSpec) -> None:
     try:
         ops = get_ops(backend)
     except ImportError:     # a Ray driver without Triton, its ranks on GPUs elsewhere: they check the model
-        ops = None
-    if ops is not None:
+        pass
+    else:
         ops.check_config(cfg)
     cfg.check_tp(spec.tp)
     check_presharded_tp(spec.checkpoint, spec.tp)
