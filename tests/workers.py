@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from tp_gdn import GDNLayer, StateCache, load_layers
@@ -126,6 +128,25 @@ def chunked_stand_in_workload(rank, world, cfg, full_by_layer, steps, num_slots,
     return out, stand_in.log, err
 
 
+@contextlib.contextmanager
+def failing_norm(layer, fail_at: int):
+    """Within the block, the layer's gated norm raises RuntimeError("injected failure in norm
+    call N") on its fail_at-th call (N = fail_at; 0: never) and computes as before otherwise."""
+    norm, calls = layer.ops.gated_rmsnorm, []
+
+    def failing(*args, **kw):
+        calls.append(None)
+        if len(calls) == fail_at:
+            raise RuntimeError(f"injected failure in norm call {fail_at}")
+        return norm(*args, **kw)
+
+    layer.ops.gated_rmsnorm = failing
+    try:
+        yield
+    finally:
+        layer.ops.gated_rmsnorm = norm
+
+
 def chunked_stand_in_failure(rank, world, cfg, full_by_layer, steps, num_slots, fail_at):
     """The first layer with GlooChunkedAllReduce (from 0 rows), its gated norm raising on its
     fail_at-th call on every rank (1: inside the tail's first part; 0: the stand-in's start
@@ -140,21 +161,11 @@ def chunked_stand_in_failure(rank, world, cfg, full_by_layer, steps, num_slots, 
             stand_in.log.append(("start refused",))
             raise RuntimeError("injected failure in start")
         stand_in.start = refuse
-    norm, calls = layer.ops.gated_rmsnorm, []
-
-    def failing(*args, **kw):
-        calls.append(None)
-        if len(calls) == fail_at:
-            raise RuntimeError(f"injected failure in norm call {fail_at}")
-        return norm(*args, **kw)
-
-    layer.ops.gated_rmsnorm = failing
     try:
-        layer(steps[0].x, steps[0].batch, StateCache(cfg, [lid], num_slots), tail=4)
+        with failing_norm(layer, fail_at):
+            layer(steps[0].x, steps[0].batch, StateCache(cfg, [lid], num_slots), tail=4)
     except RuntimeError as e:
         return stand_in.log, str(e)
-    finally:
-        layer.ops.gated_rmsnorm = norm
     return stand_in.log, None
 
 
