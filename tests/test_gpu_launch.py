@@ -8,6 +8,7 @@ eight GPUs are visible (nvidia-h100-x8; issue 7).
 """
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -105,6 +106,42 @@ def test_torchrun_and_ray_give_identical_numbers_on_gpus(tmp_path, monkeypatch, 
         for a, b in zip(ray_out[i], tr_out[i]):
             assert torch.equal(a, b)
     assert ray_sum["max_rel_err"] < BF16_TOL
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tp", tps(2))
+def test_a_ray_driver_that_sees_no_gpu_runs_its_ranks_on_the_clusters_gpus(tmp_path, monkeypatch, tp):
+    """A driver on a machine without GPUs (a head node, say; here a process with
+    CUDA_VISIBLE_DEVICES="") joins a Ray cluster whose node has the GPUs, with --device cuda --tp:
+    its ranks run on those GPUs with the Triton backend, their outputs equal local processes'
+    bits (NCCL on both), and the job's check against the unsharded fp32 layer runs on the
+    driver's CPU."""
+    pytest.importorskip("ray")
+    from ray.cluster_utils import Cluster
+
+    monkeypatch.setenv("TP_GDN_ALL_REDUCE", "nccl")
+    local_out, _ = run_job(tmp_path, "local", "--tp", str(tp), "--no-decode-graphs")
+    out, js = tmp_path / "ray.pt", tmp_path / "ray.json"
+    cluster = Cluster(initialize_head=True,
+                      head_node_args=dict(num_cpus=tp + 2, num_gpus=tp, include_dashboard=False))
+    try:
+        r = subprocess.run([sys.executable, "-m", "tp_gdn.cli", "run", "--launcher", "ray", "--ray-address",
+                            cluster.address, "--tp", str(tp), *job_args(), "--save-outputs", str(out), "--json",
+                            str(js)],
+                           env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, capture_output=True, text=True,
+                           timeout=600, cwd=tmp_path)
+    finally:
+        cluster.shutdown()
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "so the Ray ranks run on CPUs" not in r.stderr
+    summary = json.loads(js.read_text())
+    assert [(x["device"], x["backend"]) for x in summary["ranks"]] == [("cuda:0", "triton")] * tp
+    assert summary["spec"]["device"] == "cuda" and summary["max_rel_err"] < BF16_TOL
+    ray_out = torch.load(out)["outputs"]
+    assert ray_out.keys() == local_out.keys()
+    for i in local_out:
+        for a, b in zip(ray_out[i], local_out[i], strict=True):
+            assert torch.equal(a, b)
 
 
 @pytest.fixture(scope="module")
@@ -446,6 +483,7 @@ def _tail_failure(rank, world, cfg, full, seed, form):
     import os
 
     from tp_gdn.parallel import comm
+    from workers import failing_norm
 
     _copy_form(world, form)
     os.environ["TP_GDN_ALL_REDUCE"] = "auto"
@@ -457,25 +495,15 @@ def _tail_failure(rank, world, cfg, full, seed, form):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(3000, cfg.hidden_size, generator=g).to(dev, bf)
     batch = Batch([700, 800, 600, 900], [0, 1, 2, 3], [False] * 4)
-    norm, errors = layer.ops.gated_rmsnorm, []
+    errors = []
     first = layer(x, batch, cache, tail=4)
     for fail_at in (3, 1):
-        count = []
-
-        def failing(*args, **kw):
-            count.append(None)
-            if rank == world - 1 and len(count) == fail_at:
-                raise RuntimeError(f"injected failure in norm call {fail_at}")
-            return norm(*args, **kw)
-
-        layer.ops.gated_rmsnorm = failing
         try:
-            layer(torch.randn(3000, cfg.hidden_size, generator=g).to(dev, bf), batch, cache, tail=4)
+            with failing_norm(layer, fail_at if rank == world - 1 else 0):
+                layer(torch.randn(3000, cfg.hidden_size, generator=g).to(dev, bf), batch, cache, tail=4)
             errors.append(None)
         except RuntimeError as e:
             errors.append(str(e))
-        finally:
-            layer.ops.gated_rmsnorm = norm
     last = layer(x, batch, cache, tail=4)
     torch.cuda.synchronize(dev)      # waits for ever where this rank's streams wait on flags no peer raised
     return first.float().cpu(), last.float().cpu(), errors
