@@ -58,11 +58,21 @@ LAUNCH = {
     # 4 warps for bf16 at dk = dv = 16 on an H200, Triton 3.6, and the rewrite was not tried there
     "wu": dict(num_warps=4, num_stages=1),
     "wu_small": dict(num_warps=8, num_stages=1),
+    # The split path's sequential pass. H200, kernel time, medians of 5 interleaved rounds, outputs
+    # bit-equal across settings (benchmarks/results/probe_pass_h200_s33d.log): at BV 32 4 warps 2
+    # stages took 0.1877 / 0.1625 / 0.1625 ms against 0.1968 / 0.1726 / 0.1727 for 8 warps 3 stages
+    # (core 1x4096 16/32, the tp=1 layer at 1x4096, a tp=8 rank's layer at 8x4096); 4 warps 3
+    # stages about the same, 1 stage slower (0.2396 / 0.2156 / 0.2148). At BV 64 (core 8x4096 4/8,
+    # forced): 0.2284 against 0.2624 (probe_split_h200_s33c.log)
+    "pass": dict(num_warps=4, num_stages=2),
+    # The scan path's summary and pass. 8 warps 3 stages, as the split pass had before: there 4
+    # warps 2 stages took the pass from 0.1594 to 0.3410 ms (core 1x32768 4/8) and from 0.0509 to
+    # 0.0855 (a tp=2 rank's layer at 1x4096), 1 stage was slower too (probe_pass_h200_s33d.log).
     # num_stages=1 gave wrong results and faults on an H200 with Triton 3.6 (2026-11-27, an earlier
     # kernel); the seventh session's run gave bit-equal outputs at 1 stage on four split and scan
     # workloads at real dims, and no gain (0.900 against 0.887 ms at 1x32768 4/8; 4 warps 1.3-1.9x
     # slower; benchmarks/results/exp_launch_variants_h200x2_s7.log)
-    "pass": dict(num_warps=8, num_stages=3),
+    "scan": dict(num_warps=8, num_stages=3),
     # H200, whole core at 8x4096, 16/32 and 8/16 heads (BV 128) and 4/8 (BV 64): 8 warps 1 stage
     # 1.793 / 0.857 / 0.684 ms, 2 stages 1.773 / 0.934 / 0.776, 3 stages 1.939 / 0.995 / 0.846, bit-equal
     # outputs; every variant holds 255 registers per thread with spills, one program per SM
@@ -807,7 +817,7 @@ def chunk_delta_rule_varlen(
         R=nv // nk, DK=dk, DV=dv, BK=BK, BV=BVf, NORM_QK=normalize_qk, PREC=prec, FTZ=_ftz(prec),
         **LAUNCH["wu" if min(dk, dv) >= 64 else "wu_small"],
     )
-    pass_launch = dict(LAUNCH["pass"])
+    pass_launch = dict(LAUNCH["pass" if path == "split" else "scan"])
     if dt == torch.float32:  # fp32 tiles at dk = dv = 128 overflow shared memory at 3 stages (H100)
         pass_launch["num_stages"] = min(pass_launch["num_stages"], 2)
     if path == "split":
