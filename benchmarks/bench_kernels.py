@@ -1,6 +1,6 @@
 """Core GDN kernels, ours against fla-core, on one GPU, in the same run on the same inputs.
 
-    python benchmarks/bench_kernels.py [--sweep split|fused|all|decode] [--launch JSON] [--json OUT.json]
+    python benchmarks/bench_kernels.py [--sweep split|scan|fused|all|decode|conv] [--launch JSON] [--json OUT.json]
                                        [--rows TEXT ...] [--no-variants]
 
 Workloads (Qwen3-Next-80B GDN dims, dk = dv = 128, bf16 q/k/v, fp32 state, l2norm and gating
@@ -18,7 +18,8 @@ work than ours). Each prefill row also times the kernel paths ("split", "fused" 
 blocks, "scan" at its own blocks and segment length), next to the one `choose_path` picks, and
 the solve launch that every path starts with on its own; `--no-variants` leaves those out (they
 take most of the run's time).
-`--sweep` first tries launch settings and keeps the fastest. After each row the GPU's SM clock,
+`--sweep` first tries launch settings and keeps the fastest; a prefill path's settings are timed
+on workloads that take that path (check_launch.SWEEP_ROWS), not on the table's rows. After each row the GPU's SM clock,
 power draw and clock event reasons are printed (timing.gpu_clocks).
 """
 
@@ -131,11 +132,16 @@ PREFILL = [("prefill 8x4096, 16/32", 8, 4096, 16, 32), ("prefill 8x4096, 8/16", 
            ("prefill 8x4096, 4/8", 8, 4096, 4, 8), ("prefill 1x32768, 4/8", 1, 32768, 4, 8)]
 
 
+# the triton_chunk.LAUNCH entry that each prefill path's sweep tries settings of
+SWEEP_KERNELS = {"split": "pass", "scan": "scan", "fused": "fused"}
+
+
 def sweep_prefill(paths):
-    """Each launch setting of each path's sequential kernel in its own process (a faulting setting
-    cannot poison the rest); keeps the fastest setting per path and prints every time."""
+    """Each launch setting of each path's sequential kernels in its own process (a faulting setting
+    cannot poison the rest), timed on workloads that take that path (check_launch.SWEEP_ROWS);
+    keeps the fastest setting per path and prints every time."""
     best = {}
-    for path, kernel in (("split", "pass"), ("fused", "fused")):
+    for path, kernel in SWEEP_KERNELS.items():
         if path not in paths:
             continue
         for nw in (4, 8):
@@ -150,7 +156,8 @@ def sweep_prefill(paths):
                 times = json.loads(line)
                 total = sum(min(t.values()) for t in times.values())
                 print(f"sweep {path} nw={nw} ns={ns}: total {total:.3f} ms; " + "; ".join(
-                    f"{w}: " + ", ".join(f"BV{bv} {t:.3f}" for bv, t in ts.items()) for w, ts in times.items()),
+                    f"{w}: " + ", ".join(f"{bv if bv == 'auto' else f'BV{bv}'} {t:.3f}" for bv, t in ts.items())
+                    for w, ts in times.items()),
                     flush=True)
                 if path not in best or total < best[path][0]:
                     best[path] = (total, setting)
@@ -237,9 +244,10 @@ def sweep_conv():
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sweep", choices=["split", "fused", "all", "decode", "conv"], default=None,
-                    help="search launch settings first: of one prefill path's sequential kernel, of both and "
-                         "the decode kernel (all), or of the decode or conv kernel alone")
+    ap.add_argument("--sweep", choices=["split", "scan", "fused", "all", "decode", "conv"], default=None,
+                    help="search launch settings first: of one prefill path's sequential kernels (scan: its "
+                         "summary and pass), of the three paths' and the decode kernel (all), or of the decode "
+                         "or conv kernel alone")
     ap.add_argument("--launch", default=None,
                     help='JSON launch settings to use, e.g. \'{"fused": {"num_warps": 8, "num_stages": 2}}\'')
     ap.add_argument("--json", help="write the results here as JSON")
@@ -262,7 +270,7 @@ def main():
         return
     if args.sweep:
         if args.sweep != "decode":
-            sweep_prefill(["split", "fused"] if args.sweep == "all" else [args.sweep])
+            sweep_prefill(["split", "scan", "fused"] if args.sweep == "all" else [args.sweep])
         if args.sweep in ("all", "decode"):
             sweep_decode()
     print("launch settings:", triton_chunk.LAUNCH, triton_decode.LAUNCH, flush=True)

@@ -109,3 +109,22 @@ def test_kernel_table_gives_the_three_ratios_of_a_prefill_row(capsys):
     line = capsys.readouterr().out.splitlines()[-1]
     assert line == ("| prefill 8x4096, 16/32 | 1.100 ms; 1.000 back to back; 0.900 kernels | 2.200 ms; 1.500 back "
                     "to back; 1.620 kernels | 2.00; 1.50 back to back; 1.80 kernels |"), line
+
+
+def test_each_prefill_sweep_times_workloads_that_take_its_path():
+    """bench_kernels.py --sweep keeps a path's launch setting by timing check_launch.SWEEP_ROWS
+    under it: choose_path must pick that path on each of those workloads, or the setting kept
+    would be tuned on calls that never run it (as the split sweep was, on 8x4096 rows that take
+    the fused path). Each sweep also names a launch entry that the kernels read."""
+    from tp_gdn.kernels import triton_chunk
+
+    check_launch, bench_kernels = load_benchmark("check_launch"), load_benchmark("bench_kernels")
+    assert set(check_launch.SWEEP_ROWS) == set(check_launch.BVS) == set(bench_kernels.SWEEP_KERNELS) == \
+        set(triton_chunk.PATHS)
+    assert set(bench_kernels.SWEEP_KERNELS.values()) <= set(triton_chunk.LAUNCH)
+    for path, rows in check_launch.SWEEP_ROWS.items():
+        assert rows, path
+        for name, n, L, nk, nv in rows:
+            assert name == f"prefill {n}x{L}, {nk}/{nv}"
+            got, _ = triton_chunk.choose_path(n, nv, 128, torch.bfloat16, num_chunks=n * -(-L // 64))
+            assert got == path, (name, got)
