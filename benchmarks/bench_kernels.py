@@ -19,8 +19,8 @@ blocks, "scan" at its own blocks and segment length), next to the one `choose_pa
 the solve launch that every path starts with on its own; `--no-variants` leaves those out (they
 take most of the run's time).
 `--sweep` first tries launch settings and keeps the fastest; a prefill path's settings are timed
-on workloads that take that path (check_launch.SWEEP_ROWS), not on the table's rows. After each row the GPU's SM clock,
-power draw and clock event reasons are printed (timing.gpu_clocks).
+on workloads that take that path (check_launch.SWEEP_ROWS), not on the table's rows. After each
+row the GPU's SM clock, power draw and clock event reasons are printed (timing.gpu_clocks).
 """
 
 from __future__ import annotations
