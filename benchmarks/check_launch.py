@@ -22,7 +22,7 @@ from tp_gdn.kernels import triton_chunk
 from tp_gdn.kernels.triton_ops import gdn_prefill
 from tp_gdn.loader.synthetic import gate_parameters
 
-BVS = {"split": (16, 32, 64), "fused": (64, 128), "scan": (None,)}
+BVS = {"split": (16, 32, 64, 128), "fused": (64, 128), "scan": (None,)}
 # The workloads each path's sweep times: ones on which choose_path takes that path, so that the
 # setting kept is the one such calls run with (tests/test_benchmarks.py checks it). Split: the tp=1
 # layer's core at 1x4096 and a tp=8 rank's at 8x4096; scan: one long prompt on a tp=4 rank and
