@@ -95,7 +95,7 @@ def test_torchrun_and_ray_give_identical_numbers_on_gpus(tmp_path, monkeypatch, 
     # Ray's actors (one visible GPU each) all-reduce through NCCL; torchrun's ranks would take the
     # symmetric-memory all-reduce, which sums in another order (bits differ at tp > 2), so both use NCCL
     monkeypatch.setenv("TP_GDN_ALL_REDUCE", "nccl")
-    ray_out, ray_sum = run_job(tmp_path, "ray", "--tp", str(tp), "--launcher", "ray")
+    ray_out, ray_sum = run_job(tmp_path, "ray", "--tp", str(tp), "--launcher", "ray", "--no-decode-graphs")
     out = tmp_path / "tr.pt"
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={tp}",
                     str(ROOT / "launch" / "torchrun_job.py"), *job_args(), "--no-decode-graphs",
@@ -126,8 +126,8 @@ def test_a_ray_driver_that_sees_no_gpu_runs_its_ranks_on_the_clusters_gpus(tmp_p
                       head_node_args=dict(num_cpus=tp + 2, num_gpus=tp, include_dashboard=False))
     try:
         r = subprocess.run([sys.executable, "-m", "tp_gdn.cli", "run", "--launcher", "ray", "--ray-address",
-                            cluster.address, "--tp", str(tp), *job_args(), "--save-outputs", str(out), "--json",
-                            str(js)],
+                            cluster.address, "--tp", str(tp), *job_args(), "--no-decode-graphs", "--save-outputs",
+                            str(out), "--json", str(js)],
                            env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, capture_output=True, text=True,
                            timeout=600, cwd=tmp_path)
     finally:
@@ -142,6 +142,27 @@ def test_a_ray_driver_that_sees_no_gpu_runs_its_ranks_on_the_clusters_gpus(tmp_p
     for i in local_out:
         for a, b in zip(ray_out[i], local_out[i], strict=True):
             assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tp", tps(2))
+def test_ray_job_replays_its_decode_steps_from_cuda_graphs(tmp_path, monkeypatch, tp):
+    """The GPU default under Ray: each actor captures its decode graphs (RayExecutor.prepare_decode)
+    and replays a whole step in one call (RayExecutor.decode). The outputs equal the local
+    launcher's graphed job bit for bit (NCCL on both, captured in the graphs) and lie within
+    bf16 rounding of the eager job's."""
+    pytest.importorskip("ray")
+    monkeypatch.setenv("TP_GDN_ALL_REDUCE", "nccl")
+    local, _ = run_job(tmp_path, "local", "--tp", str(tp))                        # graphs: the GPU default
+    eager, _ = run_job(tmp_path, "eager", "--tp", str(tp), "--no-decode-graphs")
+    ray_out, summary = run_job(tmp_path, "ray", "--tp", str(tp), "--launcher", "ray")
+    assert [r["decode_graphs"] for r in summary["ranks"]] == [True] * tp
+    assert summary["max_rel_err"] < BF16_TOL and summary["ray_overhead_ms"] > 0
+    assert ray_out.keys() == local.keys()
+    for i in local:
+        for n, (a, b, c) in enumerate(zip(ray_out[i], local[i], eager[i], strict=True)):
+            assert torch.equal(a, b), (i, n, rel_err(a, b))
+            assert rel_err(a, c) < 1e-2, (i, n)      # the same kernels; cuBLAS may pick others under capture
 
 
 @pytest.fixture(scope="module")

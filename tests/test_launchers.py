@@ -236,10 +236,6 @@ def test_decode_graphs_are_the_default_on_gpus_only(monkeypatch, capsys):
     assert not spec_for(["--backend", "torch"]).decode_graphs
     with pytest.raises(ValueError, match="needs --device cuda and the triton backend"):
         spec_for(["--backend", "torch", "--decode-graphs"])
-    capsys.readouterr()
-    assert cli(["run", "--launcher", "ray", "--decode-graphs"]) == 2
-    assert "tp-gdn run: error: --decode-graphs works with the local and torchrun launchers, not ray" \
-        in capsys.readouterr().err
 
 
 def test_ray_takes_device_cuda_from_a_machine_without_gpus(monkeypatch):
@@ -252,7 +248,7 @@ def test_ray_takes_device_cuda_from_a_machine_without_gpus(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
     spec = spec_from_args(build_parser().parse_args(["run", "--launcher", "ray", "--device", "cuda", "--tp", "4"]))
-    assert (spec.device, spec.tp, spec.dtype) == ("cuda", 4, "bfloat16")
+    assert (spec.device, spec.tp, spec.dtype, spec.decode_graphs) == ("cuda", 4, "bfloat16", True)
     with pytest.raises(ValueError, match="--launcher ray on a machine without GPUs: give --tp"):
         spec_from_args(build_parser().parse_args(["run", "--launcher", "ray", "--device", "cuda"]))
     for launcher in ("local", "torchrun"):
@@ -303,6 +299,41 @@ def test_job_serves_decode_steps_through_a_step_function_and_keeps_copies(ckpt, 
             assert torch.equal(g, w), (i, n)
 
 
+def test_a_ray_ranks_decode_step_runs_every_layer_through_its_decoder(ckpt, seed):
+    """The actor side of RayExecutor.decode, in this process, with the CPU stand-in for the graphs:
+    one call takes a decode step through every layer; rank 0 returns CPU copies of the asked
+    layers' outputs (which later steps do not overwrite), the other ranks None."""
+    from tp_gdn.launch.job import is_decode_step
+    from tp_gdn.launch.ray_executor import _Rank
+    from tp_gdn.workload import serving_workload
+
+    cfg = GDNConfig.from_pretrained(ckpt)
+    ids, keep = cfg.linear_layer_ids, cfg.linear_layer_ids[::2]
+    steps = serving_workload(cfg.hidden_size, 3, 70, 3, seed)
+    layers, cache = load_layers(ckpt), StateCache(cfg, cfg.linear_layer_ids, 3)
+    want = [{i: layers[i](st.x, st.batch, cache) for i in keep} for st in steps]
+    ranks = [_Rank(r, 2) for r in range(2)]
+    for r in ranks:
+        r.load(str(ckpt), "float32", False, None, "torch", 3)
+        r.decoder = StaticBufferDecoder(r.layers, r.cache)
+    got = []
+    for st in steps:
+        if not is_decode_step(st.batch):
+            got.append({i: ranks[0].forward(i, st.x, st.batch)[0] for i in keep})
+            for i in ids:
+                if i not in keep:
+                    ranks[0].forward(i, st.x, st.batch)
+            continue
+        assert ranks[1].decode(st.x, list(st.batch.slots), keep) is None
+        ys, compute_s = ranks[0].decode(st.x, list(st.batch.slots), keep)
+        assert set(ys) == set(keep) and compute_s > 0 and all(y.device.type == "cpu" for y in ys.values())
+        got.append(ys)
+    assert ranks[0].decoder.calls == len(steps) - 1
+    for n, (g, w) in enumerate(zip(got, want, strict=True)):
+        for i in keep:
+            assert torch.equal(g[i], w[i]), (n, i)
+
+
 def test_real_dims_split_layout_gives_the_same_numbers_under_every_launcher(tmp_path):
     """One Qwen3.5-layout GDN layer at its real dims (H 2048, nk 16, nv 64, dk = dv 128, split
     projections) at tp=2: the CPU run of the check that tests/test_gpu_launch.py makes on GPUs
@@ -349,6 +380,11 @@ def test_ray_executor_forward_equals_the_unsharded_layer(ckpt, local_ray, seed):
         for n, st in enumerate(steps):
             for i in cfg.linear_layer_ids:
                 assert rel_err(ex.forward(i, st.x, st.batch), want[i][n]) < 1e-5
+        # graphed decode steps are for GPU ranks with the Triton backend: refused here, before any actor call
+        x = torch.randn(2, cfg.hidden_size)
+        for call in (lambda: ex.prepare_decode(2), lambda: ex.decode(x, [0, 1])):
+            with pytest.raises(ValueError, match="need GPU ranks and the triton backend .*CPUs with the torch"):
+                call()
     finally:
         ex.shutdown()
 

@@ -20,8 +20,6 @@ def cmd_run(args) -> int:
     from .launch.job import check_spec, default_checkpoint, progress
 
     spec = spec_from_args(args)
-    if args.launcher == "ray" and args.decode_graphs:
-        raise ValueError("--decode-graphs works with the local and torchrun launchers, not ray")
     if args.launcher == "ray" and args.device is None and spec.device == "cpu":
         # the default device is this machine's; say so, as the cluster may have GPUs that it does not
         progress("no GPU is visible on this machine, so the Ray ranks run on CPUs; --device cuda "
@@ -42,7 +40,6 @@ def cmd_run(args) -> int:
         cmd.append("--decode-graphs" if spec.decode_graphs else "--no-decode-graphs")
         return subprocess.call(cmd)
     if args.launcher == "ray":
-        spec.decode_graphs = False                    # the GPU default, which ray does not support
         from .launch.ray_executor import run_job
         summary = run_job(spec, address=args.ray_address)
     else:

@@ -198,12 +198,18 @@ def serve(forward, layer_ids: list[int], steps: list[Step], keep: list[int], bar
     return times, {i: [y.cpu() for y in ys] for i, ys in outputs.items()}
 
 
+def is_decode_step(batch) -> bool:
+    """Whether every sequence of `batch` is one token continuing from its slot (what a decode
+    graph replays)."""
+    return all(n == 1 for n in batch.seq_lens) and all(batch.has_state)
+
+
 def graphed_decode_step(decoder, keep: list[int], device, dtype):
-    """A `serve` step that replays decode-only steps (every sequence one token, continuing from
-    its slot) from `decoder` (a GraphedDecoder over all the job's layers) and declines the rest.
-    The kept outputs are copied, since the graph overwrites its buffers on the next replay."""
+    """A `serve` step that replays decode-only steps (is_decode_step) from `decoder` (a
+    GraphedDecoder over all the job's layers) and declines the rest. The kept outputs are
+    copied, since the graph overwrites its buffers on the next replay."""
     def step(x, batch):
-        if any(n != 1 for n in batch.seq_lens) or not all(batch.has_state):
+        if not is_decode_step(batch):
             return None
         ys = decoder(x.to(device, dtype), list(batch.slots))
         return {i: ys[i].clone() for i in keep}
@@ -333,9 +339,9 @@ def add_job_args(ap: argparse.ArgumentParser) -> None:
                     help="which layers to compare with the unsharded fp32 layer on the CPU")
     ap.add_argument("--save-outputs", default=None, help="rank 0 saves the checked layers' outputs here")
     ap.add_argument("--decode-graphs", action=argparse.BooleanOptionalAction, default=None,
-                    help="replay the decode steps from CUDA graphs (tp_gdn.graphs.GraphedDecoder), captured "
-                         "before the timing (default: on with GPUs and the triton backend under the local and "
-                         "torchrun launchers; off on the CPU and under ray, which does not support it)")
+                    help="replay the decode steps from CUDA graphs (tp_gdn.graphs.GraphedDecoder, in each rank), "
+                         "captured before the timing (default: on with GPUs and the triton backend, under every "
+                         "launcher; off on the CPU)")
     ap.add_argument("--json", default=None, help="write the summary as JSON here")
 
 

@@ -3,7 +3,10 @@
 Bundle i holds rank i (PACK: ranks fill a node before the next). Rank 0's actor creates a
 TCPStore on a port the OS picks and reports it, the others join it, so there is no port race;
 NCCL joins GPU actors, gloo CPU actors. `forward(layer_id, x, batch)` runs the layer on every
-rank and returns the all-reduced output; the state cache lives in the actors. A dead actor, or
+rank and returns the all-reduced output; the state cache lives in the actors. On GPUs,
+`decode(x, slots)` runs one decode step of every layer in one call per actor, replayed from
+CUDA graphs (tp_gdn.graphs.GraphedDecoder, one per actor over its layers and cache;
+`prepare_decode(B)` captures B sequences' graph ahead of time). A dead actor, or
 one that does not answer within `call_timeout_s` (a failed or hung collective), raises in the
 driver naming the rank; `shutdown()` releases the actors and the placement group.
 """
@@ -23,6 +26,7 @@ class _Rank:
     def __init__(self, rank: int, world: int):
         self.rank, self.world = rank, world
         self.store = None
+        self.decoder = None     # the GraphedDecoder over this rank's layers, built at the first graphed step
 
     def node_id(self) -> str:
         import ray
@@ -81,6 +85,25 @@ class _Rank:
         y = y.cpu()
         return y, time.perf_counter() - t0
 
+    def _graphed(self):
+        if self.decoder is None:
+            from ..graphs import GraphedDecoder
+            self.decoder = GraphedDecoder(self.layers, self.cache)
+        return self.decoder
+
+    def prepare_decode(self, B: int) -> None:
+        self._graphed().prepare(B)
+
+    def decode(self, x: torch.Tensor, slots: list[int], keep: list[int]):
+        """One decode step of every layer from the graphs; rank 0 returns ({layer id: y} for the
+        layers in `keep`, on the CPU, and its compute time), the other ranks None."""
+        t0 = time.perf_counter()
+        ys = self._graphed()(x.to(self.device, self.dtype), slots)
+        if self.rank != 0:
+            return None
+        out = {i: ys[i].to("cpu", copy=True) for i in keep}     # the graph's buffers take the next step
+        return out, time.perf_counter() - t0
+
     def peak_memory_bytes(self) -> int:
         from .job import peak_memory_bytes
 
@@ -125,7 +148,7 @@ class RayExecutor:
             use_gpu = gpus >= tp
         self.tp, self.use_gpu, self.call_timeout_s = tp, use_gpu, call_timeout_s
         self.calls: list[tuple[float, float]] = []     # (driver latency, rank-0 compute) per forward
-        self.actors, self.pg = [], None
+        self.actors, self.pg, self._layer_ids = [], None, None
         if use_gpu and gpus < tp and self._owns_ray and address is None:
             # a local instance started here gains no GPUs while the placement waits (a cluster's
             # autoscaler might add some, so there the wait stays)
@@ -180,7 +203,9 @@ class RayExecutor:
         return self._wait([a.node_id.remote() for a in self.actors], self.call_timeout_s, "asking for node ids")
 
     def layer_ids(self) -> list[int]:
-        return self._wait([self.actors[0].layer_ids.remote()], self.call_timeout_s, "listing layers")[0]
+        if self._layer_ids is None:
+            self._layer_ids = self._wait([self.actors[0].layer_ids.remote()], self.call_timeout_s, "listing layers")[0]
+        return list(self._layer_ids)
 
     def forward(self, layer_id: int, x: torch.Tensor, batch: Batch) -> torch.Tensor:
         """Run layer `layer_id` on every rank with the same x [tokens, H]; the all-reduced output."""
@@ -191,11 +216,47 @@ class RayExecutor:
         self.calls.append((time.perf_counter() - t0, compute_s))
         return y
 
+    def _check_graphs(self) -> None:
+        backend = self.rank_info[0]["backend"]
+        if not self.use_gpu or backend != "triton":
+            raise ValueError("decode steps from CUDA graphs need GPU ranks and the triton backend (these ranks "
+                             f"run on {'GPUs' if self.use_gpu else 'CPUs'} with the {backend} backend); "
+                             "use forward for eager steps")
+
+    def prepare_decode(self, B: int) -> None:
+        """Capture every actor's decode graph for B sequences now (the first decode step of B
+        sequences captures it otherwise): each warms up on a scratch cache, so the slots keep
+        their states."""
+        self._check_graphs()
+        if B < 1:
+            raise ValueError(f"a decode step needs at least one sequence, got B={B}")
+        self._wait([a.prepare_decode.remote(B) for a in self.actors], self.call_timeout_s,
+                   f"capturing the decode graphs of {B} sequences")
+
+    def decode(self, x: torch.Tensor, slots: list[int], layer_ids: list[int] | None = None) -> dict[int, torch.Tensor]:
+        """One decode step through every layer, replayed from each actor's CUDA graphs: x [B, H]
+        (one token for each of the B slots, continuing from its state) -> {layer id: y [B, H]} for
+        `layer_ids` (default: every layer). One call per actor for the whole step, where forward
+        takes one per layer."""
+        self._check_graphs()
+        slots = [int(s) for s in slots]
+        ids = self.layer_ids()
+        keep = ids if layer_ids is None else [int(i) for i in layer_ids]
+        unknown = sorted(set(keep) - set(ids))
+        if unknown:
+            raise ValueError(f"layer(s) {unknown} are not loaded here (the ranks hold layers {ids})")
+        t0 = time.perf_counter()
+        results = self._wait([a.decode.remote(x, slots, keep) for a in self.actors], self.call_timeout_s,
+                             f"decode step of {len(slots)} sequences")
+        ys, compute_s = results[0]
+        self.calls.append((time.perf_counter() - t0, compute_s))
+        return ys
+
     def peak_memory_bytes(self) -> list[int]:
         return self._wait([a.peak_memory_bytes.remote() for a in self.actors], self.call_timeout_s, "memory query")
 
     def overhead_ms(self) -> float:
-        """Mean driver-side latency of forward minus rank 0's compute time."""
+        """Mean driver-side latency of a call (forward or decode) minus rank 0's compute time."""
         if not self.calls:
             return float("nan")
         return 1e3 * sum(lat - comp for lat, comp in self.calls) / len(self.calls)
@@ -220,7 +281,8 @@ def run_job(spec, address: str | None = None) -> dict:
     """The main job (tp_gdn.launch.job) driven through a RayExecutor from this process."""
     from ..config import GDNConfig
     from ..workload import serving_workload
-    from .job import checked_layers, default_checkpoint, progress, serve, serving_message, summarize, warm_up_message
+    from .job import (checked_layers, default_checkpoint, is_decode_step, progress, serve, serving_message, summarize,
+                      warm_up_message)
 
     ckpt = spec.checkpoint or str(default_checkpoint(spec.device))
     cfg = GDNConfig.from_pretrained(ckpt)
@@ -232,10 +294,19 @@ def run_job(spec, address: str | None = None) -> dict:
         steps = serving_workload(cfg.hidden_size, spec.seqs, spec.prompt_len, spec.decode_steps, spec.seed)
         progress(warm_up_message(spec.device))
         serve(ex.forward, ids, steps[:2], [], lambda: None)       # warm-up: compiles kernels in the actors
+        keep = checked_layers(spec, ids)
+
+        def graphed_step(x, batch):                                 # a whole decode step in one call per actor
+            return ex.decode(x, list(batch.slots), keep) if is_decode_step(batch) else None
+        step = graphed_step if spec.decode_graphs else None
+        if spec.decode_graphs:
+            progress(f"capturing the decode step of {spec.seqs} sequences in CUDA graphs")
+            ex.prepare_decode(spec.seqs)                            # captured here, outside the timing
         ex.calls.clear()
         progress(serving_message(steps, ids))
-        times, outputs = serve(ex.forward, ids, steps, checked_layers(spec, ids), lambda: None)
-        ranks = [dict(info, peak_memory_bytes=m) for info, m in zip(ex.rank_info, ex.peak_memory_bytes())]
+        times, outputs = serve(ex.forward, ids, steps, keep, lambda: None, step)
+        ranks = [dict(info, peak_memory_bytes=m, decode_graphs=spec.decode_graphs)
+                 for info, m in zip(ex.rank_info, ex.peak_memory_bytes())]
         summary = summarize(spec, ckpt, steps, times, outputs, ranks)
         summary.update(ray_overhead_ms=ex.overhead_ms(), placement=ex.placement())
         return summary
