@@ -299,16 +299,16 @@ def test_job_serves_decode_steps_through_a_step_function_and_keeps_copies(ckpt, 
             assert torch.equal(g, w), (i, n)
 
 
-def test_a_ray_ranks_decode_step_runs_every_layer_through_its_decoder(ckpt, seed):
-    """The actor side of RayExecutor.decode, in this process, with the CPU stand-in for the graphs:
-    one call takes a decode step through every layer; rank 0 returns CPU copies of the asked
-    layers' outputs (which later steps do not overwrite), the other ranks None."""
+def test_a_ray_ranks_steps_run_every_layer_in_one_call(ckpt, seed):
+    """The actor side of RayExecutor.step and .decode, in this process, with the CPU stand-in for
+    the graphs: one call takes a step through every layer; rank 0 returns CPU copies of the
+    asked layers' outputs (which later steps do not overwrite), the other ranks None."""
     from tp_gdn.launch.job import is_decode_step
     from tp_gdn.launch.ray_executor import _Rank
     from tp_gdn.workload import serving_workload
 
     cfg = GDNConfig.from_pretrained(ckpt)
-    ids, keep = cfg.linear_layer_ids, cfg.linear_layer_ids[::2]
+    keep = cfg.linear_layer_ids[::2]
     steps = serving_workload(cfg.hidden_size, 3, 70, 3, seed)
     layers, cache = load_layers(ckpt), StateCache(cfg, cfg.linear_layer_ids, 3)
     want = [{i: layers[i](st.x, st.batch, cache) for i in keep} for st in steps]
@@ -318,11 +318,11 @@ def test_a_ray_ranks_decode_step_runs_every_layer_through_its_decoder(ckpt, seed
         r.decoder = StaticBufferDecoder(r.layers, r.cache)
     got = []
     for st in steps:
-        if not is_decode_step(st.batch):
-            got.append({i: ranks[0].forward(i, st.x, st.batch)[0] for i in keep})
-            for i in ids:
-                if i not in keep:
-                    ranks[0].forward(i, st.x, st.batch)
+        if not is_decode_step(st.batch):                 # the prefill: every layer in one call
+            assert ranks[1].step(st.x, st.batch, keep) is None
+            ys, compute_s = ranks[0].step(st.x, st.batch, keep)
+            assert set(ys) == set(keep) and compute_s > 0
+            got.append(ys)
             continue
         assert ranks[1].decode(st.x, list(st.batch.slots), keep) is None
         ys, compute_s = ranks[0].decode(st.x, list(st.batch.slots), keep)
@@ -375,11 +375,17 @@ def test_ray_executor_forward_equals_the_unsharded_layer(ckpt, local_ray, seed):
     cfg = GDNConfig.from_pretrained(ckpt)
     want = run_steps(load_layers(ckpt, tp_rank=0, tp_size=1), StateCache(cfg, cfg.linear_layer_ids, 8, tp_size=1),
                      steps)
+    ids = cfg.linear_layer_ids
     ex = RayExecutor(str(ckpt), 2, num_slots=8, call_timeout_s=60)
     try:
-        for n, st in enumerate(steps):
-            for i in cfg.linear_layer_ids:
-                assert rel_err(ex.forward(i, st.x, st.batch), want[i][n]) < 1e-5
+        with pytest.raises(ValueError, match=r"layer\(s\) \[99\] are not loaded here"):
+            ex.step(steps[0].x, steps[0].batch, keep=[ids[0], 99])
+        for n, st in enumerate(steps):     # a layer a call, and every layer in one call (step), in turn
+            ys = {i: ex.forward(i, st.x, st.batch) for i in ids} if n % 2 else ex.step(st.x, st.batch)
+            assert sorted(ys) == sorted(ids)
+            for i in ids:
+                assert rel_err(ys[i], want[i][n]) < 1e-5, (n, i)
+        assert len(ex.calls) == sum(len(ids) if n % 2 else 1 for n in range(len(steps)))
         # graphed decode steps are for GPU ranks with the Triton backend: refused here, before any actor call
         x = torch.randn(2, cfg.hidden_size)
         for call in (lambda: ex.prepare_decode(2), lambda: ex.decode(x, [0, 1])):

@@ -3,10 +3,12 @@
 Bundle i holds rank i (PACK: ranks fill a node before the next). Rank 0's actor creates a
 TCPStore on a port the OS picks and reports it, the others join it, so there is no port race;
 NCCL joins GPU actors, gloo CPU actors. `forward(layer_id, x, batch)` runs the layer on every
-rank and returns the all-reduced output; the state cache lives in the actors. On GPUs,
-`decode(x, slots)` runs one decode step of every layer in one call per actor, replayed from
-CUDA graphs (tp_gdn.graphs.GraphedDecoder, one per actor over its layers and cache;
-`prepare_decode(B)` captures B sequences' graph ahead of time). A dead actor, or
+rank and returns the all-reduced output; the state cache lives in the actors. `step(x, batch)`
+runs every layer on the same x in one call per actor, and on GPU ranks `decode(x, slots)` does
+so for a decode step replayed from CUDA graphs (tp_gdn.graphs.GraphedDecoder, one per actor
+over its layers and cache; `prepare_decode(B)` captures B sequences' graph ahead of time). A
+call costs the driver a round trip to every actor (a few ms), so the job takes a step a call.
+A dead actor, or
 one that does not answer within `call_timeout_s` (a failed or hung collective), raises in the
 driver naming the rank; `shutdown()` releases the actors and the placement group.
 """
@@ -85,6 +87,17 @@ class _Rank:
         y = y.cpu()
         return y, time.perf_counter() - t0
 
+    def step(self, x: torch.Tensor, batch: Batch, keep: list[int]):
+        """Every layer on x; rank 0 returns ({layer id: y} for `keep`, on the CPU, and its compute
+        time), the other ranks None."""
+        t0 = time.perf_counter()
+        x = x.to(self.device, self.dtype)
+        ys = {i: layer(x, batch, self.cache) for i, layer in self.layers.items()}
+        if self.rank != 0:
+            return None
+        out = {i: ys[i].cpu() for i in keep}
+        return out, time.perf_counter() - t0
+
     def _graphed(self):
         if self.decoder is None:
             from ..graphs import GraphedDecoder
@@ -118,11 +131,16 @@ class _Rank:
     def close(self) -> None:
         import torch.distributed as dist
 
+        self.decoder = None       # its graphs hold work captured on the process group's communicator
         if dist.is_initialized():
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
             dist.destroy_process_group()
 
 
 class RayExecutor:
+    SHUTDOWN_TIMEOUT_S = 20.0      # how long shutdown waits for the ranks to close their process groups
+
     def __init__(self, checkpoint: str, tp: int, *, address: str | None = None, use_gpu: bool | None = None,
                  dtype: str = "float32", backend: str = "auto", layer_ids: list[int] | None = None,
                  num_slots: int = 16, call_timeout_s: float = 120.0, start_timeout_s: float = 300.0,
@@ -233,24 +251,37 @@ class RayExecutor:
         self._wait([a.prepare_decode.remote(B) for a in self.actors], self.call_timeout_s,
                    f"capturing the decode graphs of {B} sequences")
 
-    def decode(self, x: torch.Tensor, slots: list[int], layer_ids: list[int] | None = None) -> dict[int, torch.Tensor]:
-        """One decode step through every layer, replayed from each actor's CUDA graphs: x [B, H]
-        (one token for each of the B slots, continuing from its state) -> {layer id: y [B, H]} for
-        `layer_ids` (default: every layer). One call per actor for the whole step, where forward
-        takes one per layer."""
-        self._check_graphs()
-        slots = [int(s) for s in slots]
+    def _kept(self, keep) -> list[int]:
         ids = self.layer_ids()
-        keep = ids if layer_ids is None else [int(i) for i in layer_ids]
+        keep = ids if keep is None else [int(i) for i in keep]
         unknown = sorted(set(keep) - set(ids))
         if unknown:
             raise ValueError(f"layer(s) {unknown} are not loaded here (the ranks hold layers {ids})")
+        return keep
+
+    def _call_all(self, method: str, what: str, *args) -> dict[int, torch.Tensor]:
         t0 = time.perf_counter()
-        results = self._wait([a.decode.remote(x, slots, keep) for a in self.actors], self.call_timeout_s,
-                             f"decode step of {len(slots)} sequences")
+        results = self._wait([getattr(a, method).remote(*args) for a in self.actors], self.call_timeout_s, what)
         ys, compute_s = results[0]
         self.calls.append((time.perf_counter() - t0, compute_s))
         return ys
+
+    def step(self, x: torch.Tensor, batch: Batch, keep: list[int] | None = None) -> dict[int, torch.Tensor]:
+        """Every layer on the same x [tokens, H] (as GraphedDecoder's steps run them), in one call
+        per actor where forward takes one per layer: {layer id: all-reduced y} for the layers in
+        `keep` (default: every layer; all of them run either way)."""
+        keep = self._kept(keep)
+        return self._call_all("step", f"step of {batch.num_tokens} tokens", x, batch, keep)
+
+    def decode(self, x: torch.Tensor, slots: list[int], keep: list[int] | None = None) -> dict[int, torch.Tensor]:
+        """One decode step through every layer, replayed from each actor's CUDA graphs: x [B, H]
+        (one token for each of the B slots, continuing from its state) -> {layer id: y [B, H]} for
+        the layers in `keep` (default: every layer; all of them run either way). One call per
+        actor, as step."""
+        self._check_graphs()
+        slots = [int(s) for s in slots]
+        keep = self._kept(keep)
+        return self._call_all("decode", f"decode step of {len(slots)} sequences", x, slots, keep)
 
     def peak_memory_bytes(self) -> list[int]:
         return self._wait([a.peak_memory_bytes.remote() for a in self.actors], self.call_timeout_s, "memory query")
@@ -262,12 +293,18 @@ class RayExecutor:
         return 1e3 * sum(lat - comp for lat, comp in self.calls) / len(self.calls)
 
     def shutdown(self) -> None:
+        """Close every rank's process group (all at once: rank 0's actor holds the store that the
+        others' NCCL watchdogs poll, so it must outlive their close), then end the actors."""
         ray = self._ray
+        closing = []
         for a in self.actors:
             try:
-                ray.get(a.close.remote(), timeout=10)
-            except Exception:  # a dead or hung actor is killed below either way
+                closing.append(a.close.remote())
+            except Exception:  # a dead actor is killed below either way
                 pass
+        if closing:
+            ray.wait(closing, num_returns=len(closing), timeout=self.SHUTDOWN_TIMEOUT_S)   # a hung one is killed too
+        for a in self.actors:
             ray.kill(a)
         self.actors = []
         if getattr(self, "pg", None) is not None:
@@ -293,18 +330,19 @@ def run_job(spec, address: str | None = None) -> dict:
         ids = ex.layer_ids()
         steps = serving_workload(cfg.hidden_size, spec.seqs, spec.prompt_len, spec.decode_steps, spec.seed)
         progress(warm_up_message(spec.device))
-        serve(ex.forward, ids, steps[:2], [], lambda: None)       # warm-up: compiles kernels in the actors
         keep = checked_layers(spec, ids)
 
-        def graphed_step(x, batch):                                 # a whole decode step in one call per actor
-            return ex.decode(x, list(batch.slots), keep) if is_decode_step(batch) else None
-        step = graphed_step if spec.decode_graphs else None
+        def one_call(x, batch):            # a whole step (every layer) in one call per actor
+            if spec.decode_graphs and is_decode_step(batch):
+                return ex.decode(x, list(batch.slots), keep)
+            return ex.step(x, batch, keep)
+        serve(ex.forward, ids, steps[:2], [], lambda: None, lambda x, batch: ex.step(x, batch, []))   # warm-up
         if spec.decode_graphs:
             progress(f"capturing the decode step of {spec.seqs} sequences in CUDA graphs")
             ex.prepare_decode(spec.seqs)                            # captured here, outside the timing
         ex.calls.clear()
         progress(serving_message(steps, ids))
-        times, outputs = serve(ex.forward, ids, steps, keep, lambda: None, step)
+        times, outputs = serve(ex.forward, ids, steps, keep, lambda: None, one_call)
         ranks = [dict(info, peak_memory_bytes=m, decode_graphs=spec.decode_graphs)
                  for info, m in zip(ex.rank_info, ex.peak_memory_bytes())]
         summary = summarize(spec, ckpt, steps, times, outputs, ranks)
