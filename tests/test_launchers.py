@@ -299,12 +299,28 @@ def test_job_serves_decode_steps_through_a_step_function_and_keeps_copies(ckpt, 
             assert torch.equal(g, w), (i, n)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_tensors_cross_to_and_from_ray_actors_bit_for_bit(dtype):
+    """What RayExecutor sends to and from its actors (numpy arrays; 16-bit floats as their bits):
+    the same values and dtype back, in memory of their own, from a tensor on any device."""
+    from tp_gdn.launch.ray_executor import _from_wire, _to_wire
+
+    x = torch.randn(5, 7, dtype=torch.float64).to(dtype)
+    wire = _to_wire(x.t())                               # a non-contiguous view goes packed
+    back = _from_wire(wire)
+    assert back.dtype == dtype and back.shape == (7, 5) and torch.equal(back, x.t())
+    wire[0].flags.writeable = False                      # as Ray hands arrays over
+    again = _from_wire(wire)
+    again += 1                                           # its own memory: writable, the array untouched
+    assert torch.equal(_from_wire(wire), x.t())
+
+
 def test_a_ray_ranks_steps_run_every_layer_in_one_call(ckpt, seed):
     """The actor side of RayExecutor.step and .decode, in this process, with the CPU stand-in for
     the graphs: one call takes a step through every layer; rank 0 returns CPU copies of the
     asked layers' outputs (which later steps do not overwrite), the other ranks None."""
     from tp_gdn.launch.job import is_decode_step
-    from tp_gdn.launch.ray_executor import _Rank
+    from tp_gdn.launch.ray_executor import _from_wire, _Rank, _to_wire
     from tp_gdn.workload import serving_workload
 
     cfg = GDNConfig.from_pretrained(ckpt)
@@ -317,17 +333,16 @@ def test_a_ray_ranks_steps_run_every_layer_in_one_call(ckpt, seed):
         r.load(str(ckpt), "float32", False, None, "torch", 3)
         r.decoder = StaticBufferDecoder(r.layers, r.cache)
     got = []
-    for st in steps:
+    for st in steps:                                     # x and the outputs go as RayExecutor sends them
+        x = _to_wire(st.x)
         if not is_decode_step(st.batch):                 # the prefill: every layer in one call
-            assert ranks[1].step(st.x, st.batch, keep) is None
-            ys, compute_s = ranks[0].step(st.x, st.batch, keep)
-            assert set(ys) == set(keep) and compute_s > 0
-            got.append(ys)
-            continue
-        assert ranks[1].decode(st.x, list(st.batch.slots), keep) is None
-        ys, compute_s = ranks[0].decode(st.x, list(st.batch.slots), keep)
-        assert set(ys) == set(keep) and compute_s > 0 and all(y.device.type == "cpu" for y in ys.values())
-        got.append(ys)
+            assert ranks[1].step(x, st.batch, keep) is None
+            ys, compute_s = ranks[0].step(x, st.batch, keep)
+        else:
+            assert ranks[1].decode(x, list(st.batch.slots), keep) is None
+            ys, compute_s = ranks[0].decode(x, list(st.batch.slots), keep)
+        assert set(ys) == set(keep) and compute_s > 0
+        got.append({i: _from_wire(y) for i, y in ys.items()})
     assert ranks[0].decoder.calls == len(steps) - 1
     for n, (g, w) in enumerate(zip(got, want, strict=True)):
         for i in keep:
