@@ -25,9 +25,9 @@ from ..batch import Batch
 def _to_wire(t: torch.Tensor) -> tuple:
     """A tensor as Ray moves it between processes: a numpy array of its CPU copy (bfloat16 and
     float16 as their bits in int16) and its dtype's name. Ray serialises numpy arrays without
-    pickling their data, and torch tensors with it: on this project's CPU machine a call to two
-    actors with a [4, 2048] fp32 argument took 2.6 ms as numpy against 4.0 as a tensor (1.7 with
-    no argument)."""
+    pickling their data, and torch tensors with it: on a host of 2 H200s a call to two actors
+    with a [4, 2048] fp32 argument took 1.98 ms as numpy against 2.69 as a tensor (0.96 with no
+    argument; benchmarks/results/ray_wire_h200x2_s34d_ray_args.log)."""
     t = t.detach().to("cpu", copy=True).contiguous()       # its own memory, not a buffer the next step reuses
     name = str(t.dtype).removeprefix("torch.")
     if t.dtype in (torch.bfloat16, torch.float16):
@@ -155,7 +155,7 @@ class _Rank:
 
         self.decoder = None       # its graphs hold work captured on the process group's communicator
         if dist.is_initialized():
-            if self.device.type == "cuda":
+            if getattr(self, "device", None) is not None and self.device.type == "cuda":   # (set by load)
                 torch.cuda.synchronize(self.device)
             dist.destroy_process_group()
 
@@ -187,7 +187,7 @@ class RayExecutor:
         if use_gpu is None:
             use_gpu = gpus >= tp
         self.tp, self.use_gpu, self.call_timeout_s = tp, use_gpu, call_timeout_s
-        self.calls: list[tuple[float, float]] = []     # (driver latency, rank-0 compute) per forward
+        self.calls: list[tuple[float, float]] = []     # (driver latency, rank-0 compute) per call
         self.actors, self.pg, self._layer_ids = [], None, None
         if use_gpu and gpus < tp and self._owns_ray and address is None:
             # a local instance started here gains no GPUs while the placement waits (a cluster's
@@ -263,7 +263,7 @@ class RayExecutor:
         if not self.use_gpu or backend != "triton":
             raise ValueError("decode steps from CUDA graphs need GPU ranks and the triton backend (these ranks "
                              f"run on {'GPUs' if self.use_gpu else 'CPUs'} with the {backend} backend); "
-                             "use forward for eager steps")
+                             "use step or forward for eager steps")
 
     def prepare_decode(self, B: int) -> None:
         """Capture every actor's decode graph for B sequences now (the first decode step of B
@@ -314,7 +314,7 @@ class RayExecutor:
         return self._wait([a.peak_memory_bytes.remote() for a in self.actors], self.call_timeout_s, "memory query")
 
     def overhead_ms(self) -> float:
-        """Mean driver-side latency of a call (forward or decode) minus rank 0's compute time."""
+        """Mean driver-side latency of a call (forward, step or decode) minus rank 0's compute time."""
         if not self.calls:
             return float("nan")
         return 1e3 * sum(lat - comp for lat, comp in self.calls) / len(self.calls)
