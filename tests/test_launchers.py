@@ -226,7 +226,7 @@ def spec_for(argv):
     return spec_from_args(ap.parse_args(argv))
 
 
-def test_decode_graphs_are_the_default_on_gpus_only(monkeypatch, capsys):
+def test_decode_graphs_are_the_default_on_gpus_only(monkeypatch):
     assert not spec_for([]).decode_graphs or torch.cuda.is_available()
     assert not spec_for(["--device", "cpu"]).decode_graphs
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)     # what the choice sees on a GPU host
@@ -302,7 +302,7 @@ def test_job_serves_decode_steps_through_a_step_function_and_keeps_copies(ckpt, 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 def test_tensors_cross_to_and_from_ray_actors_bit_for_bit(dtype):
     """What RayExecutor sends to and from its actors (numpy arrays; 16-bit floats as their bits):
-    the same values and dtype back, in memory of their own, from a tensor on any device."""
+    the same values, shape and dtype back, in memory of their own, from a non-contiguous view."""
     from tp_gdn.launch.ray_executor import _from_wire, _to_wire
 
     x = torch.randn(5, 7, dtype=torch.float64).to(dtype)
@@ -317,8 +317,8 @@ def test_tensors_cross_to_and_from_ray_actors_bit_for_bit(dtype):
 
 def test_a_ray_ranks_steps_run_every_layer_in_one_call(ckpt, seed):
     """The actor side of RayExecutor.step and .decode, in this process, with the CPU stand-in for
-    the graphs: one call takes a step through every layer; rank 0 returns CPU copies of the
-    asked layers' outputs (which later steps do not overwrite), the other ranks None."""
+    the graphs: one call takes a step through every layer; rank 0 returns copies of the asked
+    layers' outputs (which later steps do not overwrite), the other ranks None."""
     from tp_gdn.launch.job import is_decode_step
     from tp_gdn.launch.ray_executor import _from_wire, _Rank, _to_wire
     from tp_gdn.workload import serving_workload
