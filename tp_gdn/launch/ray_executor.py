@@ -99,7 +99,7 @@ class _Rank:
     def layer_ids(self) -> list[int]:
         return list(self.layers)
 
-    def forward(self, layer_id: int, x: tuple, batch: Batch):
+    def forward(self, x: tuple, batch: Batch, layer_id: int):
         """Layer `layer_id` on x (as _to_wire sends it); rank 0 returns (y as _to_wire sends it,
         its compute time), the other ranks None."""
         t0 = time.perf_counter()
@@ -247,16 +247,21 @@ class RayExecutor:
             self._layer_ids = self._wait([self.actors[0].layer_ids.remote()], self.call_timeout_s, "listing layers")[0]
         return list(self._layer_ids)
 
-    def forward(self, layer_id: int, x: torch.Tensor, batch: Batch) -> torch.Tensor:
-        """Run layer `layer_id` on every rank with the same x [tokens, H]; the all-reduced output."""
+    def _call_all(self, method: str, what: str, x: torch.Tensor, *args):
+        """actor.method(x, *args) on every rank, x sent as _to_wire sends it; rank 0's output (a
+        tensor, or {layer id: tensor}) back as tensors. Records the call's latency and rank 0's
+        compute time (overhead_ms)."""
         t0 = time.perf_counter()
         x = _to_wire(x)
-        results = self._wait([a.forward.remote(layer_id, x, batch) for a in self.actors], self.call_timeout_s,
-                             f"forward of layer {layer_id}")
-        y, compute_s = results[0]
-        y = _from_wire(y)
+        results = self._wait([getattr(a, method).remote(x, *args) for a in self.actors], self.call_timeout_s, what)
+        out, compute_s = results[0]
+        out = {i: _from_wire(y) for i, y in out.items()} if isinstance(out, dict) else _from_wire(out)
         self.calls.append((time.perf_counter() - t0, compute_s))
-        return y
+        return out
+
+    def forward(self, layer_id: int, x: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """Run layer `layer_id` on every rank with the same x [tokens, H]; the all-reduced output."""
+        return self._call_all("forward", f"forward of layer {layer_id}", x, batch, layer_id)
 
     def _check_graphs(self) -> None:
         backend = self.rank_info[0]["backend"]
@@ -282,16 +287,6 @@ class RayExecutor:
         if unknown:
             raise ValueError(f"layer(s) {unknown} are not loaded here (the ranks hold layers {ids})")
         return keep
-
-    def _call_all(self, method: str, what: str, x: torch.Tensor, *args) -> dict[int, torch.Tensor]:
-        """actor.method(x, *args) on every rank; rank 0's outputs, back as tensors."""
-        t0 = time.perf_counter()
-        x = _to_wire(x)
-        results = self._wait([getattr(a, method).remote(x, *args) for a in self.actors], self.call_timeout_s, what)
-        ys, compute_s = results[0]
-        ys = {i: _from_wire(y) for i, y in ys.items()}
-        self.calls.append((time.perf_counter() - t0, compute_s))
-        return ys
 
     def step(self, x: torch.Tensor, batch: Batch, keep: list[int] | None = None) -> dict[int, torch.Tensor]:
         """Every layer on the same x [tokens, H] (as GraphedDecoder's steps run them), in one call
