@@ -148,20 +148,26 @@ def test_a_ray_driver_that_sees_no_gpu_runs_its_ranks_on_the_clusters_gpus(tmp_p
 @pytest.mark.parametrize("tp", tps(2))
 def test_ray_job_replays_its_decode_steps_from_cuda_graphs(tmp_path, monkeypatch, tp):
     """The GPU default under Ray: each actor captures its decode graphs (RayExecutor.prepare_decode)
-    and replays a whole step in one call (RayExecutor.decode). The outputs equal the local
-    launcher's graphed job bit for bit (NCCL on both, captured in the graphs) and lie within
-    bf16 rounding of the eager job's."""
+    and replays a whole step in one call (RayExecutor.decode), sent through a Ray compiled graph.
+    The outputs equal the local launcher's graphed job bit for bit (NCCL on both, captured in the
+    graphs), and the Ray job's with plain actor calls, and lie within bf16 rounding of the eager
+    job's."""
     pytest.importorskip("ray")
     monkeypatch.setenv("TP_GDN_ALL_REDUCE", "nccl")
     local, _ = run_job(tmp_path, "local", "--tp", str(tp))                        # graphs: the GPU default
     eager, _ = run_job(tmp_path, "eager", "--tp", str(tp), "--no-decode-graphs")
     ray_out, summary = run_job(tmp_path, "ray", "--tp", str(tp), "--launcher", "ray")
-    assert [r["decode_graphs"] for r in summary["ranks"]] == [True] * tp
-    assert summary["max_rel_err"] < BF16_TOL and summary["ray_overhead_ms"] > 0
-    assert ray_out.keys() == local.keys()
+    plain, plain_summary = run_job(tmp_path, "ray_plain", "--tp", str(tp), "--launcher", "ray",
+                                   "--no-ray-compiled-graph")
+    assert summary["ray_compiled_graph"] is True and plain_summary["ray_compiled_graph"] is False
+    for s in (summary, plain_summary):
+        assert [r["decode_graphs"] for r in s["ranks"]] == [True] * tp
+        assert s["max_rel_err"] < BF16_TOL and s["ray_overhead_ms"] > 0
+    assert ray_out.keys() == local.keys() == plain.keys()
     for i in local:
-        for n, (a, b, c) in enumerate(zip(ray_out[i], local[i], eager[i], strict=True)):
+        for n, (a, b, c, d) in enumerate(zip(ray_out[i], local[i], eager[i], plain[i], strict=True)):
             assert torch.equal(a, b), (i, n, rel_err(a, b))
+            assert torch.equal(d, b), (i, n, rel_err(d, b))
             assert rel_err(a, c) < 1e-2, (i, n)      # the same kernels; cuBLAS may pick others under capture
 
 

@@ -256,6 +256,17 @@ def test_ray_takes_device_cuda_from_a_machine_without_gpus(monkeypatch):
             spec_from_args(build_parser().parse_args(["run", "--launcher", launcher, "--device", "cuda", "--tp", "2"]))
 
 
+def test_ray_options_are_refused_under_the_other_launchers(capsys):
+    """--ray-address and --[no-]ray-compiled-graph do nothing outside Ray: said, not ignored."""
+    for launcher in ("local", "torchrun"):
+        for opts, flags in ((["--ray-address", "auto"], "--ray-address applies"),
+                            (["--no-ray-compiled-graph"], "--\\[no-\\]ray-compiled-graph applies"),
+                            (["--ray-address", "auto", "--ray-compiled-graph"],
+                             "--ray-address and --\\[no-\\]ray-compiled-graph apply")):
+            assert cli(["run", "--launcher", launcher, *opts]) == 2
+            assert re.search(f"tp-gdn run: error: {flags} only to --launcher ray", capsys.readouterr().err)
+
+
 class StaticBufferDecoder:
     """Stands in for GraphedDecoder on the CPU: runs every layer eagerly and returns the same
     output tensors each step, overwritten in place, as graph replays do."""
@@ -372,18 +383,24 @@ def local_ray():
 
 
 def test_ray_job_gives_the_same_numbers_as_local_processes(ckpt, tmp_path, local_ray, capsys):
+    """The Ray job, with plain actor calls (the CPU default) and through a compiled graph, gives
+    the local processes' numbers bit for bit."""
     local, _ = run_main_job(["--checkpoint", str(ckpt), "--tp", "2", *JOB], tmp_path, "local")
     capsys.readouterr()
-    got, summary = run_main_job(["--checkpoint", str(ckpt), "--tp", "2", "--launcher", "ray", *JOB], tmp_path, "ray")
-    assert summary["max_rel_err"] < 1e-5 and summary["ray_overhead_ms"] > 0
-    if not torch.cuda.is_available():       # the default device is this machine's, and the job says so
-        assert "no GPU is visible on this machine, so the Ray ranks run on CPUs" in capsys.readouterr().err
-    for i in local:
-        for a, b in zip(got[i], local[i]):
-            assert torch.equal(a, b)
+    for flag, compiled in ((None, False), ("--ray-compiled-graph", True)):
+        args = ["--checkpoint", str(ckpt), "--tp", "2", "--launcher", "ray", *JOB] + ([flag] if flag else [])
+        got, summary = run_main_job(args, tmp_path, f"ray_{compiled}")
+        assert summary["max_rel_err"] < 1e-5 and summary["ray_overhead_ms"] > 0
+        assert summary["ray_compiled_graph"] is compiled
+        if not torch.cuda.is_available():       # the default device is this machine's, and the job says so
+            assert "no GPU is visible on this machine, so the Ray ranks run on CPUs" in capsys.readouterr().err
+        for i in local:
+            for a, b in zip(got[i], local[i], strict=True):
+                assert torch.equal(a, b), (compiled, i)
 
 
-def test_ray_executor_forward_equals_the_unsharded_layer(ckpt, local_ray, seed):
+@pytest.mark.parametrize("compiled", [False, True], ids=["actor_calls", "compiled_graph"])
+def test_ray_executor_forward_equals_the_unsharded_layer(ckpt, local_ray, seed, compiled):
     from tp_gdn.launch.ray_executor import RayExecutor
 
     steps = mixed_workload(32, seed)
@@ -391,8 +408,9 @@ def test_ray_executor_forward_equals_the_unsharded_layer(ckpt, local_ray, seed):
     want = run_steps(load_layers(ckpt, tp_rank=0, tp_size=1), StateCache(cfg, cfg.linear_layer_ids, 8, tp_size=1),
                      steps)
     ids = cfg.linear_layer_ids
-    ex = RayExecutor(str(ckpt), 2, num_slots=8, call_timeout_s=60)
+    ex = RayExecutor(str(ckpt), 2, num_slots=8, call_timeout_s=60, compiled_graph=compiled)
     try:
+        assert ex.compiled_graph is compiled and (ex._dag is not None) is compiled
         with pytest.raises(ValueError, match=r"layer\(s\) \[99\] are not loaded here"):
             ex.step(steps[0].x, steps[0].batch, keep=[ids[0], 99])
         for n, st in enumerate(steps):     # a layer a call, and every layer in one call (step), in turn
@@ -410,6 +428,36 @@ def test_ray_executor_forward_equals_the_unsharded_layer(ckpt, local_ray, seed):
         ex.shutdown()
 
 
+def test_ray_compiled_graph_names_a_failed_rank_and_one_that_gives_no_answer(ckpt, local_ray, seed):
+    """Through the compiled graph: an input every rank refuses raises naming the ranks, and the
+    executor goes on; a rank that gives no answer within call_timeout_s (here: one that sleeps
+    before its collective) raises naming it, and the executor then refuses further calls."""
+    from tp_gdn.launch.ray_executor import RayExecutor
+
+    cfg = GDNConfig.from_pretrained(ckpt)
+    st = mixed_workload(cfg.hidden_size, seed)[0]
+    want = run_steps(load_layers(ckpt), StateCache(cfg, cfg.linear_layer_ids, 8), [st])
+    ex = RayExecutor(str(ckpt), 2, num_slots=8, call_timeout_s=4, compiled_graph=True)
+    try:
+        bad = torch.randn(st.x.shape[0], cfg.hidden_size + 1)
+        with pytest.raises(RuntimeError, match=r"(?s)step of \d+ tokens: rank 0 failed \(and rank\(s\) \[1\]\):.*"
+                                               r"Traceback"):
+            ex.step(bad, st.batch)
+        ys = ex.step(st.x, st.batch)                  # the ranks failed before any collective: still usable
+        for i in cfg.linear_layer_ids:
+            assert rel_err(ys[i], want[i][0]) < 1e-5, i
+        ray.get(ex.actors[1].stall_next.remote(6))
+        t0 = time.monotonic()
+        with pytest.raises((RuntimeError, TimeoutError), match=r"rank 1|rank\(s\) \[(0, )?1\]"):
+            ex.step(st.x, st.batch)
+        assert time.monotonic() - t0 < 30
+        with pytest.raises(RuntimeError, match="refused, as an earlier call left the ranks unusable"):
+            ex.step(st.x, st.batch)
+    finally:
+        ex.shutdown()
+    assert ex.actors == [] and ex.pg is None
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without GPUs")
 def test_ray_refuses_gpu_ranks_at_once_where_its_own_local_instance_has_no_gpus(ckpt, tmp_path):
     """A local Ray instance started by the job gains no GPUs, so its placement would wait out
@@ -424,16 +472,17 @@ def test_ray_refuses_gpu_ranks_at_once_where_its_own_local_instance_has_no_gpus(
     assert "Traceback" not in r.stderr and time.monotonic() - t0 < 120
 
 
-def test_ray_dead_rank_surfaces_as_an_error_naming_it(ckpt, local_ray):
+@pytest.mark.parametrize("compiled", [False, True], ids=["actor_calls", "compiled_graph"])
+def test_ray_dead_rank_surfaces_as_an_error_naming_it(ckpt, local_ray, compiled):
     from tp_gdn.launch.ray_executor import RayExecutor
 
-    ex = RayExecutor(str(ckpt), 2, num_slots=4, call_timeout_s=20)
+    ex = RayExecutor(str(ckpt), 2, num_slots=4, call_timeout_s=20, compiled_graph=compiled)
     try:
         ex.actors[1].die.remote()
         time.sleep(1.0)
         st = mixed_workload(32, 0)[0]
         t0 = time.monotonic()
-        with pytest.raises((RuntimeError, TimeoutError), match="rank"):
+        with pytest.raises((RuntimeError, TimeoutError), match="rank 1"):
             ex.forward(0, st.x, st.batch)
         assert time.monotonic() - t0 < 60
     finally:

@@ -20,6 +20,11 @@ def cmd_run(args) -> int:
     from .launch.job import check_spec, default_checkpoint, progress
 
     spec = spec_from_args(args)
+    if args.launcher != "ray":
+        given = [flag for flag, on in (("--ray-address", args.ray_address is not None),
+                                       ("--[no-]ray-compiled-graph", args.ray_compiled_graph is not None)) if on]
+        if given:
+            raise ValueError(f"{' and '.join(given)} {'apply' if len(given) > 1 else 'applies'} only to --launcher ray")
     if args.launcher == "ray" and args.device is None and spec.device == "cpu":
         # the default device is this machine's; say so, as the cluster may have GPUs that it does not
         progress("no GPU is visible on this machine, so the Ray ranks run on CPUs; --device cuda "
@@ -41,7 +46,7 @@ def cmd_run(args) -> int:
         return subprocess.call(cmd)
     if args.launcher == "ray":
         from .launch.ray_executor import run_job
-        summary = run_job(spec, address=args.ray_address)
+        summary = run_job(spec, address=args.ray_address, compiled_graph=args.ray_compiled_graph)
     else:
         from .launch.job import run_rank
         from .launch.local import spawn_ranks
@@ -106,6 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "torchrun yourself); ray: one actor per rank on a Ray cluster")
     run.add_argument("--ray-address", default=None,
                      help="Ray cluster to join ('auto' for the running one); default: start a local one")
+    run.add_argument("--ray-compiled-graph", action=argparse.BooleanOptionalAction, default=None,
+                     help="send each call to the Ray actors through a Ray compiled graph, or as plain actor calls "
+                          "(default: the graph on GPU ranks, plain calls on CPU ranks, where an idle actor "
+                          "polling the graph's channel would take a core from the others)")
     run.set_defaults(fn=cmd_run)
 
     shard = sub.add_parser("shard", help="write a pre-sharded copy of an HF checkpoint for one tp size",

@@ -310,7 +310,9 @@ def format_summary(s: dict) -> str:
         lines.append(f"| rank {r['rank']} ({r['device']}) peak memory, load time | "
                      f"{r['peak_memory_bytes'] / 2**20:,.0f} MiB, {r['load_s']:.2f} s |")
     if "ray_overhead_ms" in s:
-        lines.append(f"| Ray per-call overhead (driver latency - actor compute), mean | {s['ray_overhead_ms']:.2f} ms |")
+        how = "compiled graph" if s.get("ray_compiled_graph") else "actor calls"
+        lines.append(f"| Ray per-call overhead ({how}; driver latency - actor compute), mean | "
+                     f"{s['ray_overhead_ms']:.2f} ms |")
     return "\n".join(lines)
 
 

@@ -6,16 +6,24 @@ NCCL joins GPU actors, gloo CPU actors. `forward(layer_id, x, batch)` runs the l
 rank and returns the all-reduced output; the state cache lives in the actors. `step(x, batch)`
 runs every layer on the same x in one call per actor, and on GPU ranks `decode(x, slots)` does
 so for a decode step replayed from CUDA graphs (tp_gdn.graphs.GraphedDecoder, one per actor
-over its layers and cache; `prepare_decode(B)` captures B sequences' graph ahead of time). A
-call costs the driver a round trip to every actor (a few ms), so the job takes a step a call.
-A dead actor, or
-one that does not answer within `call_timeout_s` (a failed or hung collective), raises in the
-driver naming the rank; `shutdown()` releases the actors and the placement group.
+over its layers and cache; `prepare_decode(B)` captures B sequences' graph ahead of time).
+
+On GPU ranks those calls go to the actors through a Ray compiled graph (`compiled_graph`: None,
+the default, takes it on GPU ranks and not on CPU ranks): one graph, compiled once the shards are
+loaded, whose input every actor reads from a channel and runs on a thread of its own. A call then
+costs the driver a fraction of a millisecond where a plain actor call costs a millisecond or more
+per round trip. An idle actor polls its channel and keeps a CPU core busy, which ranks that
+compute on CPUs cannot spare, so there they take plain actor calls unless `compiled_graph=True`.
+A dead actor, or one that does not answer within `call_timeout_s` (a failed or hung collective),
+raises in the driver naming the rank; after a call through the graph fails that way the executor
+refuses further calls. `shutdown()` releases the graph, the actors and the placement group.
 """
 
 from __future__ import annotations
 
+import logging
 import time
+import traceback
 
 import torch
 
@@ -49,6 +57,10 @@ class _Rank:
         self.rank, self.world = rank, world
         self.store = None
         self.decoder = None     # the GraphedDecoder over this rank's layers, built at the first graphed step
+        self.device = None      # set by load
+        self.busy = False       # inside a call from the compiled graph
+        self.failure = None     # the traceback of the graph call in flight or last made, if it raised
+        self._stall_s = 0.0     # tests: the next graph call sleeps this long first (a rank stuck in a collective)
 
     def node_id(self) -> str:
         import ray
@@ -139,6 +151,37 @@ class _Rank:
         out = {i: _to_wire(ys[i]) for i in keep}
         return out, time.perf_counter() - t0
 
+    GRAPH_METHODS = ("forward", "step", "decode", "prepare_decode")
+
+    def call(self, msg: tuple):
+        """The compiled graph's one task: msg = (method, args) for one of GRAPH_METHODS. Runs on
+        the graph's own thread of this actor. Returns ("ok", the method's result) or ("failed",
+        its traceback), so that the driver can name the rank that failed."""
+        method, args = msg
+        self.busy, self.failure = True, None
+        try:
+            if method not in self.GRAPH_METHODS:
+                raise ValueError(f"{method!r} is not one of {self.GRAPH_METHODS}")
+            if self._stall_s:
+                stall, self._stall_s = self._stall_s, 0.0
+                time.sleep(stall)
+            if self.device is not None and self.device.type == "cuda":
+                torch.cuda.set_device(self.device)      # this thread's current device (the actor's only GPU)
+            return "ok", getattr(self, method)(*args)
+        except Exception:
+            self.failure = traceback.format_exc()
+            return "failed", self.failure
+        finally:
+            self.busy = False
+
+    def status(self) -> dict:
+        """Asked on the actor's main thread while a graph call may still run on the graph's thread."""
+        return dict(busy=self.busy, failure=self.failure)
+
+    def stall_next(self, seconds: float) -> None:
+        """For tests: the next call from the compiled graph sleeps `seconds` first."""
+        self._stall_s = float(seconds)
+
     def peak_memory_bytes(self) -> int:
         from .job import peak_memory_bytes
 
@@ -155,7 +198,7 @@ class _Rank:
 
         self.decoder = None       # its graphs hold work captured on the process group's communicator
         if dist.is_initialized():
-            if getattr(self, "device", None) is not None and self.device.type == "cuda":   # (set by load)
+            if self.device is not None and self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             dist.destroy_process_group()
 
@@ -166,9 +209,10 @@ class RayExecutor:
     def __init__(self, checkpoint: str, tp: int, *, address: str | None = None, use_gpu: bool | None = None,
                  dtype: str = "float32", backend: str = "auto", layer_ids: list[int] | None = None,
                  num_slots: int = 16, call_timeout_s: float = 120.0, start_timeout_s: float = 300.0,
-                 ray_init_kwargs: dict | None = None):
+                 compiled_graph: bool | None = None, ray_init_kwargs: dict | None = None):
         """Connect to the Ray cluster at `address` ("auto": the running one) or, when None and
-        Ray is not initialised, start a local one; place `tp` rank actors and load the shards."""
+        Ray is not initialised, start a local one; place `tp` rank actors, load the shards and
+        compile the graph that carries the calls to them (`compiled_graph`; None: on GPU ranks)."""
         import ray
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -187,8 +231,10 @@ class RayExecutor:
         if use_gpu is None:
             use_gpu = gpus >= tp
         self.tp, self.use_gpu, self.call_timeout_s = tp, use_gpu, call_timeout_s
+        self.compiled_graph = use_gpu if compiled_graph is None else bool(compiled_graph)
         self.calls: list[tuple[float, float]] = []     # (driver latency, rank-0 compute) per call
         self.actors, self.pg, self._layer_ids = [], None, None
+        self._dag, self._broken = None, None       # the compiled graph; why the ranks are unusable, once they are
         if use_gpu and gpus < tp and self._owns_ray and address is None:
             # a local instance started here gains no GPUs while the placement waits (a cluster's
             # autoscaler might add some, so there the wait stays)
@@ -213,6 +259,8 @@ class RayExecutor:
             self.rank_info = self._wait(
                 [a.load.remote(str(checkpoint), dtype, use_gpu, layer_ids, backend, num_slots) for a in self.actors],
                 start_timeout_s, "loading the shards")
+            if self.compiled_graph:
+                self._dag = self._compile()
         except BaseException:
             self.shutdown()
             raise
@@ -238,6 +286,65 @@ class RayExecutor:
                     raise RuntimeError(f"tp_gdn/ray: {what}: rank {index[r]} failed: {e}") from None
         return ray.get(list(refs))
 
+    def _compile(self):
+        from ray.dag import InputNode, MultiOutputNode
+
+        with InputNode() as inp:
+            dag = MultiOutputNode([a.call.bind(inp) for a in self.actors])
+        return dag.experimental_compile(_submit_timeout=self.call_timeout_s)
+
+    def _run(self, method: str, what: str, *args) -> list:
+        """actor.method(*args) on every rank (a graph method: forward, step, decode or
+        prepare_decode); every rank's result, by rank. Through the compiled graph where there is
+        one, else as plain actor calls."""
+        if self._broken is not None:
+            raise RuntimeError(f"tp_gdn/ray: {what}: refused, as an earlier call left the ranks unusable "
+                               f"({self._broken}); shut this executor down and start another")
+        if self._dag is None:
+            return self._wait([getattr(a, method).remote(*args) for a in self.actors], self.call_timeout_s, what)
+        ray = self._ray
+        try:
+            results = ray.get(self._dag.execute((method, args)), timeout=self.call_timeout_s)
+        except Exception as e:            # a timeout, a closed channel (a dead actor), or an actor's death
+            self._broken = f"{what}: {type(e).__name__}"
+            raise self._diagnose(what, e) from None
+        failed = [(i, r[1]) for i, r in enumerate(results) if r[0] == "failed"]
+        if failed:
+            i, tb = failed[0]
+            others = f" (and rank(s) {[j for j, _ in failed[1:]]})" if len(failed) > 1 else ""
+            raise RuntimeError(f"tp_gdn/ray: {what}: rank {i} failed{others}:\n{tb}")
+        return [r[1] for r in results]
+
+    def _diagnose(self, what: str, error: Exception) -> Exception:
+        """The error for a graph call that got no answer: each rank's state, asked on its actor's
+        main thread (dead, failed with a traceback, or still inside the call)."""
+        ray = self._ray
+        dead, failed, silent = [], [], []
+        for i, a in enumerate(self.actors):
+            try:
+                st = ray.get(a.status.remote(), timeout=10)
+            except ray.exceptions.RayActorError:
+                dead.append(i)
+                continue
+            except Exception:             # no answer on the main thread either
+                silent.append(i)
+                continue
+            if st["failure"] is not None:
+                failed.append((i, st["failure"]))
+            elif st["busy"]:
+                silent.append(i)
+        if dead:
+            return RuntimeError(f"tp_gdn/ray: {what}: rank {dead[0]}'s actor died"
+                                + (f" (and rank(s) {dead[1:]}'s)" if len(dead) > 1 else ""))
+        if failed:
+            i, tb = failed[0]
+            late = f"; rank(s) {silent} gave no answer" if silent else ""
+            return RuntimeError(f"tp_gdn/ray: {what}: rank {i} failed{late}:\n{tb}")
+        if silent:
+            return TimeoutError(f"tp_gdn/ray: {what}: rank(s) {silent} gave no answer within "
+                                f"{self.call_timeout_s:.0f} s (a dead peer or a hung collective)")
+        return RuntimeError(f"tp_gdn/ray: {what}: the compiled graph failed: {type(error).__name__}: {error}")
+
     def placement(self) -> list[str]:
         """The Ray node id each rank runs on, by rank."""
         return self._wait([a.node_id.remote() for a in self.actors], self.call_timeout_s, "asking for node ids")
@@ -252,8 +359,7 @@ class RayExecutor:
         tensor, or {layer id: tensor}) back as tensors. Records the call's latency and rank 0's
         compute time (overhead_ms)."""
         t0 = time.perf_counter()
-        x = _to_wire(x)
-        results = self._wait([getattr(a, method).remote(x, *args) for a in self.actors], self.call_timeout_s, what)
+        results = self._run(method, what, _to_wire(x), *args)
         out, compute_s = results[0]
         out = {i: _from_wire(y) for i, y in out.items()} if isinstance(out, dict) else _from_wire(out)
         self.calls.append((time.perf_counter() - t0, compute_s))
@@ -277,8 +383,7 @@ class RayExecutor:
         self._check_graphs()
         if B < 1:
             raise ValueError(f"a decode step needs at least one sequence, got B={B}")
-        self._wait([a.prepare_decode.remote(B) for a in self.actors], self.call_timeout_s,
-                   f"capturing the decode graphs of {B} sequences")
+        self._run("prepare_decode", f"capturing the decode graphs of {B} sequences", B)
 
     def _kept(self, keep) -> list[int]:
         ids = self.layer_ids()
@@ -318,6 +423,19 @@ class RayExecutor:
         """Close every rank's process group (all at once: rank 0's actor holds the store that the
         others' NCCL watchdogs poll, so it must outlive their close), then end the actors."""
         ray = self._ray
+        if self._dag is not None:
+            # the graph's threads end first, so that close runs with no call in flight; Ray logs
+            # each step of it (and, for a dead actor, a traceback) at INFO and ERROR
+            log = logging.getLogger("ray.dag.compiled_dag_node")
+            level = log.level
+            log.setLevel(logging.CRITICAL)
+            try:
+                self._dag.teardown()
+            except Exception:  # a dead actor's loop cannot be cancelled; it is killed below
+                pass
+            finally:
+                log.setLevel(level)
+            self._dag = None
         closing = []
         for a in self.actors:
             try:
@@ -336,8 +454,9 @@ class RayExecutor:
             ray.shutdown()
 
 
-def run_job(spec, address: str | None = None) -> dict:
-    """The main job (tp_gdn.launch.job) driven through a RayExecutor from this process."""
+def run_job(spec, address: str | None = None, compiled_graph: bool | None = None) -> dict:
+    """The main job (tp_gdn.launch.job) driven through a RayExecutor from this process; its calls
+    go through a Ray compiled graph where `compiled_graph` says so (None: on GPU ranks)."""
     from ..config import GDNConfig
     from ..workload import serving_workload
     from .job import (checked_layers, default_checkpoint, is_decode_step, progress, serve, serving_message, summarize,
@@ -347,7 +466,7 @@ def run_job(spec, address: str | None = None) -> dict:
     cfg = GDNConfig.from_pretrained(ckpt)
     progress(f"starting {spec.tp} Ray actors and loading {ckpt} ({spec.device}, {spec.dtype})")
     ex = RayExecutor(ckpt, spec.tp, address=address, use_gpu=spec.device == "cuda", dtype=spec.dtype,
-                     backend=spec.backend, layer_ids=spec.layers, num_slots=spec.seqs)
+                     backend=spec.backend, layer_ids=spec.layers, num_slots=spec.seqs, compiled_graph=compiled_graph)
     try:
         ids = ex.layer_ids()
         steps = serving_workload(cfg.hidden_size, spec.seqs, spec.prompt_len, spec.decode_steps, spec.seed)
@@ -368,7 +487,7 @@ def run_job(spec, address: str | None = None) -> dict:
         ranks = [dict(info, peak_memory_bytes=m, decode_graphs=spec.decode_graphs)
                  for info, m in zip(ex.rank_info, ex.peak_memory_bytes())]
         summary = summarize(spec, ckpt, steps, times, outputs, ranks)
-        summary.update(ray_overhead_ms=ex.overhead_ms(), placement=ex.placement())
+        summary.update(ray_overhead_ms=ex.overhead_ms(), ray_compiled_graph=ex.compiled_graph, placement=ex.placement())
         return summary
     finally:
         ex.shutdown()
