@@ -311,8 +311,9 @@ def format_summary(s: dict) -> str:
                      f"{r['peak_memory_bytes'] / 2**20:,.0f} MiB, {r['load_s']:.2f} s |")
     if "ray_overhead_ms" in s:
         how = "compiled graph" if s.get("ray_compiled_graph") else "actor calls"
+        decode = s.get("ray_decode_overhead_ms", float("nan"))
         lines.append(f"| Ray per-call overhead ({how}; driver latency - actor compute), mean | "
-                     f"{s['ray_overhead_ms']:.2f} ms |")
+                     f"{s['ray_overhead_ms']:.2f} ms (decode steps {decode:.2f}) |")
     return "\n".join(lines)
 
 

@@ -113,24 +113,24 @@ class _Rank:
 
     def forward(self, x: tuple, batch: Batch, layer_id: int):
         """Layer `layer_id` on x (as _to_wire sends it); rank 0 returns (y as _to_wire sends it,
-        its compute time), the other ranks None."""
+        (start, end) of its work on time.perf_counter's clock), the other ranks None."""
         t0 = time.perf_counter()
         y = self.layers[layer_id](_from_wire(x).to(self.device, self.dtype), batch, self.cache)
         if self.rank != 0:
             return None
         y = _to_wire(y)
-        return y, time.perf_counter() - t0
+        return y, (t0, time.perf_counter())
 
     def step(self, x: tuple, batch: Batch, keep: list[int]):
         """Every layer on x; rank 0 returns ({layer id: y} for `keep`, as _to_wire sends them, and
-        its compute time), the other ranks None."""
+        (start, end) as forward does), the other ranks None."""
         t0 = time.perf_counter()
         x = _from_wire(x).to(self.device, self.dtype)
         ys = {i: layer(x, batch, self.cache) for i, layer in self.layers.items()}
         if self.rank != 0:
             return None
         out = {i: _to_wire(ys[i]) for i in keep}
-        return out, time.perf_counter() - t0
+        return out, (t0, time.perf_counter())
 
     def _graphed(self):
         if self.decoder is None:
@@ -143,13 +143,14 @@ class _Rank:
 
     def decode(self, x: tuple, slots: list[int], keep: list[int]):
         """One decode step of every layer from the graphs; rank 0 returns ({layer id: y} for the
-        layers in `keep`, as _to_wire sends them, and its compute time), the other ranks None."""
+        layers in `keep`, as _to_wire sends them, and (start, end) as forward does), the other
+        ranks None."""
         t0 = time.perf_counter()
         ys = self._graphed()(_from_wire(x).to(self.device, self.dtype), slots)
         if self.rank != 0:
             return None
         out = {i: _to_wire(ys[i]) for i in keep}
-        return out, time.perf_counter() - t0
+        return out, (t0, time.perf_counter())
 
     GRAPH_METHODS = ("forward", "step", "decode", "prepare_decode")
 
@@ -232,7 +233,10 @@ class RayExecutor:
             use_gpu = gpus >= tp
         self.tp, self.use_gpu, self.call_timeout_s = tp, use_gpu, call_timeout_s
         self.compiled_graph = use_gpu if compiled_graph is None else bool(compiled_graph)
-        self.calls: list[tuple[float, float]] = []     # (driver latency, rank-0 compute) per call
+        # per call: (driver latency, rank 0's compute, the driver's start to rank 0's start); the
+        # last is read on one clock (CLOCK_MONOTONIC), so it means something only where the
+        # driver and rank 0 share a host
+        self.calls: list[tuple[float, float, float]] = []
         self.actors, self.pg, self._layer_ids = [], None, None
         self._dag, self._broken = None, None       # the compiled graph; why the ranks are unusable, once they are
         if use_gpu and gpus < tp and self._owns_ray and address is None:
@@ -356,13 +360,12 @@ class RayExecutor:
 
     def _call_all(self, method: str, what: str, x: torch.Tensor, *args):
         """actor.method(x, *args) on every rank, x sent as _to_wire sends it; rank 0's output (a
-        tensor, or {layer id: tensor}) back as tensors. Records the call's latency and rank 0's
-        compute time (overhead_ms)."""
+        tensor, or {layer id: tensor}) back as tensors. Records the call's times in self.calls."""
         t0 = time.perf_counter()
         results = self._run(method, what, _to_wire(x), *args)
-        out, compute_s = results[0]
+        out, (start, end) = results[0]
         out = {i: _from_wire(y) for i, y in out.items()} if isinstance(out, dict) else _from_wire(out)
-        self.calls.append((time.perf_counter() - t0, compute_s))
+        self.calls.append((time.perf_counter() - t0, end - start, start - t0))
         return out
 
     def forward(self, layer_id: int, x: torch.Tensor, batch: Batch) -> torch.Tensor:
@@ -413,11 +416,13 @@ class RayExecutor:
     def peak_memory_bytes(self) -> list[int]:
         return self._wait([a.peak_memory_bytes.remote() for a in self.actors], self.call_timeout_s, "memory query")
 
-    def overhead_ms(self) -> float:
-        """Mean driver-side latency of a call (forward, step or decode) minus rank 0's compute time."""
-        if not self.calls:
+    def overhead_ms(self, calls: list[tuple[float, float, float]] | None = None) -> float:
+        """Mean driver-side latency of a call (forward, step or decode) minus rank 0's compute
+        time, over `calls` (default: every call recorded in self.calls)."""
+        calls = self.calls if calls is None else calls
+        if not calls:
             return float("nan")
-        return 1e3 * sum(lat - comp for lat, comp in self.calls) / len(self.calls)
+        return 1e3 * sum(lat - comp for lat, comp, _ in calls) / len(calls)
 
     def shutdown(self) -> None:
         """Close every rank's process group (all at once: rank 0's actor holds the store that the
@@ -473,7 +478,11 @@ def run_job(spec, address: str | None = None, compiled_graph: bool | None = None
         progress(warm_up_message(spec.device))
         keep = checked_layers(spec, ids)
 
+        decode_calls = []                  # which of ex.calls are decode steps
+
         def one_call(x, batch):            # a whole step (every layer) in one call per actor
+            if is_decode_step(batch):
+                decode_calls.append(len(ex.calls))
             if spec.decode_graphs and is_decode_step(batch):
                 return ex.decode(x, list(batch.slots), keep)
             return ex.step(x, batch, keep)
@@ -487,7 +496,9 @@ def run_job(spec, address: str | None = None, compiled_graph: bool | None = None
         ranks = [dict(info, peak_memory_bytes=m, decode_graphs=spec.decode_graphs)
                  for info, m in zip(ex.rank_info, ex.peak_memory_bytes())]
         summary = summarize(spec, ckpt, steps, times, outputs, ranks)
-        summary.update(ray_overhead_ms=ex.overhead_ms(), ray_compiled_graph=ex.compiled_graph, placement=ex.placement())
+        summary.update(ray_overhead_ms=ex.overhead_ms(),
+                       ray_decode_overhead_ms=ex.overhead_ms([ex.calls[i] for i in decode_calls]),
+                       ray_compiled_graph=ex.compiled_graph, placement=ex.placement())
         return summary
     finally:
         ex.shutdown()
