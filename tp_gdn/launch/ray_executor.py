@@ -486,8 +486,8 @@ def run_job(spec, address: str | None = None, compiled_graph: bool | None = None
             if spec.decode_graphs and is_decode_step(batch):
                 return ex.decode(x, list(batch.slots), keep)
             return ex.step(x, batch, keep)
-        # warm-up; its outputs come back as the timed steps' do, so that a compiled graph's channels
-        # have grown to the prefill's outputs (a one-off cost, about 25 ms on a host of 2 H200s)
+        # warm-up; its outputs come back as the timed steps' do, so that one-off costs of bringing
+        # them back (a compiled graph's channels grow to the largest output) fall outside the timing
         serve(ex.forward, ids, steps[:2], [], lambda: None, lambda x, batch: ex.step(x, batch, keep))
         if spec.decode_graphs:
             progress(f"capturing the decode step of {spec.seqs} sequences in CUDA graphs")
