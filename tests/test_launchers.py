@@ -491,20 +491,29 @@ def test_ray_dead_rank_surfaces_as_an_error_naming_it(ckpt, local_ray, compiled)
     assert ex.actors == [] and ex.pg is None
 
 
-def test_ray_packs_ranks_per_node_on_two_simulated_nodes(ckpt):
+def test_ray_packs_ranks_per_node_on_two_simulated_nodes(ckpt, seed):
+    """Two ranks a node, and a compiled graph that spans both nodes (and a driver on a third, the
+    head) gives the unsharded layer's numbers."""
     from ray.cluster_utils import Cluster
 
     from tp_gdn.launch.ray_executor import RayExecutor
 
+    cfg = GDNConfig.from_pretrained(ckpt)
+    steps = mixed_workload(cfg.hidden_size, seed)[:2]
+    want = run_steps(load_layers(ckpt), StateCache(cfg, cfg.linear_layer_ids, 8), steps)
     if ray.is_initialized():
         ray.shutdown()
     cluster = Cluster(initialize_head=True, head_node_args=dict(num_cpus=0, include_dashboard=False))
     nodes = [cluster.add_node(num_cpus=2) for _ in range(2)]
     ray.init(address=cluster.address)
     try:
-        ex = RayExecutor(str(ckpt), 4, num_slots=2, call_timeout_s=60)
+        ex = RayExecutor(str(ckpt), 4, num_slots=8, call_timeout_s=60, compiled_graph=True)
         try:
             placed = ex.placement()
+            for n, st in enumerate(steps):
+                ys = ex.step(st.x, st.batch)
+                for i in cfg.linear_layer_ids:
+                    assert rel_err(ys[i], want[i][n]) < 1e-5, (n, i)
         finally:
             ex.shutdown()
         assert placed[0] == placed[1] and placed[2] == placed[3] and placed[0] != placed[2]
