@@ -127,10 +127,7 @@ class _Rank:
         t0 = time.perf_counter()
         x = _from_wire(x).to(self.device, self.dtype)
         ys = {i: layer(x, batch, self.cache) for i, layer in self.layers.items()}
-        if self.rank != 0:
-            return None
-        out = {i: _to_wire(ys[i]) for i in keep}
-        return out, (t0, time.perf_counter())
+        return self._kept_reply(ys, keep, t0)
 
     def _graphed(self):
         if self.decoder is None:
@@ -147,10 +144,14 @@ class _Rank:
         ranks None."""
         t0 = time.perf_counter()
         ys = self._graphed()(_from_wire(x).to(self.device, self.dtype), slots)
+        return self._kept_reply(ys, keep, t0)
+
+    def _kept_reply(self, ys: dict, keep: list[int], t0: float):
+        """What step and decode return: on rank 0 ({layer id: y} for `keep`, as _to_wire sends
+        them, and (t0, now)), elsewhere None."""
         if self.rank != 0:
             return None
-        out = {i: _to_wire(ys[i]) for i in keep}
-        return out, (t0, time.perf_counter())
+        return {i: _to_wire(ys[i]) for i in keep}, (t0, time.perf_counter())
 
     GRAPH_METHODS = ("forward", "step", "decode", "prepare_decode")
 
@@ -481,9 +482,10 @@ def run_job(spec, address: str | None = None, compiled_graph: bool | None = None
         decode_calls = []                  # which of ex.calls are decode steps
 
         def one_call(x, batch):            # a whole step (every layer) in one call per actor
-            if is_decode_step(batch):
+            decode = is_decode_step(batch)
+            if decode:
                 decode_calls.append(len(ex.calls))
-            if spec.decode_graphs and is_decode_step(batch):
+            if spec.decode_graphs and decode:
                 return ex.decode(x, list(batch.slots), keep)
             return ex.step(x, batch, keep)
         # warm-up; its outputs come back as the timed steps' do, so that one-off costs of bringing
