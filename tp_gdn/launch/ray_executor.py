@@ -153,7 +153,7 @@ class _Rank:
             return None
         return {i: _to_wire(ys[i]) for i in keep}, (t0, time.perf_counter())
 
-    GRAPH_METHODS = ("forward", "step", "decode", "prepare_decode")
+    GRAPH_METHODS = ("forward", "step", "decode", "prepare_decode", "layer_ids")
 
     def call(self, msg: tuple):
         """The compiled graph's one task: msg = (method, args) for one of GRAPH_METHODS. Runs on
@@ -266,6 +266,11 @@ class RayExecutor:
                 start_timeout_s, "loading the shards")
             if self.compiled_graph:
                 self._dag = self._compile()
+                # one call through the graph now, which registers this driver as the reader of
+                # its outputs: Ray 2.60 aborts the driver process ("Experimental mutable object
+                # must be in the local object store to register as reader") when it tears down,
+                # on an actor's death, a graph that no call has been through yet
+                self._layer_ids = self._run("layer_ids", "the compiled graph's first call")[0]
         except BaseException:
             self.shutdown()
             raise
@@ -299,8 +304,8 @@ class RayExecutor:
         return dag.experimental_compile(_submit_timeout=self.call_timeout_s)
 
     def _run(self, method: str, what: str, *args) -> list:
-        """actor.method(*args) on every rank (a graph method: forward, step, decode or
-        prepare_decode); every rank's result, by rank. Through the compiled graph where there is
+        """actor.method(*args) on every rank (one of _Rank.GRAPH_METHODS); every rank's result,
+        by rank. Through the compiled graph where there is
         one, else as plain actor calls."""
         if self._broken is not None:
             raise RuntimeError(f"tp_gdn/ray: {what}: refused, as an earlier call left the ranks unusable "
