@@ -317,9 +317,13 @@ def test_tensors_cross_to_and_from_ray_actors_bit_for_bit(dtype):
     from tp_gdn.launch.ray_executor import _from_wire, _to_wire
 
     x = torch.randn(5, 7, dtype=torch.float64).to(dtype)
+    sent = x.t().clone()
     wire = _to_wire(x.t())                               # a non-contiguous view goes packed
+    assert wire[0].flags.c_contiguous
+    x.add_(1)                                            # the caller reuses its buffer: the wire keeps its own copy
     back = _from_wire(wire)
-    assert back.dtype == dtype and back.shape == (7, 5) and torch.equal(back, x.t())
+    assert back.dtype == dtype and back.shape == (7, 5) and torch.equal(back, sent)
+    x = sent.t()
     wire[0].flags.writeable = False                      # as Ray hands arrays over
     again = _from_wire(wire)
     again += 1                                           # its own memory: writable, the array untouched

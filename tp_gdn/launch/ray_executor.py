@@ -25,6 +25,7 @@ import logging
 import time
 import traceback
 
+import numpy as np
 import torch
 
 from ..batch import Batch
@@ -35,12 +36,22 @@ def _to_wire(t: torch.Tensor) -> tuple:
     float16 as their bits in int16) and its dtype's name. Ray serialises numpy arrays without
     pickling their data, and torch tensors with it: on a host of 2 H200s a call to two actors
     with a [4, 2048] fp32 argument took 1.98 ms as numpy against 2.69 as a tensor (0.96 with no
-    argument; benchmarks/results/ray_wire_h200x2_s34d_ray_args.log)."""
-    t = t.detach().to("cpu", copy=True).contiguous()       # its own memory, not a buffer the next step reuses
+    argument; benchmarks/results/ray_wire_h200x2_s34d_ray_args.log).
+
+    A CPU tensor is copied by numpy, on one thread. torch's copy of a large tensor runs on its
+    intra-op thread pool, and on a host of 2 H200s (32 cores, the driver's torch on 32 threads)
+    that slowed the copy and the graph's execute after it: the prefill call of the GPU default job
+    (a [398, 2048] fp32 x) took 21.4-30.0 ms with torch's copy against 10.6-12.5 with numpy's,
+    the copy 6.3-7.2 ms against 0.6, execute 5.1-8.4 against 0.8-0.9
+    (benchmarks/results/ray_omp_h200x2_s36a_omp.log)."""
+    t = t.detach()
     name = str(t.dtype).removeprefix("torch.")
     if t.dtype in (torch.bfloat16, torch.float16):
         t = t.view(torch.int16)
-    return t.numpy(), name
+    if t.device.type != "cpu":
+        return t.to("cpu").contiguous().numpy(), name     # a new host tensor (one copy engine, no pool)
+    # its own memory, not a buffer the next step reuses
+    return np.array(t.numpy(), copy=True, order="C"), name
 
 
 def _from_wire(w: tuple) -> torch.Tensor:
