@@ -286,6 +286,43 @@ class StaticBufferDecoder:
         return self.ys
 
 
+def test_job_puts_each_steps_input_in_place_before_its_timing_starts(ckpt, seed, monkeypatch):
+    """serve() turns each step's x into the layers' input (put) before the step's barrier, so the
+    cast and the copy to the device fall outside the step's time, and the layers get what put
+    made (the job's put is job.to_layer_input, which casts on the device). The clock is the
+    job's own (time.perf_counter in job.py), stepped by each event here."""
+    import types
+
+    import tp_gdn.launch.job as job
+    from tp_gdn.workload import serving_workload
+
+    layers64 = load_layers(ckpt, dtype=torch.float64)
+    cfg = next(iter(layers64.values())).cfg
+    ids = list(layers64)
+    steps = serving_workload(cfg.hidden_size, 2, 40, 2, seed)
+    cache = StateCache(cfg, ids, 2, dtype=torch.float64)
+    events, clock = [], iter(range(1000))
+    monkeypatch.setattr(job, "time", types.SimpleNamespace(
+        perf_counter=lambda: events.append("clock") or next(clock)))
+
+    def put(x):
+        events.append("put")
+        return job.to_layer_input(x, "cpu", torch.float64)
+
+    def forward(i, x, batch):
+        events.append(("layer", x.dtype))
+        return layers64[i](x, batch, cache)
+
+    times, outs = job.serve(forward, ids, steps, ids[:1], lambda: events.append("barrier"), put=put)
+    layer = ("layer", torch.float64)
+    one = ["put", "barrier", "clock"] + [layer] * len(ids) + ["barrier", "clock"]
+    assert events == one * len(steps)
+    assert len(times) == len(steps) and all(t == 1 for t in times)     # each step's clock read twice
+    want = StateCache(cfg, ids, 2, dtype=torch.float64)
+    for n, st in enumerate(steps):
+        assert torch.equal(outs[ids[0]][n], layers64[ids[0]](st.x.double(), st.batch, want))
+
+
 def test_job_serves_decode_steps_through_a_step_function_and_keeps_copies(ckpt, seed):
     from tp_gdn.launch.job import graphed_decode_step, serve
     from tp_gdn.workload import serving_workload
@@ -303,7 +340,7 @@ def test_job_serves_decode_steps_through_a_step_function_and_keeps_copies(ckpt, 
     cache = StateCache(cfg, ids, 3)
     decoder = StaticBufferDecoder(layers, cache)
     _, got = serve(forward_on(cache), ids, steps, ids, lambda: None,
-                   graphed_decode_step(decoder, ids, "cpu", torch.float32))
+                   graphed_decode_step(decoder, ids))
     assert decoder.calls == 4                          # the four decode steps; the prefill was declined
     for i in ids:
         for n, (g, w) in enumerate(zip(got[i], want[i])):

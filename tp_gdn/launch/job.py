@@ -174,20 +174,24 @@ def sync(device: torch.device) -> None:
         dist.barrier()
 
 
-def serve(forward, layer_ids: list[int], steps: list[Step], keep: list[int], barrier, step=None
+def serve(forward, layer_ids: list[int], steps: list[Step], keep: list[int], barrier, step=None, put=None
           ) -> tuple[list, dict]:
     """Feed every step through every layer with `forward(layer_id, x, batch)`; return the wall
     time of each step and the outputs of the layers in `keep` (on the CPU). `step(x, batch)`, if
-    given, may take a whole step instead: it returns {layer id: output} or None to decline."""
+    given, may take a whole step instead: it returns {layer id: output} or None to decline.
+    `put(x)`, if given, turns each step's x into what the layers take (their device and dtype)
+    before the step's barrier, outside its time: a serving engine's layers find their input on
+    the device, left there by the layer before."""
     outputs: dict[int, list[torch.Tensor]] = {i: [] for i in keep}
     times = []
     for st in steps:
+        x = st.x if put is None else put(st.x)
         barrier()
         t = time.perf_counter()
-        ys = step(st.x, st.batch) if step is not None else None
+        ys = step(x, st.batch) if step is not None else None
         if ys is None:
             for i in layer_ids:
-                y = forward(i, st.x, st.batch)
+                y = forward(i, x, st.batch)
                 if i in outputs:
                     outputs[i].append(y)
         else:
@@ -204,14 +208,25 @@ def is_decode_step(batch) -> bool:
     return all(n == 1 for n in batch.seq_lens) and all(batch.has_state)
 
 
-def graphed_decode_step(decoder, keep: list[int], device, dtype):
+def to_layer_input(x: torch.Tensor, device, dtype: torch.dtype) -> torch.Tensor:
+    """x on `device` in `dtype`, cast there. torch casts a copy from the CPU to a GPU that also
+    changes the dtype on the CPU, on its intra-op thread pool. The local job at tp=2 on a host of
+    2 H200s (32 cores), with that cast inside every layer's call, timed its prefill step (398
+    tokens, 4 layers) at 47.5 and 52.5 ms; with OMP_NUM_THREADS=1 (a pool of one) at 6.0; with x
+    put on the device by this, once per step and outside the timing, at 1.5-3.0. A 16,698-token
+    step: 114.2 ms against 6.4 (benchmarks/results/job_input_h200x2_s36b_summary.log)."""
+    return x.to(device).to(dtype)
+
+
+def graphed_decode_step(decoder, keep: list[int]):
     """A `serve` step that replays decode-only steps (is_decode_step) from `decoder` (a
-    GraphedDecoder over all the job's layers) and declines the rest. The kept outputs are
-    copied, since the graph overwrites its buffers on the next replay."""
+    GraphedDecoder over all the job's layers; x comes on its device, in its dtype) and declines
+    the rest. The kept outputs are copied, since the graph overwrites its buffers on the next
+    replay."""
     def step(x, batch):
         if not is_decode_step(batch):
             return None
-        ys = decoder(x.to(device, dtype), list(batch.slots))
+        ys = decoder(x, list(batch.slots))
         return {i: ys[i].clone() for i in keep}
     return step
 
@@ -252,14 +267,17 @@ def run_rank(spec: JobSpec) -> dict | None:
     steps = serving_workload(cfg.hidden_size, spec.seqs, spec.prompt_len, spec.decode_steps, spec.seed)
 
     def forward_on(cache):
-        return lambda i, x, batch: layers[i](x.to(device, dtype), batch, cache)
+        return lambda i, x, batch: layers[i](x, batch, cache)
+
+    def put(x):
+        return to_layer_input(x, device, dtype)
 
     def new_cache():
         return StateCache(cfg, ids, spec.seqs, dtype=dtype, device=device)
 
     # warm-up on a scratch cache: compiles kernels and fills allocator pools outside the timing
     progress(warm_up_message(device.type))
-    serve(forward_on(new_cache()), ids, steps[:2], [], lambda: sync(device))
+    serve(forward_on(new_cache()), ids, steps[:2], [], lambda: sync(device), put=put)
     cache, keep, step = new_cache(), checked_layers(spec, ids), None
     graphs = spec.decode_graphs
     if graphs and (device.type != "cuda" or layers[ids[0]].backend != "triton"):
@@ -269,11 +287,11 @@ def run_rank(spec: JobSpec) -> dict | None:
         decoder = GraphedDecoder(layers, cache)
         progress(f"capturing the decode step of {spec.seqs} sequences in CUDA graphs")
         decoder.prepare(spec.seqs)       # captured here, outside the timing
-        step = graphed_decode_step(decoder, keep, device, dtype)
+        step = graphed_decode_step(decoder, keep)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     progress(serving_message(steps, ids))
-    times, outputs = serve(forward_on(cache), ids, steps, keep, lambda: sync(device), step)
+    times, outputs = serve(forward_on(cache), ids, steps, keep, lambda: sync(device), step, put)
     info = dict(rank=rank, device=str(device), backend=layers[ids[0]].backend, layers=len(ids), load_s=load_s,
                 peak_memory_bytes=peak_memory_bytes(device), decode_graphs=graphs)
     ranks = [None] * world

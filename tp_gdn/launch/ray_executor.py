@@ -126,7 +126,7 @@ class _Rank:
         """Layer `layer_id` on x (as _to_wire sends it); rank 0 returns (y as _to_wire sends it,
         (start, end) of its work on time.perf_counter's clock), the other ranks None."""
         t0 = time.perf_counter()
-        y = self.layers[layer_id](_from_wire(x).to(self.device, self.dtype), batch, self.cache)
+        y = self.layers[layer_id](self._input(x), batch, self.cache)
         if self.rank != 0:
             return None
         y = _to_wire(y)
@@ -136,7 +136,7 @@ class _Rank:
         """Every layer on x; rank 0 returns ({layer id: y} for `keep`, as _to_wire sends them, and
         (start, end) as forward does), the other ranks None."""
         t0 = time.perf_counter()
-        x = _from_wire(x).to(self.device, self.dtype)
+        x = self._input(x)
         ys = {i: layer(x, batch, self.cache) for i, layer in self.layers.items()}
         return self._kept_reply(ys, keep, t0)
 
@@ -154,8 +154,14 @@ class _Rank:
         layers in `keep`, as _to_wire sends them, and (start, end) as forward does), the other
         ranks None."""
         t0 = time.perf_counter()
-        ys = self._graphed()(_from_wire(x).to(self.device, self.dtype), slots)
+        ys = self._graphed()(self._input(x), slots)
         return self._kept_reply(ys, keep, t0)
+
+    def _input(self, x: tuple) -> torch.Tensor:
+        """x as _to_wire sent it, on this rank's device in its dtype (job.to_layer_input: cast on
+        the device, not by the CPU's thread pool)."""
+        from .job import to_layer_input
+        return to_layer_input(_from_wire(x), self.device, self.dtype)
 
     def _kept_reply(self, ys: dict, keep: list[int], t0: float):
         """What step and decode return: on rank 0 ({layer id: y} for `keep`, as _to_wire sends
