@@ -196,6 +196,58 @@ def test_the_job_says_on_stderr_what_it_starts(ckpt, capsys, monkeypatch):
     assert capsys.readouterr().err == ""
 
 
+def test_the_job_times_its_prefill_several_times_and_serves_the_same_numbers(ckpt, tmp_path):
+    """prefill_repeats runs the fresh prefill step that many times before the decode steps: the
+    rate is the median of those steps' times, and every output equals a run with one repeat
+    (each repeat starts its sequences fresh). serve refuses to repeat a step that continues."""
+    from tp_gdn.launch import job
+    from tp_gdn.workload import mixed_workload
+
+    spec = dict(checkpoint=str(ckpt), tp=1, seqs=3, prompt_len=40, decode_steps=3, check_layers="first")
+    runs, saved = {}, {}
+    for repeats in (1, 3):
+        out = tmp_path / f"outputs{repeats}.pt"
+        runs[repeats] = job.run_rank(job.JobSpec(**spec, prefill_repeats=repeats, save_outputs=str(out)))
+        saved[repeats] = torch.load(out)
+    once, thrice = runs[1], runs[3]
+    assert len(once["prefill_ms"]) == 1 and len(thrice["prefill_ms"]) == 3
+    assert thrice["prefill_tok_s"] == pytest.approx(
+        thrice["prefill_tokens"] / (sorted(thrice["prefill_ms"])[1] * 1e-3), rel=1e-9)
+    assert saved[1]["steps"] == saved[3]["steps"] == 4            # the prefill and 3 decode steps, once each
+    (i, ys1), = saved[1]["outputs"].items()
+    ys3 = saved[3]["outputs"][i]
+    assert len(ys1) == len(ys3) == 4 and all(torch.equal(a, b) for a, b in zip(ys1, ys3))
+    assert once["max_rel_err"] < 1e-5 and thrice["max_rel_err"] == once["max_rel_err"]
+    assert "median of 3 steps" in job.format_summary(thrice) and "one step" in job.format_summary(once)
+    steps = mixed_workload(8)
+    with pytest.raises(ValueError, match="all start fresh"):
+        job.serve(None, [], steps[1:], [], lambda: None, first_repeats=2)
+    with pytest.raises(ValueError, match="first_repeats must be >= 1"):
+        job.serve(None, [], steps, [], lambda: None, first_repeats=0)
+
+
+def test_the_torchrun_command_carries_every_field_of_the_job(tmp_path):
+    """tp-gdn run --launcher torchrun hands the job to torchrun as options: parsed back, they give
+    the same JobSpec, for a spec that differs from the defaults in every field."""
+    import dataclasses
+
+    from tp_gdn.cli import torchrun_command
+    from tp_gdn.launch.job import JobSpec
+
+    spec = JobSpec(checkpoint=str(tmp_path / "ckpt"), tp=3, device="cpu", dtype="bfloat16", backend="torch", seqs=3,
+                   prompt_len=17, decode_steps=2, seed=5, layers=[0, 2], check_layers="first",
+                   save_outputs=str(tmp_path / "out.pt"), decode_graphs=False, prefill_repeats=2)
+    default = JobSpec()
+    same = [f.name for f in dataclasses.fields(JobSpec)
+            if getattr(spec, f.name) == getattr(default, f.name)]
+    assert same == ["device", "decode_graphs"], same      # both need CUDA to differ, and CI has none
+    cmd = torchrun_command(spec, str(tmp_path / "s.json"))
+    job_args = cmd[cmd.index("tp_gdn.launch.job") + 1:]
+    assert f"--json={tmp_path / 's.json'}" in job_args
+    assert spec_for([a for a in job_args if not a.startswith("--json")]) == spec
+    assert cmd[cmd.index("-m") + 1] == "torch.distributed.run" and "--nproc-per-node=3" in cmd
+
+
 def test_help_explains_every_option_and_environment_variable(capsys):
     with pytest.raises(SystemExit):
         cli(["run", "--help"])

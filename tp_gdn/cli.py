@@ -16,6 +16,22 @@ from .launch.job import add_job_args, finish, spec_from_args
 from .loader.synthetic import PRESETS
 
 
+def torchrun_command(spec, json_path: str | None) -> list[str]:
+    """The torchrun command line that runs `spec` on one node: python -m torch.distributed.run
+    ... -m tp_gdn.launch.job with every field of the spec as an option."""
+    job = [f"--tp={spec.tp}", f"--device={spec.device}", f"--dtype={spec.dtype}", f"--backend={spec.backend}",
+           f"--seqs={spec.seqs}", f"--prompt-len={spec.prompt_len}", f"--decode-steps={spec.decode_steps}",
+           f"--seed={spec.seed}", f"--check-layers={spec.check_layers}", f"--prefill-repeats={spec.prefill_repeats}"]
+    for flag, value in (("--checkpoint", spec.checkpoint), ("--save-outputs", spec.save_outputs), ("--json", json_path)):
+        if value:
+            job.append(f"{flag}={value}")
+    if spec.layers:
+        job += ["--layers", *map(str, spec.layers)]
+    job.append("--decode-graphs" if spec.decode_graphs else "--no-decode-graphs")
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={spec.tp}",
+            "-m", "tp_gdn.launch.job", *job]
+
+
 def cmd_run(args) -> int:
     from .launch.job import check_spec, default_checkpoint, progress
 
@@ -32,18 +48,7 @@ def cmd_run(args) -> int:
     # refuse a backend the device cannot run, or a bad checkpoint, tp or layer list, before any rank starts
     check_spec(replace(spec, checkpoint=spec.checkpoint or str(default_checkpoint(spec.device))))
     if args.launcher == "torchrun":
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={spec.tp}",
-               "-m", "tp_gdn.launch.job", f"--tp={spec.tp}", f"--device={spec.device}", f"--dtype={spec.dtype}",
-               f"--backend={spec.backend}", f"--seqs={spec.seqs}", f"--prompt-len={spec.prompt_len}",
-               f"--decode-steps={spec.decode_steps}", f"--seed={spec.seed}", f"--check-layers={spec.check_layers}"]
-        for flag, value in (("--checkpoint", spec.checkpoint), ("--save-outputs", spec.save_outputs),
-                            ("--json", args.json)):
-            if value:
-                cmd.append(f"{flag}={value}")
-        if spec.layers:
-            cmd += ["--layers", *map(str, spec.layers)]
-        cmd.append("--decode-graphs" if spec.decode_graphs else "--no-decode-graphs")
-        return subprocess.call(cmd)
+        return subprocess.call(torchrun_command(spec, args.json))
     if args.launcher == "ray":
         from .launch.ray_executor import run_job
         summary = run_job(spec, address=args.ray_address, compiled_graph=args.ray_compiled_graph)

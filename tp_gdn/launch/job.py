@@ -10,8 +10,10 @@ the same workload from its driver.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import resource
+import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -43,6 +45,7 @@ class JobSpec:
     save_outputs: str | None = None   # rank 0 writes the checked layers' outputs here (torch.save)
     decode_graphs: bool = False       # decode steps replayed from CUDA graphs (CUDA, Triton backend);
                                       # the command line turns it on by default on GPUs
+    prefill_repeats: int = 5          # the prefill step is timed this many times (serve's first_repeats)
 
 
 # the embedded defaults: (directory name, write_checkpoint arguments) per device type
@@ -174,27 +177,35 @@ def sync(device: torch.device) -> None:
         dist.barrier()
 
 
-def serve(forward, layer_ids: list[int], steps: list[Step], keep: list[int], barrier, step=None, put=None
-          ) -> tuple[list, dict]:
+def serve(forward, layer_ids: list[int], steps: list[Step], keep: list[int], barrier, step=None, put=None,
+          first_repeats: int = 1) -> tuple[list, dict]:
     """Feed every step through every layer with `forward(layer_id, x, batch)`; return the wall
     time of each step and the outputs of the layers in `keep` (on the CPU). `step(x, batch)`, if
     given, may take a whole step instead: it returns {layer id: output} or None to decline.
     `put(x)`, if given, turns each step's x into what the layers take (their device and dtype)
     before the step's barrier, outside its time: a serving engine's layers find their input on
-    the device, left there by the layer before."""
+    the device, left there by the layer before. `first_repeats` > 1 runs the first step that
+    many times, back to back (every rank the same count), so that its time is more than one
+    sample; it must start every sequence fresh, so each repeat leaves the slots as one run does.
+    The times then hold first_repeats + len(steps) - 1 entries, the outputs the last repeat's."""
+    if first_repeats < 1:
+        raise ValueError(f"first_repeats must be >= 1, got {first_repeats}")
+    if first_repeats > 1 and any(steps[0].batch.has_state):
+        raise ValueError("only a first step whose sequences all start fresh (has_state False) can be repeated")
     outputs: dict[int, list[torch.Tensor]] = {i: [] for i in keep}
     times = []
-    for st in steps:
+    for n, st in enumerate(itertools.chain([steps[0]] * first_repeats, steps[1:])):
         x = st.x if put is None else put(st.x)
         barrier()
         t = time.perf_counter()
         ys = step(x, st.batch) if step is not None else None
+        kept = n >= first_repeats - 1       # the first step's earlier repeats keep nothing
         if ys is None:
             for i in layer_ids:
                 y = forward(i, x, st.batch)
-                if i in outputs:
+                if i in outputs and kept:
                     outputs[i].append(y)
-        else:
+        elif kept:
             for i in outputs:
                 outputs[i].append(ys[i])
         barrier()
@@ -232,13 +243,17 @@ def graphed_decode_step(decoder, keep: list[int]):
 
 
 def summarize(spec: JobSpec, ckpt: Path, steps: list[Step], times: list[float], outputs: dict, ranks: list) -> dict:
-    """Throughput, error against the unsharded fp32 layer, and per-rank facts, for the table."""
+    """Throughput, error against the unsharded fp32 layer, and per-rank facts, for the table.
+    `times` as serve returns them with first_repeats=spec.prefill_repeats: the prefill rate is
+    the median of those repeats'."""
     prefill_tokens = steps[0].batch.num_tokens
     decode_tokens = sum(st.batch.num_tokens for st in steps[1:])
+    prefill, decode = times[:spec.prefill_repeats], times[spec.prefill_repeats:]
     summary = dict(spec=asdict(spec), checkpoint=str(ckpt), ranks=ranks, prefill_tokens=prefill_tokens,
-                   prefill_tok_s=prefill_tokens / times[0],
-                   decode_tok_s=decode_tokens / max(sum(times[1:]), 1e-12),
-                   decode_step_ms=1e3 * sum(times[1:]) / max(len(times) - 1, 1))
+                   prefill_tok_s=prefill_tokens / statistics.median(prefill),
+                   prefill_ms=[1e3 * t for t in prefill],
+                   decode_tok_s=decode_tokens / max(sum(decode), 1e-12),
+                   decode_step_ms=1e3 * sum(decode) / max(len(decode), 1))
     if outputs:
         check = list(outputs)
         progress(f"checking layers {check} against the unsharded fp32 layers on the CPU")
@@ -291,7 +306,8 @@ def run_rank(spec: JobSpec) -> dict | None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     progress(serving_message(steps, ids))
-    times, outputs = serve(forward_on(cache), ids, steps, keep, lambda: sync(device), step, put)
+    times, outputs = serve(forward_on(cache), ids, steps, keep, lambda: sync(device), step, put,
+                           first_repeats=spec.prefill_repeats)
     info = dict(rank=rank, device=str(device), backend=layers[ids[0]].backend, layers=len(ids), load_s=load_s,
                 peak_memory_bytes=peak_memory_bytes(device), decode_graphs=graphs)
     ranks = [None] * world
@@ -315,7 +331,8 @@ def format_summary(s: dict) -> str:
         "",
         "| metric | value |",
         "|---|---|",
-        f"| prefill ({s['prefill_tokens']} tokens, all layers) | {s['prefill_tok_s']:,.0f} tokens/s |",
+        f"| prefill ({s['prefill_tokens']} tokens, all layers) | {s['prefill_tok_s']:,.0f} tokens/s "
+        f"({prefill_note(s['prefill_ms'])}) |",
         f"| decode ({spec['seqs']} sequences, all layers) | {s['decode_tok_s']:,.0f} tokens/s "
         f"({s['decode_step_ms']:.2f} ms/step) |",
     ]
@@ -333,6 +350,14 @@ def format_summary(s: dict) -> str:
         lines.append(f"| Ray per-call overhead ({how}; driver latency - actor compute), mean | "
                      f"{s['ray_overhead_ms']:.2f} ms (decode steps {decode:.2f}) |")
     return "\n".join(lines)
+
+
+def prefill_note(ms: list[float]) -> str:
+    """How the prefill rate was formed, for the table: one step's time, or the median of several
+    and their range."""
+    if len(ms) == 1:
+        return f"one step, {ms[0]:.2f} ms"
+    return f"median of {len(ms)} steps, {statistics.median(ms):.2f} ms; {min(ms):.2f}-{max(ms):.2f}"
 
 
 def add_job_args(ap: argparse.ArgumentParser) -> None:
@@ -354,6 +379,9 @@ def add_job_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--prompt-len", type=int, default=d.prompt_len,
                     help="average prompt length; lengths spread +-50%% around it")
     ap.add_argument("--decode-steps", type=int, default=d.decode_steps, help="decode steps after the prefill")
+    ap.add_argument("--prefill-repeats", type=int, default=d.prefill_repeats,
+                    help="time the prefill step this many times, back to back, and report the median (every "
+                         "repeat starts the sequences fresh, so the decode steps see the states one run leaves)")
     ap.add_argument("--seed", type=int, default=d.seed, help="seed of the workload's random inputs")
     ap.add_argument("--layers", type=int, nargs="+", default=None, help="GDN layer indices to run (default: all)")
     ap.add_argument("--check-layers", choices=["all", "first", "none"], default=d.check_layers,
@@ -388,11 +416,13 @@ def spec_from_args(args) -> JobSpec:
     decode_graphs = graphs_ok if args.decode_graphs is None else args.decode_graphs
     if args.seqs < 1 or args.prompt_len < 1 or args.decode_steps < 0:
         raise ValueError("--seqs and --prompt-len must be >= 1 and --decode-steps >= 0")
+    if args.prefill_repeats < 1:
+        raise ValueError(f"--prefill-repeats must be >= 1, got {args.prefill_repeats}")
     return JobSpec(checkpoint=args.checkpoint, tp=tp, device=device,
                    dtype=args.dtype or ("bfloat16" if device == "cuda" else "float32"), backend=args.backend,
                    seqs=args.seqs, prompt_len=args.prompt_len, decode_steps=args.decode_steps, seed=args.seed,
                    layers=args.layers, check_layers=args.check_layers, save_outputs=args.save_outputs,
-                   decode_graphs=decode_graphs)
+                   decode_graphs=decode_graphs, prefill_repeats=args.prefill_repeats)
 
 
 def finish(summary: dict, json_path: str | None) -> None:

@@ -518,7 +518,8 @@ def run_job(spec, address: str | None = None, compiled_graph: bool | None = None
             ex.prepare_decode(spec.seqs)                            # captured here, outside the timing
         ex.calls.clear()
         progress(serving_message(steps, ids))
-        times, outputs = serve(ex.forward, ids, steps, keep, lambda: None, one_call)
+        times, outputs = serve(ex.forward, ids, steps, keep, lambda: None, one_call,
+                               first_repeats=spec.prefill_repeats)
         ranks = [dict(info, peak_memory_bytes=m, decode_graphs=spec.decode_graphs)
                  for info, m in zip(ex.rank_info, ex.peak_memory_bytes())]
         summary = summarize(spec, ckpt, steps, times, outputs, ranks)
