@@ -49,7 +49,7 @@ def _to_wire(t: torch.Tensor) -> tuple:
     if t.dtype in (torch.bfloat16, torch.float16):
         t = t.view(torch.int16)
     if t.device.type != "cpu":
-        return t.to("cpu").contiguous().numpy(), name     # a new host tensor (one copy engine, no pool)
+        return t.to("cpu").contiguous().numpy(), name     # a device-to-host copy into new memory
     # its own memory, not a buffer the next step reuses
     return np.array(t.numpy(), copy=True, order="C"), name
 
