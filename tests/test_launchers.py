@@ -187,7 +187,8 @@ def test_the_job_says_on_stderr_what_it_starts(ckpt, capsys, monkeypatch):
     lines = [line for line in cap.err.splitlines() if line.startswith("tp_gdn: ")]
     assert [line.split()[1] for line in lines] == ["loading", "warming", "serving", "checking"]
     assert str(ckpt) in lines[0] and "over 1 rank (cpu, float32)" in lines[0]
-    assert f"a prefill of {summary['prefill_tokens']} tokens, then 2 decode steps, through 3 layers" in lines[2]
+    assert f"a prefill of {summary['prefill_tokens']} tokens (5 times, each from fresh sequences), then 2 decode " \
+           "steps, through 3 layers" in lines[2]
     assert f"layers {summary['checked_layers']} against" in lines[3]
     assert "compile" not in lines[1]          # the kernel-compilation note is for GPUs
     assert "compile the Triton kernels" in job.warm_up_message("cuda")

@@ -122,8 +122,9 @@ def warm_up_message(device: str) -> str:
         " (the first calls compile the Triton kernels, once per machine and shape)" if device == "cuda" else "")
 
 
-def serving_message(steps: list[Step], layer_ids: list[int]) -> str:
-    return (f"serving a prefill of {steps[0].batch.num_tokens} tokens, then {len(steps) - 1} decode steps, "
+def serving_message(steps: list[Step], layer_ids: list[int], prefill_repeats: int = 1) -> str:
+    times = f" ({prefill_repeats} times, each from fresh sequences)" if prefill_repeats > 1 else ""
+    return (f"serving a prefill of {steps[0].batch.num_tokens} tokens{times}, then {len(steps) - 1} decode steps, "
             f"through {len(layer_ids)} layers")
 
 
@@ -305,7 +306,7 @@ def run_rank(spec: JobSpec) -> dict | None:
         step = graphed_decode_step(decoder, keep)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    progress(serving_message(steps, ids))
+    progress(serving_message(steps, ids, spec.prefill_repeats))
     times, outputs = serve(forward_on(cache), ids, steps, keep, lambda: sync(device), step, put,
                            first_repeats=spec.prefill_repeats)
     info = dict(rank=rank, device=str(device), backend=layers[ids[0]].backend, layers=len(ids), load_s=load_s,

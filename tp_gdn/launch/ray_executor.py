@@ -517,7 +517,7 @@ def run_job(spec, address: str | None = None, compiled_graph: bool | None = None
             progress(f"capturing the decode step of {spec.seqs} sequences in CUDA graphs")
             ex.prepare_decode(spec.seqs)                            # captured here, outside the timing
         ex.calls.clear()
-        progress(serving_message(steps, ids))
+        progress(serving_message(steps, ids, spec.prefill_repeats))
         times, outputs = serve(ex.forward, ids, steps, keep, lambda: None, one_call,
                                first_repeats=spec.prefill_repeats)
         ranks = [dict(info, peak_memory_bytes=m, decode_graphs=spec.decode_graphs)
