@@ -127,10 +127,7 @@ class _Rank:
         (start, end) of its work on time.perf_counter's clock), the other ranks None."""
         t0 = time.perf_counter()
         y = self.layers[layer_id](self._input(x), batch, self.cache)
-        if self.rank != 0:
-            return None
-        y = _to_wire(y)
-        return y, (t0, time.perf_counter())
+        return self._reply(lambda: _to_wire(y), t0)
 
     def step(self, x: tuple, batch: Batch, keep: list[int]):
         """Every layer on x; rank 0 returns ({layer id: y} for `keep`, as _to_wire sends them, and
@@ -138,7 +135,7 @@ class _Rank:
         t0 = time.perf_counter()
         x = self._input(x)
         ys = {i: layer(x, batch, self.cache) for i, layer in self.layers.items()}
-        return self._kept_reply(ys, keep, t0)
+        return self._reply(lambda: {i: _to_wire(ys[i]) for i in keep}, t0)
 
     def _graphed(self):
         if self.decoder is None:
@@ -155,7 +152,7 @@ class _Rank:
         ranks None."""
         t0 = time.perf_counter()
         ys = self._graphed()(self._input(x), slots)
-        return self._kept_reply(ys, keep, t0)
+        return self._reply(lambda: {i: _to_wire(ys[i]) for i in keep}, t0)
 
     def _input(self, x: tuple) -> torch.Tensor:
         """x as _to_wire sent it, on this rank's device in its dtype (job.to_layer_input: cast on
@@ -163,12 +160,12 @@ class _Rank:
         from .job import to_layer_input
         return to_layer_input(_from_wire(x), self.device, self.dtype)
 
-    def _kept_reply(self, ys: dict, keep: list[int], t0: float):
-        """What step and decode return: on rank 0 ({layer id: y} for `keep`, as _to_wire sends
-        them, and (t0, now)), elsewhere None."""
+    def _reply(self, outputs, t0: float):
+        """What forward, step and decode return: on rank 0 (outputs(), the outputs as _to_wire
+        sends them, formed only there, and (t0, now)), elsewhere None."""
         if self.rank != 0:
             return None
-        return {i: _to_wire(ys[i]) for i in keep}, (t0, time.perf_counter())
+        return outputs(), (t0, time.perf_counter())
 
     GRAPH_METHODS = ("forward", "step", "decode", "prepare_decode", "layer_ids")
 
