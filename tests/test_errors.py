@@ -142,3 +142,39 @@ def test_graphed_decoder_refuses_cpu_layers():
         GraphedDecoder({0: layer}, StateCache(cfg, [0], 4, tp_size=1))
     with pytest.raises(ValueError, match="at least one layer"):
         GraphedDecoder({}, StateCache(cfg, [0], 4, tp_size=1))
+
+
+def test_a_call_records_no_autograd_and_restores_the_grad_mode(filled):
+    """forward runs as under torch.no_grad (its own grad-mode switch, cheaper on the host than the
+    decorator), also when x requires grad, and gives the grad mode back as it found it, after an
+    error too."""
+    layer, cache = filled
+    x = torch.randn(5, 32, requires_grad=True)
+    y = layer(x, Batch([5], [3], [False]), cache)
+    assert not y.requires_grad and y.grad_fn is None and torch.is_grad_enabled()
+    with torch.no_grad():
+        y2 = layer(x.detach(), Batch([5], [3], [False]), cache)
+        assert not torch.is_grad_enabled()
+    assert torch.is_grad_enabled() and torch.equal(y, y2)
+    with pytest.raises(ValueError, match="slot 4 is out of range"):
+        layer(x, Batch([5], [4], [True]), cache)
+    assert torch.is_grad_enabled()
+
+
+def test_in_proj_is_the_first_product_of_a_call_and_a_refused_cache_changes_nothing(filled, monkeypatch):
+    """in_proj's product is queued before the cache's checks (a single call's idle GPU waits for
+    it), so a call that those checks refuse has run in_proj alone, and no state has changed."""
+    layer, cache = filled
+    seen = []
+    real = layer.in_proj.forward
+    monkeypatch.setattr(layer.in_proj, "forward", lambda x: seen.append("in_proj") or real(x))
+    snap = snapshot(cache)
+    with pytest.raises(TypeError, match="cache must be a tp_gdn.StateCache"):
+        layer(torch.randn(5, 32), Batch([5], [0], [True]), "not a cache")
+    with pytest.raises(ValueError, match="slot 4 is out of range"):
+        layer(torch.randn(5, 32), Batch([5], [4], [True]), cache)
+    assert seen == ["in_proj", "in_proj"]
+    assert_unchanged(cache, snap)
+    with pytest.raises(ValueError, match="x has width 31"):      # x's own checks come before it
+        layer(torch.randn(5, 31), Batch([5], [0], [True]), cache)
+    assert seen == ["in_proj", "in_proj"]
