@@ -100,28 +100,17 @@ def compare(label: str, fns: dict, outs: dict, rounds: int, calls: bool = False)
 
 
 def run_row(row: tuple, versions: dict, rounds: int, calls: bool = False) -> None:
-    import dataclasses
-
-    import torch
     from bench_kernels import prefill_inputs
-    from bench_layer import CFG, full_weights
+    from bench_layer import CFG
 
     fns, outs = {}, {}
     if row[0] == "layer":
         _, n, L, P = row
-        cfg = dataclasses.replace(CFG, num_k_heads=CFG.num_k_heads // P, num_v_heads=CFG.num_v_heads // P)
-        dev = torch.device("cuda")
-        w = full_weights(cfg=cfg)
-        x = torch.randn(n * L, cfg.hidden_size, device=dev, dtype=torch.bfloat16,
-                        generator=torch.Generator(device=dev).manual_seed(1))
-        for k, pkg in versions.items():
-            layer = pkg.GDNLayer.from_full(cfg, 0, w, 0, 1, dtype=torch.bfloat16, device=dev, backend="triton")
-            batch = pkg.Batch([L] * n, list(range(n)), [False] * n)
-            cache = pkg.StateCache(cfg, [0], n, dtype=torch.bfloat16, device=dev, tp_size=1)
-            fns[k] = lambda layer=layer, batch=batch, cache=cache: layer(x, batch, cache)
-            outs[k] = (fns[k]().clone(), cache.ssm[0].clone())
+        for k, (fn, ssm) in layer_calls(row, versions).items():
+            fns[k] = fn
+            outs[k] = (fn().clone(), ssm.clone())
         label = f"layer tp=1 {n}x{L}" if P == 1 else \
-            f"layer, one tp={P} rank ({cfg.num_k_heads}/{cfg.num_v_heads} heads), {n}x{L}"
+            f"layer, one tp={P} rank ({CFG.num_k_heads // P}/{CFG.num_v_heads // P} heads), {n}x{L}"
         compare(label, fns, outs, rounds, calls)
         return
     _, n, L, nk, nv = row
@@ -129,6 +118,30 @@ def run_row(row: tuple, versions: dict, rounds: int, calls: bool = False) -> Non
         fns[k] = fn
         outs[k] = (fn().clone(), pool.clone())   # the state after one call from h0
     compare(f"core {n}x{L} {nk}/{nv}", fns, outs, rounds, calls)
+
+
+def layer_calls(row: tuple, versions: dict) -> dict:
+    """{version: (a call of its layer on a layer row's input (fresh sequences, bf16, one GPU), the
+    layer's state pool that the call writes)}; each version has its own layer, batch and cache,
+    built from the same weights."""
+    import dataclasses
+
+    import torch
+    from bench_layer import CFG, full_weights
+
+    _, n, L, P = row
+    cfg = dataclasses.replace(CFG, num_k_heads=CFG.num_k_heads // P, num_v_heads=CFG.num_v_heads // P)
+    dev = torch.device("cuda")
+    w = full_weights(cfg=cfg)
+    x = torch.randn(n * L, cfg.hidden_size, device=dev, dtype=torch.bfloat16,
+                    generator=torch.Generator(device=dev).manual_seed(1))
+    calls = {}
+    for k, pkg in versions.items():
+        layer = pkg.GDNLayer.from_full(cfg, 0, w, 0, 1, dtype=torch.bfloat16, device=dev, backend="triton")
+        batch = pkg.Batch([L] * n, list(range(n)), [False] * n)
+        cache = pkg.StateCache(cfg, [0], n, dtype=torch.bfloat16, device=dev, tp_size=1)
+        calls[k] = (lambda layer=layer, batch=batch, cache=cache: layer(x, batch, cache), cache.ssm[0])
+    return calls
 
 
 def core_calls(x: dict, versions: dict) -> dict:

@@ -64,10 +64,25 @@ def test_version_comparisons_need_a_gpu(script):
     assert run.returncode != 0 and "needs a CUDA GPU" in run.stderr
 
 
-def test_host_time_takes_core_rows_only():
-    run = subprocess.run([sys.executable, str(ROOT / "benchmarks/host_time.py"), "HEAD", "--rows", "layer-8x4096"],
-                         capture_output=True, text=True, timeout=300)
-    assert run.returncode == 2 and "core rows (core-NxL-NK/NV) only" in run.stderr
+def test_host_time_refuses_a_bad_row_before_it_looks_for_a_gpu():
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks/host_time.py"), "HEAD", "--rows", "layer-8x4096",
+                          "layer-8x4096-tp3"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2 and "'layer-8x4096-tp3': rows are layer-NxL, layer-NxL-tpP" in run.stderr
+
+
+def test_host_time_stamps_every_launch_entry(tmp_path):
+    """The stamps wrap the `launch` of every kernel module that binds one (a module added later
+    without being listed would leave its launches out of the timeline), and the cuBLAS entries."""
+    ht = load_benchmark("host_time")
+    cv = load_benchmark("compare_versions")
+    pkg = cv.load_version(None, "stamps", tmp_path)
+    kernels = Path(importlib.import_module(pkg.__name__ + ".kernels").__file__).parent
+    common = importlib.import_module(f"{pkg.__name__}.kernels.triton_common")
+    modules = {p.stem: importlib.import_module(f"{pkg.__name__}.kernels.{p.stem}") for p in kernels.glob("*.py")}
+    binding = sorted(name for name, m in modules.items() if m is not common and getattr(m, "launch", None) is common.launch)
+    assert sorted(ht.KERNEL_MODULES) == binding
+    points = ht.stamp_points({"v": pkg})
+    assert len(points) == len(binding) + 2 and all(callable(getattr(obj, name)) for obj, name in points)
 
 
 def test_gpu_clock_readings_parse():
