@@ -65,6 +65,37 @@ def test_graphed_decode_equals_eager_decode(seed):
             decoder(x, bad)
 
 
+@pytest.mark.gpu
+def test_graphed_decode_pads_to_its_bucket_and_leaves_other_slots_alone(seed):
+    """Steps of 3, 5 and 9 sequences replay the default buckets' graphs of 4, 8 and 16 (padding
+    rows on the cache's padding slot): their outputs and their slots' states lie within bf16
+    rounding of eager steps' (cuBLAS may pick another kernel for 4 rows than for 3), and the slots
+    no step names keep their bits."""
+    from tp_gdn.graphs import GraphedDecoder
+
+    cfg = tiny_config(nk=4, nv=8, dk=32, dv=32, H=64, layers=2)
+    layer = GDNLayer.from_full(cfg, 0, random_full_weights(cfg, seed), dtype=torch.bfloat16, device="cuda")
+    caches = [StateCache(cfg, [0], 24, dtype=torch.bfloat16, device="cuda", tp_size=1) for _ in range(2)]
+    prompt = torch.randn(12 * 20, 64, device="cuda", dtype=torch.bfloat16)
+    for c in caches:
+        layer(prompt, Batch([20] * 12, list(range(12)), [False] * 12), c)
+    before = [t.clone() for t in (caches[1].ssm[0], caches[1].conv[0])]
+    decoder = GraphedDecoder({0: layer}, caches[1])
+    used = set()
+    for slots in ([4, 1, 7], [4, 1, 7], [0, 2, 3, 5, 6], [9, 8, 7, 6, 5, 4, 3, 1, 0], [1, 4, 7]):
+        used |= set(slots)
+        x = torch.randn(len(slots), 64, device="cuda", dtype=torch.bfloat16)
+        eager = layer(x, Batch([1] * len(slots), slots, [True] * len(slots)), caches[0])
+        got = decoder(x, slots)[0]
+        assert got.shape == eager.shape and rel_err(got, eager) < BF16_TOL, slots
+    assert sorted(decoder._graphs) == [4, 8, 16]
+    used, others = sorted(used), [s for s in range(24) if s not in used]
+    assert rel_err(caches[1].ssm[0][used], caches[0].ssm[0][used]) < BF16_TOL
+    assert rel_err(caches[1].conv[0][used].float(), caches[0].conv[0][used].float()) < BF16_TOL
+    assert torch.equal(caches[1].ssm[0][others], before[0][others])
+    assert torch.equal(caches[1].conv[0][others], before[1][others])
+
+
 def tps(*sizes):
     return [pytest.param(tp, marks=pytest.mark.skipif(N_GPU < tp, reason=f"needs {tp} GPUs")) for tp in sizes]
 

@@ -303,6 +303,49 @@ def test_decode_step_matches_reference_with_conv_update():
     assert rel_err(sp.cpu(), sp_ref) < 1e-5
 
 
+@pytest.mark.parametrize("with_norm", [False, True])
+def test_decode_padding_rows_touch_only_the_padding_slot(with_norm):
+    """The padding rows of a CUDA graph's batch-size bucket (graphs.py) all run on the cache's
+    padding slot, one past its visible slots: the real rows' outputs and slots are the reference's
+    for those rows alone, and every other visible slot keeps its bits. Both q|k conv-state shifts:
+    the decode kernel's own launch, and the gated norm's (gdn_mix_norm)."""
+    *_, ops = tri()
+    cfg = tiny_config(nk=2, nv=4, dk=16, dv=16, K=4)
+    nk, nv, dk, dv = 2, 4, 16, 16
+    kd, vd = nk * dk, nv * dv
+    real, G, S = [6, 2, 3], 5, 8
+    P = 2 * kd + 2 * vd + 2 * nv
+    proj = torch.randn(G, P)
+    conv_w = torch.randn(cfg.conv_dim, 4) * 0.5
+    conv_pool = torch.randn(S + 1, 3, cfg.conv_dim)          # as StateCache holds them: a padding slot past S
+    ssm_pool = torch.randn(S + 1, nv, dk, dv) * 0.3
+    A_log, dt_bias = gate_parameters(nv)
+    norm_w = torch.rand(dv) + 0.5
+    n = len(real)
+    ref_batch = Batch([1] * n, real, [True] * n)
+    cp_ref, sp_ref = conv_pool.clone(), ssm_pool.clone()
+    cp0, sp0 = conv_pool.clone(), ssm_pool.clone()          # (on the CPU, .to(DEV) below is the pool itself)
+    if with_norm:
+        want = ref.gdn_mix_norm(proj[:n], nk, nv, dk, dv, conv_w, A_log, dt_bias, cp_ref, sp_ref, ref_batch,
+                                None, norm_w, 1e-6)
+    else:
+        want = ref.gdn_mix(proj[:n], nk, nv, dk, dv, conv_w, A_log, dt_bias, cp_ref, sp_ref, ref_batch)
+    # the graph's batch (slots 0..G-1, as captured) with its slot buffer rewritten for this step
+    batch = Batch([1] * G, list(range(G)), [True] * G)
+    meta = batch.meta(DEV)
+    meta.slots.copy_(torch.tensor(real + [S] * (G - n)))
+    cp, sp = conv_pool.to(DEV), ssm_pool.to(DEV)
+    args = (proj.to(DEV), nk, nv, dk, dv, conv_w.to(DEV), A_log.to(DEV), dt_bias.to(DEV), cp[:S], sp[:S], batch, meta)
+    got = ops.gdn_mix_norm(*args, norm_w.to(DEV), 1e-6) if with_norm else ops.gdn_mix(*args)
+    assert got.shape[0] == G
+    assert rel_err(got[:n].cpu(), want) < 1e-5
+    others = [s for s in range(S) if s not in real]
+    assert torch.equal(cp.cpu()[others], cp0[others]) and torch.equal(sp.cpu()[others], sp0[others])
+    assert torch.equal(cp.cpu()[real], cp_ref[real])
+    assert rel_err(sp.cpu()[real], sp_ref[real]) < 1e-5
+    assert not torch.equal(sp.cpu()[S], sp0[S])      # the padding rows ran, on the padding slot
+
+
 @pytest.mark.parametrize("world,dtype", [(2, torch.float32), (3, torch.float16)])
 def test_push_all_reduce_plays_every_rank_in_one_process(world, dtype):
     """The push all-reduce's kernel, every rank played here on one device: all ranks' pushes,

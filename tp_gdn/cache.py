@@ -17,6 +17,11 @@ class StateCache:
                   projected q|k|v inputs of the sequence in each slot, oldest first.
     ssm[layer]:   [num_slots, nv/tp, dk, dv] in `state_dtype` (fp32 unless asked otherwise): the
                   recurrent state S of each local value head.
+
+    Each pool is a view of a buffer one slot longer: slot `padding_slot` (= num_slots), past the
+    view's end, is where the padding rows of a CUDA graph's batch-size bucket (graphs.
+    GraphedDecoder) read and write their throwaway state, so that the kernels need no check for
+    them. No batch can name it (the layer refuses slots >= num_slots).
     """
 
     def __init__(self, cfg: GDNConfig, layer_ids: Iterable[int], num_slots: int,
@@ -30,13 +35,14 @@ class StateCache:
             raise ValueError(f"num_slots must be an integer >= 1, got {num_slots!r}")
         self.cfg, self.tp_size, self.num_slots = cfg, tp, num_slots
         self.dtype, self.state_dtype, self.device = dtype, state_dtype, torch.device(device)
+        n = num_slots + 1       # the padding slot
         self.conv = {
-            i: torch.zeros(num_slots, cfg.conv_kernel - 1, cfg.conv_dim // tp, dtype=dtype, device=device)
+            i: torch.zeros(n, cfg.conv_kernel - 1, cfg.conv_dim // tp, dtype=dtype, device=device)[:num_slots]
             for i in layer_ids
         }
         self.ssm = {
-            i: torch.zeros(num_slots, cfg.num_v_heads // tp, cfg.head_k_dim, cfg.head_v_dim,
-                           dtype=state_dtype, device=device)
+            i: torch.zeros(n, cfg.num_v_heads // tp, cfg.head_k_dim, cfg.head_v_dim,
+                           dtype=state_dtype, device=device)[:num_slots]
             for i in layer_ids
         }
 
@@ -44,8 +50,14 @@ class StateCache:
     def layer_ids(self) -> list[int]:
         return list(self.conv)
 
+    @property
+    def padding_slot(self) -> int:
+        """The slot past the pools' views (num_slots) that graph padding rows use (class docstring)."""
+        return self.num_slots
+
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for d in (self.conv, self.ssm) for t in d.values())
+        """Bytes the pools hold, the padding slot's included."""
+        return sum(t.untyped_storage().nbytes() for d in (self.conv, self.ssm) for t in d.values())
 
     def __repr__(self) -> str:
         return (f"StateCache(layers={self.layer_ids}, num_slots={self.num_slots}, tp={self.tp_size}, "
