@@ -136,7 +136,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("old", help="git revision of the version compared against")
     ap.add_argument("new", nargs="?", default=None, help="git revision (default: the working tree)")
-    ap.add_argument("--rows", nargs="+", default=DEFAULT_ROWS, help=f"core or layer rows (default: {' '.join(DEFAULT_ROWS)})")
+    ap.add_argument("--rows", nargs="+", default=DEFAULT_ROWS,
+                    help=f"core or layer rows (default: {' '.join(DEFAULT_ROWS)})")
     ap.add_argument("--calls", type=int, default=200, help="calls of each version per measure (default 200)")
     args = ap.parse_args(argv)
     try:

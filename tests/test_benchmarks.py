@@ -79,7 +79,8 @@ def test_host_time_stamps_every_launch_entry(tmp_path):
     kernels = Path(importlib.import_module(pkg.__name__ + ".kernels").__file__).parent
     common = importlib.import_module(f"{pkg.__name__}.kernels.triton_common")
     modules = {p.stem: importlib.import_module(f"{pkg.__name__}.kernels.{p.stem}") for p in kernels.glob("*.py")}
-    binding = sorted(name for name, m in modules.items() if m is not common and getattr(m, "launch", None) is common.launch)
+    binding = sorted(name for name, m in modules.items()
+                     if m is not common and getattr(m, "launch", None) is common.launch)
     assert sorted(ht.KERNEL_MODULES) == binding
     points = ht.stamp_points({"v": pkg})
     assert len(points) == len(binding) + 2 and all(callable(getattr(obj, name)) for obj, name in points)

@@ -10,11 +10,11 @@ as for any row and need no check for them (a check of a slot index -1 in the dec
 the 256-sequence step 0.3%: benchmarks/RESULTS.md, thirty-seventh session). Several padding rows
 update the one padding slot at once, so its state means nothing, and no other row reads it.
 A step copies the input rows into the graph's static buffer and replays it: no allocation, no
-host synchronisation. The slot indices go to
-the graph's index buffer through a pinned host buffer only when they differ from the last
-step's (and are checked then), so a steady decode loop costs one copy and one replay on the
-host. A caller that writes the step's input straight into `input_buffer(B)` and passes that
-buffer saves the copy too (as a model's previous stage would). The graph is bound to this
+host synchronisation. The slot indices go to the graph's index buffer through a pinned host
+buffer only when they differ from the last step's (and are checked then), so a steady decode
+loop costs one copy and one replay on the host. A caller that writes the step's input straight
+into `input_buffer(B)` and passes that buffer saves the copy too (as a model's previous stage
+would). The graph is bound to this
 cache's tensors; the returned outputs are views of the graph's static buffers, valid until the
 next step. Each replay counts the watched all-reduces captured in it as queued
 (parallel/watchdog.py).
