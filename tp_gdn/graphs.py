@@ -14,10 +14,9 @@ host synchronisation. The slot indices go to the graph's index buffer through a 
 buffer only when they differ from the last step's (and are checked then), so a steady decode
 loop costs one copy and one replay on the host. A caller that writes the step's input straight
 into `input_buffer(B)` and passes that buffer saves the copy too (as a model's previous stage
-would). The graph is bound to this
-cache's tensors; the returned outputs are views of the graph's static buffers, valid until the
-next step. Each replay counts the watched all-reduces captured in it as queued
-(parallel/watchdog.py).
+would). The graph is bound to this cache's tensors; the returned outputs are views of the
+graph's static buffers, valid until the next step. Each replay counts the watched all-reduces
+captured in it as queued (parallel/watchdog.py).
 """
 
 from __future__ import annotations
