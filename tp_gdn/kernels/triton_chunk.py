@@ -766,6 +766,10 @@ def chunk_delta_rule_varlen(
         return out
     if path not in (None, *PATHS):
         raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+    # the solve, the same on every path, goes first: a single call's GPU waits for its first kernel
+    # while the host works out the rest (a call that the checks below refuse has then run the solve,
+    # which writes only its own buffers)
+    Tbuf, G = intra_solve(k, a, b, A_log, dt_bias, meta, k_col0, nk, nv, dk, normalize_qk)
     T = q.shape[0]
     dev, dt = q.device, q.dtype
     assert state_pool.is_contiguous() and state_pool.dtype == torch.float32
@@ -792,7 +796,6 @@ def chunk_delta_rule_varlen(
         raise ValueError(f"the gated norm runs inside the fused pass with one dv block only (got path {path!r}, "
                          f"BV={BV}, dv={dv})")
     prec = _prec(dt)
-    Tbuf, G = intra_solve(k, a, b, A_log, dt_bias, meta, k_col0, nk, nv, dk, normalize_qk)
     if out is None:
         out = torch.empty(T, nv * dv, device=dev, dtype=v.dtype)
     grid = (meta.num_chunks, nv)
