@@ -151,7 +151,7 @@ def test_decode_steps_pad_to_their_bucket_and_return_only_their_rows(seed):
         got = decoder(x, slots)[0]
         assert got.shape == want.shape and torch.equal(got, want), slots
         size = decoder.graph_size(len(slots))
-        assert decoder._graphs[size]["meta"].slots.tolist() == slots + [12] * (size - len(slots))
+        assert decoder._graphs[size]["meta"].slots.tolist() == slots + [caches[1].padding_slot] * (size - len(slots))
     assert decoder.captured == [2, 4, 8, 9]
     assert torch.equal(caches[0].ssm[0], caches[1].ssm[0]) and torch.equal(caches[0].conv[0], caches[1].conv[0])
     # the input rows a step of 3 writes into: the bucket-4 graph's first 3 rows, copied from nowhere
