@@ -38,7 +38,7 @@ def stand_in_decoder(layer, cache, buckets=None):
     decoder.layers, decoder.cache = {0: layer}, cache
     decoder.device, decoder.dtype, decoder.H = layer.device, layer.dtype, layer.cfg.hidden_size
     decoder.buckets = graphs.check_buckets(buckets)
-    decoder._sizes = [graphs.bucket_for(B, decoder.buckets) for B in range(1 + (decoder.buckets or (0,))[-1])]
+    decoder._sizes = graphs.size_table(decoder.buckets)
     decoder._graphs = {}
     decoder.progress = Progress("the stand-in's all-reduce", pinned=False)
     decoder.captured = []
@@ -127,6 +127,7 @@ def test_batch_size_buckets():
     assert b == (2, 8, 32)
     assert [graphs.bucket_for(B, b) for B in (1, 2, 3, 8, 9, 32, 33, 100)] == [2, 2, 8, 8, 32, 32, 33, 100]
     assert graphs.bucket_for(5, None) == 5 and graphs.check_buckets(None) is None
+    assert graphs.size_table(b) == [graphs.bucket_for(B, b) for B in range(33)] and graphs.size_table(None) == []
     for bad in ([0], [2, -1], [True], [2.0], []):
         with pytest.raises(ValueError, match="bucket"):
             graphs.check_buckets(bad)

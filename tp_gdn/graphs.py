@@ -58,6 +58,12 @@ def bucket_for(B: int, buckets: tuple[int, ...] | None) -> int:
     return B
 
 
+def size_table(buckets: tuple[int, ...] | None) -> list[int]:
+    """bucket_for(B, buckets) for B = 0 .. the largest bucket (empty where buckets is None): a
+    step's graph size in one index."""
+    return [bucket_for(B, buckets) for B in range(1 + buckets[-1])] if buckets else []
+
+
 class GraphedDecoder:
     def __init__(self, layers: dict, cache: StateCache, buckets=DEFAULT_BUCKETS):
         """buckets: the graph sizes a step's batch is padded up to (check_buckets; None: one graph
@@ -71,8 +77,7 @@ class GraphedDecoder:
         if first.backend != "triton":
             raise ValueError("GraphedDecoder replays the Triton kernels; load the layers with backend 'triton'")
         self.buckets = check_buckets(buckets)
-        # graph size by batch size up to the largest bucket: one index on a step's host path
-        self._sizes = [bucket_for(B, self.buckets) for B in range(1 + (self.buckets or (0,))[-1])]
+        self._sizes = size_table(self.buckets)      # one index on a step's host path
         self.layers, self.cache = layers, cache
         self.device, self.dtype, self.H = first.device, first.dtype, first.cfg.hidden_size
         self._graphs: dict[int, dict] = {}      # per graph size: graph, static buffers, last slots, views

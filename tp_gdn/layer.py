@@ -136,12 +136,7 @@ class GDNLayer(nn.Module):
         return (f"layer={self.layer_id}, tp={self.tp_rank}/{self.tp_size}, heads k/v={self.nk}/{self.nv}, "
                 f"dtype={self.dtype}, backend={self.backend}")
 
-    # -- checks that run before any state is touched --------------------------------------------
-    def check_inputs(self, x: torch.Tensor, batch: Batch, cache: StateCache) -> None:
-        """Every check of a call's arguments (forward runs the two halves apart)."""
-        self._check_x(x, batch)
-        self._check_cache(x, batch, cache)
-
+    # -- checks that run before any state is touched (forward: _check_x, in_proj, _check_cache) ---
     def _check_x(self, x: torch.Tensor, batch: Batch) -> None:
         """What in_proj's product needs: x a [tokens, H] tensor of the layer's dtype and device,
         one row per token of a tp_gdn.Batch."""
