@@ -1,7 +1,7 @@
 """The whole tensor-parallel GDN layer, ours against a layer composed the way serving engines do
 it today, under torchrun on 1, 2 or 4 GPUs, in the same run on the same inputs and weights.
 
-    torchrun --standalone --nproc-per-node N benchmarks/bench_layer.py [--profile] [--json OUT]
+    torchrun --standalone --nproc-per-node N benchmarks/bench_layer.py [--profile] [--timeline] [--json OUT]
         [--only prefill|decode] [--decode-sizes 256 1] [--warm-seconds S]
 
 Qwen3-Next-80B GDN dims (H 2048, nk 16, nv 32, dk = dv 128, K 4), bf16 weights and activations,
@@ -13,7 +13,10 @@ GEMM and an NCCL all-reduce. Ours: GDNLayer with the Triton backend; decode repl
 graphs (GraphedDecoder). Every rank runs the same fixed number of iterations. After each row,
 rank 0 prints its GPU's SM clock, power draw and clock event reasons (timing.gpu_clocks): a row
 timed while the power cap held the clock down says so; --warm-seconds times the prefill rows
-after that long under load on each side, at the clock sustained load gives.
+after that long under load on each side, at the clock sustained load gives. --timeline prints,
+for our prefill calls, how the GPU's streams spent a single call (timing.timeline): the main
+stream's busy and idle time, and how much of the other streams' work (the copy engines'
+transfers and sums of the all-reduce) ran beside the main stream's and how much was exposed.
 """
 
 from __future__ import annotations
@@ -136,6 +139,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", default=None)
     ap.add_argument("--profile", action="store_true", help="also print where our layer's time goes, per kernel")
+    ap.add_argument("--timeline", action="store_true",
+                    help="also print how our prefill calls use the GPU's streams (busy, idle, overlapped, exposed)")
     ap.add_argument("--only", choices=["prefill", "decode"], default=None, help="run only these workloads")
     ap.add_argument("--decode-sizes", type=int, nargs="+", default=None,
                     help="decode batch sizes (default: 256 at tp=1, 1 at tp > 1)")
@@ -167,7 +172,7 @@ def main():
     for n, L in prefills if args.only != "decode" else []:
         run_guarded(f"prefill {n}x{L}", rank,
                     lambda: bench_prefill(layer, n, L, dev, g, tp, rank, report, rows, args.profile,
-                                          args.warm_seconds))
+                                          args.warm_seconds, args.timeline))
     decode_sizes = args.decode_sizes or ([256] if tp == 1 else [1])
     for B in decode_sizes if args.only != "prefill" else []:
         run_guarded(f"decode {B}", rank, lambda: bench_decode(layer, B, dev, g, tp, rank, report, rows, args.profile))
@@ -235,7 +240,25 @@ def profile_kernels(fn, rank, label, top=12):
             print(f"    {ms:8.3f} ms  {count:3d}x  {name[:90]}")
 
 
-def bench_prefill(layer, n, L, dev, g, tp, rank, report, rows, profile=False, warm_s=0.0):
+def print_timeline(fn, rank, label, row, calls=3):
+    """timing.timeline of fn's single calls (every rank runs them): every call's figures go into
+    row["timeline_us"], and rank 0 prints those of the call with the median GPU span (one call's
+    own figures, which add up: the other streams' busy time is the part beside the main stream's
+    work plus the part exposed)."""
+    from timing import timeline
+
+    calls_seen = timeline(fn, calls)
+    row["timeline_us"] = calls_seen
+    mid = sorted(calls_seen, key=lambda c: c["span"])[len(calls_seen) // 2]
+    if rank == 0:
+        spans = ", ".join(f"{c['span']:.1f}" for c in calls_seen)
+        print(f"  timeline of ours, {label} (the median of {calls} single calls by GPU span, us; spans {spans}): "
+              f"GPU span {mid['span']:.1f}; main stream busy {mid['main_busy']:.1f}, idle {mid['main_idle']:.1f}; "
+              f"other streams busy {mid['others_busy']:.1f}, of it beside the main stream's work "
+              f"{mid['others_beside_main']:.1f}, exposed {mid['others_exposed']:.1f}", flush=True)
+
+
+def bench_prefill(layer, n, L, dev, g, tp, rank, report, rows, profile=False, warm_s=0.0, timeline=False):
     H, bf = CFG.hidden_size, torch.bfloat16
     T = n * L
     x = torch.randn(T, H, device=dev, dtype=bf, generator=g)
@@ -333,6 +356,8 @@ def bench_prefill(layer, n, L, dev, g, tp, rank, report, rows, profile=False, wa
                 print(f"  the same with the chunks' all-reduce on NCCL's stream: {tails_text(nccl_tails)}", flush=True)
     if profile:
         profile_kernels(lambda: layer(x, batch, cache), rank, f"prefill {n}x{L}, tp={tp}")
+    if timeline:
+        print_timeline(lambda: layer(x, batch, cache), rank, f"prefill {n}x{L}, tp={tp}", rows[-1])
 
 
 def bench_decode(layer, B, dev, g, tp, rank, report, rows, profile=False):

@@ -91,6 +91,113 @@ def kernel_times(fn, calls: int = 3) -> dict[str, tuple[float, int]]:
             for e in prof.key_averages() if e.device_time_total > 0}
 
 
+# what a call's GPU timeline holds (the chrome trace's categories of GPU work)
+GPU_WORK = ("kernel", "gpu_memcpy", "gpu_memset")
+
+
+def gpu_work(trace: dict) -> list[tuple[int, float, float, str]]:
+    """[(stream, start us, end us, name)] of the GPU work in a torch profiler chrome trace (the
+    dict that export_chrome_trace writes), in start order."""
+    work = [(int(e["args"]["stream"]), float(e["ts"]), float(e["ts"]) + float(e["dur"]), e["name"])
+            for e in trace.get("traceEvents", []) if e.get("cat") in GPU_WORK and "stream" in e.get("args", {})]
+    return sorted(work, key=lambda w: w[1])
+
+
+def _union(intervals) -> list[tuple[float, float]]:
+    merged = []
+    for a, b in sorted(intervals):
+        if merged and a <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], b))
+        else:
+            merged.append((a, b))
+    return merged
+
+
+def _length(intervals) -> float:
+    return sum(b - a for a, b in intervals)
+
+
+def _intersect(x, y) -> list[tuple[float, float]]:
+    """The intersection of two sorted, disjoint interval lists."""
+    out, i, j = [], 0, 0
+    while i < len(x) and j < len(y):
+        a, b = max(x[i][0], y[j][0]), min(x[i][1], y[j][1])
+        if a < b:
+            out.append((a, b))
+        if x[i][1] < y[j][1]:
+            i += 1
+        else:
+            j += 1
+    return out
+
+
+def summarize_timeline(work: list[tuple[int, float, float, str]]) -> dict:
+    """What one call's GPU work (gpu_work's list) says about its streams, in microseconds: span
+    (first start to last end), the main stream (the one busy longest) and its busy and idle time
+    between its first start and last end, the other streams' busy time (their union), how much of
+    that ran beside the main stream's work, and how much did not (exposed: the main stream had
+    nothing running then, as at a call's end while its last transfer or sum finishes)."""
+    if not work:
+        raise ValueError("no GPU work in the timeline")
+    by_stream: dict[int, list] = {}
+    for stream, a, b, _ in work:
+        by_stream.setdefault(stream, []).append((a, b))
+    busy = {s: _union(iv) for s, iv in by_stream.items()}
+    main = max(busy, key=lambda s: _length(busy[s]))
+    main_busy = _length(busy[main])
+    others = _union([iv for s, ivs in busy.items() if s != main for iv in ivs])
+    beside = _length(_intersect(others, busy[main]))
+    return dict(span=max(b for _, _, b, _ in work) - min(a for _, a, _, _ in work), main_stream=main,
+                main_busy=main_busy, main_idle=busy[main][-1][1] - busy[main][0][0] - main_busy,
+                others_busy=_length(others), others_beside_main=beside, others_exposed=_length(others) - beside)
+
+
+def call_spans(trace: dict, prefix: str) -> dict[int, tuple[float, float]]:
+    """{i: (start us, end us)} of the GPU work of each profiler range named prefix + str(i), from
+    the trace's GPU-side annotations (one per stream the range's work ran on)."""
+    spans: dict[int, tuple[float, float]] = {}
+    for e in trace.get("traceEvents", []):
+        name = e.get("name", "")
+        if e.get("cat") != "gpu_user_annotation" or not name.startswith(prefix) or not name[len(prefix):].isdigit():
+            continue
+        i, a, b = int(name[len(prefix):]), float(e["ts"]), float(e["ts"]) + float(e["dur"])
+        spans[i] = (min(a, spans[i][0]), max(b, spans[i][1])) if i in spans else (a, b)
+    return spans
+
+
+def timeline(fn, calls: int = 3) -> list[dict]:
+    """summarize_timeline of `calls` single calls of fn in one profiler session (CPU and CUDA
+    activity: the CPU side's ranges mark each call's GPU work), each after a sync and, under
+    torch.distributed, a barrier inside the session (every rank runs the same calls; fn may hold
+    collectives). One call more runs first and is dropped: the first call under a profiler runs
+    slow."""
+    import json
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    prefix = "tp_gdn_timed_call_"
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for i in range(calls + 1):
+            torch.cuda.synchronize()
+            if dist.is_initialized():
+                dist.barrier()
+                torch.cuda.synchronize()
+            with record_function(f"{prefix}{i}"):
+                fn()
+            torch.cuda.synchronize()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = f"{tmp}/trace.json"
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            trace = json.load(f)
+    work, spans = gpu_work(trace), call_spans(trace, prefix)
+    missing = [i for i in range(1, calls + 1) if i not in spans]
+    if missing:
+        raise RuntimeError(f"the profiler's trace marks no GPU work of calls {missing}")
+    return [summarize_timeline([w for w in work if spans[i][0] <= w[1] < spans[i][1]]) for i in range(1, calls + 1)]
+
+
 def copy_bandwidth() -> float:
     """Bytes per second (read + written) of a 2 GiB device-to-device copy on the current GPU."""
     x = torch.empty(2 << 30, dtype=torch.uint8, device="cuda")

@@ -144,3 +144,38 @@ def test_each_prefill_sweep_times_workloads_that_take_its_path():
             assert name == f"prefill {n}x{L}, {nk}/{nv}"
             got, _ = triton_chunk.choose_path(n, nv, 128, torch.bfloat16, num_chunks=n * -(-L // 64))
             assert got == path, (name, got)
+
+
+def test_timeline_summary_of_a_calls_streams():
+    """timing.gpu_work reads the GPU work out of a profiler trace (kernels, copies and memsets with
+    their streams; host events left out), and summarize_timeline splits a call's time by stream:
+    the main stream (the one busy longest), its idle gaps, and the other streams' work beside
+    it or exposed, on a hand-made timeline whose answers are counted by hand."""
+    timing = load_benchmark("timing")
+    ev = lambda cat, stream, ts, dur, name="k": {"cat": cat, "ts": ts, "dur": dur, "name": name, "args": {"stream": stream}}
+    trace = {"traceEvents": [
+        ev("kernel", 7, 0, 100, "in_proj"), ev("gpu_memset", 7, 100, 2), ev("kernel", 7, 110, 90),
+        ev("kernel", 7, 205, 95), ev("gpu_memcpy", 18, 150, 100, "pull"), ev("kernel", 18, 260, 60, "add"),
+        {"cat": "cpu_op", "ts": 0, "dur": 500, "name": "aten::mm", "args": {}},
+        {"cat": "kernel", "ts": 5, "dur": 1, "name": "no stream", "args": {}}]}
+    work = timing.gpu_work(trace)
+    assert [w[3] for w in work] == ["in_proj", "k", "k", "pull", "k", "add"]
+    got = timing.summarize_timeline(work)
+    assert got == dict(span=320.0, main_stream=7, main_busy=287.0, main_idle=13.0, others_busy=160.0,
+                       others_beside_main=135.0, others_exposed=25.0)
+    # the main stream is the one busy longest, whichever comes first
+    longer = [(3, 0.0, 10.0, "a"), (9, 5.0, 50.0, "b")]
+    assert timing.summarize_timeline(longer)["main_stream"] == 9
+    with pytest.raises(ValueError, match="no GPU work"):
+        timing.summarize_timeline([])
+
+
+def test_timeline_takes_each_calls_work_from_its_gpu_annotations():
+    """timing.call_spans: a call's GPU span is the union of its range's GPU-side annotations (one
+    per stream), and other ranges (a barrier) or other names are left out."""
+    timing = load_benchmark("timing")
+    ann = lambda name, tid, ts, dur: {"cat": "gpu_user_annotation", "name": name, "ts": ts, "dur": dur, "tid": tid}
+    trace = {"traceEvents": [ann("nccl:all_reduce_barrier", 7, 0, 5), ann("p_0", 7, 10, 100), ann("p_0", 18, 50, 90),
+                             ann("p_1", 7, 200, 80), ann("p_x", 7, 300, 9),
+                             {"cat": "user_annotation", "name": "p_1", "ts": 150, "dur": 200}]}
+    assert timing.call_spans(trace, "p_") == {0: (10.0, 140.0), 1: (200.0, 280.0)}
