@@ -152,50 +152,54 @@ def summarize_timeline(work: list[tuple[int, float, float, str]]) -> dict:
                 others_busy=_length(others), others_beside_main=beside, others_exposed=_length(others) - beside)
 
 
-def call_spans(trace: dict, prefix: str) -> dict[int, tuple[float, float]]:
-    """{i: (start us, end us)} of the GPU work of each profiler range named prefix + str(i), from
-    the trace's GPU-side annotations (one per stream the range's work ran on)."""
-    spans: dict[int, tuple[float, float]] = {}
-    for e in trace.get("traceEvents", []):
-        name = e.get("name", "")
-        if e.get("cat") != "gpu_user_annotation" or not name.startswith(prefix) or not name[len(prefix):].isdigit():
-            continue
-        i, a, b = int(name[len(prefix):]), float(e["ts"]), float(e["ts"]) + float(e["dur"])
-        spans[i] = (min(a, spans[i][0]), max(b, spans[i][1])) if i in spans else (a, b)
-    return spans
+MARK_NAME = "spin_kernel"      # the kernel of torch.cuda._sleep, which marks where a timed call starts and ends
+MARK_CYCLES = 1000            # about half a microsecond at the H200's clock
+
+
+def marked_spans(work: list[tuple[int, float, float, str]]) -> list[tuple[float, float]]:
+    """[(start us, end us)] between each pair of marker kernels (MARK_NAME) in gpu_work's list: the
+    end of the marker queued before a call to the start of the one queued after it. Raises where
+    the markers do not pair up."""
+    marks = [(a, b) for _, a, b, name in work if MARK_NAME in name]
+    if not marks or len(marks) % 2:
+        raise RuntimeError(f"the profiler's trace holds {len(marks)} marker kernels; each timed call needs two")
+    return [(marks[i][1], marks[i + 1][0]) for i in range(0, len(marks), 2)]
 
 
 def timeline(fn, calls: int = 3) -> list[dict]:
-    """summarize_timeline of `calls` single calls of fn in one profiler session (CPU and CUDA
-    activity: the CPU side's ranges mark each call's GPU work), each after a sync and, under
-    torch.distributed, a barrier inside the session (every rank runs the same calls; fn may hold
-    collectives). One call more runs first and is dropped: the first call under a profiler runs
-    slow."""
+    """summarize_timeline of `calls` single calls of fn in one profiler session, each after a sync
+    and, under torch.distributed, a barrier (every rank runs the same calls; fn may hold
+    collectives). The profiler records GPU activity only: with CPU activity as well, its host work
+    per operation held the GPU back (a tp=2 call's GPU span grew from about 2.6 to 2.7-3.2 ms,
+    the extra time idle). So a call's work is found between two tiny marker kernels queued on the
+    current stream just before and just after it (fn must leave every stream it uses joined to
+    the current one, as the layer does). One call more runs first and is dropped: the first call
+    under a profiler runs slow."""
     import json
     import tempfile
 
-    from torch.profiler import ProfilerActivity, profile, record_function
+    from torch.profiler import ProfilerActivity, profile
 
-    prefix = "tp_gdn_timed_call_"
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for i in range(calls + 1):
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls + 1):
             torch.cuda.synchronize()
             if dist.is_initialized():
                 dist.barrier()
                 torch.cuda.synchronize()
-            with record_function(f"{prefix}{i}"):
-                fn()
-            torch.cuda.synchronize()
+            torch.cuda._sleep(MARK_CYCLES)
+            fn()
+            torch.cuda._sleep(MARK_CYCLES)
+        torch.cuda.synchronize()
     with tempfile.TemporaryDirectory() as tmp:
         path = f"{tmp}/trace.json"
         prof.export_chrome_trace(path)
         with open(path) as f:
             trace = json.load(f)
-    work, spans = gpu_work(trace), call_spans(trace, prefix)
-    missing = [i for i in range(1, calls + 1) if i not in spans]
-    if missing:
-        raise RuntimeError(f"the profiler's trace marks no GPU work of calls {missing}")
-    return [summarize_timeline([w for w in work if spans[i][0] <= w[1] < spans[i][1]]) for i in range(1, calls + 1)]
+    work = gpu_work(trace)
+    spans = marked_spans(work)
+    if len(spans) != calls + 1:
+        raise RuntimeError(f"the profiler's trace marks {len(spans)} calls, not {calls + 1}")
+    return [summarize_timeline([w for w in work if a <= w[1] < b]) for a, b in spans[1:]]
 
 
 def copy_bandwidth() -> float:

@@ -170,12 +170,16 @@ def test_timeline_summary_of_a_calls_streams():
         timing.summarize_timeline([])
 
 
-def test_timeline_takes_each_calls_work_from_its_gpu_annotations():
-    """timing.call_spans: a call's GPU span is the union of its range's GPU-side annotations (one
-    per stream), and other ranges (a barrier) or other names are left out."""
+def test_timeline_takes_each_calls_work_between_its_marker_kernels():
+    """timing.marked_spans: each call's window runs from the end of the marker kernel queued before
+    it to the start of the one queued after it, whatever else (a barrier's kernel on another
+    stream) lies between the windows; markers that do not pair up are refused."""
     timing = load_benchmark("timing")
-    ann = lambda name, tid, ts, dur: {"cat": "gpu_user_annotation", "name": name, "ts": ts, "dur": dur, "tid": tid}
-    trace = {"traceEvents": [ann("nccl:all_reduce_barrier", 7, 0, 5), ann("p_0", 7, 10, 100), ann("p_0", 18, 50, 90),
-                             ann("p_1", 7, 200, 80), ann("p_x", 7, 300, 9),
-                             {"cat": "user_annotation", "name": "p_1", "ts": 150, "dur": 200}]}
-    assert timing.call_spans(trace, "p_") == {0: (10.0, 140.0), 1: (200.0, 280.0)}
+    mark = lambda ts: (7, ts, ts + 0.5, "at::cuda::(anonymous namespace)::spin_kernel(long)")
+    work = sorted([mark(0), (7, 1, 50, "in_proj"), (18, 20, 60, "pull"), mark(61), (30, 70, 72, "ncclDevKernel_AllReduce"),
+                   mark(80), (7, 85, 90, "k"), mark(95)], key=lambda w: w[1])
+    assert timing.marked_spans(work) == [(0.5, 61.0), (80.5, 95.0)]
+    with pytest.raises(RuntimeError, match="3 marker kernels"):
+        timing.marked_spans(work[:-1])
+    with pytest.raises(RuntimeError, match="0 marker kernels"):
+        timing.marked_spans([(7, 1, 50, "in_proj")])
