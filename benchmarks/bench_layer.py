@@ -244,7 +244,8 @@ def print_timeline(fn, rank, label, row, calls=3):
     """timing.timeline of fn's single calls (every rank runs them): every call's figures go into
     row["timeline_us"], and rank 0 prints those of the call with the median GPU span (one call's
     own figures, which add up: the other streams' busy time is the part beside the main stream's
-    work plus the part exposed)."""
+    work plus the part exposed; the host's lead before the GPU's first work plus the span is
+    about what a single call takes)."""
     from timing import timeline
 
     calls_seen = timeline(fn, calls)
@@ -253,6 +254,7 @@ def print_timeline(fn, rank, label, row, calls=3):
     if rank == 0:
         spans = ", ".join(f"{c['span']:.1f}" for c in calls_seen)
         print(f"  timeline of ours, {label} (the median of {calls} single calls by GPU span, us; spans {spans}): "
+              f"from the call's start to its first GPU work {mid['lead']:.1f}; "
               f"GPU span {mid['span']:.1f}; main stream busy {mid['main_busy']:.1f}, idle {mid['main_idle']:.1f}; "
               f"other streams busy {mid['others_busy']:.1f}, of it beside the main stream's work "
               f"{mid['others_beside_main']:.1f}, exposed {mid['others_exposed']:.1f}", flush=True)

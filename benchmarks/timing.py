@@ -199,7 +199,19 @@ def timeline(fn, calls: int = 3) -> list[dict]:
     spans = marked_spans(work)
     if len(spans) != calls + 1:
         raise RuntimeError(f"the profiler's trace marks {len(spans)} calls, not {calls + 1}")
-    return [summarize_timeline([w for w in work if a <= w[1] < b]) for a, b in spans[1:]]
+    return [call_timeline(work, a, b) for a, b in spans[1:]]
+
+
+def call_timeline(work: list[tuple[int, float, float, str]], a: float, b: float) -> dict:
+    """summarize_timeline of the work that starts in [a, b) (a call's window between its markers),
+    and lead: the microseconds from the end of the marker before the call to the call's first
+    GPU work. The marker is queued just before the call on an idle GPU, so lead is the host's
+    time from there to the call's first launch reaching the GPU: what a single call adds ahead
+    of its GPU span."""
+    inside = [w for w in work if a <= w[1] < b]
+    out = summarize_timeline(inside)
+    out["lead"] = min(w[1] for w in inside) - a
+    return out
 
 
 def copy_bandwidth() -> float:

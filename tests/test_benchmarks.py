@@ -179,6 +179,8 @@ def test_timeline_takes_each_calls_work_between_its_marker_kernels():
     work = sorted([mark(0), (7, 1, 50, "in_proj"), (18, 20, 60, "pull"), mark(61), (30, 70, 72, "ncclDevKernel_AllReduce"),
                    mark(80), (7, 85, 90, "k"), mark(95)], key=lambda w: w[1])
     assert timing.marked_spans(work) == [(0.5, 61.0), (80.5, 95.0)]
+    first = timing.call_timeline(work, 0.5, 61.0)
+    assert first["lead"] == 0.5 and first["span"] == 59.0 and first["main_busy"] == 49.0
     with pytest.raises(RuntimeError, match="3 marker kernels"):
         timing.marked_spans(work[:-1])
     with pytest.raises(RuntimeError, match="0 marker kernels"):
