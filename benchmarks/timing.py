@@ -167,7 +167,7 @@ def marked_spans(work: list[tuple[int, float, float, str]]) -> list[tuple[float,
 
 
 def timeline(fn, calls: int = 3) -> list[dict]:
-    """summarize_timeline of `calls` single calls of fn in one profiler session, each after a sync
+    """call_timeline of `calls` single calls of fn in one profiler session, each after a sync
     and, under torch.distributed, a barrier (every rank runs the same calls; fn may hold
     collectives). The profiler records GPU activity only: with CPU activity as well, its host work
     per operation held the GPU back (a tp=2 call's GPU span grew from about 2.6 to 2.7-3.2 ms,
