@@ -157,12 +157,13 @@ class GraphedDecoder:
             raise ValueError("a decode step needs at least one sequence")
         G = self.graph_size(B)
         g = self._graphs.get(G)
-        if g is None:
+        checked = g is None
+        if checked:                 # refuse a bad x before capturing a graph for it
             self._check_input(x_BH, B)
             self.prepare(B)
             g = self._graphs[G]
         x_in, ys = self._views(g, B)
-        if x_BH is not x_in:
+        if x_BH is not x_in and not checked:
             self._check_input(x_BH, B)
         if slots != g["last"]:          # a list, so a tuple or range never matches and is checked
             key = list(self._check_slots(tuple(slots)))
