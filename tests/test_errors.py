@@ -162,8 +162,9 @@ def test_a_call_records_no_autograd_and_restores_the_grad_mode(filled):
 
 
 def test_in_proj_is_the_first_product_of_a_call_and_a_refused_cache_changes_nothing(filled, monkeypatch):
-    """in_proj's product is queued before the cache's checks (a single call's idle GPU waits for
-    it), so a call that those checks refuse has run in_proj alone, and no state has changed."""
+    """in_proj's product is queued before x's and the cache's checks (a single call's idle GPU
+    waits for it), so a call that those checks refuse has run in_proj alone, and no state has
+    changed; where the product itself fails on x, the error is x's check's, not the product's."""
     layer, cache = filled
     seen = []
     real = layer.in_proj.forward
@@ -175,6 +176,12 @@ def test_in_proj_is_the_first_product_of_a_call_and_a_refused_cache_changes_noth
         layer(torch.randn(5, 32), Batch([5], [4], [True]), cache)
     assert seen == ["in_proj", "in_proj"]
     assert_unchanged(cache, snap)
-    with pytest.raises(ValueError, match="x has width 31"):      # x's own checks come before it
+    with pytest.raises(ValueError, match="x has width 31") as caught:    # the product failed on x
         layer(torch.randn(5, 31), Batch([5], [0], [True]), cache)
-    assert seen == ["in_proj", "in_proj"]
+    assert caught.value.__context__ is None       # x's error alone, not chained to the product's
+    with pytest.raises(ValueError, match="x has 6 rows"):                 # the product ran; x's check refused
+        layer(torch.randn(6, 32), Batch([5], [0], [True]), cache)
+    with pytest.raises(TypeError, match="batch must be a tp_gdn.Batch"):  # no meta: refused before the product
+        layer(torch.randn(5, 32), [5], cache)
+    assert seen == ["in_proj"] * 4
+    assert_unchanged(cache, snap)

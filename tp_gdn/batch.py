@@ -179,6 +179,9 @@ class Batch:
         return self._pieces[pieces]
 
     def meta(self, device) -> BatchMeta:
+        built = self._meta.get(device)     # a layer's call passes x.device, a key as built below
+        if built is not None:
+            return built
         device = torch.device(device)
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())

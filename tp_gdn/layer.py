@@ -136,7 +136,7 @@ class GDNLayer(nn.Module):
         return (f"layer={self.layer_id}, tp={self.tp_rank}/{self.tp_size}, heads k/v={self.nk}/{self.nv}, "
                 f"dtype={self.dtype}, backend={self.backend}")
 
-    # -- checks that run before any state is touched (forward: _check_x, in_proj, _check_cache) ---
+    # -- checks that run before any state is touched (forward: in_proj, _check_x, _check_cache) ---
     def _check_x(self, x: torch.Tensor, batch: Batch) -> None:
         """What in_proj's product needs: x a [tokens, H] tensor of the layer's dtype and device,
         one row per token of a tp_gdn.Batch."""
@@ -205,6 +205,24 @@ class GDNLayer(nn.Module):
             torch.set_grad_enabled(True)
 
     def _forward(self, x_TH, batch: Batch, cache: StateCache, overlap: int | None, tail: int | None):
+        proj = meta = None
+        if overlap == 1 or (overlap is None and OVERLAP_PIECES == 1):
+            # in_proj over the whole call, queued before the rest of the host's work (x's and the
+            # cache's checks, the tail's set-up): in a single call the idle GPU waits for this
+            # first kernel. A call that the checks refuse has then run one GEMM at most, and no
+            # state has changed; where the product itself fails on x, x's check reports why. The
+            # batch meta's index copies (a new batch's) go ahead of the GEMM, which is then the
+            # launch just ahead of gdn_mix's (after_gemm)
+            try:
+                meta = batch.meta(x_TH.device)
+                proj = self.in_proj(x_TH)
+            except Exception as e:
+                failed = e
+            else:
+                failed = None
+            if failed is not None:
+                self._check_x(x_TH, batch)      # the clear error where x or the batch is at fault
+                raise failed
         self._check_x(x_TH, batch)
         if overlap is None:
             overlap = OVERLAP_PIECES if batch.num_tokens >= OVERLAP_MIN_TOKENS else 1
@@ -213,13 +231,7 @@ class GDNLayer(nn.Module):
         if tail is not None and tail < 1:
             raise ValueError(f"tail must be >= 1, got {tail}")
         pieces = batch.token_pieces(overlap) if overlap > 1 and self.tp_size > 1 else []
-        proj = None
-        if len(pieces) < 2:
-            # in_proj over the whole call, queued before the rest of the host's work (the cache's
-            # checks, the tail's set-up): in a single call the idle GPU waits for this first
-            # kernel. A call that the cache's checks refuse has then run one GEMM, and no state
-            # has changed. The batch meta's index copies (a new batch's) go ahead of the GEMM,
-            # which is then the launch just ahead of gdn_mix's (after_gemm)
+        if proj is None and len(pieces) < 2:
             meta = batch.meta(x_TH.device)
             proj = self.in_proj(x_TH)
         self._check_cache(x_TH, batch, cache)
