@@ -47,6 +47,18 @@ def test_token_pieces_cover_the_batch_and_cut_on_chunk_multiples():
         batch.token_pieces(0)
 
 
+def test_batch_meta_is_built_once_per_device_however_the_device_is_named():
+    """A layer's call looks its batch's meta up by x.device first (Batch.meta): every name of one
+    device must reach the same meta, built once, with the batch's own tables."""
+    batch = Batch([130, 1, 5], [3, 0, 2], [False, True, True])
+    meta = batch.meta("cpu")
+    assert batch.meta(torch.device("cpu")) is meta and batch.meta("cpu") is meta
+    assert meta.cu_seqlens.tolist() == [0, 130, 131, 136] and meta.slots.tolist() == [3, 0, 2]
+    assert meta.num_decode == 1 and meta.num_chunks == 4      # 130 tokens: chunks at 0, 64, 128; 5 tokens: one
+    other = Batch([130, 1, 5], [3, 0, 2], [False, True, True]).meta(torch.device("cpu"))
+    assert other is not meta and torch.equal(other.chunks, meta.chunks)
+
+
 def mixed_workload_on_the_unsharded_layers(seed, steps=None):
     """A tiny two-layer model's full weights, the steps (the mixed workload by default) and the
     unsharded layers' outputs over them: (cfg, full weights by layer, steps, outputs by layer)."""
