@@ -95,6 +95,11 @@ environment (the README says more):
                         before the watchdog ends the process with exit code 3
                         (default 600; 0: no watchdog)
   TP_GDN_FAST_LAUNCH=0  every Triton launch through Triton's own path
+  TP_GDN_GEMM=tuned|cublas
+                        tuned (default): products of 2048 rows or more on GPUs
+                        through the cuBLASLt algorithm that timing picks at a
+                        shape's first call, where it beats torch's call;
+                        cublas: torch's call always
   TP_GDN_CACHE=DIR      where the embedded default checkpoint is generated
                         (default ~/.cache/tp_gdn)
 """

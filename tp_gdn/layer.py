@@ -27,6 +27,7 @@ from .config import GDNConfig
 from .kernels import get_ops, resolve_backend
 from .kernels.reference import proj_z
 from .parallel import ColumnParallelLinear, Replicate, RowParallelLinear, Split, load_full_, sharded_parameter
+from .parallel.blaslt import TunedGemm, gemm_mode
 from .parallel.comm import all_reduce_sum_async_
 
 # forward's default overlap: token pieces whose all-reduce runs while the next piece computes,
@@ -121,8 +122,16 @@ class GDNLayer(nn.Module):
         if hasattr(self.ops, "few_rows_product"):
             # calls of up to triton_gemv.MAX_ROWS tokens (one: a decode step of one sequence): Triton
             # products; out_proj's follows the norm kernel, under PDL
-            self.in_proj.few_rows = self.ops.few_rows_product(pdl=False)
-            self.out_proj.few_rows = self.ops.few_rows_product(pdl=True)
+            self.in_proj.products = (self.ops.few_rows_product(pdl=False),)
+            self.out_proj.products = (self.ops.few_rows_product(pdl=True),)
+        # the backend of the fast path on GPUs: products of many rows through cuBLASLt, the algorithm
+        # picked by timing (parallel/blaslt.py; TP_GDN_GEMM=cublas leaves them to torch's call)
+        mode = gemm_mode()      # checked wherever the layer runs
+        self.gemm = "tuned" if mode == "tuned" and self.backend == "triton" and self.device.type == "cuda" else "cublas"
+        if self.gemm == "tuned":
+            tuned = TunedGemm.for_device(self.device)
+            self.in_proj.products += (tuned,)
+            self.out_proj.products += (tuned,)
 
     @classmethod
     def from_full(cls, cfg: GDNConfig, layer_id: int, full: dict[str, torch.Tensor], tp_rank: int = 0,
@@ -134,7 +143,7 @@ class GDNLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"layer={self.layer_id}, tp={self.tp_rank}/{self.tp_size}, heads k/v={self.nk}/{self.nv}, "
-                f"dtype={self.dtype}, backend={self.backend}")
+                f"dtype={self.dtype}, backend={self.backend}, gemm={self.gemm}")
 
     # -- checks that run before any state is touched (forward: in_proj, _check_x, _check_cache) ---
     def _check_x(self, x: torch.Tensor, batch: Batch) -> None:

@@ -9,8 +9,10 @@ written straight into its staging buffer (with torch's one-shot kernel, the mapp
 itself), and one kernel per rank sums the ranks' partial outputs. Large outputs that a caller
 forms in row chunks (the layer's tail) can take the copy-engine all-reduce (`copy`,
 chunked_all_reduce_kind).
-Either may hold a `few_rows` product (set by the layer: its backend's kernel for decode steps of
-few tokens), used wherever it takes the input; cuBLAS forms the rest.
+Either may hold `products` (set by the layer): functions product(x, W, out) -> x W^T, or None
+where they leave x to the next; the first that takes x forms the product, else torch's cuBLAS
+call. The layer's are its backend's kernel for decode steps of few tokens, then the cuBLASLt
+products whose algorithm is picked by timing (blaslt.TunedGemm).
 """
 
 from __future__ import annotations
@@ -24,10 +26,10 @@ from .sharding import Split, sharded_parameter
 
 
 def product(module, x_TI: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """x W^T of a linear module: through its `few_rows` product where one is set and takes x
-    (returns other than None), else cuBLAS; into `out` where given."""
-    if module.few_rows is not None:
-        y = module.few_rows(x_TI, module.weight, out)
+    """x W^T of a linear module: through the first of its `products` that takes x (returns other
+    than None), else torch's cuBLAS call; into `out` where given."""
+    for p in module.products:
+        y = p(x_TI, module.weight, out)
         if y is not None:
             return y
     if out is None:
@@ -40,8 +42,8 @@ class ColumnParallelLinear(nn.Module):
         super().__init__()
         self.weight = sharded_parameter((sum(out_segments), in_features), Split(0, tuple(out_segments)),
                                         world, dtype, device)
-        # product(x, W, out) -> x W^T, or None to leave x to cuBLAS: the layer's kernels for few rows
-        self.few_rows = None
+        # product(x, W, out) -> x W^T, or None to leave x to the next (the last: torch's cuBLAS call)
+        self.products = ()
 
     def forward(self, x_TI: torch.Tensor) -> torch.Tensor:
         return product(self, x_TI)
@@ -57,7 +59,7 @@ class RowParallelLinear(nn.Module):
         self.symm = symmetric_all_reduce_for(group, device) if world > 1 else None
         # for outputs formed in row chunks (GDNLayer.forward's tail); None where it does not apply
         self.copy = copy_engine_all_reduce_for(group, device) if world > 1 else None
-        self.few_rows = None     # as ColumnParallelLinear's
+        self.products = ()     # as ColumnParallelLinear's
 
     def all_reduce_kind(self, rows: int) -> str:
         """Which all-reduce `forward` runs on an output of `rows` rows: "none" (tp = 1), "symm"
