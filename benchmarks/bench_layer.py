@@ -17,6 +17,9 @@ after that long under load on each side, at the clock sustained load gives. --ti
 for our prefill calls, how the GPU's streams spent a single call (timing.timeline): the main
 stream's busy and idle time, and how much of the other streams' work (the copy engines'
 transfers and sums of the all-reduce) ran beside the main stream's and how much was exposed.
+Each prefill row also times our call with its products as picked (TP_GDN_GEMM=tuned: cuBLASLt
+algorithms picked by timing, parallel/blaslt.py) against the same call on torch's cuBLAS calls,
+in interleaved rounds, and prints the picks.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import argparse
 import contextlib
 import json
 import os
+import statistics
 import sys
 from pathlib import Path
 
@@ -35,6 +39,7 @@ import torch.nn.functional as F
 from tp_gdn import Batch, GDNConfig, GDNLayer, StateCache
 from tp_gdn.graphs import GraphedDecoder
 from tp_gdn.parallel import destroy_distributed, get_rank, get_world_size, init_distributed, local_device
+from tp_gdn.parallel.blaslt import TunedGemm
 
 sys.path.insert(0, str(Path(__file__).parent))
 from timing import back_to_back, copy_bandwidth, graphed, kernel_times, record_clocks, rel, timeit, warm  # noqa: E402
@@ -260,6 +265,36 @@ def print_timeline(fn, rank, label, row, calls=3):
               f"{mid['others_beside_main']:.1f}, exposed {mid['others_exposed']:.1f}", flush=True)
 
 
+def compare_products(layer, fn, y, rank, row, rounds=3):
+    """Our call with the layer's products as they are (TP_GDN_GEMM=tuned: cuBLASLt where a pick
+    beat torch's call) against the same call with torch's cuBLAS calls, in `rounds` interleaved
+    rounds of 5 single calls and 10 back to back; prints each side's medians and what was picked."""
+    if layer.gemm != "tuned":
+        return
+    tuned = TunedGemm.for_device(layer.device)
+    kept = layer.in_proj.products, layer.out_proj.products
+    plain = tuple(tuple(p for p in ps if p is not tuned) for ps in kept)
+    times = {"tuned": ([], []), "torch": ([], [])}
+    for r in range(2 * rounds):
+        side = ("tuned", "torch")[r % 2]
+        layer.in_proj.products, layer.out_proj.products = kept if side == "tuned" else plain
+        if r < 2:
+            y_side = fn()
+            if side == "torch":
+                row["gemm_tuned_vs_torch_err"] = rel(y, y_side)
+        times[side][0].append(timeit(fn, 5))
+        times[side][1].append(back_to_back(fn, 10))
+    layer.in_proj.products, layer.out_proj.products = kept
+    med = {k: (statistics.median(a), statistics.median(b)) for k, (a, b) in times.items()}
+    row["gemm_ms"] = med
+    row["gemm_picks"] = tuned.report()
+    if rank == 0:
+        print(f"  ours with the products as picked / with torch's calls (single / back to back, medians of "
+              f"{rounds} interleaved rounds): {med['tuned'][0]:.3f} / {med['tuned'][1]:.3f} ms against "
+              f"{med['torch'][0]:.3f} / {med['torch'][1]:.3f} (outputs {row['gemm_tuned_vs_torch_err']:.1e} apart); "
+              "picks, rank 0: " + " | ".join(row["gemm_picks"]), flush=True)
+
+
 def bench_prefill(layer, n, L, dev, g, tp, rank, report, rows, profile=False, warm_s=0.0, timeline=False):
     H, bf = CFG.hidden_size, torch.bfloat16
     T = n * L
@@ -299,6 +334,7 @@ def bench_prefill(layer, n, L, dev, g, tp, rank, report, rows, profile=False, wa
                 (f"; each side run {warm_s:g} s back to back before each of its timings)" if warm_s > 0 else ")"))
     rows[-1].update(norm_inside_pass=default, ours_other_norm_ms=t_other, ours_back_to_back_ms=b2b_ours,
                     peer_back_to_back_ms=b2b_peer, all_reduce=layer.out_proj.all_reduce_kind(T), warm_s=warm_s)
+    compare_products(layer, ours, y_ours, rank, rows[-1])
     if tp > 1:
         out = torch.empty(T, H, device=dev, dtype=bf)
         t_ar = timeit(lambda: dist.all_reduce(out), 5)
