@@ -119,8 +119,9 @@ def test_gpu_tuned_product_leaves_what_it_does_not_take(monkeypatch):
 
 @pytest.mark.gpu
 def test_gpu_tuned_product_in_a_cuda_graph(monkeypatch):
-    """A stream being captured does not pick (torch's call is captured instead); a class picked
-    before runs its cuBLASLt pick inside the graph, and the replay gives the eager call's bits."""
+    """A stream being captured does not pick, nor take its workspace (torch's call is captured
+    instead); a class picked before runs its cuBLASLt pick inside the graph on a stream that has its
+    workspace, and the replay gives the eager call's bits."""
     monkeypatch.setattr(blaslt, "MARGIN", 10.0)           # keep a candidate, so that the graph runs cuBLASLt
     tuned = fresh(monkeypatch)
     w = torch.randn(2048, 1024, device="cuda", dtype=torch.bfloat16)
@@ -135,6 +136,13 @@ def test_gpu_tuned_product_in_a_cuda_graph(monkeypatch):
     eager = tuned(x, w, out).clone()                       # picks, outside a capture
     assert tuned.picks[(2048, 1024, torch.bfloat16, True, 4096)] is not None
     assert rel_err(eager.float(), torch.nn.functional.linear(x, w).float()) < 1e-2
+    g2 = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g2, stream=stream):     # a stream without its workspace: torch's call
+        assert tuned(x, w, out) is None
+        torch.matmul(x, w.t(), out=out)
+    with torch.cuda.stream(stream):
+        assert tuned(x, w, out) is out            # the stream's workspace, outside a capture
+    torch.cuda.synchronize()
     g2 = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g2, stream=stream):
         assert tuned(x, w, out) is out

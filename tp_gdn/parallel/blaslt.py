@@ -1,11 +1,11 @@
 """Large products x W^T through cuBLASLt, with the algorithm picked by timing once per shape class.
 
-torch's cuBLAS call runs the algorithm that cuBLASLt's heuristic ranks first. For some of the
-layer's products another candidate of the same heuristic runs faster. On one H200 (s41, call F;
-benchmarks/RESULTS.md), at tp=1 and 32768 rows: in_proj (2048 -> 12352) 2,258 us on the
-heuristic's #7 against 2,451 on torch's call, out_proj (4096 -> 2048) 721 against 765; the layer
-4.462 / 4.433 ms single / back to back against 4.779 / 4.669 with torch's calls. At tp=2's
-in_proj (2048 -> 6176) torch's call was the fastest in 4 picks of 4, and stays.
+torch's cuBLAS call runs the algorithm that cuBLASLt's heuristic ranks first for the shape. Other
+algorithms can run faster: ones the heuristic ranks lower, and ones it offers for other row counts
+of the same product. On one H200 (s41; benchmarks/RESULTS.md), at 32768 rows: tp=1's in_proj
+(2048 -> 12352) 2,258 us on the heuristic's #7 against 2,451 on torch's call, out_proj (4096 ->
+2048) 721 against 765; tp=2's in_proj (2048 -> 6176) 1,132 us on the algorithm the heuristic
+offers for 16384 rows against 1,211 (none of the 8 it offers for 32768 rows beat torch's call).
 
 `TunedGemm` (one per device, `TunedGemm.for_device`) is a product in the sense of
 `linear.product`: `tuned(x [M, K], W [N, K], out=None)` returns x W^T, or None where it leaves the
@@ -13,14 +13,19 @@ product to torch's cuBLAS call. It takes bf16 and fp16 x and W with packed rows 
 given, packed [M, N]), pointers on 256-byte boundaries and M >= MIN_ROWS.
 
 The first call of a class (N, K, dtype, whether `out` is given, M rounded up to a power of two)
-times torch's own call and every candidate of the heuristic that needs no workspace (at most
-CANDIDATES), in interleaved rounds on the current stream. It keeps the fastest candidate where
-that took at most MARGIN of torch's time, else the class stays with torch's call. Other row counts
-of the class run the kept algorithm where the heuristic offers it for them as well (asked once
-per row count), else torch's call. Picking takes one host sync and 0.37 s for in_proj at 32768
-rows at tp=1 (0.12 s for out_proj). A stream being captured into a CUDA graph never picks: its calls run the class's
-algorithm where one was picked before, else torch's call. No workspace, so calls on several
-streams share nothing.
+gathers the heuristic's algorithms for M rows and for the DONOR_ROWS multiples of M (up to
+CANDIDATES each, needing at most WORKSPACE bytes), keeps those cuBLASLt's check
+(cublasLtMatmulAlgoCheck) takes for M rows, and times them against torch's call in interleaved
+rounds on the current stream. It keeps the fastest where that took at most MARGIN of torch's time,
+else the class stays with torch's call. Other row counts of the class run the kept algorithm where
+cuBLASLt's check takes it for them (asked once per row count), else torch's call. Picking takes
+one wait for the current stream and up to about 1 s (in_proj at 32768 rows, tp=1).
+
+Each stream gets its own workspace of WORKSPACE bytes at its first tuned product (the algorithms
+picked so far asked cuBLASLt's check for 4 bytes), so that products on several streams share
+none. A stream being captured into a CUDA graph never picks and never allocates: its products run
+the class's pick where one was made and the stream has its workspace (a call on that stream before
+the capture, as torch's warm-up before a capture does), else torch's call.
 
 The picked candidates were bit-equal to torch's call in every case measured (no split of K); the
 pick itself can differ from one process to the next where two candidates time alike.
@@ -41,7 +46,9 @@ from .comm import _env_choice
 
 GEMM_MODES = ("tuned", "cublas")
 MIN_ROWS = 2048          # fewer rows: torch's call (little to gain, and the direct call's host work)
-CANDIDATES = 8           # how many of the heuristic's algorithms are timed
+CANDIDATES = 8           # how many of the heuristic's algorithms are asked for, per row count asked
+DONOR_ROWS = (0.5, 2.0)  # the heuristic is also asked for these multiples of the rows (see _pick)
+WORKSPACE = 1 << 20      # bytes of workspace a candidate may need (one buffer per stream)
 MARGIN = 0.98            # a candidate is kept only if it takes at most this share of torch's time
 ALIGN = 256              # the pointer alignment cuBLASLt's heuristic assumes by default
 # timing at a class's first call: WARM calls of each, then interleaved rounds of back-to-back calls
@@ -106,6 +113,7 @@ def _library():
             "cublasLtMatmulPreferenceCreate": [P],
             "cublasLtMatmulPreferenceSetAttribute": [P, I, P, S],
             "cublasLtMatmulAlgoGetHeuristic": [P, P, P, P, P, P, P, I, P, P],
+            "cublasLtMatmulAlgoCheck": [P, P, P, P, P, P, P, P],
             "cublasLtMatmul": [P, P, P, P, P, P, P, P, P, P, P, P, P, P, S, P]}.items():
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = args, I
@@ -174,7 +182,8 @@ class TunedGemm:
         self.shapes = {}       # (N, K, dtype) -> _Shape
         self.picks = {}        # (N, K, dtype, out given, row class) -> _Pick, or None: torch's call
         self.timings = {}      # the same key -> what the pick timed (for reports)
-        self.pref = None       # the heuristic's preference: no workspace
+        self.pref = None       # the heuristic's preference: up to WORKSPACE bytes of workspace
+        self.workspaces = {}   # stream handle -> its workspace (a kernel per stream at a time uses it)
 
     # -- the product -------------------------------------------------------------------------------
     def __call__(self, x_MK: torch.Tensor, w_NK: torch.Tensor, out: torch.Tensor | None = None):
@@ -202,26 +211,48 @@ class TunedGemm:
                 return None
         if not pick.takes(M):
             return None
+        stream = torch.cuda.current_stream(x_MK.device).cuda_stream
+        workspace = self.workspace(stream)
+        if workspace is None:
+            return None
         if out is None:
             out = torch.empty(M, N, device=x_MK.device, dtype=x_MK.dtype)
-        pick.run(x_MK, w_NK, out)
+        pick.run(x_MK, w_NK, out, stream, workspace)
         return out
 
+    def workspace(self, stream: int) -> int | None:
+        """The workspace's address for `stream` (allocated at its first use; None where that would
+        fall inside a CUDA graph capture, whose memory is the graph's)."""
+        ws = self.workspaces.get(stream)
+        if ws is None:
+            if torch.cuda.is_current_stream_capturing():
+                return None
+            ws = self.workspaces[stream] = torch.empty(WORKSPACE, dtype=torch.uint8, device=f"cuda:{self.index}")
+        return ws.data_ptr()
+
     # -- picking -----------------------------------------------------------------------------------
-    def _candidates(self, shape: "_Shape", M: int) -> list["_Algo"]:
-        """The heuristic's algorithms for M rows of `shape` that need no workspace, best first."""
+    def _offered(self, shape: "_Shape", M: int) -> list["_Algo"]:
+        """The heuristic's algorithms for M rows of `shape` (up to WORKSPACE bytes of workspace), best first."""
         b, d = shape.layouts(M)
         if self.pref is None:
             self.pref = ctypes.c_void_p()
             _ok(self.lib.cublasLtMatmulPreferenceCreate(ctypes.byref(self.pref)), "MatmulPreferenceCreate")
-            zero = ctypes.c_uint64(0)
-            _ok(self.lib.cublasLtMatmulPreferenceSetAttribute(self.pref, _PREF_MAX_WORKSPACE, ctypes.byref(zero), 8),
+            size = ctypes.c_uint64(WORKSPACE)
+            _ok(self.lib.cublasLtMatmulPreferenceSetAttribute(self.pref, _PREF_MAX_WORKSPACE, ctypes.byref(size), 8),
                 "MatmulPreferenceSetAttribute")
         found = (_Heuristic * CANDIDATES)()
         count = ctypes.c_int()
         _ok(self.lib.cublasLtMatmulAlgoGetHeuristic(self.handle, shape.desc, shape.a, b, d, d, self.pref, CANDIDATES,
                                                     found, ctypes.byref(count)), "MatmulAlgoGetHeuristic")
-        return [found[i].algo for i in range(count.value) if found[i].state == 0 and found[i].workspace == 0]
+        return [found[i].algo for i in range(count.value) if found[i].state == 0 and found[i].workspace <= WORKSPACE]
+
+    def check(self, shape: "_Shape", algo: "_Algo", M: int) -> bool:
+        """Whether cuBLASLt's check takes `algo` for M rows of `shape` within WORKSPACE bytes."""
+        b, d = shape.layouts(M)
+        result = _Heuristic()
+        status = self.lib.cublasLtMatmulAlgoCheck(self.handle, shape.desc, shape.a, b, d, d, ctypes.byref(algo),
+                                                  ctypes.byref(result))
+        return status == 0 and result.workspace <= WORKSPACE
 
     def _pick(self, key, x_MK, w_NK, out):
         start = time.perf_counter()
@@ -230,7 +261,18 @@ class TunedGemm:
         shape = self.shapes.get((N, K, dtype))
         if shape is None:
             shape = self.shapes[(N, K, dtype)] = _Shape(self.lib, N, K, dtype)
-        picks = [_Pick(self, shape, algo, i, M) for i, algo in enumerate(self._candidates(shape, M))]
+        # the heuristic's algorithms for these rows, then those it offers for other row counts (at
+        # tp=2's in_proj, 32768 x 2048 -> 6176, its pick for 16384 rows, a 168x128 tile, took 1,132
+        # us against torch's call's 1,211, where none of the 8 offered for 32768 rows beat torch's:
+        # H200, s41), each where cuBLASLt's check takes it for these rows
+        found = {}
+        for scale in (1.0, *DONOR_ROWS):
+            rows = max(1, int(M * scale))
+            for i, algo in enumerate(self._offered(shape, rows)):
+                found.setdefault(bytes(algo), (algo, "#{}".format(i) if scale == 1.0 else f"#{i} of {rows} rows"))
+        picks = [_Pick(self, shape, algo, label, M) for algo, label in found.values() if self.check(shape, algo, M)]
+        stream = torch.cuda.current_stream(x_MK.device).cuda_stream
+        workspace = self.workspace(stream)
         y = torch.empty(M, N, device=x_MK.device, dtype=x_MK.dtype) if out is None else out
         if out is None:
             def torch_call():
@@ -238,12 +280,12 @@ class TunedGemm:
         else:
             def torch_call():
                 return torch.matmul(x_MK, w_NK.t(), out=out)
-        runs = [torch_call] + [lambda p=p: p.run(x_MK, w_NK, y) for p in picks]
+        runs = [torch_call] + [lambda p=p: p.run(x_MK, w_NK, y, stream, workspace) for p in picks]
         times = _interleaved(runs)
         best = min(range(1, len(runs)), key=times.__getitem__, default=None)
         chosen = picks[best - 1] if best is not None and times[best] <= MARGIN * times[0] else None
         self.picks[key] = chosen
-        self.timings[key] = (M, times[0], [(p.rank, t) for p, t in zip(picks, times[1:])], chosen,
+        self.timings[key] = (M, times[0], [(p.label, t) for p, t in zip(picks, times[1:])], chosen,
                              time.perf_counter() - start)
         return chosen
 
@@ -252,24 +294,22 @@ class TunedGemm:
         lines = []
         for (N, K, dtype, given, rows), (M, base, cands, chosen, took) in self.timings.items():
             what = "torch's call" if chosen is None else \
-                "the heuristic's #{} (row counts run / left to torch's call: {} / {})".format(chosen.rank,
-                                                                                            *chosen.rows())
+                "the heuristic's {} (row counts run / left to torch's call: {} / {})".format(chosen.label,
+                                                                                           *chosen.rows())
             lines.append(f"cuda:{self.index} [{M} x {K}] x [{N} x {K}]^T ({str(dtype)[6:]}, rows class {rows}"
                          f"{', into a given output' if given else ''}): torch {base * 1e3:.1f} us; "
-                         + ", ".join(f"#{r} {t * 1e3:.1f}" for r, t in cands)
+                         + ", ".join(f"{r} {t * 1e3:.1f}" for r, t in cands)
                          + f"; runs {what}; picked in {took * 1e3:.0f} ms")
         return lines
 
 
 class _Pick:
-    """One cuBLASLt algorithm of a class, run on the current stream without a workspace. It runs
-    on the row count it was picked at, and on another row count of its class where the heuristic
-    offers the same algorithm for that count too. (cuBLASLt's own check, cublasLtMatmulAlgoCheck,
-    accepts more row counts, but it reports a workspace of 4 bytes for the very picks the heuristic
-    offered without one: H200, torch 2.11+cu130, s41; so it is not asked.)"""
+    """One cuBLASLt algorithm of a class, run on the current stream with that stream's workspace:
+    on the row count it was picked at, and on another row count of its class where cuBLASLt's
+    check takes it (asked once per row count)."""
 
-    def __init__(self, owner: TunedGemm, shape: _Shape, algo: _Algo, rank: int, M: int):
-        self.owner, self.shape, self.rank = owner, shape, rank
+    def __init__(self, owner: TunedGemm, shape: _Shape, algo: _Algo, label: str, M: int):
+        self.owner, self.shape, self.label = owner, shape, label
         self.algo = _Algo()
         ctypes.memmove(ctypes.byref(self.algo), ctypes.byref(algo), ctypes.sizeof(_Algo))
         self.checked = {M: True}     # row count -> whether this algorithm runs it
@@ -279,8 +319,7 @@ class _Pick:
     def takes(self, M: int) -> bool:
         ok = self.checked.get(M)
         if ok is None:
-            mine = bytes(self.algo)
-            ok = self.checked[M] = any(bytes(a) == mine for a in self.owner._candidates(self.shape, M))
+            ok = self.checked[M] = self.owner.check(self.shape, self.algo, M)
         return ok
 
     def rows(self) -> tuple[int, int]:
@@ -288,12 +327,12 @@ class _Pick:
         taken = sum(self.checked.values())
         return taken, len(self.checked) - taken
 
-    def run(self, x_MK, w_NK, out):
+    def run(self, x_MK, w_NK, out, stream: int, workspace: int):
         o, s = self.owner, self.shape
         b, d = s.layouts(x_MK.shape[0])
         status = o.lib.cublasLtMatmul(o.handle, s.desc, self.alpha_p, w_NK.data_ptr(), s.a, x_MK.data_ptr(), b,
-                                      self.beta_p, out.data_ptr(), d, out.data_ptr(), d, self.algo_p, None, 0,
-                                      torch.cuda.current_stream(x_MK.device).cuda_stream)
+                                      self.beta_p, out.data_ptr(), d, out.data_ptr(), d, self.algo_p, workspace,
+                                      WORKSPACE, stream)
         if status:
             _ok(status, "Matmul")
 
