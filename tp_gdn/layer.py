@@ -29,6 +29,7 @@ from .kernels.reference import proj_z
 from .parallel import ColumnParallelLinear, Replicate, RowParallelLinear, Split, load_full_, sharded_parameter
 from .parallel.blaslt import TunedGemm, gemm_mode
 from .parallel.comm import all_reduce_sum_async_
+from .parallel.linear import product
 
 # forward's default overlap: token pieces whose all-reduce runs while the next piece computes,
 # used at tp > 1 for calls of at least OVERLAP_MIN_TOKENS tokens. Off: on H100s at 8x4096 tokens
@@ -278,10 +279,9 @@ class GDNLayer(nn.Module):
             return self._copy_engine_tail(x_TH, parts)
         first = next(parts)
         y = torch.empty(x_TH.shape, device=x_TH.device, dtype=x_TH.dtype)
-        w = self.out_proj.weight
         pending = []
         for r0, r1, a in itertools.chain([first], parts):
-            torch.matmul(a, w.t(), out=y[r0:r1])
+            product(self.out_proj, a, out=y[r0:r1])
             pending.append(all_reduce_sum_async_(y[r0:r1], self.out_proj.group))
         for work in pending:
             if work is not None:
@@ -294,7 +294,7 @@ class GDNLayer(nn.Module):
         (in_proj) to the last reduce, it releases them before the error goes on (CopyEngineCall.
         abort; starting the call first where it had not started), so that a caller who catches
         the error does not leave its peers' GPUs waiting for ever."""
-        copy, w = self.out_proj.copy, self.out_proj.weight
+        copy = self.out_proj.copy
         call, starting = None, False
         try:
             first = next(parts)
@@ -302,7 +302,7 @@ class GDNLayer(nn.Module):
             starting = True
             call = copy.start(y.shape[0], y.shape[1], y.dtype)
             for r0, r1, a in itertools.chain([first], parts):
-                torch.matmul(a, w.t(), out=call.partial(r0, r1))
+                product(self.out_proj, a, out=call.partial(r0, r1))
                 call.reduce(r0, r1, y[r0:r1], last=r1 == y.shape[0])
         except BaseException as e:
             if call is not None or not starting:      # (where start itself failed there is no call to end)
