@@ -311,8 +311,7 @@ class _Pick:
 
     def __init__(self, owner: TunedGemm, shape: _Shape, algo: _Algo, label: str, M: int):
         self.owner, self.shape, self.label = owner, shape, label
-        self.algo = _Algo()
-        ctypes.memmove(ctypes.byref(self.algo), ctypes.byref(algo), ctypes.sizeof(_Algo))
+        self.algo = _Algo.from_buffer_copy(algo)      # its own copy, apart from the heuristic's array
         self.checked = {M: True}     # row count -> whether this algorithm runs it
         self.algo_p = ctypes.addressof(self.algo)
         self.alpha_p, self.beta_p = ctypes.addressof(owner.alpha), ctypes.addressof(owner.beta)
