@@ -285,12 +285,18 @@ def compare_products(layer, fn, y, rank, row, rounds=3):
     layer.in_proj.products, layer.out_proj.products = kept
     med = {k: (statistics.median(a), statistics.median(b)) for k, (a, b) in times.items()}
     row["gemm_ms"] = med
-    row["gemm_picks"] = tuned.report()
+    # each rank picks on its own timings: rank 0 reports every rank's (lines name their device)
+    picks = tuned.report()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        every = [None] * dist.get_world_size()
+        dist.all_gather_object(every, picks)
+        picks = [line for lines in every for line in lines]
+    row["gemm_picks"] = picks
     if rank == 0:
         print(f"  ours with the products as picked / with torch's calls (single / back to back, medians of "
               f"{rounds} interleaved rounds): {med['tuned'][0]:.3f} / {med['tuned'][1]:.3f} ms against "
               f"{med['torch'][0]:.3f} / {med['torch'][1]:.3f} (outputs {row['gemm_tuned_vs_torch_err']:.1e} apart); "
-              "picks, rank 0: " + " | ".join(row["gemm_picks"]), flush=True)
+              "picks: " + " | ".join(picks), flush=True)
 
 
 def bench_prefill(layer, n, L, dev, g, tp, rank, report, rows, profile=False, warm_s=0.0, timeline=False):
