@@ -3,9 +3,11 @@ outputs and final states are bit-equal.
 
     python benchmarks/compare_versions.py OLD [NEW] [--rows ROW ...] [--rounds N] [--calls]
 
-OLD and NEW are git revisions of this repository (NEW: the working tree when left out). Each is
-read with `git archive` into a temporary directory as a package of its own (`tp_gdn_v0`,
-`tp_gdn_v1`), so both import side by side; the package's relative imports keep it whole. The
+OLD and NEW are git revisions of this repository (NEW: the working tree when left out), or
+directories that hold a tp_gdn package (for a copy of the tree without git history: unpack
+`git archive REV tp_gdn` there). Each is read into a temporary directory as a package of its own
+(`tp_gdn_v0`, `tp_gdn_v1`), so both import side by side; the package's relative imports keep it
+whole. The
 same kernel has taken several percent more or less on one lent machine than on the next, so a
 change of a few percent shows only with both versions in one process, on the same inputs, in
 interleaved rounds (as the fifteenth session's comparisons in benchmarks/RESULTS.md were made).
@@ -58,12 +60,14 @@ def parse_row(text: str) -> tuple:
 
 
 def load_version(rev: str | None, tag: str, into: Path):
-    """Import tp_gdn as of git revision `rev` (None: the working tree) as package `tp_gdn_<tag>`."""
+    """Import tp_gdn as of git revision `rev` (None: the working tree; a directory: the tp_gdn
+    package inside it, e.g. a `git archive` unpacked where the checkout has no history) as
+    package `tp_gdn_<tag>`."""
     name = f"tp_gdn_{tag}"
     dest = into / tag
     dest.mkdir(parents=True)
-    if rev is None:
-        src = ROOT / "tp_gdn"
+    if rev is None or Path(rev, "tp_gdn", "__init__.py").is_file():
+        src = ROOT / "tp_gdn" if rev is None else Path(rev, "tp_gdn").resolve()
         (dest / name).symlink_to(src, target_is_directory=True)
     else:
         run = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "tp_gdn"], capture_output=True)
@@ -173,8 +177,9 @@ def two_versions(old: str, new: str | None, what: str):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("old", help="git revision of the version compared against")
-    ap.add_argument("new", nargs="?", default=None, help="git revision (default: the working tree)")
+    ap.add_argument("old", help="git revision (or directory holding tp_gdn/) of the version compared against")
+    ap.add_argument("new", nargs="?", default=None,
+                    help="git revision or directory holding tp_gdn/ (default: the working tree)")
     ap.add_argument("--rows", nargs="+", default=DEFAULT_ROWS, help=f"workloads (default: {' '.join(DEFAULT_ROWS)})")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds per row (default 5)")
     ap.add_argument("--calls", action="store_true",

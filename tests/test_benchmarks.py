@@ -1,6 +1,7 @@
 """The benchmark scripts' own logic that runs without a GPU (their timing needs one)."""
 
 import importlib
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -54,6 +55,21 @@ def test_compare_versions_loads_a_revision_beside_the_tree(tmp_path, seed):
     outs = [(fn(), pool) for fn, pool in calls.values()]
     assert outs[0][0].equal(outs[1][0]) and outs[0][1].equal(outs[1][1])
     assert outs[0][0].abs().sum() > 0 and not outs[0][1].equal(x["h0"])
+
+
+def test_compare_versions_loads_a_directory_that_holds_tp_gdn(tmp_path, seed):
+    """A directory holding a tp_gdn package (a copy of the tree where the checkout has no git
+    history) imports as a package of its own, from that directory; one without it is read as a
+    git revision."""
+    cv = load_benchmark("compare_versions")
+    src = tmp_path / "copy"
+    shutil.copytree(ROOT / "tp_gdn", src / "tp_gdn", ignore=shutil.ignore_patterns("__pycache__"))
+    pkg = cv.load_version(str(src), f"d{seed}", tmp_path / "load")
+    chunk = importlib.import_module(pkg.__name__ + ".kernels.triton_chunk")
+    assert Path(chunk.__file__).resolve().is_relative_to(src.resolve())
+    assert chunk is not importlib.import_module("tp_gdn.kernels.triton_chunk")
+    with pytest.raises(SystemExit, match="git archive"):
+        cv.load_version(str(tmp_path / "load"), f"e{seed}", tmp_path / "load2")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message without a GPU")
