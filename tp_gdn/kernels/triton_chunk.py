@@ -12,10 +12,10 @@ Three paths, all starting with the same launch:
      U = u - w S, o = O_c + Q' S, S <- e^{G_last} S + (e^{G_last - G} k)^T U, reading the initial
      state from the slot pool and writing the final state back in place (it holds S^T; see below).
 That is the "split" path. The "fused" path replaces 2 and 3 with `_fused_pass_kernel`, which
-forms w, u and the causal q k^T per chunk inside the sequential walk (o = e^G q S + P (u - w S)),
-so only T and G go through memory; it needs many (sequence, head) programs, since that work
-lies on the sequential path. It holds the state transposed (S^T), so that the two products on
-the chain from one chunk's state to the next take their left operand from registers. When one
+forms U = T (v - e^G k S) and the causal q k^T per chunk inside the sequential walk
+(o = e^G q S + P U), so only T and G go through memory; it needs many (sequence, head) programs,
+since that work lies on the sequential path. It holds the state transposed (S^T), so that the
+products on the chain from one chunk's state to the next take their left operand from registers. When one
 of its programs spans dv, it can also store the gated RMSNorm of o (gated_norm) in place of o.
 Splitting dv across programs keeps the split path's pass busy when a rank has a few heads and
 sequences; when it has very few (one long sequence on a tp=4 rank: 8 programs of 512 steps),
@@ -136,9 +136,13 @@ FUSED_FTZ_MAX_BV = 128
 # against 0.944 with it (compare_renorm_h200_s18.log). With exp_ftz at BV 128 (nineteenth
 # session) it is the fastest form again: 0.8813 ms against 0.9711 for the eighteenth session's
 # (no exp_ftz, no second norm; 3 rounds, with the carveout noted above; output moved by 2.3e-3
-# relative, states by 1.3e-3; compare_carve_ftz_renorm_h200_s19.log). The tests lower this to
-# cover both forms.
-FUSED_RENORM_MIN_BV = 128
+# relative, states by 1.3e-3; compare_carve_ftz_renorm_h200_s19.log). With U = T (v - e^G k S)
+# (forty-second session) it reversed again: fused pass kernel time, H200, 5 interleaved rounds,
+# without the second norm against with it, 0.7018 against 0.7285 ms in the tp=1 layer at 8x4096
+# and 0.3533 against 0.3687 in a tp=2 rank's layer (output moved by 2.4e-3 / 2.6e-3;
+# benchmarks/results/fused_h200_s42e.log), so it is off at every width the pass takes
+# (FUSED_MAX_BV). The tests lower this to cover both forms.
+FUSED_RENORM_MIN_BV = 256
 
 
 @triton.jit
@@ -567,16 +571,25 @@ def _fused_pass_kernel(
     NORM_QK: tl.constexpr, PREC: tl.constexpr, GATED_NORM: tl.constexpr, FTZ: tl.constexpr,
 ):
     """The fused pass with the state held transposed, S^T [BV, BK], and every tile that meets it
-    transposed too: U^T = u^T - S^T w^T, o^T = e^G (S^T q^T) + U^T P^T, S^T <- e^{G_last} S^T +
-    (U^T e^{G_last - G}) k. The products on the sequential chain (S^T w^T, then U^T k) then take
-    the value that came out of the previous product as their left operand, which tensor cores
-    read from registers; only operands formed from the chunk's inputs (w^T, k, q^T, P^T) go
-    through shared memory, and those do not wait for the state. (The untransposed form, with S
-    as the right operand, took 3.192 / 1.614 ms at 8x4096 with 16/32 / 8/16 heads against
-    2.382 / 1.141 on an H100.) One program per (sequence, head, dv block). GATED_NORM (one block
-    spans dv): the output rows are stored as norm_w * o * rsqrt(mean(o^2) + eps) * silu(z)
-    instead of o, z's head h at columns z_col0 + h DV. FTZ: exps as exp_ftz (_ftz: 16-bit inputs,
-    dv blocks up to FUSED_FTZ_MAX_BV)."""
+    transposed too: U^T = (v^T - S^T (e^G k)^T) T^T, o^T = e^G (S^T q^T) + U^T P^T, S^T <- e^{G_last}
+    S^T + (U^T e^{G_last - G}) k. The products on the sequential chain (S^T (e^G k)^T, then its
+    difference from v^T times T^T, then U^T k) take the value that came out of the previous step
+    as their left operand, which tensor cores read from registers; only operands formed from the
+    chunk's inputs (e^G k, T^T, k, q^T, P^T) go through shared memory, and those do not wait for
+    the state. (The untransposed form, with S as the right operand, took 3.192 / 1.614 ms at
+    8x4096 with 16/32 / 8/16 heads against 2.382 / 1.141 on an H100.) One program per (sequence,
+    head, dv block). GATED_NORM (one block spans dv): the output rows are stored as
+    norm_w * o * rsqrt(mean(o^2) + eps) * silu(z) instead of o, z's head h at columns z_col0 + h DV.
+    FTZ: exps as exp_ftz (_ftz: 16-bit inputs, dv blocks up to FUSED_FTZ_MAX_BV).
+
+    U = T (v - e^G k S) is the WY form's u - w S with T taken out of both terms: a chunk then
+    takes six products instead of seven (no w = T e^G k) and holds no w tile. H200, s42 call D,
+    kernel time, 5 interleaved rounds, against u - w S: core 8x4096 0.6954 against 0.7964 ms
+    (16/32 heads), 0.3526 / 0.3999 (8/16), 0.3415 / 0.3864 (4/8); the tp=1 layer at 8x4096
+    0.8655 / 0.8978, a tp=2 rank's layer 0.4278 / 0.4512. Offline (Triton 3.6, sm_90a, core
+    16/32) its spill stores fell from 144 to 36 B and its shared memory from 88 to 72 KB. Outputs
+    moved by 3.7-4.0e-3 relative, states by 2.7-2.9e-3 (v - e^G k S, not w, is what is rounded to
+    16 bits now; benchmarks/results/compare_h200x2_s42d.log)."""
     i_s, h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bos, eos, St, o_k, m_k, o_v, m_v, o_c, m_state, p_state = _walk_start(
         seqs, cu_seqlens, slots, has_state, state_pool, stride_ps, stride_ph, i_s, h, i_v, DK, DV, BK, BV)
@@ -610,12 +623,13 @@ def _fused_pass_kernel(
                      mask=m_t[:, None] & m_k[None, :], other=0.0)
         dt = kk.dtype
         kf = kk.to(tl.float32)
+        # kg = -e^G k: the product with the state then adds onto v^T in its accumulator
         if NORM_QK:
             rk = tl.rsqrt(tl.sum(kf * kf, axis=1) + 1e-6)
             kk = (kf * rk[:, None]).to(dt)
-            kg = (kf * (rk * eG)[:, None]).to(dt)
+            kg = (kf * (-rk * eG)[:, None]).to(dt)
         else:
-            kg = (kf * eG[:, None]).to(dt)
+            kg = (kf * -eG[:, None]).to(dt)
         # q [C, BK]
         qq = _load_qk(q + (t0 * stride_q + q_col0 + hk * DK), o_c, m_t, stride_q, 0, o_k, m_k, NORM_QK, scale)
         mvt = m_v[:, None] & m_t[None, :]
@@ -625,17 +639,16 @@ def _fused_pass_kernel(
         Tt = _load_T(Th + t0 * _C, o_c[None, :], o_c[:, None], m_t[None, :])
         G_last = tl.load(Gh + tl.minimum(t0 + _C, eos) - 1)
 
-        # w^T and P^T are only ever read as 16-bit operands: cast once, where they are formed (fp32
-        # tiles that live until their use took registers; H200, 8x4096, 8/16 heads: 0.805 against
-        # 0.892 ms, outputs bit-equal; benchmarks/results/exp_fused_variants_h200x2_s7.log)
-        wt = tl.dot(tl.trans(kg), Tt, input_precision=PREC).to(dt)                                        # [BK, C]
-        ut = tl.dot(vt, Tt, input_precision=PREC)                                                          # [BV, C]
+        # P^T is only ever read as a 16-bit operand: cast once, where it is formed (fp32 tiles that
+        # live until their use took registers; H200, 8x4096, 8/16 heads: 0.805 against 0.892 ms,
+        # outputs bit-equal; benchmarks/results/exp_fused_variants_h200x2_s7.log)
         # Pt[j, i] = (k_j . q_i) e^{G_i - G_j} for j <= i
         causal = (o_c[:, None] <= o_c[None, :]) & m_t[None, :]
         Pt = (tl.dot(kk, tl.trans(qq), input_precision=PREC) * exp_ftz(
             tl.where(causal, G[None, :] - G[:, None], float("-inf")), FTZ)).to(dt)
         Sd = St.to(dt)
-        Ut = ut - tl.dot(Sd, wt, input_precision=PREC)                                                      # [BV, C]
+        Xt = tl.dot(Sd, tl.trans(kg), vt.to(tl.float32), input_precision=PREC)     # v^T - S^T (e^G k)^T [BV, C]
+        Ut = tl.dot(Xt.to(dt), Tt, input_precision=PREC)                                                    # [BV, C]
         ot = tl.dot(Sd, tl.trans(qq), input_precision=PREC) * eG[None, :] + tl.dot(
             Ut.to(dt), Pt, input_precision=PREC)
         if GATED_NORM:                      # masked dv rows of ot are zero
