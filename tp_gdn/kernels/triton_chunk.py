@@ -123,9 +123,9 @@ FUSED_MAX_BV = 128
 # so exp_ftz is on at every width the fused pass takes.
 FUSED_FTZ_MAX_BV = 128
 # The fused pass l2-normalises q and k again when they come normalised (normalize_qk=False, the
-# layer's launch) at dv blocks from this width up. With the norm in, Triton 3.6 lays k out
-# differently (without it, k goes through an extra layout conversion for the w product) and the
-# pass is faster although it does more. H200, fused pass kernel time, 5 interleaved rounds:
+# layer's launch) at dv blocks from this width up. With the norm in, Triton 3.6 laid k out
+# differently (without it, k went through an extra layout conversion for the w product, which the
+# pass no longer forms) and the pass was faster although it did more. H200, fused pass kernel time, 5 interleaved rounds:
 # tp=1 layer at 8x4096 1.093 ms against 1.150 (16/32 heads, BV 128); core on normalised q/k at
 # 8x4096, 8/16 heads, BV 128: 0.548 against 0.579; at 4/8, BV 64: 0.485 against 0.477, so not
 # there (benchmarks/results/exp_fused_renorm_h200_s14.log). q, k normalised twice differ from
@@ -371,7 +371,8 @@ def _walk_start(seqs, cu_seqlens, slots, has_state, state_pool, stride_ps, strid
 @triton.jit
 def _advance(St, Ut, kk, G, G_last, PREC: tl.constexpr, FTZ: tl.constexpr):
     """One chunk's state update on the transposed state: S^T <- e^{G_last} S^T + (U^T e^{G_last - G}) k,
-    with U^T = u^T - S^T w^T [BV, C] and k [C, BK] of the chunk (the product in k's dtype)."""
+    with the chunk's U^T [BV, C] (u^T - S^T w^T in the state pass, (v^T - S^T (e^G k)^T) T^T in the
+    fused pass) and k [C, BK] (the product in k's dtype)."""
     Ud = (Ut * exp_ftz(G_last - G, FTZ)[None, :]).to(kk.dtype)
     return St * tl.exp(G_last) + tl.dot(Ud, kk, input_precision=PREC)
 
