@@ -3,9 +3,10 @@ kernel launches is called, and what a single call takes.
 
     python benchmarks/host_time.py OLD [NEW] [--rows ROW ...] [--calls N]
 
-OLD and NEW as in compare_versions.py (git revisions; NEW: the working tree when left out); rows
-as its rows: core-NxL-NK/NV (gdn_prefill; default the four of bench_kernels.py's prefill table)
-or layer-NxL[-tpP] (a layer call, or one tp=P rank's share of one, without the all-reduce).
+OLD and NEW as in compare_versions.py (git revisions or directories holding tp_gdn/; NEW: the
+working tree when left out); rows as its rows: core-NxL-NK/NV (gdn_prefill; default the four of
+bench_kernels.py's prefill table) or layer-NxL[-tpP] (a layer call, or one tp=P rank's share of
+one, without the all-reduce).
 
 A single call with a sync after it (bench_kernels.py's "ours" column) takes its kernels' time
 plus the host's work up to the first launch, and plus any later launch that the host issues
@@ -134,8 +135,9 @@ def run_row(name: str, row: tuple, versions: dict, n: int) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("old", help="git revision of the version compared against")
-    ap.add_argument("new", nargs="?", default=None, help="git revision (default: the working tree)")
+    ap.add_argument("old", help="git revision (or directory holding tp_gdn/) of the version compared against")
+    ap.add_argument("new", nargs="?", default=None,
+                    help="git revision or directory holding tp_gdn/ (default: the working tree)")
     ap.add_argument("--rows", nargs="+", default=DEFAULT_ROWS,
                     help=f"core or layer rows (default: {' '.join(DEFAULT_ROWS)})")
     ap.add_argument("--calls", type=int, default=200, help="calls of each version per measure (default 200)")
