@@ -107,9 +107,9 @@ def test_gpu_tuned_product_matches_fp64(monkeypatch, dtype, N, K):
 
 @pytest.mark.gpu
 def test_gpu_pick_holds_one_output_buffer(monkeypatch):
-    """A class's first call (the pick) holds at most one output-sized buffer beyond what the call
-    returns into: every side of the timing writes the same buffer (F.linear's own output per call
-    had doubled it, about 800 MB at tp=1's in_proj of 32768 rows)."""
+    """A class's first call (the pick) holds at most one output-sized buffer at its peak, the one it
+    then returns: every side of the timing writes the same buffer (F.linear's own output per call
+    had doubled the peak, 772 MiB more at tp=1's in_proj of 32768 rows)."""
     tuned = fresh(monkeypatch)
     M, N, K = 8192, 4096, 1024
     w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16)

@@ -15,8 +15,9 @@ That is the "split" path. The "fused" path replaces 2 and 3 with `_fused_pass_ke
 forms U = T (v - e^G k S) and the causal q k^T per chunk inside the sequential walk
 (o = e^G q S + P U), so only T and G go through memory; it needs many (sequence, head) programs,
 since that work lies on the sequential path. It holds the state transposed (S^T), so that the
-products on the chain from one chunk's state to the next take their left operand from registers. When one
-of its programs spans dv, it can also store the gated RMSNorm of o (gated_norm) in place of o.
+products on the chain from one chunk's state to the next take their left operand from
+registers. When one of its programs spans dv, it can also store the gated RMSNorm of o
+(gated_norm) in place of o.
 Splitting dv across programs keeps the split path's pass busy when a rank has a few heads and
 sequences; when it has very few (one long sequence on a tp=4 rank: 8 programs of 512 steps),
 the "scan" path cuts each sequence into segments of several chunks and runs step 3 on all
@@ -125,21 +126,21 @@ FUSED_FTZ_MAX_BV = 128
 # The fused pass l2-normalises q and k again when they come normalised (normalize_qk=False, the
 # layer's launch) at dv blocks from this width up. With the norm in, Triton 3.6 laid k out
 # differently (without it, k went through an extra layout conversion for the w product, which the
-# pass no longer forms) and the pass was faster although it did more. H200, fused pass kernel time, 5 interleaved rounds:
-# tp=1 layer at 8x4096 1.093 ms against 1.150 (16/32 heads, BV 128); core on normalised q/k at
-# 8x4096, 8/16 heads, BV 128: 0.548 against 0.579; at 4/8, BV 64: 0.485 against 0.477, so not
-# there (benchmarks/results/exp_fused_renorm_h200_s14.log). q, k normalised twice differ from
-# once by bf16 rounding: the layer's output moved by 6.5e-4 relative, its states by 3.6e-4. Again
-# on 0c436b9 (3 rounds): 1.054 ms with the second norm against 1.122 without it in the tp=1 layer
-# at 8x4096 (benchmarks/results/compare_renorm_h200_s17.log). With T stored as T diag(beta)
-# (eighteenth session) and tl.exp at BV 128 the order reversed: 0.898 ms without the second norm
-# against 0.944 with it (compare_renorm_h200_s18.log). With exp_ftz at BV 128 (nineteenth
-# session) it is the fastest form again: 0.8813 ms against 0.9711 for the eighteenth session's
-# (no exp_ftz, no second norm; 3 rounds, with the carveout noted above; output moved by 2.3e-3
-# relative, states by 1.3e-3; compare_carve_ftz_renorm_h200_s19.log). With U = T (v - e^G k S)
-# (forty-second session) it reversed again: fused pass kernel time, H200, 5 interleaved rounds,
-# without the second norm against with it, 0.7018 against 0.7285 ms in the tp=1 layer at 8x4096
-# and 0.3533 against 0.3687 in a tp=2 rank's layer (output moved by 2.4e-3 / 2.6e-3;
+# pass no longer forms) and the pass was faster although it did more. H200, fused pass kernel time,
+# 5 interleaved rounds: tp=1 layer at 8x4096 1.093 ms against 1.150 (16/32 heads, BV 128); core on
+# normalised q/k at 8x4096, 8/16 heads, BV 128: 0.548 against 0.579; at 4/8, BV 64: 0.485 against
+# 0.477, so not there (benchmarks/results/exp_fused_renorm_h200_s14.log). q, k normalised twice
+# differ from once by bf16 rounding: the layer's output moved by 6.5e-4 relative, its states by
+# 3.6e-4. Again on 0c436b9 (3 rounds): 1.054 ms with the second norm against 1.122 without it in the
+# tp=1 layer at 8x4096 (benchmarks/results/compare_renorm_h200_s17.log). With T stored as T
+# diag(beta) (eighteenth session) and tl.exp at BV 128 the order reversed: 0.898 ms without the
+# second norm against 0.944 with it (compare_renorm_h200_s18.log). With exp_ftz at BV 128
+# (nineteenth session) it is the fastest form again: 0.8813 ms against 0.9711 for the eighteenth
+# session's (no exp_ftz, no second norm; 3 rounds, with the carveout noted above; output moved by
+# 2.3e-3 relative, states by 1.3e-3; compare_carve_ftz_renorm_h200_s19.log). With U = T (v - e^G k
+# S) (forty-second session) it reversed again: fused pass kernel time, H200, 5 interleaved rounds,
+# without the second norm against with it, 0.7018 against 0.7285 ms in the tp=1 layer at 8x4096 and
+# 0.3533 against 0.3687 in a tp=2 rank's layer (output moved by 2.4e-3 / 2.6e-3;
 # benchmarks/results/fused_h200_s42e.log), so it is off at every width the pass takes
 # (FUSED_MAX_BV). The tests lower this to cover both forms.
 FUSED_RENORM_MIN_BV = 256
