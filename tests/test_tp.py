@@ -57,6 +57,9 @@ def test_batch_meta_is_built_once_per_device_however_the_device_is_named():
     assert meta.num_decode == 1 and meta.num_chunks == 4      # 130 tokens: chunks at 0, 64, 128; 5 tokens: one
     other = Batch([130, 1, 5], [3, 0, 2], [False, True, True]).meta(torch.device("cpu"))
     assert other is not meta and torch.equal(other.chunks, meta.chunks)
+    assert meta.chunks.tolist() == [[0, 0], [0, 64], [0, 128], [2, 131]]
+    # the chunks again, by their place in their sequence: every sequence's first, then its second, ...
+    assert meta.chunks_by_step.tolist() == [[0, 0], [2, 131], [0, 64], [0, 128]]
 
 
 def mixed_workload_on_the_unsharded_layers(seed, steps=None):

@@ -34,6 +34,9 @@ class BatchMeta:
     decode_seqs: torch.Tensor  # [Nd] int32, sequences of length 1 (one recurrent step)
     prefill_seqs: torch.Tensor  # [Np] int32, sequences longer than 1 token (chunked prefill)
     chunks: torch.Tensor       # [NC, 2] int32, (sequence, first token of the chunk) of longer ones
+    # the same rows ordered by the chunk's place in its sequence, then by sequence (every
+    # sequence's first chunk, then every second one, ...)
+    chunks_by_step: torch.Tensor
     num_decode: int
     num_chunks: int
     # host copy: (first token, end token) of each prefill sequence, in prefill_seqs order
@@ -190,7 +193,11 @@ class Batch:
             prefill = [i for i, n in enumerate(self.seq_lens) if n > 1]
             chunks = [x for i in prefill for c in range(0, self.seq_lens[i], CHUNK)
                       for x in (i, self.cu_seqlens[i] + c)]
-            cu, has, dec, pre, ch = _int32_on(device, self.cu_seqlens, self.has_state, decode, prefill, chunks)
+            longest = max((self.seq_lens[i] for i in prefill), default=0)
+            by_step = [x for c in range(0, longest, CHUNK) for i in prefill if c < self.seq_lens[i]
+                       for x in (i, self.cu_seqlens[i] + c)]
+            cu, has, dec, pre, ch, st = _int32_on(device, self.cu_seqlens, self.has_state, decode, prefill, chunks,
+                                                  by_step)
             self._meta[device] = BatchMeta(
                 cu_seqlens=cu,
                 slots=torch.tensor(self.slots, dtype=torch.int64).to(device, non_blocking=True),
@@ -198,6 +205,7 @@ class Batch:
                 decode_seqs=dec,
                 prefill_seqs=pre,
                 chunks=ch.view(len(chunks) // 2, 2),
+                chunks_by_step=st.view(len(chunks) // 2, 2),
                 num_decode=len(decode),
                 num_chunks=len(chunks) // 2,
                 prefill_bounds=tuple((self.cu_seqlens[i], self.cu_seqlens[i + 1]) for i in prefill),
