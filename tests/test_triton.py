@@ -133,6 +133,78 @@ def test_prefill_takes_q_k_v_in_other_layouts(layout):
     assert rel_err(got.cpu(), want) < 1e-5 and rel_err(pool_t.cpu(), pool64) < 1e-5
 
 
+def split_both_ways(lens, nk, nv, d, dtype, has, reps=1, BV=None):
+    """gdn_prefill on the split path, steps 2 and 3 as two launches and as one
+    (_split_overlap_kernel), `reps` times each from the same pool: [(o, final pool)] per launch form
+    and repeat, and the fp64 reference's (o, pool)."""
+    *_, ops = tri()
+    q, k, v, a, b, A_log, dt_bias, pool = raw_inputs(sum(lens), nk, nv, d, d, torch.float64, len(lens) + 1)
+    batch = Batch(lens, list(range(len(lens), 0, -1)), has)
+    pool64 = pool.clone()
+    want = reference_core(q, k, v, a, b, A_log, dt_bias, pool64, batch)
+    c = lambda x: x.to(DEV, dtype)
+    runs = {False: [], True: []}
+    for overlap in (False, True):
+        for _ in range(reps):
+            p = pool.float().to(DEV)
+            o = ops.gdn_prefill(c(q), c(k), c(v), c(a), c(b), A_log.float().to(DEV), dt_bias.float().to(DEV), p,
+                                batch, path="split", BV=BV, overlap=overlap)
+            runs[overlap].append((o, p))
+    return runs, (want, pool64)
+
+
+@pytest.mark.parametrize("group", [2, 3, 8])
+def test_split_overlap_equals_separate_launches(monkeypatch, group):
+    """The split path's one-launch form, whose walk waits for step 2's count of each group of
+    `group` chunks, against the two launches: the same bits, and within fp32 of the fp64
+    reference. Sequences of 7, 2, 1 and 3 chunks fill their last group in part or whole. (In the
+    interpreter step 2's programs run first; test_gpu_split_overlap_* run it compiled.)"""
+    chunk = tri()[0]
+    monkeypatch.setattr(chunk, "SPLIT_GROUP_CHUNKS", group)
+    d = 128 if CUDA else 16
+    runs, (want, pool64) = split_both_ways([400, 70, 2, 129], 1, 2, d, torch.float32, [True, False, True, False])
+    (o0, p0), (o1, p1) = runs[False][0], runs[True][0]
+    assert torch.equal(o0, o1) and torch.equal(p0, p1)
+    assert rel_err(o1.cpu(), want) < 1e-5 and rel_err(p1.cpu(), pool64) < 1e-5
+
+
+def test_split_overlap_is_refused_off_the_split_path():
+    *_, ops = tri()
+    q, k, v, a, b, A_log, dt_bias, pool = (x.float().to(DEV) for x in raw_inputs(130, 1, 2, 16, 16, torch.float32))
+    for path in ("scan", "fused"):
+        with pytest.raises(ValueError, match="overlap applies to the split path only"):
+            ops.gdn_prefill(q, k, v, a, b, A_log, dt_bias, pool, Batch([130], [0], [False]), path=path, overlap=True)
+
+
+@pytest.mark.gpu
+def test_gpu_split_overlap_is_refused_where_it_does_not_fit():
+    """Compiled, the one-launch form needs 16-bit inputs, dk, dv >= 64 and no more walking programs
+    than SMs."""
+    *_, ops = tri()
+    n_sm = torch.cuda.get_device_properties(DEV).multi_processor_count
+    for nv, d, dtype in [(2, 16, torch.bfloat16), (2, 128, torch.float32), (n_sm + 1, 128, torch.bfloat16)]:
+        q, k, v, a, b, A_log, dt_bias, pool = (x.to(DEV) for x in raw_inputs(130, 1, nv, d, d, torch.float64))
+        c = lambda x: x.to(dtype)
+        with pytest.raises(ValueError, match="does not fit"):
+            ops.gdn_prefill(c(q), c(k), c(v), c(a), c(b), A_log.float(), dt_bias.float(), pool.float(),
+                            Batch([130], [0], [False]), path="split", BV=128 if nv > 2 else None, overlap=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("lens,nk,nv", [([4096], 16, 32), ([1000, 64, 65, 2100, 130, 2, 63, 517], 4, 8)])
+def test_gpu_split_overlap_equals_separate_launches_every_time(lens, nk, nv):
+    """Compiled, bf16, real dims, at the walking programs an H100 or H200 holds in one wave (128: one
+    sequence of 32 heads at BV 32, and 8 sequences of 8 heads at BV 64): ten calls of each launch
+    form give the same bits every time. A walk that read a chunk before step 2 had stored it would
+    differ from run to run."""
+    runs, (want, pool64) = split_both_ways(lens, nk, nv, 128, torch.bfloat16, [i % 2 == 0 for i in range(len(lens))],
+                                           reps=10)
+    o0, p0 = runs[False][0]
+    for o, p in runs[False] + runs[True]:
+        assert torch.equal(o, o0) and torch.equal(p, p0)
+    assert rel_err(o0.cpu(), want) < 1e-2 and rel_err(p0.cpu(), pool64) < 1e-2
+
+
 def test_segment_tables_cut_each_prefill_sequence():
     """Segments of 2 chunks (128 tokens) over prefill sequences with a decode between them."""
     meta = Batch([300, 1, 128, 129], [0, 1, 2, 3], [True, True, False, False]).meta("cpu")
@@ -963,7 +1035,7 @@ def test_kernel_resources_compiles_the_kernels_a_layer_call_launches_for_hopper(
     rows = re.findall(r"^\s+(_\w+_kernel) .*?(\d+) warps (\d+) stages: +(\d+) regs, spills +(\d+) / +(\d+) B, "
                       r"shared +(\d+) B -> (\d+) per SM; (\d+) programs$", run.stdout, re.M)
     assert [r[0] for r in rows] == ["_conv_prefill_kernel", "_conv_state_update_kernel", "_intra_solve_kernel",
-                                    "_intra_wu_kernel", "_state_pass_kernel", "_gated_rmsnorm_kernel"], run.stdout
+                                    "_split_overlap_kernel", "_gated_rmsnorm_kernel"], run.stdout
     for name, _, _, regs, *_, per_sm, _ in rows:
         assert 0 < int(regs) <= 255 and int(per_sm) >= 1, (name, regs, per_sm)
     ops = [dict((k, int(v)) for k, v in re.findall(r"(\w+) (\d+)", line))
@@ -974,7 +1046,10 @@ def test_kernel_resources_compiles_the_kernels_a_layer_call_launches_for_hopper(
     assert ops[0]["mufu"] > 0 and ops[2]["mma"] > 0, ops     # the conv's exps; the solve's tensor-core products
     programs = {r[0]: int(r[-1]) for r in rows}
     assert programs["_intra_solve_kernel"] == 3 * 2          # 3 chunks x 2 value heads
-    assert programs["_state_pass_kernel"] == 1 * 2 * 8       # 1 sequence x 2 heads x (128 / BV 16)
+    # 1 sequence x 2 heads x (128 / BV 16) walking, and 3 chunks x 2 heads of step 2; two an SM at least
+    # (split_overlap_fits, which the GPU checks on the kernel it compiled)
+    assert programs["_split_overlap_kernel"] == 1 * 2 * 8 + 3 * 2
+    assert int(rows[3][7]) >= 2, rows[3]
     bad = subprocess.run([sys.executable, str(root / "benchmarks/kernel_resources.py"), "--heads", "2/3"],
                          capture_output=True, text=True, env=env, timeout=600)
     assert bad.returncode != 0 and "NV a multiple of NK" in bad.stderr

@@ -11,7 +11,9 @@ Three paths, all starting with the same launch:
   3. `_state_pass_kernel`   (sequences x value heads x dv blocks): walks the chunks in order,
      U = u - w S, o = O_c + Q' S, S <- e^{G_last} S + (e^{G_last - G} k)^T U, reading the initial
      state from the slot pool and writing the final state back in place (it holds S^T; see below).
-That is the "split" path. The "fused" path replaces 2 and 3 with `_fused_pass_kernel`, which
+That is the "split" path. On a GPU, steps 2 and 3 run as one launch where that fits
+(`_split_overlap_kernel`): the walk takes each group of chunks as soon as step 2 has stored it,
+instead of waiting for the whole of step 2. The "fused" path replaces 2 and 3 with `_fused_pass_kernel`, which
 forms U = T (v - e^G k S) and the causal q k^T per chunk inside the sequential walk
 (o = e^G q S + P U), so only T and G go through memory; it needs many (sequence, head) programs,
 since that work lies on the sequential path. It holds the state transposed (S^T), so that the
@@ -39,7 +41,7 @@ import triton
 import triton.language as tl
 
 from ..batch import CHUNK      # the chunk length that Batch schedules prefill work in
-from .triton_common import cdiv, exp_ftz, launch, next_pow2, sequence_of
+from .triton_common import _COMPILED, cdiv, compiled_per_sm, exp_ftz, launch, next_pow2, sequence_of, sm_count
 
 _C = tl.constexpr(CHUNK)  # the chunk length as kernels see it
 
@@ -95,6 +97,20 @@ LAUNCH = {
 # (96 pairs), outputs bit-equal; a tp=4 rank's layer at 8x4096 1.3797 -> 1.3001 ms (q and k are
 # normalised again inside at BV 128: output moved by 2.2e-3).
 PATHS = ("split", "fused", "scan")
+# The split path runs its steps 2 and 3 in one launch (_split_overlap_kernel) where that fits
+# (split_overlap_applies, split_overlap_fits), the walk taking the chunks in groups of
+# SPLIT_GROUP_CHUNKS as step 2 stores them. H200, kernel time, 5 interleaved rounds against the two
+# launches (w/u, then the pass), outputs and states bit-equal (benchmarks/results/
+# compare_h200x2_s43c.log): the tp=1 layer at 1x4096 0.2265 against 0.0820 + 0.1654 ms (all its
+# kernels 0.6778 against 0.6974), core 1x4096 16/32 0.2600 against 0.0851 + 0.1919, a tp=8 rank's
+# layer at 8x4096 0.2266 against 0.0865 + 0.1668, core 2x4096 8/16 0.2586 against 0.0874 + 0.1919.
+# Other settings, all kernels of a call (group_h200x2_s43a.log, _s43b.log; step 2 then took the
+# batch's chunk order, one sequence after another): groups of 4 chunks 0.6682 / 0.2933 ms against
+# 0.6715 / 0.3000 for 8 (layer / core at 1x4096) and 0.7654 against 0.7605 (the tp=8 rank); 2
+# slower on all three; 16 slower at 1x4096, 0.7597 on the tp=8 rank; the walk at dv block 64 (64
+# walking programs, more room for step 2) slower on every row.
+SPLIT_OVERLAP = True
+SPLIT_GROUP_CHUNKS = 8
 # The scan path: segments of this many chunks (None: scan_seg_chunks), and the dv blocks of its
 # phase 1 (summary, over dv + dk columns; None: the widest giving >= 128 programs, scan_bvs) and
 # phase 2 (chain). choose_path takes it up to SCAN_MAX_PAIRS (sequence, value head) pairs where
@@ -390,13 +406,14 @@ def _load_T(ptr, i, j, m_i):
 
 
 @triton.jit
-def _intra_wu_kernel(
-    q, k, v, Tin, Gin, w_out, qp_out, u_out, oc_out, chunks, cu_seqlens,
+def _wu_chunk(
+    q, k, v, Tin, Gin, w_out, qp_out, u_out, oc_out, chunks, cu_seqlens, i_c, h,
     stride_q, stride_k, stride_v, q_col0, k_col0, v_col0, scale, n_tok,
     R, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     NORM_QK: tl.constexpr, PREC: tl.constexpr, FTZ: tl.constexpr,
 ):
-    i_c, h = tl.program_id(0), tl.program_id(1)
+    """Step 2 for chunk i_c (of `chunks`) and value head h: stores its w, Q', u and O_c. Returns
+    the chunk's sequence and first token (i_n, t0)."""
     i_n = tl.load(chunks + i_c * 2).to(tl.int64)
     t0 = tl.load(chunks + i_c * 2 + 1).to(tl.int64)
     eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
@@ -437,6 +454,18 @@ def _intra_wu_kernel(
     tl.store(qp_out + row_k, qp.to(qp_out.dtype.element_ty), mask=mk)
     oc = tl.dot(P, u, input_precision=PREC)
     tl.store(oc_out + row_v, oc.to(oc_out.dtype.element_ty), mask=mv)
+    return i_n, t0
+
+
+@triton.jit
+def _intra_wu_kernel(
+    q, k, v, Tin, Gin, w_out, qp_out, u_out, oc_out, chunks, cu_seqlens,
+    stride_q, stride_k, stride_v, q_col0, k_col0, v_col0, scale, n_tok,
+    R, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    NORM_QK: tl.constexpr, PREC: tl.constexpr, FTZ: tl.constexpr,
+):
+    _wu_chunk(q, k, v, Tin, Gin, w_out, qp_out, u_out, oc_out, chunks, cu_seqlens, tl.program_id(0), tl.program_id(1),
+              stride_q, stride_k, stride_v, q_col0, k_col0, v_col0, scale, n_tok, R, DK, DV, BK, BV, NORM_QK, PREC, FTZ)
 
 
 @triton.jit
@@ -457,30 +486,104 @@ def _state_pass_kernel(
 
     n_chunks = ((eos - bos + _C - 1) // _C).to(tl.int32)
     for i_t in range(0, n_chunks):
-        # addresses: one int64 row base per chunk, int32 offsets inside the tiles
-        t0 = bos + i_t * _C
-        m_t = o_c < (eos - t0).to(tl.int32)
-        col_kt = o_c[None, :] * DK + o_k[:, None]       # [BK, C]
-        col_vt = o_c[None, :] * DV + o_v[:, None]       # [BV, C]
-        mkt = m_k[:, None] & m_t[None, :]
-        mvt = m_v[:, None] & m_t[None, :]
-        wt = tl.load(w_in + (head_k + t0 * DK) + col_kt, mask=mkt, other=0.0)
-        qpt = tl.load(qp_in + (head_k + t0 * DK) + col_kt, mask=mkt, other=0.0)
-        kk = _load_qk(k + t0 * stride_k, o_c, m_t, stride_k, col_k, o_k, m_k, NORM_QK, 1.0)
-        ut = tl.load(u_in + (head_v + t0 * DV) + col_vt, mask=mvt, other=0.0).to(tl.float32)
-        oct = tl.load(oc_in + (head_v + t0 * DV) + col_vt, mask=mvt, other=0.0).to(tl.float32)
-        G = tl.load(Gh + t0 + o_c, mask=m_t, other=0.0)
-        G_last = tl.load(Gh + tl.minimum(t0 + _C, eos) - 1)
-
-        Sd = St.to(wt.dtype)
-        Ut = ut - tl.dot(Sd, wt, input_precision=PREC)
-        ot = oct + tl.dot(Sd, qpt, input_precision=PREC)
-        tl.store(out + t0 * stride_out + (o_c[None, :] * stride_out + h * DV + o_v[:, None]),
-                 ot.to(out.dtype.element_ty), mask=mvt)
-        St = _advance(St, Ut, kk, G, G_last, PREC, FTZ)
+        St = _pass_chunk(k, w_in, qp_in, u_in, oc_in, Gh, out, St, bos + i_t * _C, eos, h, col_k, head_k, head_v,
+                         o_c, o_k, m_k, o_v, m_v, stride_k, stride_out, DK, DV, NORM_QK, PREC, FTZ)
 
     tl.debug_barrier()  # the initial state was read by every lane before it is overwritten
     tl.store(p_state, St.to(state_pool.dtype.element_ty), mask=m_state)
+
+
+@triton.jit
+def _pass_chunk(k, w_in, qp_in, u_in, oc_in, Gh, out, St, t0, eos, h, col_k, head_k, head_v, o_c, o_k, m_k, o_v, m_v,
+                stride_k, stride_out, DK: tl.constexpr, DV: tl.constexpr, NORM_QK: tl.constexpr,
+                PREC: tl.constexpr, FTZ: tl.constexpr):
+    """Step 3 for the chunk at token t0: stores its o block and returns the state after it."""
+    # addresses: one int64 row base per chunk, int32 offsets inside the tiles
+    m_t = o_c < (eos - t0).to(tl.int32)
+    col_kt = o_c[None, :] * DK + o_k[:, None]       # [BK, C]
+    col_vt = o_c[None, :] * DV + o_v[:, None]       # [BV, C]
+    mkt = m_k[:, None] & m_t[None, :]
+    mvt = m_v[:, None] & m_t[None, :]
+    wt = tl.load(w_in + (head_k + t0 * DK) + col_kt, mask=mkt, other=0.0)
+    qpt = tl.load(qp_in + (head_k + t0 * DK) + col_kt, mask=mkt, other=0.0)
+    kk = _load_qk(k + t0 * stride_k, o_c, m_t, stride_k, col_k, o_k, m_k, NORM_QK, 1.0)
+    ut = tl.load(u_in + (head_v + t0 * DV) + col_vt, mask=mvt, other=0.0).to(tl.float32)
+    oct = tl.load(oc_in + (head_v + t0 * DV) + col_vt, mask=mvt, other=0.0).to(tl.float32)
+    G = tl.load(Gh + t0 + o_c, mask=m_t, other=0.0)
+    G_last = tl.load(Gh + tl.minimum(t0 + _C, eos) - 1)
+
+    Sd = St.to(wt.dtype)
+    Ut = ut - tl.dot(Sd, wt, input_precision=PREC)
+    ot = oct + tl.dot(Sd, qpt, input_precision=PREC)
+    tl.store(out + t0 * stride_out + (o_c[None, :] * stride_out + h * DV + o_v[:, None]),
+             ot.to(out.dtype.element_ty), mask=mvt)
+    return _advance(St, Ut, kk, G, G_last, PREC, FTZ)
+
+
+@triton.jit
+def _split_overlap_kernel(
+    q, k, v, Tin, Gin, w, qp, u, oc, out, state_pool, chunks, seqs, cu_seqlens, slots, has_state, counts,
+    stride_q, stride_k, stride_v, q_col0, k_col0, v_col0, scale, stride_out, stride_ps, stride_ph, n_tok,
+    n_pass, n_wu, R, HV, NVB,
+    DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BVF: tl.constexpr,
+    GROUP: tl.constexpr, PASS_FIRST: tl.constexpr, NORM_QK: tl.constexpr, PREC: tl.constexpr, FTZ: tl.constexpr,
+):
+    """Steps 2 and 3 of the split path in one grid, step 3 overlapping step 2: n_pass programs
+    walk the chunks as `_state_pass_kernel` does (sequence, head, dv block), and n_wu programs
+    do `_intra_wu_kernel`'s work, one (chunk, head) each, in the order the walks need them: every
+    head of every sequence's first chunk, then of every second chunk, ... (`chunks` is the
+    batch's chunks_by_step; in the batch's own order, one sequence's chunks after another, the
+    walks of the later sequences waited for all of the earlier ones').
+
+    A sequence's chunks go in groups of GROUP. Each (chunk, head) program adds 1 to its group's
+    count (counts[h, the group's first token], zero before the launch) once its stores are out
+    (a barrier, then one lane's atomic add with release semantics at GPU scope); a walking
+    program takes a group only once that count holds every chunk of it (one lane's acquire load,
+    shared through a barrier). Walking programs never signal and step-2 programs never wait, so
+    the walks end as long as step-2 programs can run: the host launches this only with n_pass at
+    most the SM count and at least two programs fitting an SM (split_overlap_applies,
+    split_overlap_fits), so that however the walks are placed, as many programs again find room.
+    PASS_FIRST puts the walking programs first in the grid: the GPU is then seen to place them
+    before the rest (program placement in index order is what NVIDIA GPUs do, not a documented
+    promise; in another order the walks would start later, not wait for ever). The interpreter
+    runs programs one after another, so there step 2 goes first (PASS_FIRST False) and no walk
+    waits. A group's chunks form an inner loop of their own, apart from the wait, for Triton's
+    pipeliner to take: compiled for sm_90a (Triton 3.6), this kernel holds the same 58 async
+    copies (LDGSTS) as `_state_pass_kernel`."""
+    pid = tl.program_id(0)
+    if PASS_FIRST:
+        is_pass = pid < n_pass
+        j = tl.where(is_pass, pid, pid - n_pass)
+    else:
+        is_pass = pid >= n_wu
+        j = tl.where(is_pass, pid - n_wu, pid)
+    if is_pass:
+        i_v, h, i_s = j % NVB, (j // NVB) % HV, j // (NVB * HV)
+        bos, eos, St, o_k, m_k, o_v, m_v, o_c, m_state, p_state = _walk_start(
+            seqs, cu_seqlens, slots, has_state, state_pool, stride_ps, stride_ph, i_s, h, i_v, DK, DV, BK, BV)
+        col_k = k_col0 + (h // R) * DK
+        Gh = Gin + _head_off(h, n_tok, 1)
+        head_k, head_v = _head_off(h, n_tok, DK), _head_off(h, n_tok, DV)
+        n_chunks = ((eos - bos + _C - 1) // _C).to(tl.int32)
+        count_h = counts + _head_off(h, n_tok, 1)
+        for g0 in range(0, n_chunks, GROUP):
+            g1 = tl.minimum(g0 + GROUP, n_chunks)
+            while tl.atomic_add(count_h + bos + g0 * _C, 0, sem="acquire", scope="gpu") < g1 - g0:
+                pass
+            for i_t in range(g0, g1):
+                St = _pass_chunk(k, w, qp, u, oc, Gh, out, St, bos + i_t * _C, eos, h, col_k, head_k, head_v,
+                                 o_c, o_k, m_k, o_v, m_v, stride_k, stride_out, DK, DV, NORM_QK, PREC, FTZ)
+        tl.debug_barrier()  # the initial state was read by every lane before it is overwritten
+        tl.store(p_state, St.to(state_pool.dtype.element_ty), mask=m_state)
+    else:
+        h, i_c = j % HV, j // HV
+        i_n, t0 = _wu_chunk(q, k, v, Tin, Gin, w, qp, u, oc, chunks, cu_seqlens, i_c, h,
+                            stride_q, stride_k, stride_v, q_col0, k_col0, v_col0, scale, n_tok,
+                            R, DK, DV, BK, BVF, NORM_QK, PREC, FTZ)
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        group0 = bos + (t0 - bos) // (GROUP * _C) * (GROUP * _C)
+        tl.debug_barrier()  # every lane's stores are issued before the release below
+        tl.atomic_add(counts + _head_off(h, n_tok, 1) + group0, 1, sem="release", scope="gpu")
 
 
 @triton.jit
@@ -667,6 +770,29 @@ def _fused_pass_kernel(
     tl.store(p_state, St.to(state_pool.dtype.element_ty), mask=m_state)
 
 
+def split_overlap_applies(device: torch.device, dtype: torch.dtype, n_pass: int, dk: int, dv: int) -> bool:
+    """What `_split_overlap_kernel` needs before it is compiled: a CUDA GPU with at least n_pass
+    SMs (the walking programs), 16-bit inputs (fp32's exact products are not the fast path, and
+    the split path's fp32 kernels took about two minutes each to compile for an H200), and dk, dv
+    >= 64 (below, step 2 takes 8 warps, "wu_small", where the walk takes 4). Always True under
+    the interpreter (see split_overlap_fits)."""
+    if not _COMPILED:
+        return True
+    return (device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) and n_pass <= sm_count(device)
+            and min(dk, dv) >= 64)
+
+
+def split_overlap_fits(device: torch.device, args: tuple, consts: dict) -> bool:
+    """Whether `_split_overlap_kernel`, launched with these arguments, holds at least two programs
+    an SM (compiled once per key to find out), so that step-2 programs always find room beside
+    the walking programs, which are at most the SM count (split_overlap_applies). Under the
+    interpreter programs run one after another, step 2 first: always True."""
+    if not _COMPILED:
+        return True
+    key = ("split_overlap", device, args[0].dtype, args[10].dtype, tuple(consts.items()))
+    return compiled_per_sm(key, _split_overlap_kernel, (1,), *args, **consts) >= 2
+
+
 def _prec(dtype: torch.dtype) -> str:
     # fp32 inputs get exact fp32 products (the precision they ask for); 16-bit inputs use tf32
     # for the fp32-by-fp32 products of the solve, like their own bf16 products.
@@ -758,7 +884,7 @@ def intra_solve(k, a, b, A_log, dt_bias, meta, k_col0: int, nk: int, nv: int, dk
 def chunk_delta_rule_varlen(
     q, k, v, a, b, A_log, dt_bias, state_pool, out, meta, q_col0: int, k_col0: int, v_col0: int,
     nk: int, nv: int, dk: int, dv: int, normalize_qk: bool, BV: int | None = None, path: str | None = None,
-    gated_norm: tuple | None = None, seg_chunks: int | None = None,
+    gated_norm: tuple | None = None, seg_chunks: int | None = None, overlap: bool | None = None,
 ):
     """Chunked gated delta rule over the prefill sequences of `meta` (those longer than 1 token).
 
@@ -776,6 +902,9 @@ def chunk_delta_rule_varlen(
     (default SCAN["seg_chunks"], else scan_seg_chunks).
     gated_norm: (z, z_col0, weight, eps) to store norm_w * rmsnorm(o) * silu(z) instead of o,
     inside the fused pass; only where that pass runs with one dv block (fused_norm_applies).
+    overlap: on the split path, run steps 2 and 3 in one launch, the walk taking each group of
+    chunks as soon as step 2 has stored it (`_split_overlap_kernel`); None: where
+    SPLIT_OVERLAP and split_overlap_fits allow; True where it does not fit raises.
     """
     if meta.num_chunks == 0:
         return out
@@ -805,6 +934,8 @@ def chunk_delta_rule_varlen(
         # transposed kernel has not been tried there; the split path takes these
         raise ValueError(f"the fused prefill path takes 16-bit inputs and BV >= 64 on GPUs (got {dt}, BV={BV}); "
                          "use path='split'")
+    if overlap and path != "split":
+        raise ValueError(f"overlap applies to the split path only (this call takes path {path!r})")
     if seg_chunks is not None and path != "scan":
         raise ValueError(f"seg_chunks applies to the scan path only (this call takes path {path!r})")
     if gated_norm is not None and (path != "fused" or BV < dv):
@@ -829,6 +960,27 @@ def chunk_delta_rule_varlen(
     qp = torch.empty_like(w)
     u = torch.empty(nv, T, dv, device=dev, dtype=dt)
     oc = torch.empty_like(u)
+    if path == "split" and (overlap or (overlap is None and SPLIT_OVERLAP)):
+        n_pass = n_seq * nv * cdiv(dv, BV)
+        fits = split_overlap_applies(dev, dt, n_pass, dk, dv)
+        if fits:
+            # each group's count starts at zero (only the counts at chunk starts are read)
+            counts = torch.zeros(nv, T, device=dev, dtype=torch.int32)
+            args = (q, k, v, Tbuf, G, w, qp, u, oc, out, state_pool, meta.chunks_by_step, meta.prefill_seqs,
+                    meta.cu_seqlens, meta.slots, meta.has_state, counts, q.stride(0), k.stride(0), v.stride(0),
+                    q_col0, k_col0, v_col0, dk ** -0.5, out.stride(0), state_pool.stride(0), state_pool.stride(1), T,
+                    n_pass, meta.num_chunks * nv, nv // nk, nv, cdiv(dv, BV))
+            consts = dict(DK=dk, DV=dv, BK=BK, BV=BV, BVF=BVf, GROUP=SPLIT_GROUP_CHUNKS, PASS_FIRST=bool(_COMPILED),
+                          NORM_QK=normalize_qk, PREC=prec, FTZ=_ftz(prec), **LAUNCH["pass"])
+            fits = split_overlap_fits(dev, args, consts)
+        if fits:
+            launch(_split_overlap_kernel, (n_pass + meta.num_chunks * nv,), *args, **consts)
+            return out
+        if overlap:
+            raise ValueError(f"the overlapped split pass does not fit this launch ({n_pass} walking programs, {dt}, "
+                             f"dk={dk}, dv={dv}): it takes a CUDA GPU, 16-bit inputs, dk and dv >= 64, no more "
+                             "walking programs than SMs and two programs an SM (split_overlap_applies, "
+                             "split_overlap_fits); use overlap=False")
     launch(_intra_wu_kernel, grid,
         q, k, v, Tbuf, G, w, qp, u, oc, meta.chunks, meta.cu_seqlens,
         q.stride(0), k.stride(0), v.stride(0), q_col0, k_col0, v_col0, dk ** -0.5, T,

@@ -65,6 +65,43 @@ def wait_for_prior_grid(GDC: tl.constexpr):
 
 # -- the host side of a launch -------------------------------------------------------------------
 
+# what one SM of a Hopper GPU holds (H100, H200): registers, shared memory (1 KB of it reserved per
+# program), warps and programs
+SM_REGS, SM_SHARED, SM_WARPS, SM_PROGRAMS = 65536, 228 * 1024, 64, 32
+
+
+def programs_per_sm(regs: int, warps: int, shared: int) -> int:
+    """How many programs of a kernel with `regs` registers a thread, `warps` warps and `shared`
+    bytes of shared memory one Hopper SM holds at once (registers go out per warp in units of
+    256)."""
+    per_warp = -(-regs * 32 // 256) * 256
+    by_regs = SM_REGS // (per_warp * warps)
+    by_shared = SM_SHARED // (shared + 1024)
+    return min(by_regs, by_shared, SM_WARPS // warps, SM_PROGRAMS)
+
+
+_PER_SM: dict = {}
+
+
+def compiled_per_sm(key, kernel, grid: tuple, *args, **meta) -> int:
+    """programs_per_sm of `kernel` as Triton compiles it for these arguments (compiling it, not
+    launching it, the first time), cached under `key`, which must hold whatever the compiled code
+    depends on (the constexprs, launch settings, dtypes, device)."""
+    n = _PER_SM.get(key)
+    if n is None:
+        compiled = kernel.warmup(*args, grid=grid, **meta)
+        if hasattr(compiled, "result"):
+            compiled = compiled.result()
+        compiled._init_handles()
+        n = _PER_SM[key] = programs_per_sm(compiled.n_regs, compiled.metadata.num_warps, compiled.metadata.shared)
+    return n
+
+
+@functools.lru_cache(maxsize=None)
+def sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 @functools.lru_cache(maxsize=None)
 def pdl_possible(device: torch.device) -> bool:
     """Whether launches on `device` can take programmatic dependent launch: compiled kernels

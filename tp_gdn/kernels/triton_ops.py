@@ -101,7 +101,8 @@ def few_rows_product(pdl: bool):
 
 
 def gdn_prefill(q_THK, k_THK, v_THV, a_TH, b_TH, A_log_H, dt_bias_H, state_pool_SHKV, batch,
-                BV: int | None = None, path: str | None = None, seg_chunks: int | None = None) -> torch.Tensor:
+                BV: int | None = None, path: str | None = None, seg_chunks: int | None = None,
+                overlap: bool | None = None) -> torch.Tensor:
     """The core of a prefill, on its own: chunked gated delta rule with l2norm and gating inside.
 
     q, k: [T, Hk, dk] raw (l2-normalised here, q scaled by dk^-0.5); v: [T, Hv, dv];
@@ -110,7 +111,8 @@ def gdn_prefill(q_THK, k_THK, v_THV, a_TH, b_TH, A_log_H, dt_bias_H, state_pool_
     states. Every sequence of `batch` must be longer than one token. Returns o [T, Hv, dv].
     path, BV: the kernel path and dv block (triton_chunk.choose_path picks them by default);
     seg_chunks: the scan path's segment length in chunks (default: triton_chunk.SCAN, else
-    scan_seg_chunks); refused on the other paths.
+    scan_seg_chunks); refused on the other paths. overlap: the split path's steps 2 and 3 in one
+    launch (triton_chunk.chunk_delta_rule_varlen's; None: where it fits).
     """
     T, nk, dk = q_THK.shape
     nv, dv = v_THV.shape[1:]
@@ -122,7 +124,7 @@ def gdn_prefill(q_THK, k_THK, v_THV, a_TH, b_TH, A_log_H, dt_bias_H, state_pool_
     # packed (the kernels read the row stride only) and leaves o's allocation for after the solve
     o = chunk_delta_rule_varlen(_rows(q_THK, T), _rows(k_THK, T), _rows(v_THV, T), a_TH, b_TH, A_log_H, dt_bias_H,
                                 state_pool_SHKV, None, meta, 0, 0, 0, nk, nv, dk, dv,
-                                normalize_qk=True, BV=BV, path=path, seg_chunks=seg_chunks)
+                                normalize_qk=True, BV=BV, path=path, seg_chunks=seg_chunks, overlap=overlap)
     return o.view(T, nv, dv)
 
 
