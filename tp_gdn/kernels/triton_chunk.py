@@ -255,10 +255,10 @@ def _invert_unit_lower4(A0, A1, A2, A3, b0, b1, b2, b3):
 
 @triton.jit
 def _intra_solve_kernel(
-    k, a, b, A_log, dt_bias, Tout, Gout, chunks, cu_seqlens,
+    k, a, b, A_log, dt_bias, Tout, Gout, counts, chunks, cu_seqlens,
     stride_k, stride_ab, k_col0, n_tok,
     R, DK: tl.constexpr, BK: tl.constexpr,
-    NORM_QK: tl.constexpr, PREC: tl.constexpr, FTZ: tl.constexpr,
+    NORM_QK: tl.constexpr, PREC: tl.constexpr, FTZ: tl.constexpr, ZERO_COUNTS: tl.constexpr,
 ):
     i_c, h = tl.program_id(0), tl.program_id(1)
     i_n = tl.load(chunks + i_c * 2).to(tl.int64)
@@ -363,6 +363,8 @@ def _intra_solve_kernel(
     tl.store(Gh + r1, G1, mask=m1)
     tl.store(Gh + r2, G2, mask=m2)
     tl.store(Gh + r3, G3, mask=m3)
+    if ZERO_COUNTS:     # the count at this chunk's first token, for _split_overlap_kernel, launched after
+        tl.store(counts + _head_off(h, n_tok, 1) + t0, 0)
 
 
 @triton.jit
@@ -857,7 +859,8 @@ def scan_bvs(n_seg: int, nv: int, dk: int, dv: int) -> tuple[int, int, int]:
     return sum_bv, SCAN["chain_bv"], split_bv(n_seg, nv, dv)
 
 
-def intra_solve(k, a, b, A_log, dt_bias, meta, k_col0: int, nk: int, nv: int, dk: int, normalize_qk: bool):
+def intra_solve(k, a, b, A_log, dt_bias, meta, k_col0: int, nk: int, nv: int, dk: int, normalize_qk: bool,
+                counts: torch.Tensor | None = None):
     """The first launch of every path, on its own: (T [nv, tokens, 64] in k's dtype, G [nv, tokens]
     fp32), per chunk T = (I + diag(beta) k k^T o Gamma)^-1 diag(beta) (row i at token i, its
     entries above the diagonal left unwritten) and the in-chunk cumulative gate G (arguments as
@@ -867,16 +870,21 @@ def intra_solve(k, a, b, A_log, dt_bias, meta, k_col0: int, nk: int, nv: int, dk
     chunk are one contiguous block for every reader. Against token-major ([tokens, nv, 64]), H200,
     kernel times at 8x4096: the solve 6-15% less; the fused pass the same with q/k normalised
     before it (the layer) and 5-7% more with the l2norm inside (gdn_prefill); the split and scan
-    paths 4-6% less in all (benchmarks/results/exp_layout_cmp*_h200_s14.log)."""
+    paths 4-6% less in all (benchmarks/results/exp_layout_cmp*_h200_s14.log). counts: an int32
+    [nv, tokens] buffer whose entries at each chunk's first token the solve sets to zero
+    (`_split_overlap_kernel`'s counts). With a zero fill of their own after the solve, the one
+    launch was queued 60 us after the point where the two-launch form queued w/u (core 1x4096
+    16/32, a lent H200 host, benchmarks/results/host_h200_s43e.log); with the solve zeroing them,
+    28 us after it on another host (host_h200x2_s43f.log)."""
     T, dev, dt = k.shape[0], k.device, k.dtype
     prec = _prec(dt)
     Tbuf = torch.empty(nv, T, CHUNK, device=dev, dtype=dt)
     G = torch.empty(nv, T, device=dev, dtype=torch.float32)
     launch(_intra_solve_kernel, (meta.num_chunks, nv),
-        k, a, b, A_log, dt_bias, Tbuf, G, meta.chunks, meta.cu_seqlens,
+        k, a, b, A_log, dt_bias, Tbuf, G, G if counts is None else counts, meta.chunks, meta.cu_seqlens,
         k.stride(0), a.stride(0), k_col0, T,
         R=nv // nk, DK=dk, BK=max(16, next_pow2(dk)), NORM_QK=2 if normalize_qk else 0, PREC=prec,
-        FTZ=_ftz(prec), **LAUNCH["solve"],
+        FTZ=_ftz(prec), ZERO_COUNTS=counts is not None, **LAUNCH["solve"],
     )
     return Tbuf, G
 
@@ -910,14 +918,8 @@ def chunk_delta_rule_varlen(
         return out
     if path not in (None, *PATHS):
         raise ValueError(f"path must be one of {PATHS}, got {path!r}")
-    # the solve, the same on every path, goes first: a single call's GPU waits for its first kernel
-    # while the host works out the rest (a call that the checks below refuse has then run the solve,
-    # which writes only its own buffers)
-    Tbuf, G = intra_solve(k, a, b, A_log, dt_bias, meta, k_col0, nk, nv, dk, normalize_qk)
     T = q.shape[0]
     dev, dt = q.device, q.dtype
-    assert state_pool.is_contiguous() and state_pool.dtype == torch.float32
-    BK = max(16, next_pow2(dk))
     BVf = max(16, next_pow2(dv))
     n_seq = meta.prefill_seqs.numel()
     auto_path, auto_bv = choose_path(n_seq, nv, dv, dt, meta.num_chunks)
@@ -928,6 +930,18 @@ def chunk_delta_rule_varlen(
             BV = auto_bv
         else:
             BV = min(BVf, FUSED_BV) if path == "fused" else split_bv(n_seq, nv, dv)
+    # the split path's one-launch form, where it applies, counts stored chunks: the solve zeroes them
+    counts = None
+    if path == "split" and (overlap or (overlap is None and SPLIT_OVERLAP)):
+        n_pass = n_seq * nv * cdiv(dv, BV)
+        if split_overlap_applies(dev, dt, n_pass, dk, dv):
+            counts = torch.empty(nv, T, device=dev, dtype=torch.int32)
+    # the solve, the same on every path, goes first: a single call's GPU waits for its first kernel
+    # while the host works out the rest (a call that the checks below refuse has then run the solve,
+    # which writes only its own buffers)
+    Tbuf, G = intra_solve(k, a, b, A_log, dt_bias, meta, k_col0, nk, nv, dk, normalize_qk, counts)
+    assert state_pool.is_contiguous() and state_pool.dtype == torch.float32
+    BK = max(16, next_pow2(dk))
     if path == "fused" and q.is_cuda and (dt == torch.float32 or BV < 64):
         # 2026-11-28, H100, Triton 3.6, the untransposed fused kernel: fp32 tiles overflowed shared
         # memory, and BV=32 gave wrong results (4 warps) or an illegal address (8 warps). The
@@ -961,11 +975,8 @@ def chunk_delta_rule_varlen(
     u = torch.empty(nv, T, dv, device=dev, dtype=dt)
     oc = torch.empty_like(u)
     if path == "split" and (overlap or (overlap is None and SPLIT_OVERLAP)):
-        n_pass = n_seq * nv * cdiv(dv, BV)
-        fits = split_overlap_applies(dev, dt, n_pass, dk, dv)
+        fits = counts is not None
         if fits:
-            # each group's count starts at zero (only the counts at chunk starts are read)
-            counts = torch.zeros(nv, T, device=dev, dtype=torch.int32)
             args = (q, k, v, Tbuf, G, w, qp, u, oc, out, state_pool, meta.chunks_by_step, meta.prefill_seqs,
                     meta.cu_seqlens, meta.slots, meta.has_state, counts, q.stride(0), k.stride(0), v.stride(0),
                     q_col0, k_col0, v_col0, dk ** -0.5, out.stride(0), state_pool.stride(0), state_pool.stride(1), T,
