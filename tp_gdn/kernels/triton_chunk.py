@@ -772,6 +772,21 @@ def _fused_pass_kernel(
     tl.store(p_state, St.to(state_pool.dtype.element_ty), mask=m_state)
 
 
+def _resolve_path(path: str | None, BV: int | None, n_seq: int, nv: int, dv: int, dtype: torch.dtype,
+                  num_chunks: int) -> tuple[str, int | None]:
+    """(path, BV) of a call: choose_path's where not given (BV None on the scan path, which picks
+    its blocks from its segment count)."""
+    auto_path, auto_bv = choose_path(n_seq, nv, dv, dtype, num_chunks)
+    if path is None:
+        path = auto_path
+    if BV is None and path != "scan":
+        if path == auto_path:
+            BV = auto_bv
+        else:
+            BV = min(max(16, next_pow2(dv)), FUSED_BV) if path == "fused" else split_bv(n_seq, nv, dv)
+    return path, BV
+
+
 def split_overlap_applies(device: torch.device, dtype: torch.dtype, n_pass: int, dk: int, dv: int) -> bool:
     """What `_split_overlap_kernel` needs before it is compiled: a CUDA GPU with at least n_pass
     SMs (the walking programs), 16-bit inputs (fp32's exact products are not the fast path, and
@@ -920,28 +935,29 @@ def chunk_delta_rule_varlen(
         raise ValueError(f"path must be one of {PATHS}, got {path!r}")
     T = q.shape[0]
     dev, dt = q.device, q.dtype
-    BVf = max(16, next_pow2(dv))
     n_seq = meta.prefill_seqs.numel()
-    auto_path, auto_bv = choose_path(n_seq, nv, dv, dt, meta.num_chunks)
-    if path is None:
-        path = auto_path
-    if BV is None and path != "scan":         # the scan path picks its blocks from its segment count
-        if path == auto_path:
-            BV = auto_bv
-        else:
-            BV = min(BVf, FUSED_BV) if path == "fused" else split_bv(n_seq, nv, dv)
-    # the split path's one-launch form, where it applies, counts stored chunks: the solve zeroes them
+    # the split path's one-launch form counts stored chunks, which the solve zeroes: where a call
+    # can take that form (the split path, fewer pairs than the fused path takes), its path is
+    # worked out before the solve; elsewhere after it
     counts = None
-    if path == "split" and (overlap or (overlap is None and SPLIT_OVERLAP)):
-        n_pass = n_seq * nv * cdiv(dv, BV)
-        if split_overlap_applies(dev, dt, n_pass, dk, dv):
-            counts = torch.empty(nv, T, device=dev, dtype=torch.int32)
+    resolved = False
+    if (overlap or (overlap is None and SPLIT_OVERLAP)) and (
+            path == "split" or (path is None and n_seq * nv < FUSED_MIN_PROGRAMS)):
+        path, BV = _resolve_path(path, BV, n_seq, nv, dv, dt, meta.num_chunks)
+        resolved = True
+        if path == "split":
+            n_pass = n_seq * nv * cdiv(dv, BV)
+            if split_overlap_applies(dev, dt, n_pass, dk, dv):
+                counts = torch.empty(nv, T, device=dev, dtype=torch.int32)
     # the solve, the same on every path, goes first: a single call's GPU waits for its first kernel
     # while the host works out the rest (a call that the checks below refuse has then run the solve,
     # which writes only its own buffers)
     Tbuf, G = intra_solve(k, a, b, A_log, dt_bias, meta, k_col0, nk, nv, dk, normalize_qk, counts)
     assert state_pool.is_contiguous() and state_pool.dtype == torch.float32
     BK = max(16, next_pow2(dk))
+    BVf = max(16, next_pow2(dv))
+    if not resolved:
+        path, BV = _resolve_path(path, BV, n_seq, nv, dv, dt, meta.num_chunks)
     if path == "fused" and q.is_cuda and (dt == torch.float32 or BV < 64):
         # 2026-11-28, H100, Triton 3.6, the untransposed fused kernel: fp32 tiles overflowed shared
         # memory, and BV=32 gave wrong results (4 warps) or an illegal address (8 warps). The
@@ -988,10 +1004,10 @@ def chunk_delta_rule_varlen(
             launch(_split_overlap_kernel, (n_pass + meta.num_chunks * nv,), *args, **consts)
             return out
         if overlap:
-            raise ValueError(f"the overlapped split pass does not fit this launch ({n_pass} walking programs, {dt}, "
-                             f"dk={dk}, dv={dv}): it takes a CUDA GPU, 16-bit inputs, dk and dv >= 64, no more "
-                             "walking programs than SMs and two programs an SM (split_overlap_applies, "
-                             "split_overlap_fits); use overlap=False")
+            raise ValueError(f"the overlapped split pass does not fit this launch ({n_seq * nv * cdiv(dv, BV)} "
+                             f"walking programs, {dt}, dk={dk}, dv={dv}): it takes a CUDA GPU, 16-bit inputs, dk "
+                             "and dv >= 64, no more walking programs than SMs and two programs an SM "
+                             "(split_overlap_applies, split_overlap_fits); use overlap=False")
     launch(_intra_wu_kernel, grid,
         q, k, v, Tbuf, G, w, qp, u, oc, meta.chunks, meta.cu_seqlens,
         q.stride(0), k.stride(0), v.stride(0), q_col0, k_col0, v_col0, dk ** -0.5, T,
