@@ -41,7 +41,8 @@ import triton
 import triton.language as tl
 
 from ..batch import CHUNK      # the chunk length that Batch schedules prefill work in
-from .triton_common import _COMPILED, cdiv, compiled_per_sm, exp_ftz, launch, next_pow2, sequence_of, sm_count
+from .triton_common import (_COMPILED, cdiv, compiled_per_sm, exp_ftz, is_hopper, launch, next_pow2, sequence_of,
+                            sm_count)
 
 _C = tl.constexpr(CHUNK)  # the chunk length as kernels see it
 
@@ -477,22 +478,31 @@ def _state_pass_kernel(
     R, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     NORM_QK: tl.constexpr, PREC: tl.constexpr, FTZ: tl.constexpr,
 ):
-    i_s, h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    h = tl.program_id(1)
     # the state transposed, S^T [BV, BK], as in the fused pass: U^T = u^T - S^T w^T,
     # o^T = O_c^T + S^T Q'^T, S^T <- e^{G_last} S^T + (U^T e^{G_last - G}) k
-    bos, eos, St, o_k, m_k, o_v, m_v, o_c, m_state, p_state = _walk_start(
-        seqs, cu_seqlens, slots, has_state, state_pool, stride_ps, stride_ph, i_s, h, i_v, DK, DV, BK, BV)
-    col_k = k_col0 + (h // R) * DK
-    Gh = Gin + _head_off(h, n_tok, 1)
-    head_k, head_v = _head_off(h, n_tok, DK), _head_off(h, n_tok, DV)
-
-    n_chunks = ((eos - bos + _C - 1) // _C).to(tl.int32)
+    bos, eos, n_chunks, St, o_k, m_k, o_v, m_v, o_c, m_state, p_state, col_k, Gh, head_k, head_v = _pass_start(
+        Gin, seqs, cu_seqlens, slots, has_state, state_pool, stride_ps, stride_ph, k_col0, n_tok,
+        tl.program_id(0), h, tl.program_id(2), R, DK, DV, BK, BV)
     for i_t in range(0, n_chunks):
         St = _pass_chunk(k, w_in, qp_in, u_in, oc_in, Gh, out, St, bos + i_t * _C, eos, h, col_k, head_k, head_v,
                          o_c, o_k, m_k, o_v, m_v, stride_k, stride_out, DK, DV, NORM_QK, PREC, FTZ)
 
     tl.debug_barrier()  # the initial state was read by every lane before it is overwritten
     tl.store(p_state, St.to(state_pool.dtype.element_ty), mask=m_state)
+
+
+@triton.jit
+def _pass_start(Gin, seqs, cu_seqlens, slots, has_state, state_pool, stride_ps, stride_ph, k_col0, n_tok,
+                i_s, h, i_v, R, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """What step 3's walk over sequence i_s, head h, dv block i_v starts from: _walk_start's
+    values (the chunk count after eos), then k's first column of the head, the head's G and its
+    rows' offsets in the head-major buffers of step 2 (dk and dv wide)."""
+    bos, eos, St, o_k, m_k, o_v, m_v, o_c, m_state, p_state = _walk_start(
+        seqs, cu_seqlens, slots, has_state, state_pool, stride_ps, stride_ph, i_s, h, i_v, DK, DV, BK, BV)
+    n_chunks = ((eos - bos + _C - 1) // _C).to(tl.int32)
+    return (bos, eos, n_chunks, St, o_k, m_k, o_v, m_v, o_c, m_state, p_state, k_col0 + (h // R) * DK,
+            Gin + _head_off(h, n_tok, 1), _head_off(h, n_tok, DK), _head_off(h, n_tok, DV))
 
 
 @triton.jit
@@ -560,13 +570,10 @@ def _split_overlap_kernel(
         is_pass = pid >= n_wu
         j = tl.where(is_pass, pid - n_wu, pid)
     if is_pass:
-        i_v, h, i_s = j % NVB, (j // NVB) % HV, j // (NVB * HV)
-        bos, eos, St, o_k, m_k, o_v, m_v, o_c, m_state, p_state = _walk_start(
-            seqs, cu_seqlens, slots, has_state, state_pool, stride_ps, stride_ph, i_s, h, i_v, DK, DV, BK, BV)
-        col_k = k_col0 + (h // R) * DK
-        Gh = Gin + _head_off(h, n_tok, 1)
-        head_k, head_v = _head_off(h, n_tok, DK), _head_off(h, n_tok, DV)
-        n_chunks = ((eos - bos + _C - 1) // _C).to(tl.int32)
+        h = (j // NVB) % HV
+        bos, eos, n_chunks, St, o_k, m_k, o_v, m_v, o_c, m_state, p_state, col_k, Gh, head_k, head_v = _pass_start(
+            Gin, seqs, cu_seqlens, slots, has_state, state_pool, stride_ps, stride_ph, k_col0, n_tok,
+            j // (NVB * HV), h, j % NVB, R, DK, DV, BK, BV)
         count_h = counts + _head_off(h, n_tok, 1)
         for g0 in range(0, n_chunks, GROUP):
             g1 = tl.minimum(g0 + GROUP, n_chunks)
@@ -788,14 +795,15 @@ def _resolve_path(path: str | None, BV: int | None, n_seq: int, nv: int, dv: int
 
 
 def split_overlap_applies(device: torch.device, dtype: torch.dtype, n_pass: int, dk: int, dv: int) -> bool:
-    """What `_split_overlap_kernel` needs before it is compiled: a CUDA GPU with at least n_pass
-    SMs (the walking programs), 16-bit inputs (fp32's exact products are not the fast path, and
+    """What `_split_overlap_kernel` needs before it is compiled: a Hopper GPU (the one kind it was
+    measured on, and whose SMs programs_per_sm describes) with at least n_pass SMs (the walking
+    programs), 16-bit inputs (fp32's exact products are not the fast path, and
     the split path's fp32 kernels took about two minutes each to compile for an H200), and dk, dv
     >= 64 (below, step 2 takes 8 warps, "wu_small", where the walk takes 4). Always True under
     the interpreter (see split_overlap_fits)."""
     if not _COMPILED:
         return True
-    return (device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) and n_pass <= sm_count(device)
+    return (is_hopper(device) and dtype in (torch.bfloat16, torch.float16) and n_pass <= sm_count(device)
             and min(dk, dv) >= 64)
 
 
@@ -1005,7 +1013,7 @@ def chunk_delta_rule_varlen(
             return out
         if overlap:
             raise ValueError(f"the overlapped split pass does not fit this launch ({n_seq * nv * cdiv(dv, BV)} "
-                             f"walking programs, {dt}, dk={dk}, dv={dv}): it takes a CUDA GPU, 16-bit inputs, dk "
+                             f"walking programs, {dt}, dk={dk}, dv={dv}): it takes a Hopper GPU, 16-bit inputs, dk "
                              "and dv >= 64, no more walking programs than SMs and two programs an SM "
                              "(split_overlap_applies, split_overlap_fits); use overlap=False")
     launch(_intra_wu_kernel, grid,

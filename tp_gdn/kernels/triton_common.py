@@ -103,6 +103,12 @@ def sm_count(device: torch.device) -> int:
 
 
 @functools.lru_cache(maxsize=None)
+def is_hopper(device: torch.device) -> bool:
+    """A CUDA GPU of compute capability 9.x, whose SMs programs_per_sm describes."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
+
+
+@functools.lru_cache(maxsize=None)
 def pdl_possible(device: torch.device) -> bool:
     """Whether launches on `device` can take programmatic dependent launch: compiled kernels
     (not the interpreter) on a CUDA GPU of compute capability 9.0 or above."""
