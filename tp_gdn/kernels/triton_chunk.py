@@ -11,12 +11,12 @@ Three paths, all starting with the same launch:
   3. `_state_pass_kernel`   (sequences x value heads x dv blocks): walks the chunks in order,
      U = u - w S, o = O_c + Q' S, S <- e^{G_last} S + (e^{G_last - G} k)^T U, reading the initial
      state from the slot pool and writing the final state back in place (it holds S^T; see below).
-That is the "split" path. On a GPU, steps 2 and 3 run as one launch where that fits
+That is the "split" path. On a Hopper GPU, steps 2 and 3 run as one launch where that fits
 (`_split_overlap_kernel`): the walk takes each group of chunks as soon as step 2 has stored it,
-instead of waiting for the whole of step 2. The "fused" path replaces 2 and 3 with `_fused_pass_kernel`, which
-forms U = T (v - e^G k S) and the causal q k^T per chunk inside the sequential walk
-(o = e^G q S + P U), so only T and G go through memory; it needs many (sequence, head) programs,
-since that work lies on the sequential path. It holds the state transposed (S^T), so that the
+instead of waiting for the whole of step 2. The "fused" path replaces 2 and 3 with
+`_fused_pass_kernel`, which forms U = T (v - e^G k S) and the causal q k^T per chunk inside the
+sequential walk (o = e^G q S + P U), so only T and G go through memory; it needs many (sequence,
+head) programs, since that work lies on the sequential path. It holds the state transposed (S^T), so that the
 products on the chain from one chunk's state to the next take their left operand from
 registers. When one of its programs spans dv, it can also store the gated RMSNorm of o
 (gated_norm) in place of o.
@@ -797,10 +797,10 @@ def _resolve_path(path: str | None, BV: int | None, n_seq: int, nv: int, dv: int
 def split_overlap_applies(device: torch.device, dtype: torch.dtype, n_pass: int, dk: int, dv: int) -> bool:
     """What `_split_overlap_kernel` needs before it is compiled: a Hopper GPU (the one kind it was
     measured on, and whose SMs programs_per_sm describes) with at least n_pass SMs (the walking
-    programs), 16-bit inputs (fp32's exact products are not the fast path, and
-    the split path's fp32 kernels took about two minutes each to compile for an H200), and dk, dv
-    >= 64 (below, step 2 takes 8 warps, "wu_small", where the walk takes 4). Always True under
-    the interpreter (see split_overlap_fits)."""
+    programs), 16-bit inputs (fp32's exact products are not the fast path, and the split path's
+    fp32 kernels took about two minutes each to compile for an H200), and dk, dv >= 64 (below,
+    step 2 takes 8 warps, "wu_small", where the walk takes 4). Always True under the interpreter
+    (see split_overlap_fits)."""
     if not _COMPILED:
         return True
     return (is_hopper(device) and dtype in (torch.bfloat16, torch.float16) and n_pass <= sm_count(device)
@@ -934,8 +934,9 @@ def chunk_delta_rule_varlen(
     gated_norm: (z, z_col0, weight, eps) to store norm_w * rmsnorm(o) * silu(z) instead of o,
     inside the fused pass; only where that pass runs with one dv block (fused_norm_applies).
     overlap: on the split path, run steps 2 and 3 in one launch, the walk taking each group of
-    chunks as soon as step 2 has stored it (`_split_overlap_kernel`); None: where
-    SPLIT_OVERLAP and split_overlap_fits allow; True where it does not fit raises.
+    chunks as soon as step 2 has stored it (`_split_overlap_kernel`). None: where SPLIT_OVERLAP
+    is on and the launch fits (split_overlap_applies, split_overlap_fits); True: raises where it
+    does not fit; False: two launches.
     """
     if meta.num_chunks == 0:
         return out
