@@ -156,16 +156,20 @@ def split_both_ways(lens, nk, nv, d, dtype, has, reps=1, BV=None):
 @pytest.mark.parametrize("group", [2, 3, 8])
 def test_split_overlap_equals_separate_launches(monkeypatch, group):
     """The split path's one-launch form, whose walk waits for step 2's count of each group of
-    `group` chunks, against the two launches: the same bits, and within fp32 of the fp64
-    reference. Sequences of 7, 2, 1 and 3 chunks fill their last group in part or whole. (In the
-    interpreter step 2's programs run first; test_gpu_split_overlap_* run it compiled.)"""
+    `group` chunks, against the two launches: the same bits, and near the fp64 reference (fp32 in
+    the interpreter, bf16 compiled). Sequences of 7, 2, 1 and 3 chunks fill their last group in
+    part or whole. (In the interpreter step 2's programs run first.)"""
     chunk = tri()[0]
+    from tp_gdn.kernels.triton_common import is_hopper
+    if CUDA and not is_hopper(torch.device(DEV)):
+        pytest.skip("the one-launch form runs on Hopper GPUs only (split_overlap_applies)")
     monkeypatch.setattr(chunk, "SPLIT_GROUP_CHUNKS", group)
-    d = 128 if CUDA else 16
-    runs, (want, pool64) = split_both_ways([400, 70, 2, 129], 1, 2, d, torch.float32, [True, False, True, False])
+    # compiled, the form takes 16-bit inputs and dk, dv >= 64
+    d, dtype, tol = (128, torch.bfloat16, 1e-2) if CUDA else (16, torch.float32, 1e-5)
+    runs, (want, pool64) = split_both_ways([400, 70, 2, 129], 1, 2, d, dtype, [True, False, True, False])
     (o0, p0), (o1, p1) = runs[False][0], runs[True][0]
     assert torch.equal(o0, o1) and torch.equal(p0, p1)
-    assert rel_err(o1.cpu(), want) < 1e-5 and rel_err(p1.cpu(), pool64) < 1e-5
+    assert rel_err(o1.cpu(), want) < tol and rel_err(p1.cpu(), pool64) < tol
 
 
 def test_split_overlap_is_refused_off_the_split_path():
