@@ -7,10 +7,10 @@ OLD and NEW are git revisions of this repository (NEW: the working tree when lef
 directories that hold a tp_gdn package (for a copy of the tree without git history: unpack
 `git archive REV tp_gdn` there). Each is read into a temporary directory as a package of its own
 (`tp_gdn_v0`, `tp_gdn_v1`), so both import side by side; the package's relative imports keep it
-whole. The
-same kernel has taken several percent more or less on one lent machine than on the next, so a
-change of a few percent shows only with both versions in one process, on the same inputs, in
-interleaved rounds (as the fifteenth session's comparisons in benchmarks/RESULTS.md were made).
+whole. The same kernel has taken several percent more or less on one lent machine than on the
+next, so a change of a few percent shows only with both versions in one process, on the same
+inputs, in interleaved rounds (as the fifteenth session's comparisons in benchmarks/RESULTS.md
+were made).
 
 Rows (default: the two layer rows and five core rows listed under --rows):
   layer-NxL            the tp=1 layer at Qwen3-Next-80B dims (bench_layer.py's weights), bf16

@@ -807,14 +807,15 @@ def split_overlap_applies(device: torch.device, dtype: torch.dtype, n_pass: int,
             and min(dk, dv) >= 64)
 
 
-def split_overlap_fits(device: torch.device, args: tuple, consts: dict) -> bool:
-    """Whether `_split_overlap_kernel`, launched with these arguments, holds at least two programs
-    an SM (compiled once per key to find out), so that step-2 programs always find room beside
-    the walking programs, which are at most the SM count (split_overlap_applies). Under the
-    interpreter programs run one after another, step 2 first: always True."""
+def split_overlap_fits(device: torch.device, dtype: torch.dtype, args: tuple, consts: dict) -> bool:
+    """Whether `_split_overlap_kernel`, launched with these arguments (q, k, v of `dtype`; the state
+    fp32), holds at least two programs an SM (compiled once per key to find out), so that step-2
+    programs always find room beside the walking programs, which are at most the SM count
+    (split_overlap_applies). Under the interpreter programs run one after another, step 2 first:
+    always True."""
     if not _COMPILED:
         return True
-    key = ("split_overlap", device, args[0].dtype, args[10].dtype, tuple(consts.items()))
+    key = ("split_overlap", device, dtype, tuple(consts.items()))
     return compiled_per_sm(key, _split_overlap_kernel, (1,), *args, **consts) >= 2
 
 
@@ -948,10 +949,10 @@ def chunk_delta_rule_varlen(
     # the split path's one-launch form counts stored chunks, which the solve zeroes: where a call
     # can take that form (the split path, fewer pairs than the fused path takes), its path is
     # worked out before the solve; elsewhere after it
+    one_launch = overlap or (overlap is None and SPLIT_OVERLAP)     # asked for, or the default
     counts = None
     resolved = False
-    if (overlap or (overlap is None and SPLIT_OVERLAP)) and (
-            path == "split" or (path is None and n_seq * nv < FUSED_MIN_PROGRAMS)):
+    if one_launch and (path == "split" or (path is None and n_seq * nv < FUSED_MIN_PROGRAMS)):
         path, BV = _resolve_path(path, BV, n_seq, nv, dv, dt, meta.num_chunks)
         resolved = True
         if path == "split":
@@ -999,7 +1000,7 @@ def chunk_delta_rule_varlen(
     qp = torch.empty_like(w)
     u = torch.empty(nv, T, dv, device=dev, dtype=dt)
     oc = torch.empty_like(u)
-    if path == "split" and (overlap or (overlap is None and SPLIT_OVERLAP)):
+    if path == "split" and one_launch:
         fits = counts is not None
         if fits:
             args = (q, k, v, Tbuf, G, w, qp, u, oc, out, state_pool, meta.chunks_by_step, meta.prefill_seqs,
@@ -1008,7 +1009,7 @@ def chunk_delta_rule_varlen(
                     n_pass, meta.num_chunks * nv, nv // nk, nv, cdiv(dv, BV))
             consts = dict(DK=dk, DV=dv, BK=BK, BV=BV, BVF=BVf, GROUP=SPLIT_GROUP_CHUNKS, PASS_FIRST=bool(_COMPILED),
                           NORM_QK=normalize_qk, PREC=prec, FTZ=_ftz(prec), **LAUNCH["pass"])
-            fits = split_overlap_fits(dev, args, consts)
+            fits = split_overlap_fits(dev, dt, args, consts)
         if fits:
             launch(_split_overlap_kernel, (n_pass + meta.num_chunks * nv,), *args, **consts)
             return out
