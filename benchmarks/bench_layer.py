@@ -14,9 +14,10 @@ graphs (GraphedDecoder). Every rank runs the same fixed number of iterations. Af
 rank 0 prints its GPU's SM clock, power draw and clock event reasons (timing.gpu_clocks): a row
 timed while the power cap held the clock down says so; --warm-seconds times the prefill rows
 after that long under load on each side, at the clock sustained load gives. --timeline prints,
-for our prefill calls, how the GPU's streams spent a single call (timing.timeline): the main
+for our calls, how the GPU's streams spent a single call (timing.timeline): the main
 stream's busy and idle time, and how much of the other streams' work (the copy engines'
-transfers and sums of the all-reduce) ran beside the main stream's and how much was exposed.
+transfers and sums of the all-reduce) ran beside the main stream's and how much was exposed; for
+our decode steps, also every rank's kernels of a single step one by one (start and duration).
 Each prefill row also times our call with its products as picked (TP_GDN_GEMM=tuned: cuBLASLt
 algorithms picked by timing, parallel/blaslt.py) against the same call on torch's cuBLAS calls,
 in interleaved rounds, and prints the picks.
@@ -145,7 +146,8 @@ def main():
     ap.add_argument("--json", default=None)
     ap.add_argument("--profile", action="store_true", help="also print where our layer's time goes, per kernel")
     ap.add_argument("--timeline", action="store_true",
-                    help="also print how our prefill calls use the GPU's streams (busy, idle, overlapped, exposed)")
+                    help="also print how our calls use the GPU's streams (busy, idle, overlapped, exposed); "
+                         "for decode steps, every rank's kernels one by one")
     ap.add_argument("--only", choices=["prefill", "decode"], default=None, help="run only these workloads")
     ap.add_argument("--decode-sizes", type=int, nargs="+", default=None,
                     help="decode batch sizes (default: 256 at tp=1, 1 at tp > 1)")
@@ -180,7 +182,8 @@ def main():
                                           args.warm_seconds, args.timeline))
     decode_sizes = args.decode_sizes or ([256] if tp == 1 else [1])
     for B in decode_sizes if args.only != "prefill" else []:
-        run_guarded(f"decode {B}", rank, lambda: bench_decode(layer, B, dev, g, tp, rank, report, rows, args.profile))
+        run_guarded(f"decode {B}", rank, lambda: bench_decode(layer, B, dev, g, tp, rank, report, rows, args.profile,
+                                                                args.timeline))
 
     if rank == 0:
         name = torch.cuda.get_device_name(dev)
@@ -245,17 +248,27 @@ def profile_kernels(fn, rank, label, top=12):
             print(f"    {ms:8.3f} ms  {count:3d}x  {name[:90]}")
 
 
-def print_timeline(fn, rank, label, row, calls=3):
+def print_timeline(fn, rank, label, row, calls=3, work=False):
     """timing.timeline of fn's single calls (every rank runs them): every call's figures go into
     row["timeline_us"], and rank 0 prints those of the call with the median GPU span (one call's
     own figures, which add up: the other streams' busy time is the part beside the main stream's
     work plus the part exposed; the host's lead before the GPU's first work plus the span is
-    about what a single call takes)."""
+    about what a single call takes). work: rank 0 also prints every rank's median call piece by
+    piece (each kernel's start after the call's first GPU work and its duration)."""
     from timing import timeline
 
     calls_seen = timeline(fn, calls)
     row["timeline_us"] = calls_seen
     mid = sorted(calls_seen, key=lambda c: c["span"])[len(calls_seen) // 2]
+    if work:
+        every = [mid]
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            every = [None] * dist.get_world_size()
+            dist.all_gather_object(every, mid)
+        if rank == 0:
+            for r, c in enumerate(every):
+                pieces = "; ".join(f"{name[:40]} +{start:.1f} ({dur:.1f})" for name, start, dur in c["work"])
+                print(f"  rank {r}, lead {c['lead']:.1f} us, span {c['span']:.1f} us: {pieces}", flush=True)
     if rank == 0:
         spans = ", ".join(f"{c['span']:.1f}" for c in calls_seen)
         print(f"  timeline of ours, {label} (the median of {calls} single calls by GPU span, us; spans {spans}): "
@@ -402,7 +415,7 @@ def bench_prefill(layer, n, L, dev, g, tp, rank, report, rows, profile=False, wa
         print_timeline(lambda: layer(x, batch, cache), rank, f"prefill {n}x{L}, tp={tp}", rows[-1])
 
 
-def bench_decode(layer, B, dev, g, tp, rank, report, rows, profile=False):
+def bench_decode(layer, B, dev, g, tp, rank, report, rows, profile=False, timeline=False):
     H, bf = CFG.hidden_size, torch.bfloat16
     x = torch.randn(B, H, device=dev, dtype=bf, generator=g)
     cache = StateCache(CFG, [0], B, dtype=bf, device=dev, tp_size=tp)
@@ -476,6 +489,9 @@ def bench_decode(layer, B, dev, g, tp, rank, report, rows, profile=False):
         rows[-1].update(ours_nccl_ms=timed["NCCL all-reduce"][0], ours_nccl_back_to_back_ms=timed["NCCL all-reduce"][1])
     if profile:
         profile_kernels(lambda: decoder(x_graph, slots), rank, f"decode {B} (graph), tp={tp}")
+    if timeline:
+        print_timeline(lambda: decoder(x_graph, slots), rank, f"decode {B} (graph), tp={tp}", rows[-1],
+                       calls=5, work=True)
     if B == 256:
         # issue 6's decode goal: 1.2 x (state read and written + weights) / this GPU's copy rate
         state_bytes = 2 * cache.ssm[0].numel() * 4

@@ -204,13 +204,17 @@ def timeline(fn, calls: int = 3) -> list[dict]:
 
 def call_timeline(work: list[tuple[int, float, float, str]], a: float, b: float) -> dict:
     """summarize_timeline of the work that starts in [a, b) (a call's window between its markers),
-    and lead: the microseconds from the end of the marker before the call to the call's first
-    GPU work. The marker is queued just before the call on an idle GPU, so lead is the host's
+    lead: the microseconds from the end of the marker before the call to the call's first GPU
+    work, and work: [(name, start, duration)] of each piece, its start counted from the call's
+    first GPU work. The marker is queued just before the call on an idle GPU, so lead is the host's
     time from there to the call's first launch reaching the GPU: what a single call adds ahead
     of its GPU span."""
     inside = [w for w in work if a <= w[1] < b]
     out = summarize_timeline(inside)
-    out["lead"] = min(w[1] for w in inside) - a
+    first = min(w[1] for w in inside)
+    out["lead"] = first - a
+    # each piece of work as (name, start after the call's first GPU work, duration), in start order
+    out["work"] = [(name, start - first, end - start) for _, start, end, name in inside]
     return out
 
 

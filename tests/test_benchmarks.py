@@ -197,6 +197,7 @@ def test_timeline_takes_each_calls_work_between_its_marker_kernels():
     assert timing.marked_spans(work) == [(0.5, 61.0), (80.5, 95.0)]
     first = timing.call_timeline(work, 0.5, 61.0)
     assert first["lead"] == 0.5 and first["span"] == 59.0 and first["main_busy"] == 49.0
+    assert first["work"] == [("in_proj", 0.0, 49.0), ("pull", 19.0, 40.0)]
     with pytest.raises(RuntimeError, match="3 marker kernels"):
         timing.marked_spans(work[:-1])
     with pytest.raises(RuntimeError, match="0 marker kernels"):
