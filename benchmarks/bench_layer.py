@@ -466,8 +466,14 @@ def bench_decode(layer, B, dev, g, tp, rank, report, rows, profile=False, timeli
                 "plain launches (no PDL)": (layer, plain_launches),
                 "cuBLAS projections": (layer, lambda: patched(triton_gemv, MAX_ROWS=0))}
     if kind == "symm":
-        for name, env in (("NCCL all-reduce", {"TP_GDN_ALL_REDUCE": "nccl"}),
-                          ("torch one-shot all-reduce", {"TP_GDN_SYMM_KERNEL": "oneshot"})):
+        from tp_gdn.parallel.comm import symm_kernel
+
+        others = [("NCCL all-reduce", {"TP_GDN_ALL_REDUCE": "nccl"}),
+                  ("torch one-shot all-reduce", {"TP_GDN_SYMM_KERNEL": "oneshot"})]
+        # our other symmetric-memory kernel: flag-in-word where the layer runs push, and the other way
+        other = "push" if symm_kernel() == "ll" else "ll"
+        others.append((f"{other} all-reduce", {"TP_GDN_SYMM_KERNEL": other}))
+        for name, env in others:
             with environ(env):
                 variants[name] = (GDNLayer.from_full(CFG, 0, full_weights(), rank, tp, dtype=torch.bfloat16,
                                                      device=dev, backend="triton"), contextlib.nullcontext)

@@ -318,7 +318,8 @@ def test_prefill_then_decode_equals_one_prefill_on_gpus(hf_next, seed, tp, dtype
         assert state_err < tol, i
 
 
-ALL_REDUCE_PATHS = {"nccl": ("nccl", "push"), "push": ("auto", "push"), "oneshot": ("auto", "oneshot")}
+ALL_REDUCE_PATHS = {"nccl": ("nccl", "push"), "push": ("auto", "push"), "oneshot": ("auto", "oneshot"),
+                    "ll": ("auto", "ll")}
 
 
 def _all_reduce_paths(rank, world, cfg, full, seed):
@@ -352,7 +353,7 @@ def _all_reduce_paths(rank, world, cfg, full, seed):
 @pytest.mark.parametrize("tp", tps(2, 4))
 def test_symmetric_memory_all_reduce_equals_nccl_on_gpus(seed, tp):
     """Small outputs take an all-reduce over symmetric memory by default on GPUs of one host; with
-    either kernel (ours, torch's one-shot) its outputs, eager and from CUDA graphs, agree with
+    each kernel (our push and flag-in-word kernels, torch's one-shot) its outputs, eager and from CUDA graphs, agree with
     NCCL's and with the unsharded fp32 layer, and every rank returns the same numbers."""
     from tp_gdn.launch.local import spawn_ranks
 
@@ -367,17 +368,17 @@ def test_symmetric_memory_all_reduce_equals_nccl_on_gpus(seed, tp):
     want = [ref_layer(torch.randn(70, 64, generator=g).to(torch.bfloat16).float(), Batch([30, 40], [3, 1], [False, False]), cache)]
     for _ in range(4):
         want.append(ref_layer(torch.randn(2, 64, generator=g).to(torch.bfloat16).float(), Batch([1, 1], [3, 1], [True, True]), cache))
-    assert [results[0][p][0] for p in ALL_REDUCE_PATHS] == ["group", "symm", "symm"]
+    assert [results[0][p][0] for p in ALL_REDUCE_PATHS] == ["group", "symm", "symm", "symm"]
     for r in range(tp):
-        for path in ("push", "oneshot"):
+        for path in ("push", "oneshot", "ll"):
             for n, (a, b, w) in enumerate(zip(results[r][path][1], results[r]["nccl"][1], want)):
                 assert torch.equal(a, results[0][path][1][n]), (path, r, n)
                 assert rel_err(a, b) < 1e-2, (path, r, n, rel_err(a, b))
                 assert rel_err(a, w) < BF16_TOL, (path, r, n, rel_err(a, w))
 
 
-def _push_back_to_back(rank, world, seed, calls):
-    """`calls` push all-reduces of uneven sizes, bf16 and fp32 mixed, issued back to back (no host
+def _push_back_to_back(rank, world, seed, calls, kernel):
+    """`calls` all-reduces by our `kernel` ("push" or "ll") of uneven sizes, bf16 and fp32 mixed, issued back to back (no host
     wait between them, so a rank may run ahead of its peers by a call), then the same from a CUDA
     graph; returns (calls that differ from the fp32 sum in rank order of every rank's input,
     rounded once)."""
@@ -386,7 +387,7 @@ def _push_back_to_back(rank, world, seed, calls):
     from tp_gdn.parallel.comm import SymmetricAllReduce
 
     dev = torch.device("cuda", rank)
-    ar = SymmetricAllReduce(dist.group.WORLD, dev, kernel="push")
+    ar = SymmetricAllReduce(dist.group.WORLD, dev, kernel=kernel)
     g = torch.Generator().manual_seed(seed)
     dtypes = [(torch.bfloat16, torch.float32)[i] for i in torch.randint(0, 2, (calls,), generator=g).tolist()]
     sizes = [int(torch.randint(1, ar.max_bytes // dt.itemsize + 1, (1,), generator=g)) for dt in dtypes]
@@ -422,16 +423,17 @@ def _push_back_to_back(rank, world, seed, calls):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("kernel", ["push", "ll"])
 @pytest.mark.parametrize("tp", tps(2, 4))
-def test_push_all_reduce_back_to_back_on_gpus(seed, tp):
-    """Our push kernel, 200 calls (bf16 and fp32 mixed) issued back to back and 20 replays of a
-    graph of 8, on every rank: each output equals the fp32 sum of the ranks' inputs in rank order
-    (so every rank's bits agree)."""
+def test_push_all_reduce_back_to_back_on_gpus(seed, tp, kernel):
+    """Our push and flag-in-word kernels, 200 calls (bf16 and fp32 mixed) issued back to back and
+    20 replays of a graph of 8, on every rank: each output equals the fp32 sum of the ranks'
+    inputs in rank order (so every rank's bits agree)."""
     from tp_gdn.launch.local import spawn_ranks
 
     from helpers import _with_rank
 
-    results = spawn_ranks(tp, _with_rank, _push_back_to_back, seed, 200, backend="nccl")
+    results = spawn_ranks(tp, _with_rank, _push_back_to_back, seed, 200, kernel, backend="nccl")
     assert results == [[]] * tp
 
 

@@ -464,6 +464,53 @@ def test_push_all_reduce_plays_every_rank_in_one_process(world, dtype):
     assert epochs[0].tolist() == [4, 3, 1, 0]     # calls that used each program
 
 
+@pytest.mark.parametrize("world,dtype", [(2, torch.bfloat16), (3, torch.float32), (2, torch.float16)])
+def test_flag_in_word_all_reduce_plays_every_rank_in_one_process(world, dtype):
+    """The all-reduce whose pushed words carry their call's epoch (ll_all_reduce), every rank
+    played here on one device: all ranks' pushes, then all ranks' reduces, over five calls of
+    uneven sizes (odd ones leave half a word). Every rank gets the fp32 sum in rank order, rounded
+    once: the bits the push kernel gives (bf16 inputs here are sums exact in bf16: the interpreter
+    rounds fp32 to bf16 toward zero). The words received carry the call's epoch and the sender's
+    bytes. Each reduce writes its call count into its rank's watchdog word."""
+    from tp_gdn.kernels.triton_allreduce import BLOCK_BYTES, WORD_BYTES, ll_all_reduce
+
+    BLOCK = BLOCK_BYTES // dtype.itemsize
+    programs = 4
+    slot_words = 3 * BLOCK_BYTES // WORD_BYTES
+    recv = [torch.zeros(2 * world * slot_words, dtype=torch.int64, device=DEV) for _ in range(world)]
+    epochs = [torch.zeros(programs, dtype=torch.int64, device=DEV) for _ in range(world)]
+    recv_ptrs = torch.tensor([t.data_ptr() for t in recv], dtype=torch.int64, device=DEV)
+    words = [torch.full((1,), -7, dtype=torch.int32) for _ in range(world)]
+    for call, n in enumerate([BLOCK + 301, 7, 3 * BLOCK, 2 * BLOCK - 1, 1], 1):
+        if dtype == torch.bfloat16 and not CUDA:
+            # the interpreter casts fp32 to bf16 by truncation, not to nearest: sums exact in bf16
+            xs = [(torch.randint(-64, 64, (n,)) / 8).to(DEV, dtype) for _ in range(world)]
+        else:
+            xs = [torch.randn(n).to(DEV, dtype) for _ in range(world)]
+        outs = [torch.full((n,), float("nan"), device=DEV, dtype=dtype) for _ in range(world)]
+        with interp_bounds.also_allow(recv + words):       # reached through the table
+            for phase in ("push", "reduce"):
+                for r in range(world):
+                    ll_all_reduce(xs[r], outs[r], recv_ptrs, epochs[r], r, slot_words, phases=phase,
+                                  progress=words[r].data_ptr())
+        assert [w.item() for w in words] == [call] * world
+        want = xs[0].float()
+        for x in xs[1:]:
+            want = want + x.float()
+        for r in range(world):
+            assert torch.equal(outs[r], want.to(dtype)), (n, r)
+        # the words of program 0 (which every call uses, so its epoch is the call's number) that
+        # rank 1 received from rank 0: the epoch in the high half, rank 0's bytes in the low half
+        got = recv[1].cpu().view(2, world, slot_words)[call % 2, 0]
+        n_bytes = min(n * dtype.itemsize, BLOCK_BYTES)
+        n_words = -(-n_bytes // WORD_BYTES)
+        assert torch.equal(got[:n_words] >> 32, torch.full((n_words,), call))
+        data = (got[:n_words] & 0xFFFFFFFF).to(torch.int32).view(torch.uint8)
+        assert torch.equal(data[:n_bytes], xs[0].cpu().view(torch.uint8)[:n_bytes])
+    assert all(torch.equal(e, epochs[0]) for e in epochs)
+    assert epochs[0].tolist() == [5, 3, 1, 0]
+
+
 def check_conv_prefill(nk, dk, vd, lens, slots, has, dtype, tol, S=6, K=4):
     _, conv, *_ = tri()
     C = 2 * nk * dk + vd
@@ -817,9 +864,10 @@ def test_gpu_decode_core_matches_fp64(N, nv):
 @pytest.mark.parametrize("B", [1, 64])
 def test_gpu_decode_steps_with_pdl_equal_plain_launches(monkeypatch, B):
     """The decode kernel launched to start while in_proj's product still runs (PDL; it loads the
-    state before it waits for the projection), and the norm and (one sequence) out_proj's few-row
-    product launched the same way after it: the same bits as plain launches, over steps of fresh
-    inputs, eager and from a graph, at a rank's real dims."""
+    state before it waits for the projection; at one sequence in_proj's few-row product lets it
+    start once every program of the product has started), and the norm and (one sequence)
+    out_proj's few-row product launched the same way after it: the same bits as plain launches,
+    over steps of fresh inputs, eager and from a graph, at a rank's real dims."""
     from tp_gdn.graphs import GraphedDecoder
     from tp_gdn.kernels import triton_gemv
     from tp_gdn.kernels.triton_common import pdl_possible
@@ -836,6 +884,7 @@ def test_gpu_decode_steps_with_pdl_equal_plain_launches(monkeypatch, B):
     for pdl in (False, True):
         for module in (triton_decode, triton_norm, triton_gemv):
             monkeypatch.setattr(module, "PDL", pdl)
+        monkeypatch.setattr(triton_gemv, "EARLY_DEPENDENTS", pdl)
         caches = []
         for _ in range(2):
             c = StateCache(cfg, [0], B, dtype=torch.bfloat16, device=DEV, tp_size=1)

@@ -1,6 +1,9 @@
-"""Triton all-reduce (sum) for small tensors over memory that every rank of a group has mapped.
+"""Triton all-reduces (sum) for small tensors over memory that every rank of a group has mapped.
 
-One launch per rank, one cross-GPU wait. Each rank's buffer holds two halves (parities) of
+Two kernels, one launch per rank each: the push kernel (below) and the flag-in-word kernel
+(`ll_all_reduce`, after it).
+
+The push kernel: one cross-GPU wait. Each rank's buffer holds two halves (parities) of
 `world` receive regions. Program c of rank r, for bytes [c BLOCK_BYTES, (c+1) BLOCK_BYTES) of
 the tensor (the same bytes of every region whatever the dtype, so that the parity argument
 below holds across calls of different dtypes):
@@ -111,4 +114,103 @@ def push_all_reduce(send: torch.Tensor, out: torch.Tensor, recv_ptrs: torch.Tens
         WORLD=recv_ptrs.numel(), BLOCK=block, PUSH=phases in ("both", "push"), REDUCE=phases in ("both", "reduce"),
         WATCH=progress is not None, num_warps=4,
         **pdl_launch(PDL, send.device))
+    return out
+
+
+# -- data and flag in one word ------------------------------------------------------------------
+#
+# The push kernel's flag costs a release at system scope after the data's stores (a fence that
+# waits until the stores have reached the peer's memory) and a second write over NVLink. Here
+# each 8-byte word a rank pushes carries 4 bytes of data in its low half and the call's epoch in
+# its high half, written by one store, which reaches the peer whole. A rank waits until every word
+# of its regions holds this call's epoch and reads the data out of the words it waited on: no
+# fence, no flag, one trip over NVLink. The words take twice the data's bytes. Program c covers
+# the same BLOCK_BYTES of the tensor as the push kernel's program c, with the same epochs and
+# parities, and the argument for one wait stands as above: a peer writes region (parity, r) of
+# call e + 2 only after its call e + 1, which needed this rank's words of call e + 1, pushed
+# after this rank's call e had read the region. Epochs are compared in their low 32 bits.
+
+WORD_BYTES = 4          # data bytes in one 8-byte word
+
+
+@triton.jit
+def _ll_all_reduce_kernel(send, out, recv_ptrs, epochs, progress, numel, rank, slot_words,
+                          WORLD: tl.constexpr, BLOCK: tl.constexpr, PACK: tl.constexpr, PUSH: tl.constexpr,
+                          REDUCE: tl.constexpr, WATCH: tl.constexpr, GDC: tl.constexpr = False):
+    # BLOCK elements a program, PACK (1 or 2) of them in a word's 4 data bytes
+    wait_for_prior_grid(GDC)
+    WORDS: tl.constexpr = BLOCK // PACK
+    c = tl.program_id(0)
+    offs = c * BLOCK + tl.arange(0, BLOCK)
+    m = offs < numel
+    words = c * WORDS + tl.arange(0, WORDS)
+    m_w = words * PACK < numel
+    epoch = tl.load(epochs + c) + 1
+    parity = epoch % 2
+    tag = epoch.to(tl.uint32).to(tl.int64) << 32        # the epoch's low 32 bits in the word's high half
+    x = tl.load(send + offs, mask=m, other=0.0)
+    if PUSH:
+        if PACK == 2:       # elements 2j (low 16 bits) and 2j + 1 (high) of word j
+            lo, hi = tl.split(tl.reshape(x.to(tl.int16, bitcast=True), [WORDS, 2]))
+            data = (lo.to(tl.int32) & 0xFFFF) | (hi.to(tl.int32) << 16)
+        else:
+            data = x.to(tl.int32, bitcast=True)
+        word = tag | data.to(tl.uint32).to(tl.int64)
+        for p in tl.static_range(WORLD):
+            if p != rank:
+                dst = tl.load(recv_ptrs + p).to(tl.pointer_type(tl.int64))
+                dst = dst + (parity * WORLD + rank) * slot_words + words
+                tl.store(tl.max_contiguous(tl.multiple_of(dst, 16), WORDS), word, mask=m_w)
+    if REDUCE:
+        recv = tl.load(recv_ptrs + rank).to(tl.pointer_type(tl.int64))
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for p in tl.static_range(WORLD):
+            if p == rank:
+                acc += x.to(tl.float32)
+            else:
+                src = tl.max_contiguous(tl.multiple_of(recv + (parity * WORLD + p) * slot_words + words, 16), WORDS)
+                # volatile loads (relaxed, system scope): each pass reads what the peer's stores have
+                # delivered so far; masked words count as arrived
+                v = tl.load(src, mask=m_w, other=tag, volatile=True)
+                while tl.sum(((v & -4294967296) != tag).to(tl.int32), axis=0) > 0:
+                    v = tl.load(src, mask=m_w, other=tag, volatile=True)
+                data = v.to(tl.int32)
+                if PACK == 2:
+                    lo = data.to(tl.int16)
+                    hi = (data >> 16).to(tl.int16)
+                    got = tl.reshape(tl.join(lo, hi), [BLOCK]).to(x.dtype, bitcast=True)
+                else:
+                    got = data.to(x.dtype, bitcast=True)
+                acc += got.to(tl.float32)
+        if WATCH:
+            if c == 0:      # past every wait of the call (as the push kernel's program 0)
+                tl.store(progress.to(tl.int64).to(tl.pointer_type(tl.int32)), epoch.to(tl.int32))
+        tl.store(out + offs, acc.to(out.dtype.element_ty), mask=m)
+        tl.store(epochs + c, epoch)
+
+
+def ll_all_reduce(send: torch.Tensor, out: torch.Tensor, recv_ptrs: torch.Tensor, epochs: torch.Tensor, rank: int,
+                  slot_words: int, phases: str = "both", progress: int | None = None) -> torch.Tensor:
+    """out <- sum over ranks of `send` (contiguous, 16- or 32-bit, the same shape and dtype on
+    every rank), the data pushed in words that carry their call's epoch (above).
+
+    recv_ptrs: [world] int64 device addresses, as this rank maps them, of every rank's receive
+    buffer: 2 x world regions of `slot_words` int64 words (a word per WORD_BYTES of data), zero at
+    start; epochs: [programs] int64 in this rank's memory, zero at start. phases and progress as
+    push_all_reduce's. The sum runs in fp32 in rank order, as the push kernel's: the same bits.
+    """
+    numel = send.numel()
+    size = send.element_size()
+    assert size in (2, 4), f"the flag-in-word all-reduce takes 16- and 32-bit data, not {send.dtype}"
+    assert send.is_contiguous() and out.is_contiguous() and out.numel() == numel and out.dtype == send.dtype
+    block = BLOCK_BYTES // size
+    assert slot_words % (BLOCK_BYTES // WORD_BYTES) == 0, f"regions of {slot_words} words are not whole programs"
+    assert numel * size <= slot_words * WORD_BYTES, f"{numel} elements do not fit regions of {slot_words} words"
+    grid = cdiv(numel, block)
+    assert grid <= epochs.numel(), f"{numel} elements need {grid} programs, the buffers hold {epochs.numel()}"
+    launch(_ll_all_reduce_kernel, (grid,),
+           send, out, recv_ptrs, epochs, progress or 0, numel, rank, slot_words,
+           WORLD=recv_ptrs.numel(), BLOCK=block, PACK=WORD_BYTES // size, PUSH=phases in ("both", "push"),
+           REDUCE=phases in ("both", "reduce"), WATCH=progress is not None, num_warps=4,
+           **pdl_launch(PDL, send.device))
     return out

@@ -66,7 +66,7 @@ def all_reduce_mode() -> str:
     return _env_choice("TP_GDN_ALL_REDUCE", ALL_REDUCE_MODES)
 
 
-SYMM_KERNELS = ("push", "oneshot")
+SYMM_KERNELS = ("push", "oneshot", "ll")
 
 
 def symm_kernel() -> str:
@@ -89,7 +89,11 @@ class SymmetricAllReduce:
                     (benchmarks/results/layer_dec_tp2_h200x2_s9.log);
     oneshot         torch's one_shot_all_reduce: staging is this rank's mapped buffer; the kernel
                     waits until every rank has written, reads and sums every rank's buffer, and
-                    waits again until every rank has read.
+                    waits again until every rank has read;
+    ll              ours as well (triton_allreduce.ll_all_reduce): as push, but each 8-byte word
+                    pushed carries 4 bytes of data and the call's epoch, so a rank waits on the
+                    data's words themselves: no flag and no fence at system scope. The sum and its
+                    bits are push's; the receive buffers take twice the bytes.
     """
 
     def __init__(self, group, device: torch.device, max_bytes: int = SYMM_MAX_BYTES, kernel: str | None = None):
@@ -110,25 +114,33 @@ class SymmetricAllReduce:
             self.buffer = symm.empty(max_bytes, dtype=torch.uint8, device=device)
             self.handle = symm.rendezvous(self.buffer, self.group_name)
             return
-        from ..kernels.triton_allreduce import BLOCK_BYTES
+        from ..kernels.triton_allreduce import BLOCK_BYTES, WORD_BYTES
 
         world = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
         max_bytes = self.max_bytes = -(-max_bytes // BLOCK_BYTES) * BLOCK_BYTES   # whole programs
         programs = max_bytes // BLOCK_BYTES
-        recv_bytes = 2 * world * max_bytes                     # [parity, source rank, max_bytes]
-        self.buffer = symm.empty(recv_bytes + programs * world * 8, dtype=torch.uint8, device=device)
+        if self.kernel == "ll":
+            # [parity, source rank, a region's words]: 8 bytes a word per WORD_BYTES of data, zero
+            # at start (epoch 0 in every word)
+            self.slot_words = max_bytes // WORD_BYTES
+            recv_bytes, flag_bytes = 2 * world * self.slot_words * 8, 0
+        else:
+            recv_bytes = 2 * world * max_bytes                 # [parity, source rank, max_bytes]
+            flag_bytes = programs * world * 8                  # [program, source rank] int64
+        self.buffer = symm.empty(recv_bytes + flag_bytes, dtype=torch.uint8, device=device)
         self.handle = symm.rendezvous(self.buffer, self.group_name)
-        self.buffer[recv_bytes:].zero_()                       # the flags start at epoch 0
+        self.buffer[recv_bytes if flag_bytes else 0:].zero_()  # the flags (push) or words (ll) at epoch 0
         self.staged = torch.empty(max_bytes, dtype=torch.uint8, device=device)
         self.epochs = torch.zeros(programs, dtype=torch.int64, device=device)
         ptrs = list(self.handle.buffer_ptrs)
         self.recv_ptrs = torch.tensor(ptrs, dtype=torch.int64, device=device)
-        self.flag_ptrs = torch.tensor([q + recv_bytes for q in ptrs], dtype=torch.int64, device=device)
-        # the kernel spins on its peers' flags with no timeout: the watchdog ends a process whose
-        # GPU stays behind (None where TP_GDN_COLLECTIVE_TIMEOUT=0)
+        self.flag_ptrs = None if self.kernel == "ll" else \
+            torch.tensor([q + recv_bytes for q in ptrs], dtype=torch.int64, device=device)
+        # the kernel spins on what its peers push with no timeout: the watchdog ends a process
+        # whose GPU stays behind (None where TP_GDN_COLLECTIVE_TIMEOUT=0)
         self.progress = watchdog.progress_for(
-            f"rank {self.rank} of group {self.group_name!r} on {device}: the decode all-reduce (push kernel)")
+            f"rank {self.rank} of group {self.group_name!r} on {device}: the decode all-reduce ({self.kernel} kernel)")
         torch.cuda.synchronize(device)
         dist.barrier(group=group)                              # no rank pushes before every rank zeroed
 
@@ -146,11 +158,14 @@ class SymmetricAllReduce:
         if self.kernel == "oneshot":
             torch.ops.symm_mem.one_shot_all_reduce_out(staged, "sum", self.group_name, out)
             return out
-        from ..kernels.triton_allreduce import push_all_reduce
+        from ..kernels.triton_allreduce import ll_all_reduce, push_all_reduce
 
-        push_all_reduce(staged, out, self.recv_ptrs, self.flag_ptrs, self.epochs, self.rank,
-                        self.max_bytes // staged.element_size(),
-                        progress=None if self.progress is None else self.progress.address)
+        progress = None if self.progress is None else self.progress.address
+        if self.kernel == "ll":
+            ll_all_reduce(staged, out, self.recv_ptrs, self.epochs, self.rank, self.slot_words, progress=progress)
+        else:
+            push_all_reduce(staged, out, self.recv_ptrs, self.flag_ptrs, self.epochs, self.rank,
+                            self.max_bytes // staged.element_size(), progress=progress)
         if self.progress is not None:
             self.progress.launched()
         return out

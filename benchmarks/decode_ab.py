@@ -1,0 +1,110 @@
+"""Settings of the graphed decode step side by side: each setting captured in its own graph on the
+same layer weights and state cache, timed in interleaved rounds (single replays and back to back),
+after a check that every setting gives the same bits as the first.
+
+    torchrun --standalone --nproc-per-node N benchmarks/decode_ab.py [--batch B] [--rounds R]
+        [--settings NAME ...]
+
+Settings (`SETTINGS`): `main` (the defaults), `ll` (the flag-in-word all-reduce,
+TP_GDN_SYMM_KERNEL=ll), `late` (in_proj's product does not let the decode kernel start early,
+triton_gemv.EARLY_DEPENDENTS off), `ll-late` (both), and `push` (TP_GDN_SYMM_KERNEL=push), each
+applied while its layer is built and its graph captured. Qwen3-Next-80B dims, bf16, as
+bench_layer.py. Every rank runs the same fixed number of calls; rank 0 prints the medians over the
+rounds of each setting's median single replay and its back-to-back time per step, in us.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_layer import CFG, environ, full_weights, patched  # noqa: E402
+from timing import back_to_back, timeit  # noqa: E402
+
+from tp_gdn import Batch, GDNLayer, StateCache  # noqa: E402
+from tp_gdn.graphs import GraphedDecoder  # noqa: E402
+from tp_gdn.kernels import triton_gemv  # noqa: E402
+from tp_gdn.parallel import destroy_distributed, get_rank, get_world_size, init_distributed, local_device  # noqa: E402
+
+# name -> (environment while the layer is built, triton_gemv attributes while the graph is captured)
+SETTINGS = {
+    "main": ({}, {}),
+    "ll": ({"TP_GDN_SYMM_KERNEL": "ll"}, {}),
+    "push": ({"TP_GDN_SYMM_KERNEL": "push"}, {}),
+    "late": ({}, {"EARLY_DEPENDENTS": False}),
+    "ll-late": ({"TP_GDN_SYMM_KERNEL": "ll"}, {"EARLY_DEPENDENTS": False}),
+}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, default=1, help="sequences a step (default 1)")
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--iters", type=int, default=50, help="calls a timing (single and back to back)")
+    ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    args = ap.parse_args()
+    init_distributed()
+    rank, tp = get_rank(), get_world_size()
+    dev = local_device()
+    if dev.type != "cuda":
+        raise SystemExit("decode_ab.py needs CUDA GPUs (run it under torchrun, one process per GPU)")
+    torch.cuda.set_device(dev)
+    B, H, bf = args.batch, CFG.hidden_size, torch.bfloat16
+    g = torch.Generator(device=dev).manual_seed(1)
+    full = full_weights()
+    cache = StateCache(CFG, [0], B, dtype=bf, device=dev, tp_size=tp)
+    slots = list(range(B))
+    steps = {}
+    for name in args.settings:
+        env, attrs = SETTINGS[name]
+        with environ(env):
+            layer = GDNLayer.from_full(CFG, 0, full, rank, tp, dtype=bf, device=dev, backend="triton")
+        if not steps:      # a prompt fills the state once
+            layer(torch.randn(16 * B, H, device=dev, dtype=bf, generator=g), Batch([16] * B, slots, [False] * B), cache)
+        decoder = GraphedDecoder({0: layer}, cache)
+        with patched(triton_gemv, **attrs):
+            x = decoder.input_buffer(B)        # captured here
+        steps[name] = (decoder, x)
+    # the same bits: each setting runs three steps from the same state on the same inputs
+    xs = [torch.randn(B, H, device=dev, dtype=bf, generator=g) for _ in range(3)]
+    saved = [t.clone() for t in (cache.conv[0], cache.ssm[0])]
+    outs = {}
+    for name, (decoder, x) in steps.items():
+        cache.conv[0].copy_(saved[0])
+        cache.ssm[0].copy_(saved[1])
+        ys = []
+        for xi in xs:
+            x.copy_(xi)
+            ys.append(decoder(x, slots)[0].clone())
+        outs[name] = (ys, cache.ssm[0].clone(), cache.conv[0].clone())
+    first = args.settings[0]
+    for name, (ys, ssm, conv) in outs.items():
+        same = all(torch.equal(a, b) for a, b in zip(ys, outs[first][0])) and torch.equal(ssm, outs[first][1]) \
+            and torch.equal(conv, outs[first][2])
+        if rank == 0:
+            print(f"{name}: outputs and state {'bit-equal to' if same else 'DIFFER from'} {first}'s", flush=True)
+    times = {name: ([], []) for name in steps}
+    for _ in range(args.rounds):
+        for name, (decoder, x) in steps.items():
+            times[name][0].append(timeit(lambda: decoder(x, slots), args.iters) * 1e3)
+            times[name][1].append(back_to_back(lambda: decoder(x, slots), args.iters) * 1e3)
+    if rank == 0:
+        card = torch.cuda.get_device_name(dev)
+        print(f"\ndecode {B} seq(s), tp={tp}, {card} x{tp}, {args.rounds} interleaved rounds of {args.iters} calls "
+              f"(us: median over rounds; each round's single figure a median of its calls)")
+        print("| setting | single | back to back | single, each round |")
+        print("|---|---|---|---|")
+        for name, (single, b2b) in times.items():
+            print(f"| {name} | {statistics.median(single):.2f} | {statistics.median(b2b):.2f} | "
+                  f"{' '.join(f'{t:.1f}' for t in single)} |", flush=True)
+    destroy_distributed()
+
+
+if __name__ == "__main__":
+    main()
