@@ -5,12 +5,12 @@ after a check that every setting gives the same bits as the first.
     torchrun --standalone --nproc-per-node N benchmarks/decode_ab.py [--batch B] [--rounds R]
         [--settings NAME ...]
 
-Settings (`SETTINGS`): `main` (the defaults), `ll` (the flag-in-word all-reduce,
-TP_GDN_SYMM_KERNEL=ll), `late` (in_proj's product does not let the decode kernel start early,
-triton_gemv.EARLY_DEPENDENTS off), `ll-late` (both), and `push` (TP_GDN_SYMM_KERNEL=push), each
-applied while its layer is built and its graph captured. Qwen3-Next-80B dims, bf16, as
-bench_layer.py. Every rank runs the same fixed number of calls; rank 0 prints the medians over the
-rounds of each setting's median single replay and its back-to-back time per step, in us.
+Settings (`SETTINGS`): `main` (the defaults), then each all-reduce the decode step can take at
+tp > 1: `ll` and `push` (our flag-in-word and push kernels, TP_GDN_SYMM_KERNEL), `oneshot`
+(torch's one-shot kernel), `nccl` (TP_GDN_ALL_REDUCE=nccl). Each applies while its layer is built
+and its graph captured. Qwen3-Next-80B dims, bf16, as bench_layer.py. Every rank runs the same
+fixed number of calls; rank 0 prints the medians over the rounds of each setting's median single
+replay and its back-to-back time per step, in us.
 """
 
 from __future__ import annotations
@@ -24,21 +24,20 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_layer import CFG, environ, full_weights, patched  # noqa: E402
+from bench_layer import CFG, environ, full_weights  # noqa: E402
 from timing import back_to_back, timeit  # noqa: E402
 
 from tp_gdn import Batch, GDNLayer, StateCache  # noqa: E402
 from tp_gdn.graphs import GraphedDecoder  # noqa: E402
-from tp_gdn.kernels import triton_gemv  # noqa: E402
 from tp_gdn.parallel import destroy_distributed, get_rank, get_world_size, init_distributed, local_device  # noqa: E402
 
-# name -> (environment while the layer is built, triton_gemv attributes while the graph is captured)
+# name -> the environment while its layer is built and its graph captured
 SETTINGS = {
-    "main": ({}, {}),
-    "ll": ({"TP_GDN_SYMM_KERNEL": "ll"}, {}),
-    "push": ({"TP_GDN_SYMM_KERNEL": "push"}, {}),
-    "late": ({}, {"EARLY_DEPENDENTS": False}),
-    "ll-late": ({"TP_GDN_SYMM_KERNEL": "ll"}, {"EARLY_DEPENDENTS": False}),
+    "main": {},
+    "ll": {"TP_GDN_SYMM_KERNEL": "ll"},
+    "push": {"TP_GDN_SYMM_KERNEL": "push"},
+    "oneshot": {"TP_GDN_SYMM_KERNEL": "oneshot"},
+    "nccl": {"TP_GDN_ALL_REDUCE": "nccl"},
 }
 
 
@@ -62,13 +61,12 @@ def main():
     slots = list(range(B))
     steps = {}
     for name in args.settings:
-        env, attrs = SETTINGS[name]
-        with environ(env):
+        with environ(SETTINGS[name]):
             layer = GDNLayer.from_full(CFG, 0, full, rank, tp, dtype=bf, device=dev, backend="triton")
-        if not steps:      # a prompt fills the state once
-            layer(torch.randn(16 * B, H, device=dev, dtype=bf, generator=g), Batch([16] * B, slots, [False] * B), cache)
-        decoder = GraphedDecoder({0: layer}, cache)
-        with patched(triton_gemv, **attrs):
+            if not steps:      # a prompt fills the state once
+                layer(torch.randn(16 * B, H, device=dev, dtype=bf, generator=g), Batch([16] * B, slots, [False] * B),
+                      cache)
+            decoder = GraphedDecoder({0: layer}, cache)
             x = decoder.input_buffer(B)        # captured here
         steps[name] = (decoder, x)
     # the same bits: each setting runs three steps from the same state on the same inputs

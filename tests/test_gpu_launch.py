@@ -595,8 +595,8 @@ def test_a_rank_that_fails_inside_the_copy_engine_tail_leaves_its_peers_running_
 
 
 def _watchdog_skip(rank, world, cfg, full, seed, path):
-    """Calls of one all-reduce path ("graph": graphed decode, push kernel; "eager": eager decode,
-    push kernel; "copy": a prefill whose tail takes the copy engines) with a 3 s watchdog: calls
+    """Calls of one all-reduce path ("graph": graphed decode, the default symmetric-memory kernel;
+    "eager": eager decode, the same; "copy": a prefill whose tail takes the copy engines) with a 3 s watchdog: calls
     on every rank, then the GPU idle for 4 s (longer than the timeout: nothing may fire), more
     calls, after which the watchdog's host and GPU counts of the all-reduce must both equal the
     calls made, then the last rank skips one call that the others make and wait on. Returns what the
@@ -657,7 +657,7 @@ def _watchdog_skip(rank, world, cfg, full, seed, path):
 @pytest.mark.parametrize("path", ["graph", "eager", "copy"])
 @pytest.mark.parametrize("tp", tps(2, 4))
 def test_the_watchdog_ends_a_rank_whose_peer_skips_a_call_on_gpus(seed, tp, path, capfd):
-    """The push kernel's and the copy engines' waits have no timeout. With
+    """The symmetric-memory kernels' and the copy engines' waits have no timeout. With
     TP_GDN_COLLECTIVE_TIMEOUT=3, calls on every rank and 4 s of idle GPUs end nothing; then the
     last rank skips a call, and each other rank, whose GPU waits on it for ever, ends with exit
     code 3 and the watchdog's message on stderr, naming the all-reduce. (spawn_ranks then kills
@@ -671,7 +671,7 @@ def test_the_watchdog_ends_a_rank_whose_peer_skips_a_call_on_gpus(seed, tp, path
     with pytest.raises(RuntimeError, match=r"ranks exited abnormally \(rank, exit code\): .*, 3\)"):
         spawn_ranks(tp, _with_rank, _watchdog_skip, cfg, full, seed, path, backend="nccl", timeout_s=120)
     err = capfd.readouterr().err
-    what = "the copy-engine all-reduce" if path == "copy" else "the decode all-reduce (push kernel)"
+    what = "the copy-engine all-reduce" if path == "copy" else "the decode all-reduce (ll kernel)"
     assert "rank 0: the call that the last rank skips" in err, err[-3000:]
     assert f"{what}: this rank queued" in err and "ending this process (exit code 3)" in err, err[-3000:]
     assert "rank 0: the call completed" not in err

@@ -441,8 +441,9 @@ def test_push_all_reduce_plays_every_rank_in_one_process(world, dtype):
     epochs = [torch.zeros(programs, dtype=torch.int64, device=DEV) for _ in range(world)]
     recv_ptrs = torch.tensor([t.data_ptr() for t in recv], dtype=torch.int64, device=DEV)
     flag_ptrs = torch.tensor([t.data_ptr() for t in flags], dtype=torch.int64, device=DEV)
-    # the watchdog's host words (each rank's count of calls it got through), rank 0 without one
-    words = [torch.full((1,), -7, dtype=torch.int32) for _ in range(world)]
+    # the watchdog's host words (each rank's count of calls it got through; pinned, as a GPU
+    # writes them), rank 0 without one
+    words = [torch.full((1,), -7, dtype=torch.int32, pin_memory=CUDA) for _ in range(world)]
     word_ptrs = [None] + [w.data_ptr() for w in words[1:]]
     for call, n in enumerate([BLOCK + 300, 7, 3 * BLOCK, 2 * BLOCK - 1], 1):
         xs = [torch.randn(n).to(DEV, dtype) for _ in range(world)]
@@ -480,7 +481,8 @@ def test_flag_in_word_all_reduce_plays_every_rank_in_one_process(world, dtype):
     recv = [torch.zeros(2 * world * slot_words, dtype=torch.int64, device=DEV) for _ in range(world)]
     epochs = [torch.zeros(programs, dtype=torch.int64, device=DEV) for _ in range(world)]
     recv_ptrs = torch.tensor([t.data_ptr() for t in recv], dtype=torch.int64, device=DEV)
-    words = [torch.full((1,), -7, dtype=torch.int32) for _ in range(world)]
+    # the watchdog's host words, pinned: a GPU writes them
+    words = [torch.full((1,), -7, dtype=torch.int32, pin_memory=CUDA) for _ in range(world)]
     for call, n in enumerate([BLOCK + 301, 7, 3 * BLOCK, 2 * BLOCK - 1, 1], 1):
         if dtype == torch.bfloat16 and not CUDA:
             # the interpreter casts fp32 to bf16 by truncation, not to nearest: sums exact in bf16
@@ -864,10 +866,9 @@ def test_gpu_decode_core_matches_fp64(N, nv):
 @pytest.mark.parametrize("B", [1, 64])
 def test_gpu_decode_steps_with_pdl_equal_plain_launches(monkeypatch, B):
     """The decode kernel launched to start while in_proj's product still runs (PDL; it loads the
-    state before it waits for the projection; at one sequence in_proj's few-row product lets it
-    start once every program of the product has started), and the norm and (one sequence)
-    out_proj's few-row product launched the same way after it: the same bits as plain launches,
-    over steps of fresh inputs, eager and from a graph, at a rank's real dims."""
+    state before it waits for the projection), and the norm and (one sequence) out_proj's few-row
+    product launched the same way after it: the same bits as plain launches, over steps of fresh
+    inputs, eager and from a graph, at a rank's real dims."""
     from tp_gdn.graphs import GraphedDecoder
     from tp_gdn.kernels import triton_gemv
     from tp_gdn.kernels.triton_common import pdl_possible
@@ -884,7 +885,6 @@ def test_gpu_decode_steps_with_pdl_equal_plain_launches(monkeypatch, B):
     for pdl in (False, True):
         for module in (triton_decode, triton_norm, triton_gemv):
             monkeypatch.setattr(module, "PDL", pdl)
-        monkeypatch.setattr(triton_gemv, "EARLY_DEPENDENTS", pdl)
         caches = []
         for _ in range(2):
             c = StateCache(cfg, [0], B, dtype=torch.bfloat16, device=DEV, tp_size=1)

@@ -88,8 +88,8 @@ environment (the README says more):
                         engines for large ones formed in row chunks, NCCL for the
                         rest; nccl: NCCL always; symm: as auto, and an error
                         where it cannot apply
-  TP_GDN_SYMM_KERNEL=push|oneshot
-                        the symmetric-memory kernel (default push)
+  TP_GDN_SYMM_KERNEL=ll|push|oneshot
+                        the symmetric-memory kernel (default ll)
   TP_GDN_COLLECTIVE_TIMEOUT=SECONDS
                         how long a GPU may wait on a peer in those all-reduces
                         before the watchdog ends the process with exit code 3

@@ -122,10 +122,8 @@ class GDNLayer(nn.Module):
         self.out_proj = RowParallelLinear(vd, cfg.hidden_size, tp_size, dtype, device, group)
         if hasattr(self.ops, "few_rows_product"):
             # calls of up to triton_gemv.MAX_ROWS tokens (one: a decode step of one sequence): Triton
-            # products; out_proj's follows the norm kernel, under PDL. in_proj's is a plain launch
-            # (nothing ahead of it still runs) and lets the decode kernel behind it start early: what
-            # that reads before its wait (state, conv history, weights, indices) in_proj never writes
-            self.in_proj.products = (self.ops.few_rows_product(pdl=False, early_dependents=True),)
+            # products; out_proj's follows the norm kernel, under PDL
+            self.in_proj.products = (self.ops.few_rows_product(pdl=False),)
             self.out_proj.products = (self.ops.few_rows_product(pdl=True),)
         # the backend of the fast path on GPUs: products of many rows through cuBLASLt, the algorithm
         # picked by timing (parallel/blaslt.py; TP_GDN_GEMM=cublas leaves them to torch's call)

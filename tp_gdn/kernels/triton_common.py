@@ -11,7 +11,7 @@ import os
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+from triton.language.extra.cuda import gdc_wait
 from triton.runtime.jit import JITFunction
 
 try:
@@ -61,18 +61,6 @@ def wait_for_prior_grid(GDC: tl.constexpr):
     launch without PDL, and the interpreter) compiles nothing."""
     if GDC and _COMPILED:
         gdc_wait()
-
-
-@triton.jit
-def release_dependents(ON: tl.constexpr):
-    """Let the launch behind this one in the stream, where it was launched under programmatic
-    dependent launch, start now (griddepcontrol.launch_dependents; once every program of this
-    launch has called it or ended), rather than when this launch ends. What the dependent does
-    before its own wait_for_prior_grid then runs beside this launch: call this only where that
-    is safe against this launch and every launch still running. ON False (and the interpreter)
-    compiles nothing."""
-    if ON and _COMPILED:
-        gdc_launch_dependents()
 
 
 # -- the host side of a launch -------------------------------------------------------------------

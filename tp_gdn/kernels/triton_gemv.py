@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import cdiv, launch, next_pow2, pdl_launch, pdl_possible, release_dependents, wait_for_prior_grid
+from .triton_common import cdiv, launch, next_pow2, pdl_launch, wait_for_prior_grid
 
 # the most rows gemv takes (its kernel unrolls a loop over them)
 ROWS = 4
@@ -29,18 +29,12 @@ MAX_ROWS = 1
 LAUNCH = {"gemv": dict(BN=8, BK=1024, num_warps=8, num_stages=2)}
 # programmatic dependent launch of gemv(pdl=True)
 PDL = True
-# gemv(early_dependents=True): the launch behind the product (the decode kernel, behind in_proj's)
-# may start once every program of the product has started, not when the product ends
-EARLY_DEPENDENTS = True
 
 
 @triton.jit
 def _gemv_kernel(x, w, y, M, N, K, stride_xm, stride_wn, stride_ym,
-                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GDC: tl.constexpr,
-                 EARLY: tl.constexpr = False):
+                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GDC: tl.constexpr):
     wait_for_prior_grid(GDC)
-    # after the wait: every launch ahead has ended, so only this one runs beside the dependent
-    release_dependents(EARLY)
     pid = tl.program_id(0)
     rn = (pid * BN + tl.arange(0, BN)).to(tl.int64)
     m_n = rn < N
@@ -59,18 +53,12 @@ def _gemv_kernel(x, w, y, M, N, K, stride_xm, stride_wn, stride_ym,
              mask=(rm < M)[:, None] & m_n[None, :])
 
 
-def gemv(x_MK: torch.Tensor, w_NK: torch.Tensor, out: torch.Tensor | None = None, pdl: bool = False,
-         early_dependents: bool = False) -> torch.Tensor:
+def gemv(x_MK: torch.Tensor, w_NK: torch.Tensor, out: torch.Tensor | None = None, pdl: bool = False) -> torch.Tensor:
     """y [M, N] = x [M, K] W [N, K]^T for M <= ROWS, accumulated in fp32, written to `out`
     (a new tensor by default; any [M, N] view whose rows are packed).
 
     pdl: launch under programmatic dependent launch where the GPU has it (the programs are placed
     while the launch ahead ends, and wait for it before they read anything).
-    early_dependents (with EARLY_DEPENDENTS, where the GPU has PDL): a launch behind this one
-    under PDL may start as soon as every program of this one has started (release_dependents),
-    and run what comes before its wait beside this product. The caller vouches that this is
-    safe: that launch reads nothing this product writes, nor anything a launch ahead of this one
-    writes, before its wait.
     """
     M, K = x_MK.shape
     N = w_NK.shape[0]
@@ -87,6 +75,5 @@ def gemv(x_MK: torch.Tensor, w_NK: torch.Tensor, out: torch.Tensor | None = None
     BN, BK = cfg["BN"], min(cfg["BK"], next_pow2(K))
     launch(_gemv_kernel, (cdiv(N, BN),), x_MK, w_NK, out, M, N, K, x_MK.stride(0), w_NK.stride(0), out.stride(0),
            BM=next_pow2(M), BN=BN, BK=BK, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-           EARLY=early_dependents and EARLY_DEPENDENTS and pdl_possible(x_MK.device),
            **pdl_launch(pdl and PDL, x_MK.device))
     return out

@@ -89,15 +89,14 @@ def gdn_mix_norm(proj_TP, nk: int, nv: int, dk: int, dv: int, conv_weight_CK, A_
                          qk_shift=(proj_TP, conv_pool_SWC, meta, 2 * nk * dk))
 
 
-def few_rows_product(pdl: bool, early_dependents: bool = False):
+def few_rows_product(pdl: bool):
     """The layer's projections of few rows (calls of up to triton_gemv.MAX_ROWS tokens):
     product(x [M, K], W [N, K], out=None) -> x W^T through triton_gemv.gemv, or None where x has
-    more rows (or unpacked rows) and the caller's cuBLAS product applies. pdl, early_dependents:
-    as gemv's."""
+    more rows (or unpacked rows) and the caller's cuBLAS product applies. pdl: as gemv's."""
     def product(x_MK, w_NK, out=None):
         if x_MK.shape[0] > triton_gemv.MAX_ROWS or x_MK.stride(1) != 1:
             return None
-        return triton_gemv.gemv(x_MK, w_NK, out, pdl=pdl, early_dependents=early_dependents)
+        return triton_gemv.gemv(x_MK, w_NK, out, pdl=pdl)
     return product
 
 

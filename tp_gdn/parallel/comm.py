@@ -1,12 +1,12 @@
 """The collectives the tensor-parallel layer uses, each one call, visible at its call site.
 
-Small all-reduces (a decode step's output) can run as one kernel over CUDA symmetric memory
-instead of through NCCL: one kernel per rank moves the partial sums over NVLink between buffers
-that every rank of the group has mapped, and sums them (`SymmetricAllReduce`; our push kernel by
-default, TP_GDN_SYMM_KERNEL=oneshot takes torch's one-shot kernel). Large outputs that the layer
-forms in row chunks can move on copy engines instead (`CopyEngineAllReduce`), so that the next
-chunk's GEMM keeps every SM. The environment variable TP_GDN_ALL_REDUCE picks the mode, read
-where a row-parallel layer is built:
+Small all-reduces (a decode step's output) can run as one kernel over CUDA symmetric memory instead
+of through NCCL: one kernel per rank moves the partial sums over NVLink between buffers that every
+rank of the group has mapped, and sums them (`SymmetricAllReduce`; our flag-in-word kernel by
+default, TP_GDN_SYMM_KERNEL=push our push kernel, =oneshot torch's one-shot kernel). Large outputs
+that the layer forms in row chunks can move on copy engines instead (`CopyEngineAllReduce`), so
+that the next chunk's GEMM keeps every SM. The environment variable TP_GDN_ALL_REDUCE picks the
+mode, read where a row-parallel layer is built:
   auto (default)  symmetric memory for outputs of up to SYMM_MAX_BYTES, and copy engines for
                   outputs formed in row chunks, where they apply (NCCL group of CUDA ranks on
                   one host whose GPUs reach each other peer to peer; for the copy engines also
@@ -66,11 +66,11 @@ def all_reduce_mode() -> str:
     return _env_choice("TP_GDN_ALL_REDUCE", ALL_REDUCE_MODES)
 
 
-SYMM_KERNELS = ("push", "oneshot", "ll")
+SYMM_KERNELS = ("ll", "push", "oneshot")
 
 
 def symm_kernel() -> str:
-    """TP_GDN_SYMM_KERNEL (default "push"), checked: which kernel the symmetric all-reduce runs."""
+    """TP_GDN_SYMM_KERNEL (default "ll"), checked: which kernel the symmetric all-reduce runs."""
     return _env_choice("TP_GDN_SYMM_KERNEL", SYMM_KERNELS)
 
 
@@ -79,21 +79,23 @@ class SymmetricAllReduce:
     A caller writes its partial sum into `staging(shape, dtype)` and calls
     `reduce_out(staged, out)`. It runs on the current stream, with no host synchronisation, and
     can be captured in a CUDA graph. Build it on every rank of the group at the same point (it is
-    a collective). Two kernels (TP_GDN_SYMM_KERNEL, read here):
+    a collective). Three kernels (TP_GDN_SYMM_KERNEL, read here):
 
-    push (default)  ours (kernels/triton_allreduce.py): each rank writes its partial sum into
-                    every peer's mapped buffer and raises a flag there; one wait, then each rank
-                    sums what it received, in rank order (every rank gets the same bits). On
-                    two H200s the tp=2 decode step of one sequence (80B dims, graph, back to
-                    back, one run) took 23.6 us, against 27.0 with oneshot and 27.8 with NCCL
-                    (benchmarks/results/layer_dec_tp2_h200x2_s9.log);
+    ll (default)    ours (kernels/triton_allreduce.ll_all_reduce): each rank writes its partial
+                    sum into every peer's mapped buffer in 8-byte words that carry 4 bytes of
+                    data and the call's epoch; each rank waits until its words hold this call's
+                    epoch and sums what it received, in rank order (every rank gets the same
+                    bits). No flag and no fence at system scope; the receive buffers take twice
+                    the data's bytes. Graphed decode step of one sequence at tp=2 (80B dims, H200
+                    x2, 7 interleaved rounds): FILL;
+    push            ours (triton_allreduce.push_all_reduce): as ll, but the data goes as it is,
+                    and then a flag, raised with release semantics at system scope, says it has
+                    arrived. On two H200s the tp=2 decode step of one sequence (80B dims, graph,
+                    back to back, one run) took 23.6 us, against 27.0 with oneshot and 27.8 with
+                    NCCL (benchmarks/results/layer_dec_tp2_h200x2_s9.log);
     oneshot         torch's one_shot_all_reduce: staging is this rank's mapped buffer; the kernel
                     waits until every rank has written, reads and sums every rank's buffer, and
-                    waits again until every rank has read;
-    ll              ours as well (triton_allreduce.ll_all_reduce): as push, but each 8-byte word
-                    pushed carries 4 bytes of data and the call's epoch, so a rank waits on the
-                    data's words themselves: no flag and no fence at system scope. The sum and its
-                    bits are push's; the receive buffers take twice the bytes.
+                    waits again until every rank has read.
     """
 
     def __init__(self, group, device: torch.device, max_bytes: int = SYMM_MAX_BYTES, kernel: str | None = None):

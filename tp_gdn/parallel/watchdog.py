@@ -1,15 +1,15 @@
 """Turns a hang in tp_gdn's own cross-GPU waits into an error that ends the process.
 
 Two of the layer's all-reduces wait for their peers on the GPU with no timeout: the decode
-all-reduce's kernel (kernels/triton_allreduce.py) spins on flags, and the copy engines'
-(comm.CopyEngineAllReduce) wait with stream memory operations. Neither is NCCL, whose
-collectives torch's own watchdog covers. A rank whose peer never reaches the same call (the peer
-raised before it, exited, or runs another sequence of calls) would wait for ever, and so would a
-host thread that synchronises with that GPU.
+all-reduce's kernels (kernels/triton_allreduce.py) spin on flags or words their peers write, and
+the copy engines' (comm.CopyEngineAllReduce) wait with stream memory operations. Neither is NCCL,
+whose collectives torch's own watchdog covers. A rank whose peer never reaches the same call (the
+peer raised before it, exited, or runs another sequence of calls) would wait for ever, and so would
+a host thread that synchronises with that GPU.
 
 Each such all-reduce keeps a `Progress`: how many calls this rank has queued, counted on the
 host, and how many of them its GPU has got through, which the GPU writes into pinned host memory
-(the push kernel once past its wait, a stream write after each copy-engine call). A daemon
+(the all-reduce kernel once past its wait, a stream write after each copy-engine call). A daemon
 thread reads both every poll. Where the GPU's count stands still below the host's for
 TP_GDN_COLLECTIVE_TIMEOUT seconds (default 600, as torch's NCCL groups; 0 turns the watchdog
 off, and with it the GPU's writes), the thread writes what is stuck to stderr and ends the
