@@ -2,13 +2,16 @@
 on any machine, with or without a GPU; no kernel runs.
 
     python benchmarks/kernel_resources.py [--heads NK/NV ...] [--seqs NxL ...] [--core] [--sass DIR] [--ops]
+    python benchmarks/kernel_resources.py --all-reduce WORLD ... [--sass DIR] [--ops]
 
 The layer's mixer (`triton_ops.gdn_mix_norm`, or with --core `gdn_prefill` on raw q/k as
 bench_kernels.py times it) is called on CPU tensors of the real shapes (dk = dv = 128, K = 4) with
 every kernel swapped for a stand-in. The stand-in binds the arguments the way Triton's launcher
 does for a GPU, with the same constexprs, the same specialisation of 16-divisible integers and
 16-byte-aligned pointers, and the kernel's launch settings. It compiles the kernel for sm_90a and
-runs ptxas -v over the PTX instead of launching it.
+runs ptxas -v over the PTX instead of launching it. --all-reduce compiles the decode all-reduce's
+kernels instead (kernels/triton_allreduce.py: push and flag-in-word, bf16 and fp32, as ranks 0 and
+1 of groups of each size given: Triton specialises an integer argument of 1).
 
 Programs per SM come from 64 K registers (in 256-register units per warp) and 228 KB of shared
 memory (1 KB reserved per program). The numbers are those of the Triton version imported here.
@@ -50,12 +53,12 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tp_gdn import Batch  # noqa: E402
-from tp_gdn.kernels import triton_chunk, triton_conv, triton_decode, triton_norm, triton_ops  # noqa: E402
+from tp_gdn.kernels import triton_allreduce, triton_chunk, triton_conv, triton_decode, triton_norm, triton_ops  # noqa: E402
 from tp_gdn.kernels.triton_common import programs_per_sm  # noqa: E402
 
 DK = DV = 128
 CONV_K = 4
-KERNEL_MODULES = (triton_chunk, triton_conv, triton_decode, triton_norm)
+KERNEL_MODULES = (triton_chunk, triton_conv, triton_decode, triton_norm, triton_allreduce)
 
 
 def _ptxas() -> str:
@@ -214,6 +217,20 @@ def core_call(nk: int, nv: int, seq_lens: list[int]) -> None:
                            torch.empty(len(seq_lens), nv, DK, DV), batch)
 
 
+def all_reduce_calls(world: int) -> None:
+    """The decode all-reduce's kernels of a group of `world` ranks as ranks 0 and 1 launch them
+    (push and flag-in-word, bf16 and fp32; one program's worth of a [1, 2048] output), on CPU
+    tensors: the kernels only read their buffers' addresses."""
+    region = 1 << 20
+    for dtype in (torch.bfloat16, torch.float32):
+        for rank in (0, 1):
+            send, out = torch.empty(2048, dtype=dtype), torch.empty(2048, dtype=dtype)
+            ptrs, epochs = torch.empty(world, dtype=torch.int64), torch.empty(64, dtype=torch.int64)
+            triton_allreduce.push_all_reduce(send, out, ptrs, ptrs, epochs, rank, region // dtype.itemsize, progress=8)
+            triton_allreduce.ll_all_reduce(send, out, ptrs, epochs, rank, region // triton_allreduce.WORD_BYTES,
+                                           progress=8)
+
+
 def parse_seqs(text: str) -> list[int]:
     m = re.fullmatch(r"(\d+)x(\d+)", text)
     if not m or int(m.group(1)) < 1 or int(m.group(2)) < 1:
@@ -238,9 +255,13 @@ def main(argv=None) -> list[dict]:
                     help="compile gdn_prefill on raw q/k (as bench_kernels.py) instead of the layer's mixer")
     ap.add_argument("--ops", action="store_true",
                     help="also print each kernel's machine instructions by kind (static counts)")
+    ap.add_argument("--all-reduce", type=int, nargs="+", default=None, metavar="WORLD",
+                    help="compile the decode all-reduce's kernels for groups of these sizes instead")
     ap.add_argument("--sass", type=Path, default=None, metavar="DIR",
                     help="also write each compiled kernel's machine code here (one file per launch and workload)")
     args = ap.parse_args(argv)
+    if args.all_reduce is not None and any(w < 2 for w in args.all_reduce):
+        ap.error(f"--all-reduce takes group sizes of 2 or more, got {args.all_reduce}")
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("kernel_resources.py compiles the kernels for a GPU; unset TRITON_INTERPRET "
                          "(under it the kernels are interpreted functions, with nothing to compile)")
@@ -249,7 +270,16 @@ def main(argv=None) -> list[dict]:
     rec.ops = args.ops
     undo = swap_kernels(rec)
     try:
-        for nk, nv in args.heads:
+        for world in args.all_reduce or []:
+            rec.rows = []
+            rec.sass_dir = None
+            if args.sass is not None:
+                rec.sass_dir = args.sass / f"all_reduce_{world}"
+                rec.sass_dir.mkdir(parents=True, exist_ok=True)
+            all_reduce_calls(world)
+            print(f"== decode all-reduce, {world} ranks (bf16 rank 0, 1; fp32 rank 0, 1)", flush=True)
+            print_rows(rec.rows)
+        for nk, nv in args.heads if args.all_reduce is None else []:
             for lens in args.seqs:
                 if args.core and max(lens) < 2:
                     print(f"== gdn_prefill, {nk}/{nv} heads, {len(lens)}x{lens[0]}: skipped (it takes sequences "
@@ -263,16 +293,20 @@ def main(argv=None) -> list[dict]:
                 (core_call if args.core else layer_call)(nk, nv, lens)
                 what = "gdn_prefill" if args.core else "layer mixer"
                 print(f"== {what}, {nk}/{nv} heads, {len(lens)}x{lens[0]}", flush=True)
-                for r in rec.rows:
-                    print(f"  {r['kernel']:<26} {r['constexprs']!s:<48} {r['warps']:>2} warps {r['stages']} stages: "
-                          f"{r['regs']:>3} regs, spills {r['spill_stores']:>5} / {r['spill_loads']:>5} B, "
-                          f"shared {r['shared']:>6} B -> {r['per_sm']} per SM; {r['programs']} programs", flush=True)
-                    if r["ops"] is not None:
-                        print("    instructions: " + ", ".join(f"{k} {v}" for k, v in r["ops"].items()), flush=True)
+                print_rows(rec.rows)
     finally:
         for mod, name, obj in undo:
             setattr(mod, name, obj)
     return rec.rows
+
+
+def print_rows(rows: list[dict]) -> None:
+    for r in rows:
+        print(f"  {r['kernel']:<26} {r['constexprs']!s:<48} {r['warps']:>2} warps {r['stages']} stages: "
+              f"{r['regs']:>3} regs, spills {r['spill_stores']:>5} / {r['spill_loads']:>5} B, "
+              f"shared {r['shared']:>6} B -> {r['per_sm']} per SM; {r['programs']} programs", flush=True)
+        if r["ops"] is not None:
+            print("    instructions: " + ", ".join(f"{k} {v}" for k, v in r["ops"].items()), flush=True)
 
 
 if __name__ == "__main__":

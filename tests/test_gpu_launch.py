@@ -318,8 +318,8 @@ def test_prefill_then_decode_equals_one_prefill_on_gpus(hf_next, seed, tp, dtype
         assert state_err < tol, i
 
 
-ALL_REDUCE_PATHS = {"nccl": ("nccl", "push"), "push": ("auto", "push"), "oneshot": ("auto", "oneshot"),
-                    "ll": ("auto", "ll")}
+ALL_REDUCE_PATHS = {"nccl": ("nccl", "auto"), "auto": ("auto", "auto"), "push": ("auto", "push"),
+                    "oneshot": ("auto", "oneshot"), "ll": ("auto", "ll")}
 
 
 def _all_reduce_paths(rank, world, cfg, full, seed):
@@ -353,7 +353,7 @@ def _all_reduce_paths(rank, world, cfg, full, seed):
 @pytest.mark.parametrize("tp", tps(2, 4))
 def test_symmetric_memory_all_reduce_equals_nccl_on_gpus(seed, tp):
     """Small outputs take an all-reduce over symmetric memory by default on GPUs of one host; with
-    each kernel (our push and flag-in-word kernels, torch's one-shot) its outputs, eager and from CUDA graphs, agree with
+    each kernel (the default, our push and flag-in-word kernels, torch's one-shot) its outputs, eager and from CUDA graphs, agree with
     NCCL's and with the unsharded fp32 layer, and every rank returns the same numbers."""
     from tp_gdn.launch.local import spawn_ranks
 
@@ -368,9 +368,9 @@ def test_symmetric_memory_all_reduce_equals_nccl_on_gpus(seed, tp):
     want = [ref_layer(torch.randn(70, 64, generator=g).to(torch.bfloat16).float(), Batch([30, 40], [3, 1], [False, False]), cache)]
     for _ in range(4):
         want.append(ref_layer(torch.randn(2, 64, generator=g).to(torch.bfloat16).float(), Batch([1, 1], [3, 1], [True, True]), cache))
-    assert [results[0][p][0] for p in ALL_REDUCE_PATHS] == ["group", "symm", "symm", "symm"]
+    assert [results[0][p][0] for p in ALL_REDUCE_PATHS] == ["group", "symm", "symm", "symm", "symm"]
     for r in range(tp):
-        for path in ("push", "oneshot", "ll"):
+        for path in ("auto", "push", "oneshot", "ll"):
             for n, (a, b, w) in enumerate(zip(results[r][path][1], results[r]["nccl"][1], want)):
                 assert torch.equal(a, results[0][path][1][n]), (path, r, n)
                 assert rel_err(a, b) < 1e-2, (path, r, n, rel_err(a, b))
@@ -378,19 +378,22 @@ def test_symmetric_memory_all_reduce_equals_nccl_on_gpus(seed, tp):
 
 
 def _push_back_to_back(rank, world, seed, calls, kernel):
-    """`calls` all-reduces by our `kernel` ("push" or "ll") of uneven sizes, bf16 and fp32 mixed, issued back to back (no host
+    """`calls` all-reduces by our `kernel` ("push", "ll" or "auto", which takes both by size) of
+    uneven sizes, bf16 and fp32 mixed, issued back to back (no host
     wait between them, so a rank may run ahead of its peers by a call), then the same from a CUDA
     graph; returns (calls that differ from the fp32 sum in rank order of every rank's input,
     rounded once)."""
     import torch.distributed as dist
 
-    from tp_gdn.parallel.comm import SymmetricAllReduce
+    from tp_gdn.parallel.comm import LL_MAX_BYTES, SymmetricAllReduce
 
     dev = torch.device("cuda", rank)
     ar = SymmetricAllReduce(dist.group.WORLD, dev, kernel=kernel)
     g = torch.Generator().manual_seed(seed)
     dtypes = [(torch.bfloat16, torch.float32)[i] for i in torch.randint(0, 2, (calls,), generator=g).tolist()]
-    sizes = [int(torch.randint(1, ar.max_bytes // dt.itemsize + 1, (1,), generator=g)) for dt in dtypes]
+    # every other call no larger than the flag-in-word kernel takes under auto, so auto alternates
+    sizes = [int(torch.randint(1, (LL_MAX_BYTES if i % 2 else ar.max_bytes) // dt.itemsize + 1, (1,), generator=g))
+             for i, dt in enumerate(dtypes)]
     sizes[:4] = [1, 2048, ar.max_bytes // dtypes[2].itemsize, 1023]
     xs = [torch.randn(world, n, generator=g).to(dev, dt) for n, dt in zip(sizes, dtypes)]
 
@@ -423,12 +426,13 @@ def _push_back_to_back(rank, world, seed, calls, kernel):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kernel", ["push", "ll"])
+@pytest.mark.parametrize("kernel", ["push", "ll", "auto"])
 @pytest.mark.parametrize("tp", tps(2, 4))
 def test_push_all_reduce_back_to_back_on_gpus(seed, tp, kernel):
-    """Our push and flag-in-word kernels, 200 calls (bf16 and fp32 mixed) issued back to back and
-    20 replays of a graph of 8, on every rank: each output equals the fp32 sum of the ranks'
-    inputs in rank order (so every rank's bits agree)."""
+    """Our push and flag-in-word kernels, alone and both by size (auto, on one table of epochs),
+    200 calls (bf16 and fp32 mixed) issued back to back and 20 replays of a graph of 8, on every
+    rank: each output equals the fp32 sum of the ranks' inputs in rank order (so every rank's
+    bits agree)."""
     from tp_gdn.launch.local import spawn_ranks
 
     from helpers import _with_rank
@@ -671,7 +675,7 @@ def test_the_watchdog_ends_a_rank_whose_peer_skips_a_call_on_gpus(seed, tp, path
     with pytest.raises(RuntimeError, match=r"ranks exited abnormally \(rank, exit code\): .*, 3\)"):
         spawn_ranks(tp, _with_rank, _watchdog_skip, cfg, full, seed, path, backend="nccl", timeout_s=120)
     err = capfd.readouterr().err
-    what = "the copy-engine all-reduce" if path == "copy" else "the decode all-reduce (ll kernel)"
+    what = "the copy-engine all-reduce" if path == "copy" else "the decode all-reduce (TP_GDN_SYMM_KERNEL=auto)"
     assert "rank 0: the call that the last rank skips" in err, err[-3000:]
     assert f"{what}: this rank queued" in err and "ending this process (exit code 3)" in err, err[-3000:]
     assert "rank 0: the call completed" not in err

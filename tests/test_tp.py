@@ -238,7 +238,7 @@ def test_tail_chunks_below_one_are_refused():
 
 @pytest.mark.parametrize("var,getter,default,spelled,value,bad,choices", [
     ("TP_GDN_ALL_REDUCE", "all_reduce_mode", "auto", " NCCL ", "nccl", "nvls", "auto, nccl, symm"),
-    ("TP_GDN_SYMM_KERNEL", "symm_kernel", "ll", " OneShot ", "oneshot", "two_shot", "ll, push, oneshot"),
+    ("TP_GDN_SYMM_KERNEL", "symm_kernel", "auto", " OneShot ", "oneshot", "two_shot", "auto, ll, push, oneshot"),
 ])
 def test_all_reduce_settings_are_checked(monkeypatch, var, getter, default, spelled, value, bad, choices):
     from tp_gdn.parallel import comm

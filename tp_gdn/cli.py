@@ -88,8 +88,9 @@ environment (the README says more):
                         engines for large ones formed in row chunks, NCCL for the
                         rest; nccl: NCCL always; symm: as auto, and an error
                         where it cannot apply
-  TP_GDN_SYMM_KERNEL=ll|push|oneshot
-                        the symmetric-memory kernel (default ll)
+  TP_GDN_SYMM_KERNEL=auto|ll|push|oneshot
+                        the symmetric-memory kernel (default auto: ll for the
+                        smallest all-reduces, push above)
   TP_GDN_COLLECTIVE_TIMEOUT=SECONDS
                         how long a GPU may wait on a peer in those all-reduces
                         before the watchdog ends the process with exit code 3

@@ -157,10 +157,11 @@ def _ll_all_reduce_kernel(send, out, recv_ptrs, epochs, progress, numel, rank, s
             data = x.to(tl.int32, bitcast=True)
         word = tag | data.to(tl.uint32).to(tl.int64)
         for p in tl.static_range(WORLD):
-            if p != rank:
-                dst = tl.load(recv_ptrs + p).to(tl.pointer_type(tl.int64))
-                dst = dst + (parity * WORLD + rank) * slot_words + words
-                tl.store(tl.max_contiguous(tl.multiple_of(dst, 16), WORDS), word, mask=m_w)
+            # a store masked off at p == rank, not a branch on it: Triton 3.6 failed to compile the
+            # branch from three ranks up ("operand does not dominate this use")
+            dst = tl.load(recv_ptrs + p).to(tl.pointer_type(tl.int64))
+            dst = dst + (parity * WORLD + rank) * slot_words + words
+            tl.store(tl.max_contiguous(tl.multiple_of(dst, 16), WORDS), word, mask=tl.where(rank != p, m_w, False))
     if REDUCE:
         recv = tl.load(recv_ptrs + rank).to(tl.pointer_type(tl.int64))
         acc = tl.zeros([BLOCK], dtype=tl.float32)

@@ -2,11 +2,11 @@
 
 Small all-reduces (a decode step's output) can run as one kernel over CUDA symmetric memory instead
 of through NCCL: one kernel per rank moves the partial sums over NVLink between buffers that every
-rank of the group has mapped, and sums them (`SymmetricAllReduce`; our flag-in-word kernel by
-default, TP_GDN_SYMM_KERNEL=push our push kernel, =oneshot torch's one-shot kernel). Large outputs
-that the layer forms in row chunks can move on copy engines instead (`CopyEngineAllReduce`), so
-that the next chunk's GEMM keeps every SM. The environment variable TP_GDN_ALL_REDUCE picks the
-mode, read where a row-parallel layer is built:
+rank of the group has mapped, and sums them (`SymmetricAllReduce`; by default our flag-in-word
+kernel for the smallest, our push kernel above; TP_GDN_SYMM_KERNEL picks one, or torch's one-shot
+kernel). Large outputs that the layer forms in row chunks can move on copy engines instead
+(`CopyEngineAllReduce`), so that the next chunk's GEMM keeps every SM. The environment variable
+TP_GDN_ALL_REDUCE picks the mode, read where a row-parallel layer is built:
   auto (default)  symmetric memory for outputs of up to SYMM_MAX_BYTES, and copy engines for
                   outputs formed in row chunks, where they apply (NCCL group of CUDA ranks on
                   one host whose GPUs reach each other peer to peer; for the copy engines also
@@ -66,11 +66,17 @@ def all_reduce_mode() -> str:
     return _env_choice("TP_GDN_ALL_REDUCE", ALL_REDUCE_MODES)
 
 
-SYMM_KERNELS = ("ll", "push", "oneshot")
+SYMM_KERNELS = ("auto", "ll", "push", "oneshot")
+# "auto" takes the flag-in-word kernel for all-reduces of up to this many bytes, the push kernel
+# above. H200 x2, graphed decode step at tp=2 (80B dims, 7 interleaved rounds each), single /
+# back to back, flag-in-word against push: 1 sequence FILL1; 32 sequences (128 KiB) 51.68 /
+# 47.81 against 53.39 / 48.88 us; 256 sequences (1 MiB) 187.30 / 182.14 against 183.97 / 179.20
+# (benchmarks/RESULTS.md, forty-fourth session)
+LL_MAX_BYTES = 256 << 10
 
 
 def symm_kernel() -> str:
-    """TP_GDN_SYMM_KERNEL (default "ll"), checked: which kernel the symmetric all-reduce runs."""
+    """TP_GDN_SYMM_KERNEL (default "auto"), checked: which kernel the symmetric all-reduce runs."""
     return _env_choice("TP_GDN_SYMM_KERNEL", SYMM_KERNELS)
 
 
@@ -79,15 +85,15 @@ class SymmetricAllReduce:
     A caller writes its partial sum into `staging(shape, dtype)` and calls
     `reduce_out(staged, out)`. It runs on the current stream, with no host synchronisation, and
     can be captured in a CUDA graph. Build it on every rank of the group at the same point (it is
-    a collective). Three kernels (TP_GDN_SYMM_KERNEL, read here):
+    a collective). The kernels (TP_GDN_SYMM_KERNEL, read here):
 
-    ll (default)    ours (kernels/triton_allreduce.ll_all_reduce): each rank writes its partial
+    auto (default)  ll for all-reduces of up to LL_MAX_BYTES, push above (where ll's words, twice
+                    the data's bytes, cost more than push's flag);
+    ll              ours (kernels/triton_allreduce.ll_all_reduce): each rank writes its partial
                     sum into every peer's mapped buffer in 8-byte words that carry 4 bytes of
                     data and the call's epoch; each rank waits until its words hold this call's
                     epoch and sums what it received, in rank order (every rank gets the same
-                    bits). No flag and no fence at system scope; the receive buffers take twice
-                    the data's bytes. Graphed decode step of one sequence at tp=2 (80B dims, H200
-                    x2, 7 interleaved rounds): FILL;
+                    bits). No flag and no fence at system scope;
     push            ours (triton_allreduce.push_all_reduce): as ll, but the data goes as it is,
                     and then a flag, raised with release semantics at system scope, says it has
                     arrived. On two H200s the tp=2 decode step of one sequence (80B dims, graph,
@@ -96,6 +102,10 @@ class SymmetricAllReduce:
     oneshot         torch's one_shot_all_reduce: staging is this rank's mapped buffer; the kernel
                     waits until every rank has written, reads and sums every rank's buffer, and
                     waits again until every rank has read.
+
+    ll and push give the same bits. Under auto they share one table of epochs: a call of either
+    kernel advances the epochs of the programs it runs, so the argument for one wait
+    (triton_allreduce) holds across the two, each on its own buffers.
     """
 
     def __init__(self, group, device: torch.device, max_bytes: int = SYMM_MAX_BYTES, kernel: str | None = None):
@@ -120,29 +130,35 @@ class SymmetricAllReduce:
 
         world = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
-        max_bytes = self.max_bytes = -(-max_bytes // BLOCK_BYTES) * BLOCK_BYTES   # whole programs
+        whole = lambda n: -(-n // BLOCK_BYTES) * BLOCK_BYTES      # noqa: E731 (whole programs)
+        max_bytes = self.max_bytes = whole(max_bytes)
         programs = max_bytes // BLOCK_BYTES
-        if self.kernel == "ll":
-            # [parity, source rank, a region's words]: 8 bytes a word per WORD_BYTES of data, zero
-            # at start (epoch 0 in every word)
-            self.slot_words = max_bytes // WORD_BYTES
-            recv_bytes, flag_bytes = 2 * world * self.slot_words * 8, 0
-        else:
-            recv_bytes = 2 * world * max_bytes                 # [parity, source rank, max_bytes]
-            flag_bytes = programs * world * 8                  # [program, source rank] int64
-        self.buffer = symm.empty(recv_bytes + flag_bytes, dtype=torch.uint8, device=device)
+        # the bytes of the all-reduces each kernel takes: flag-in-word up to ll_max, push above
+        self.ll_max = {"auto": whole(min(LL_MAX_BYTES, max_bytes)), "ll": max_bytes, "push": 0}[self.kernel]
+        push_bytes = max_bytes if self.ll_max < max_bytes else 0
+        # one mapped buffer: ll's words [parity, source rank, a region's words] (8 bytes a word per
+        # WORD_BYTES of data), push's regions [parity, source rank, bytes] and its flags [program,
+        # source rank] int64; all zero at start (epoch 0 in every word and flag)
+        self.slot_words = self.ll_max // WORD_BYTES
+        ll_bytes = 2 * world * self.slot_words * 8
+        push_recv = 2 * world * push_bytes
+        flag_bytes = programs * world * 8 if push_bytes else 0
+        self.buffer = symm.empty(ll_bytes + push_recv + flag_bytes, dtype=torch.uint8, device=device)
         self.handle = symm.rendezvous(self.buffer, self.group_name)
-        self.buffer[recv_bytes if flag_bytes else 0:].zero_()  # the flags (push) or words (ll) at epoch 0
+        self.buffer.zero_()
         self.staged = torch.empty(max_bytes, dtype=torch.uint8, device=device)
         self.epochs = torch.zeros(programs, dtype=torch.int64, device=device)
         ptrs = list(self.handle.buffer_ptrs)
-        self.recv_ptrs = torch.tensor(ptrs, dtype=torch.int64, device=device)
-        self.flag_ptrs = None if self.kernel == "ll" else \
-            torch.tensor([q + recv_bytes for q in ptrs], dtype=torch.int64, device=device)
-        # the kernel spins on what its peers push with no timeout: the watchdog ends a process
+        self.words_ptrs = torch.tensor(ptrs, dtype=torch.int64, device=device) if self.ll_max else None
+        self.recv_ptrs = self.flag_ptrs = None
+        if push_bytes:
+            self.recv_ptrs = torch.tensor([q + ll_bytes for q in ptrs], dtype=torch.int64, device=device)
+            self.flag_ptrs = torch.tensor([q + ll_bytes + push_recv for q in ptrs], dtype=torch.int64, device=device)
+        # the kernels spin on what their peers push with no timeout: the watchdog ends a process
         # whose GPU stays behind (None where TP_GDN_COLLECTIVE_TIMEOUT=0)
         self.progress = watchdog.progress_for(
-            f"rank {self.rank} of group {self.group_name!r} on {device}: the decode all-reduce ({self.kernel} kernel)")
+            f"rank {self.rank} of group {self.group_name!r} on {device}: the decode all-reduce "
+            f"(TP_GDN_SYMM_KERNEL={self.kernel})")
         torch.cuda.synchronize(device)
         dist.barrier(group=group)                              # no rank pushes before every rank zeroed
 
@@ -156,15 +172,22 @@ class SymmetricAllReduce:
         source = self.buffer if self.kernel == "oneshot" else self.staged
         return source[: numel * dtype.itemsize].view(dtype).view(shape)
 
-    def reduce_out(self, staged: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    def kernel_for(self, numel: int, dtype: torch.dtype) -> str:
+        """The kernel an all-reduce of `numel` elements of `dtype` runs: "ll", "push" or "oneshot"."""
         if self.kernel == "oneshot":
+            return "oneshot"
+        return "ll" if numel * dtype.itemsize <= self.ll_max else "push"
+
+    def reduce_out(self, staged: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        kernel = self.kernel_for(staged.numel(), staged.dtype)
+        if kernel == "oneshot":
             torch.ops.symm_mem.one_shot_all_reduce_out(staged, "sum", self.group_name, out)
             return out
         from ..kernels.triton_allreduce import ll_all_reduce, push_all_reduce
 
         progress = None if self.progress is None else self.progress.address
-        if self.kernel == "ll":
-            ll_all_reduce(staged, out, self.recv_ptrs, self.epochs, self.rank, self.slot_words, progress=progress)
+        if kernel == "ll":
+            ll_all_reduce(staged, out, self.words_ptrs, self.epochs, self.rank, self.slot_words, progress=progress)
         else:
             push_all_reduce(staged, out, self.recv_ptrs, self.flag_ptrs, self.epochs, self.rank,
                             self.max_bytes // staged.element_size(), progress=progress)
