@@ -470,8 +470,9 @@ def bench_decode(layer, B, dev, g, tp, rank, report, rows, profile=False, timeli
 
         others = [("NCCL all-reduce", {"TP_GDN_ALL_REDUCE": "nccl"}),
                   ("torch one-shot all-reduce", {"TP_GDN_SYMM_KERNEL": "oneshot"})]
-        # our other symmetric-memory kernel: flag-in-word where the layer runs push, and the other way
-        other = "push" if symm_kernel() == "ll" else "ll"
+        # our other symmetric-memory kernel: push where the layer runs flag-in-word (the default's
+        # choice at small sizes), else flag-in-word
+        other = "ll" if symm_kernel() == "push" else "push"
         others.append((f"{other} all-reduce", {"TP_GDN_SYMM_KERNEL": other}))
         for name, env in others:
             with environ(env):

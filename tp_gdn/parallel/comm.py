@@ -69,9 +69,11 @@ def all_reduce_mode() -> str:
 SYMM_KERNELS = ("auto", "ll", "push", "oneshot")
 # "auto" takes the flag-in-word kernel for all-reduces of up to this many bytes, the push kernel
 # above. H200 x2, graphed decode step at tp=2 (80B dims, 7 interleaved rounds each), single /
-# back to back, flag-in-word against push: 1 sequence FILL1; 32 sequences (128 KiB) 51.68 /
-# 47.81 against 53.39 / 48.88 us; 256 sequences (1 MiB) 187.30 / 182.14 against 183.97 / 179.20
-# (benchmarks/RESULTS.md, forty-fourth session)
+# back to back in us, flag-in-word against push: 1 sequence (4 KiB) 22.96 / 18.64 against 24.35 /
+# 20.28; 32 (128 KiB) 51.68 / 47.81 against 53.39 / 48.88; 64 (256 KiB) 70.42 / 66.42 against
+# 71.25 / 67.06; 128 (512 KiB) 117.76 / 104.80 against 117.41 / 104.40; 256 (1 MiB) 187.30 /
+# 182.14 against 183.97 / 179.20; 512 (2 MiB) 348.90 / 342.52 against 339.06 / 333.00
+# (benchmarks/results/decode_ab_h200x2_s44[cd]_b*.log)
 LL_MAX_BYTES = 256 << 10
 
 
