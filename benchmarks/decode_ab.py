@@ -17,6 +17,7 @@ time per step, in us.
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 import sys
 from pathlib import Path
@@ -49,12 +50,23 @@ def main():
     ap.add_argument("--iters", type=int, default=50, help="calls a timing (single and back to back)")
     ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     args = ap.parse_args()
+    if args.batch < 1 or args.rounds < 1 or args.iters < 1:
+        ap.error("--batch, --rounds and --iters take 1 or more")
     init_distributed()
-    rank, tp = get_rank(), get_world_size()
     dev = local_device()
     if dev.type != "cuda":
         raise SystemExit("decode_ab.py needs CUDA GPUs (run it under torchrun, one process per GPU)")
     torch.cuda.set_device(dev)
+    compare(args, dev)
+    # the graphs (and the NCCL and symmetric-memory work captured in them) are gone before the
+    # group goes: with them still held, a run with the nccl and oneshot settings hung in teardown
+    gc.collect()
+    torch.cuda.synchronize()
+    destroy_distributed()
+
+
+def compare(args, dev):
+    rank, tp = get_rank(), get_world_size()
     B, H, bf = args.batch, CFG.hidden_size, torch.bfloat16
     g = torch.Generator(device=dev).manual_seed(1)
     full = full_weights()
@@ -102,7 +114,7 @@ def main():
         for name, (single, b2b) in times.items():
             print(f"| {name} | {statistics.median(single):.2f} | {statistics.median(b2b):.2f} | "
                   f"{' '.join(f'{t:.1f}' for t in single)} |", flush=True)
-    destroy_distributed()
+
 
 
 if __name__ == "__main__":
