@@ -353,8 +353,9 @@ def _all_reduce_paths(rank, world, cfg, full, seed):
 @pytest.mark.parametrize("tp", tps(2, 4))
 def test_symmetric_memory_all_reduce_equals_nccl_on_gpus(seed, tp):
     """Small outputs take an all-reduce over symmetric memory by default on GPUs of one host; with
-    each kernel (the default, our push and flag-in-word kernels, torch's one-shot) its outputs, eager and from CUDA graphs, agree with
-    NCCL's and with the unsharded fp32 layer, and every rank returns the same numbers."""
+    each kernel (the default, our push and flag-in-word kernels, torch's one-shot) its outputs,
+    eager and from CUDA graphs, agree with NCCL's and with the unsharded fp32 layer, and every rank
+    returns the same numbers."""
     from tp_gdn.launch.local import spawn_ranks
 
     from helpers import _with_rank
@@ -379,10 +380,9 @@ def test_symmetric_memory_all_reduce_equals_nccl_on_gpus(seed, tp):
 
 def _push_back_to_back(rank, world, seed, calls, kernel):
     """`calls` all-reduces by our `kernel` ("push", "ll" or "auto", which takes both by size) of
-    uneven sizes, bf16 and fp32 mixed, issued back to back (no host
-    wait between them, so a rank may run ahead of its peers by a call), then the same from a CUDA
-    graph; returns (calls that differ from the fp32 sum in rank order of every rank's input,
-    rounded once)."""
+    uneven sizes, bf16 and fp32 mixed, issued back to back (no host wait between them, so a rank
+    may run ahead of its peers by a call), then the same from a CUDA graph; returns (calls that
+    differ from the fp32 sum in rank order of every rank's input, rounded once)."""
     import torch.distributed as dist
 
     from tp_gdn.parallel.comm import LL_MAX_BYTES, SymmetricAllReduce
@@ -600,11 +600,11 @@ def test_a_rank_that_fails_inside_the_copy_engine_tail_leaves_its_peers_running_
 
 def _watchdog_skip(rank, world, cfg, full, seed, path):
     """Calls of one all-reduce path ("graph": graphed decode, the default symmetric-memory kernel;
-    "eager": eager decode, the same; "copy": a prefill whose tail takes the copy engines) with a 3 s watchdog: calls
-    on every rank, then the GPU idle for 4 s (longer than the timeout: nothing may fire), more
-    calls, after which the watchdog's host and GPU counts of the all-reduce must both equal the
-    calls made, then the last rank skips one call that the others make and wait on. Returns what the
-    last rank did; the others must not return (the watchdog ends them)."""
+    "eager": eager decode, the same; "copy": a prefill whose tail takes the copy engines) with a
+    3-second watchdog: calls on every rank, then the GPU idle for 4 s (longer than the timeout:
+    nothing may fire), more calls, after which the watchdog's host and GPU counts of the all-reduce
+    must both equal the calls made, then the last rank skips one call that the others make and wait
+    on. Returns what the last rank did; the others must not return (the watchdog ends them)."""
     import os
     import sys
     import time
