@@ -10,7 +10,8 @@ way HF and vLLM do), fla-core 0.6.0's causal_conv1d / causal_conv1d_update and
 chunk_gated_delta_rule / fused_recurrent_gated_delta_rule (gating, beta sigmoid and l2norm inside
 fla), states gathered from and scattered to the slot pool, a torch gated RMSNorm, the out_proj
 GEMM and an NCCL all-reduce. Ours: GDNLayer with the Triton backend; decode replayed from CUDA
-graphs (GraphedDecoder). Every rank runs the same fixed number of iterations. After each row,
+graphs (GraphedDecoder), ours and the peer's graph timed in DECODE_ROUNDS interleaved rounds.
+Every rank runs the same fixed number of iterations. After each row,
 rank 0 prints its GPU's SM clock, power draw and clock event reasons (timing.gpu_clocks): a row
 timed while the power cap held the clock down says so; --warm-seconds times the prefill rows
 after that long under load on each side, at the clock sustained load gives. --timeline prints,
@@ -415,6 +416,12 @@ def bench_prefill(layer, n, L, dev, g, tp, rank, report, rows, profile=False, wa
         print_timeline(lambda: layer(x, batch, cache), rank, f"prefill {n}x{L}, tp={tp}", rows[-1])
 
 
+# rounds of our decode graph and the peer's, interleaved: one timing of 50 single steps at tp=2 moved
+# by 10 us between runs of the same code (0.023 and 0.031 ms; benchmarks/RESULTS.md, forty-fourth
+# session), where the medians of interleaved rounds stayed within 1 us
+DECODE_ROUNDS = 5
+
+
 def bench_decode(layer, B, dev, g, tp, rank, report, rows, profile=False, timeline=False):
     H, bf = CFG.hidden_size, torch.bfloat16
     x = torch.randn(B, H, device=dev, dtype=bf, generator=g)
@@ -433,20 +440,28 @@ def bench_decode(layer, B, dev, g, tp, rank, report, rows, profile=False, timeli
     y_ours = decoder(x_graph, slots)[0].clone()
     y_peer = peer.decode(x, slots_t)
     err = rel(y_ours, y_peer)
-    t_ours = timeit(lambda: decoder(x_graph, slots), 50)
     t_eager = timeit(lambda: layer(x, Batch([1] * B, slots, [True] * B), cache), 50)
     t_peer = timeit(lambda: peer.decode(x, slots_t), 50)
     try:
-        t_peer_graph = timeit(graphed(lambda: peer.decode(x, slots_t)), 50)
+        peer_graph = graphed(lambda: peer.decode(x, slots_t))
     except Exception as e:  # report, do not hide, a peer that cannot be captured
-        t_peer_graph = float("nan")
+        peer_graph = None
         if rank == 0:
             print(f"  peer decode could not be captured: {type(e).__name__}: {e}")
-    best_peer = min(t_peer, t_peer_graph) if t_peer_graph == t_peer_graph else t_peer
-    # steps issued back to back (no wait on each): the GPU's time per step, host launch hidden
-    b2b_ours = back_to_back(lambda: decoder(x_graph, slots), 50)
-    b2b_peer = back_to_back(graphed(lambda: peer.decode(x, slots_t)) if t_peer_graph == t_peer_graph
-                            else lambda: peer.decode(x, slots_t), 50)
+    # our graph and the peer's, single steps and steps issued back to back (no wait on each: the
+    # GPU's time per step, host launch hidden), in DECODE_ROUNDS interleaved rounds of 50 steps;
+    # each figure the median over the rounds
+    ours_fn = lambda: decoder(x_graph, slots)  # noqa: E731
+    peer_fn = peer_graph or (lambda: peer.decode(x, slots_t))
+    rounds = {k: [] for k in ("ours", "ours_b2b", "peer", "peer_b2b")}
+    for _ in range(DECODE_ROUNDS):
+        rounds["ours"].append(timeit(ours_fn, 50))
+        rounds["ours_b2b"].append(back_to_back(ours_fn, 50))
+        rounds["peer"].append(timeit(peer_fn, 50))
+        rounds["peer_b2b"].append(back_to_back(peer_fn, 50))
+    t_ours, b2b_ours, b2b_peer = (statistics.median(rounds[k]) for k in ("ours", "ours_b2b", "peer_b2b"))
+    t_peer_graph = statistics.median(rounds["peer"]) if peer_graph else float("nan")
+    best_peer = min(t_peer, t_peer_graph) if peer_graph else t_peer
     kind = layer.out_proj.all_reduce_kind(B)
     # the same step other ways, each replayed from its own graph: the decode kernel with the index
     # loads of a mixed call; the decode, norm, projection and push all-reduce kernels launched
@@ -488,9 +503,12 @@ def bench_decode(layer, B, dev, g, tp, rank, report, rows, profile=False, timeli
                        back_to_back(lambda: other_decoder(x_other, slots), 50))
     others = "".join(f"; {n}: {t:.4f} ms, {b:.4f} back to back" for n, (t, b) in timed.items())
     report(f"decode {B} seqs", t_ours, best_peer, err,
-           note=f"(ours graph, all-reduce {kind}; ours eager {t_eager:.3f} ms; peer eager {t_peer:.3f} ms, peer graph "
-                f"{t_peer_graph:.3f} ms; back to back: ours {b2b_ours:.4f} ms, peer {b2b_peer:.4f} ms{others})")
-    rows[-1].update(ours_back_to_back_ms=b2b_ours, peer_back_to_back_ms=b2b_peer, all_reduce=kind,
+           note=f"(ours graph, all-reduce {kind}; ours and the peer's graph: medians of {DECODE_ROUNDS} interleaved "
+                f"rounds, ours single by round {' '.join(f'{t:.4f}' for t in rounds['ours'])} ms; "
+                f"ours eager {t_eager:.3f} ms; peer eager {t_peer:.3f} ms, peer graph "
+                f"{t_peer_graph:.3f} ms; back to back: ours {b2b_ours:.4f} ms, peer {b2b_peer:.4f} ms; "
+                f"each variant one timing{others})")
+    rows[-1].update(ours_back_to_back_ms=b2b_ours, peer_back_to_back_ms=b2b_peer, all_reduce=kind, rounds_ms=rounds,
                     variants={n: dict(single_ms=t, back_to_back_ms=b) for n, (t, b) in timed.items()})
     if "NCCL all-reduce" in timed:
         rows[-1].update(ours_nccl_ms=timed["NCCL all-reduce"][0], ours_nccl_back_to_back_ms=timed["NCCL all-reduce"][1])
