@@ -116,6 +116,5 @@ def compare(args, dev):
                   f"{' '.join(f'{t:.1f}' for t in single)} |", flush=True)
 
 
-
 if __name__ == "__main__":
     main()
