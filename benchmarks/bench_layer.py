@@ -466,8 +466,9 @@ def bench_decode(layer, B, dev, g, tp, rank, report, rows, profile=False, timeli
     # the same step other ways, each replayed from its own graph: the decode kernel with the index
     # loads of a mixed call; the decode, norm, projection and push all-reduce kernels launched
     # plainly, without programmatic dependent launch; cuBLAS for the projections of few rows;
-    # and, where the all-reduce is over symmetric memory, NCCL's and torch's one-shot kernel in
-    # its place
+    # and, where the all-reduce is over symmetric memory, NCCL's, torch's one-shot kernel and our
+    # other kernel in its place, and (one sequence) its words pushed by the all-reduce rather than
+    # by the out_proj product
     from tp_gdn.kernels import triton_allreduce, triton_decode, triton_gemv, triton_norm
 
     @contextlib.contextmanager
@@ -482,6 +483,10 @@ def bench_decode(layer, B, dev, g, tp, rank, report, rows, profile=False, timeli
                 "cuBLAS projections": (layer, lambda: patched(triton_gemv, MAX_ROWS=0))}
     if kind == "symm":
         from tp_gdn.parallel.comm import symm_kernel
+
+        if B == 1:
+            variants["out_proj product not pushing the all-reduce's words"] = \
+                (layer, lambda: patched(triton_gemv, PUSH_WORDS=False))
 
         others = [("NCCL all-reduce", {"TP_GDN_ALL_REDUCE": "nccl"}),
                   ("torch one-shot all-reduce", {"TP_GDN_SYMM_KERNEL": "oneshot"})]

@@ -5,13 +5,14 @@ after a check that every setting gives the same bits as the first.
     torchrun --standalone --nproc-per-node N benchmarks/decode_ab.py [--batch B] [--rounds R]
         [--settings NAME ...]
 
-Settings (`SETTINGS`): `main` (the defaults), then each all-reduce the decode step can take at tp=2
-and up: `ll` and `push` (our flag-in-word and push kernels, for every size, TP_GDN_SYMM_KERNEL; the
-default takes ll up to comm.LL_MAX_BYTES, push above), `oneshot` (torch's one-shot kernel), `nccl`
-(TP_GDN_ALL_REDUCE=nccl). Each applies while its layer is built and its graph captured.
-Qwen3-Next-80B dims, bf16, as bench_layer.py. Every rank runs the same fixed number of calls; rank
-0 prints the medians over the rounds of each setting's median single replay and its back-to-back
-time per step, in us.
+Settings (`SETTINGS`): `main` (the defaults), `apart` (at one token, the out_proj product does not
+push the flag-in-word all-reduce's words itself: triton_gemv.PUSH_WORDS off), then each all-reduce
+the decode step can take at tp=2 and up: `ll` and `push` (our flag-in-word and push kernels, for
+every size, TP_GDN_SYMM_KERNEL; the default takes ll up to comm.LL_MAX_BYTES, push above),
+`oneshot` (torch's one-shot kernel), `nccl` (TP_GDN_ALL_REDUCE=nccl). Each applies while its layer
+is built and its graph captured. Qwen3-Next-80B dims, bf16, as bench_layer.py. Every rank runs the
+same fixed number of calls; rank 0 prints the medians over the rounds of each setting's median
+single replay and its back-to-back time per step, in us.
 """
 
 from __future__ import annotations
@@ -26,20 +27,23 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_layer import CFG, environ, full_weights  # noqa: E402
+from bench_layer import CFG, environ, full_weights, patched  # noqa: E402
 from timing import back_to_back, timeit  # noqa: E402
 
 from tp_gdn import Batch, GDNLayer, StateCache  # noqa: E402
 from tp_gdn.graphs import GraphedDecoder  # noqa: E402
+from tp_gdn.kernels import triton_gemv  # noqa: E402
 from tp_gdn.parallel import destroy_distributed, get_rank, get_world_size, init_distributed, local_device  # noqa: E402
 
-# name -> the environment while its layer is built and its graph captured
+# name -> (the environment while its layer is built and its graph captured, triton_gemv's
+# attributes while its graph is captured)
 SETTINGS = {
-    "main": {},
-    "ll": {"TP_GDN_SYMM_KERNEL": "ll"},
-    "push": {"TP_GDN_SYMM_KERNEL": "push"},
-    "oneshot": {"TP_GDN_SYMM_KERNEL": "oneshot"},
-    "nccl": {"TP_GDN_ALL_REDUCE": "nccl"},
+    "main": ({}, {}),
+    "apart": ({}, {"PUSH_WORDS": False}),
+    "ll": ({"TP_GDN_SYMM_KERNEL": "ll"}, {}),
+    "push": ({"TP_GDN_SYMM_KERNEL": "push"}, {}),
+    "oneshot": ({"TP_GDN_SYMM_KERNEL": "oneshot"}, {}),
+    "nccl": ({"TP_GDN_ALL_REDUCE": "nccl"}, {}),
 }
 
 
@@ -74,7 +78,8 @@ def compare(args, dev):
     slots = list(range(B))
     steps = {}
     for name in args.settings:
-        with environ(SETTINGS[name]):
+        env, attrs = SETTINGS[name]
+        with environ(env), patched(triton_gemv, **attrs):
             layer = GDNLayer.from_full(CFG, 0, full, rank, tp, dtype=bf, device=dev, backend="triton")
             if not steps:      # a prompt fills the state once
                 layer(torch.randn(16 * B, H, device=dev, dtype=bf, generator=g), Batch([16] * B, slots, [False] * B),

@@ -10,8 +10,9 @@ every kernel swapped for a stand-in. The stand-in binds the arguments the way Tr
 does for a GPU, with the same constexprs, the same specialisation of 16-divisible integers and
 16-byte-aligned pointers, and the kernel's launch settings. It compiles the kernel for sm_90a and
 runs ptxas -v over the PTX instead of launching it. --all-reduce compiles the decode all-reduce's
-kernels instead (kernels/triton_allreduce.py: push and flag-in-word, bf16 and fp32, as ranks 0 and
-1 of groups of each size given: Triton specialises an integer argument of 1).
+kernels instead (kernels/triton_allreduce.py: push and flag-in-word, and the few-row product that
+pushes the flag-in-word words itself; bf16 and fp32, as ranks 0 and 1 of groups of each size given:
+Triton specialises an integer argument of 1).
 
 Programs per SM come from 64 K registers (in 256-register units per warp) and 228 KB of shared
 memory (1 KB reserved per program). The numbers are those of the Triton version imported here.
@@ -53,12 +54,13 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tp_gdn import Batch  # noqa: E402
-from tp_gdn.kernels import triton_allreduce, triton_chunk, triton_conv, triton_decode, triton_norm, triton_ops  # noqa: E402
+from tp_gdn.kernels import (triton_allreduce, triton_chunk, triton_conv, triton_decode, triton_gemv,  # noqa: E402
+                            triton_norm, triton_ops)
 from tp_gdn.kernels.triton_common import programs_per_sm  # noqa: E402
 
 DK = DV = 128
 CONV_K = 4
-KERNEL_MODULES = (triton_chunk, triton_conv, triton_decode, triton_norm, triton_allreduce)
+KERNEL_MODULES = (triton_chunk, triton_conv, triton_decode, triton_norm, triton_allreduce, triton_gemv)
 
 
 def _ptxas() -> str:
@@ -219,16 +221,19 @@ def core_call(nk: int, nv: int, seq_lens: list[int]) -> None:
 
 def all_reduce_calls(world: int) -> None:
     """The decode all-reduce's kernels of a group of `world` ranks as ranks 0 and 1 launch them
-    (push and flag-in-word, bf16 and fp32; one program's worth of a [1, 2048] output), on CPU
-    tensors: the kernels only read their buffers' addresses."""
+    (push and flag-in-word, and the one-row out_proj product that pushes the flag-in-word words
+    itself; bf16 and fp32; a [1, 2048] output), on CPU tensors: the kernels only read their
+    buffers' addresses."""
     region = 1 << 20
     for dtype in (torch.bfloat16, torch.float32):
         for rank in (0, 1):
             send, out = torch.empty(2048, dtype=dtype), torch.empty(2048, dtype=dtype)
             ptrs, epochs = torch.empty(world, dtype=torch.int64), torch.empty(64, dtype=torch.int64)
             triton_allreduce.push_all_reduce(send, out, ptrs, ptrs, epochs, rank, region // dtype.itemsize, progress=8)
-            triton_allreduce.ll_all_reduce(send, out, ptrs, epochs, rank, region // triton_allreduce.WORD_BYTES,
-                                           progress=8)
+            slot_words = region // triton_allreduce.WORD_BYTES
+            triton_allreduce.ll_all_reduce(send, out, ptrs, epochs, rank, slot_words, progress=8)
+            triton_gemv.gemv(torch.empty(1, 2048, dtype=dtype), torch.empty(2048, 2048, dtype=dtype), send.view(1, -1),
+                             push=(ptrs, epochs, rank, slot_words, triton_allreduce.BLOCK_BYTES // dtype.itemsize))
 
 
 def parse_seqs(text: str) -> list[int]:

@@ -323,9 +323,10 @@ ALL_REDUCE_PATHS = {"nccl": ("nccl", "auto"), "auto": ("auto", "auto"), "push": 
 
 
 def _all_reduce_paths(rank, world, cfg, full, seed):
-    """The same prefill and decode steps with TP_GDN_ALL_REDUCE=nccl (all eager) and =auto with
-    each symmetric-memory kernel (the prefill and the first decode step eager, the rest replayed
-    from a CUDA graph): {path: (the all-reduce kind for these rows, outputs)}."""
+    """The same prefill and decode steps (of two sequences, then of one) with
+    TP_GDN_ALL_REDUCE=nccl (all eager) and =auto with each symmetric-memory kernel (the prefill and
+    the first decode step of each size eager, the rest replayed from a CUDA graph): {path: (the
+    all-reduce kind for these rows, outputs)}."""
     import os
 
     from tp_gdn.graphs import GraphedDecoder
@@ -345,6 +346,13 @@ def _all_reduce_paths(rank, world, cfg, full, seed):
                 ys.append(layer(x, Batch([1, 1], [3, 1], [True, True]), cache))
             else:
                 ys.append(decoder(x, [3, 1])[0].clone())
+        # one sequence: there the out_proj product pushes the flag-in-word kernel's words itself
+        for t in range(3):
+            x = torch.randn(1, H, generator=g).to(dev, bf)
+            if decoder is None or t == 0:
+                ys.append(layer(x, Batch([1], [3], [True]), cache))
+            else:
+                ys.append(decoder(x, [3])[0].clone())
         out[path] = (layer.out_proj.all_reduce_kind(70), [y.float().cpu() for y in ys])
     return out
 
@@ -369,6 +377,8 @@ def test_symmetric_memory_all_reduce_equals_nccl_on_gpus(seed, tp):
     want = [ref_layer(torch.randn(70, 64, generator=g).to(torch.bfloat16).float(), Batch([30, 40], [3, 1], [False, False]), cache)]
     for _ in range(4):
         want.append(ref_layer(torch.randn(2, 64, generator=g).to(torch.bfloat16).float(), Batch([1, 1], [3, 1], [True, True]), cache))
+    for _ in range(3):
+        want.append(ref_layer(torch.randn(1, 64, generator=g).to(torch.bfloat16).float(), Batch([1], [3], [True]), cache))
     assert [results[0][p][0] for p in ALL_REDUCE_PATHS] == ["group", "symm", "symm", "symm", "symm"]
     for r in range(tp):
         for path in ("auto", "push", "oneshot", "ll"):

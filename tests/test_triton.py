@@ -555,6 +555,46 @@ def test_both_all_reduce_kernels_on_one_table_of_epochs(world):
     assert epochs[0].tolist() == used == [8, 5, 3]
 
 
+@pytest.mark.parametrize("world,dtype", [(2, torch.float16), (3, torch.float32)])
+def test_few_row_product_pushes_the_all_reduce_words_itself(world, dtype):
+    """One-row products whose programs push their outputs as the flag-in-word all-reduce's words
+    (gemv's push), then the all-reduce's reduce alone, in turn with products that do not and the
+    whole all-reduce after them, on the same buffers and epochs, every rank played here: each
+    output is the fp32 sum in rank order of the ranks' products, rounded once (the bits of the
+    path without the push), and the epochs count every call."""
+    from tp_gdn.kernels.triton_allreduce import BLOCK_BYTES, WORD_BYTES, ll_all_reduce
+    from tp_gdn.kernels.triton_gemv import gemv
+
+    BLOCK = BLOCK_BYTES // dtype.itemsize
+    N, K = 3 * BLOCK // 2, 32          # one all-reduce program and half of another
+    programs = -(-N // BLOCK)
+    slot_words = programs * BLOCK_BYTES // WORD_BYTES
+    recv = [torch.zeros(2 * world * slot_words, dtype=torch.int64, device=DEV) for _ in range(world)]
+    epochs = [torch.zeros(programs, dtype=torch.int64, device=DEV) for _ in range(world)]
+    ptrs = torch.tensor([t.data_ptr() for t in recv], dtype=torch.int64, device=DEV)
+    ws = [(torch.randn(N, K) / K ** 0.5).to(DEV, dtype) for _ in range(world)]
+    for call, fused in enumerate([True, False, True, True]):
+        xs = [torch.randn(1, K).to(DEV, dtype) for _ in range(world)]
+        staged = [torch.empty(1, N, device=DEV, dtype=dtype) for _ in range(world)]
+        outs = [torch.full((1, N), float("nan"), device=DEV, dtype=dtype) for _ in range(world)]
+        with interp_bounds.also_allow(recv):
+            for r in range(world):
+                push = (ptrs, epochs[r], r, slot_words, BLOCK) if fused else None
+                gemv(xs[r], ws[r], staged[r], push=push)
+            for phase in (("reduce",) if fused else ("push", "reduce")):
+                for r in range(world):
+                    ll_all_reduce(staged[r], outs[r], ptrs, epochs[r], r, slot_words, phases=phase)
+        want = staged[0].float()
+        for part in staged[1:]:
+            want = want + part.float()
+        for r in range(world):
+            assert torch.equal(outs[r], want.to(dtype)), (call, fused, r)
+        assert rel_err(outs[0].cpu(), sum(xs[r].double().cpu() @ ws[r].double().cpu().T for r in range(world))) < 1e-2
+    assert all(e.tolist() == [4] * programs for e in epochs)
+    with pytest.raises(ValueError, match="one packed row"):
+        gemv(torch.randn(2, K).to(DEV, dtype), ws[0], push=(ptrs, epochs[0], 0, slot_words, BLOCK))
+
+
 def check_conv_prefill(nk, dk, vd, lens, slots, has, dtype, tol, S=6, K=4):
     _, conv, *_ = tri()
     C = 2 * nk * dk + vd
@@ -1154,8 +1194,9 @@ def test_kernel_resources_compiles_the_kernels_a_layer_call_launches_for_hopper(
 
 
 def test_kernel_resources_compiles_the_all_reduce_kernels_for_every_group_size():
-    """The decode all-reduce's kernels compile for sm_90a at 3, 4 and 8 ranks, as ranks 0 and 1,
-    in bf16 and fp32 (kernel_resources.py --all-reduce, a subprocess). Triton 3.6 (the GPU
+    """The decode all-reduce's kernels, and the few-row product that pushes the flag-in-word
+    words, compile for sm_90a at 3, 4 and 8 ranks, as ranks 0 and 1, in bf16 and fp32
+    (kernel_resources.py --all-reduce, a subprocess). Triton 3.6 (the GPU
     machines') failed on the flag-in-word kernel's push from 3 ranks up when it branched on the
     rank; this Triton may not be 3.6, so run it there too (the script's docstring says how)."""
     import triton
@@ -1170,7 +1211,7 @@ def test_kernel_resources_compiles_the_all_reduce_kernels_for_every_group_size()
     assert [int(w) for w in groups[::2]] == [3, 4, 8], run.stdout
     for block in groups[1::2]:
         rows = re.findall(r"^\s+(_\w+_kernel) .*: +(\d+) regs,", block, re.M)
-        assert [r[0] for r in rows] == ["_push_all_reduce_kernel", "_ll_all_reduce_kernel"] * 4, block
+        assert [r[0] for r in rows] == ["_push_all_reduce_kernel", "_ll_all_reduce_kernel", "_gemv_kernel"] * 4, block
         assert all(0 < int(regs) <= 255 for _, regs in rows), block
     bad = subprocess.run([sys.executable, str(root / "benchmarks/kernel_resources.py"), "--all-reduce", "1"],
                          capture_output=True, text=True, env=env, timeout=600)

@@ -134,6 +134,34 @@ WORD_BYTES = 4          # data bytes in one 8-byte word
 
 
 @triton.jit
+def epoch_of(epochs, c):
+    """Program c's epoch for this call, its parity and its tag (the epoch's low 32 bits in the
+    high half of a word)."""
+    epoch = tl.load(epochs + c) + 1
+    return epoch, epoch % 2, epoch.to(tl.uint32).to(tl.int64) << 32
+
+
+@triton.jit
+def push_words(x, tag, parity, words, m_w, recv_ptrs, rank, slot_words,
+               WORLD: tl.constexpr, N_WORDS: tl.constexpr, PACK: tl.constexpr):
+    """Write x (a block of N_WORDS * PACK elements, 16- or 32-bit) as words `words` of this rank's
+    region at `parity` in every peer's buffer: word j holds elements PACK j .. PACK j + PACK - 1
+    (the first in the low bits) in its low half and `tag` in its high half."""
+    if PACK == 2:
+        lo, hi = tl.split(tl.reshape(x.to(tl.int16, bitcast=True), [N_WORDS, 2]))
+        data = (lo.to(tl.int32) & 0xFFFF) | (hi.to(tl.int32) << 16)
+    else:
+        data = x.to(tl.int32, bitcast=True)
+    word = tag | data.to(tl.uint32).to(tl.int64)
+    for p in tl.static_range(WORLD):
+        # a store masked off at p == rank, not a branch on it: Triton 3.6 failed to compile the
+        # branch from three ranks up ("operand does not dominate this use")
+        dst = tl.load(recv_ptrs + p).to(tl.pointer_type(tl.int64))
+        dst = dst + (parity * WORLD + rank) * slot_words + words
+        tl.store(tl.max_contiguous(tl.multiple_of(dst, 16), N_WORDS), word, mask=tl.where(rank != p, m_w, False))
+
+
+@triton.jit
 def _ll_all_reduce_kernel(send, out, recv_ptrs, epochs, progress, numel, rank, slot_words,
                           WORLD: tl.constexpr, BLOCK: tl.constexpr, PACK: tl.constexpr, PUSH: tl.constexpr,
                           REDUCE: tl.constexpr, WATCH: tl.constexpr, GDC: tl.constexpr = False):
@@ -145,23 +173,10 @@ def _ll_all_reduce_kernel(send, out, recv_ptrs, epochs, progress, numel, rank, s
     m = offs < numel
     words = c * WORDS + tl.arange(0, WORDS)
     m_w = words * PACK < numel
-    epoch = tl.load(epochs + c) + 1
-    parity = epoch % 2
-    tag = epoch.to(tl.uint32).to(tl.int64) << 32        # the epoch's low 32 bits in the word's high half
+    epoch, parity, tag = epoch_of(epochs, c)
     x = tl.load(send + offs, mask=m, other=0.0)
     if PUSH:
-        if PACK == 2:       # elements 2j (low 16 bits) and 2j + 1 (high) of word j
-            lo, hi = tl.split(tl.reshape(x.to(tl.int16, bitcast=True), [WORDS, 2]))
-            data = (lo.to(tl.int32) & 0xFFFF) | (hi.to(tl.int32) << 16)
-        else:
-            data = x.to(tl.int32, bitcast=True)
-        word = tag | data.to(tl.uint32).to(tl.int64)
-        for p in tl.static_range(WORLD):
-            # a store masked off at p == rank, not a branch on it: Triton 3.6 failed to compile the
-            # branch from three ranks up ("operand does not dominate this use")
-            dst = tl.load(recv_ptrs + p).to(tl.pointer_type(tl.int64))
-            dst = dst + (parity * WORLD + rank) * slot_words + words
-            tl.store(tl.max_contiguous(tl.multiple_of(dst, 16), WORDS), word, mask=tl.where(rank != p, m_w, False))
+        push_words(x, tag, parity, words, m_w, recv_ptrs, rank, slot_words, WORLD, WORDS, PACK)
     if REDUCE:
         recv = tl.load(recv_ptrs + rank).to(tl.pointer_type(tl.int64))
         acc = tl.zeros([BLOCK], dtype=tl.float32)
@@ -198,7 +213,9 @@ def ll_all_reduce(send: torch.Tensor, out: torch.Tensor, recv_ptrs: torch.Tensor
     recv_ptrs: [world] int64 device addresses, as this rank maps them, of every rank's receive
     buffer: 2 x world regions of `slot_words` int64 words (a word per WORD_BYTES of data), zero at
     start; epochs: [programs] int64 in this rank's memory, zero at start. phases and progress as
-    push_all_reduce's. The sum runs in fp32 in rank order, as the push kernel's: the same bits.
+    push_all_reduce's; phases "reduce" also serves a caller whose kernel pushed send's words as it
+    formed send (triton_gemv.gemv's push). The sum runs in fp32 in rank order, as the push
+    kernel's: the same bits.
     """
     numel = send.numel()
     size = send.element_size()

@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_allreduce import WORD_BYTES, epoch_of, push_words
 from .triton_common import cdiv, launch, next_pow2, pdl_launch, wait_for_prior_grid
 
 # the most rows gemv takes (its kernel unrolls a loop over them)
@@ -29,11 +30,16 @@ MAX_ROWS = 1
 LAUNCH = {"gemv": dict(BN=8, BK=1024, num_warps=8, num_stages=2)}
 # programmatic dependent launch of gemv(pdl=True)
 PDL = True
+# gemv(push=...): the product's programs push their outputs as the flag-in-word all-reduce's words
+# (off: the caller's all-reduce pushes them, after the product)
+PUSH_WORDS = True
 
 
 @triton.jit
-def _gemv_kernel(x, w, y, M, N, K, stride_xm, stride_wn, stride_ym,
-                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GDC: tl.constexpr):
+def _gemv_kernel(x, w, y, M, N, K, stride_xm, stride_wn, stride_ym, words_ptrs, epochs, rank, slot_words,
+                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GDC: tl.constexpr,
+                 PUSH: tl.constexpr = False, WORLD: tl.constexpr = 1, PACK: tl.constexpr = 1,
+                 AR_BLOCK: tl.constexpr = 1):
     wait_for_prior_grid(GDC)
     pid = tl.program_id(0)
     rn = (pid * BN + tl.arange(0, BN)).to(tl.int64)
@@ -51,14 +57,27 @@ def _gemv_kernel(x, w, y, M, N, K, stride_xm, stride_wn, stride_ym,
             acc += tl.where((rm == m)[:, None], part[None, :], 0.0)
     tl.store(y + rm[:, None] * stride_ym + rn[None, :], acc.to(y.dtype.element_ty),
              mask=(rm < M)[:, None] & m_n[None, :])
+    if PUSH:
+        # one row (BM 1): these BN outputs, as they were stored, go to every peer as the words of
+        # the flag-in-word all-reduce's program that covers them (AR_BLOCK outputs a program),
+        # under its epoch for this call; its launch after this one then only waits and sums
+        epoch, parity, tag = epoch_of(epochs, pid * BN // AR_BLOCK)
+        words = pid * (BN // PACK) + tl.arange(0, BN // PACK)
+        push_words(tl.reshape(acc.to(y.dtype.element_ty), [BN]), tag, parity, words, words * PACK < N, words_ptrs,
+                   rank, slot_words, WORLD, BN // PACK, PACK)
 
 
-def gemv(x_MK: torch.Tensor, w_NK: torch.Tensor, out: torch.Tensor | None = None, pdl: bool = False) -> torch.Tensor:
+def gemv(x_MK: torch.Tensor, w_NK: torch.Tensor, out: torch.Tensor | None = None, pdl: bool = False,
+         push: tuple | None = None) -> torch.Tensor:
     """y [M, N] = x [M, K] W [N, K]^T for M <= ROWS, accumulated in fp32, written to `out`
     (a new tensor by default; any [M, N] view whose rows are packed).
 
     pdl: launch under programmatic dependent launch where the GPU has it (the programs are placed
     while the launch ahead ends, and wait for it before they read anything).
+    push: (words_ptrs, epochs, rank, slot_words, block) of a flag-in-word all-reduce of `out`
+    (comm.SymmetricAllReduce.word_push; one row, 16- or 32-bit): each program also pushes its
+    outputs to the peers as that all-reduce's words, and the caller then runs its reduce alone
+    (triton_allreduce.ll_all_reduce, phases "reduce").
     """
     M, K = x_MK.shape
     N = w_NK.shape[0]
@@ -73,7 +92,16 @@ def gemv(x_MK: torch.Tensor, w_NK: torch.Tensor, out: torch.Tensor | None = None
         raise ValueError(f"out must be [{M}, {N}] with packed rows, got {tuple(out.shape)}")
     cfg = LAUNCH["gemv"]
     BN, BK = cfg["BN"], min(cfg["BK"], next_pow2(K))
+    tables, pushing = (x_MK, x_MK, 0, 0), {}
+    if push is not None:
+        words_ptrs, epochs, rank, slot_words, block = push
+        pack = WORD_BYTES // out.element_size()
+        if M != 1 or pack not in (1, 2) or block % BN or not out.is_contiguous():
+            raise ValueError(f"gemv pushes the words of one packed row of 16- or 32-bit outputs in whole "
+                             f"all-reduce programs, got {M} rows of {out.dtype}, programs of {block}")
+        tables = (words_ptrs, epochs, rank, slot_words)
+        pushing = dict(PUSH=True, WORLD=words_ptrs.numel(), PACK=pack, AR_BLOCK=block)
     launch(_gemv_kernel, (cdiv(N, BN),), x_MK, w_NK, out, M, N, K, x_MK.stride(0), w_NK.stride(0), out.stride(0),
-           BM=next_pow2(M), BN=BN, BK=BK, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-           **pdl_launch(pdl and PDL, x_MK.device))
+           *tables, BM=next_pow2(M), BN=BN, BK=BK, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+           **pushing, **pdl_launch(pdl and PDL, x_MK.device))
     return out

@@ -180,8 +180,23 @@ class SymmetricAllReduce:
             return "oneshot"
         return "ll" if numel * dtype.itemsize <= self.ll_max else "push"
 
-    def reduce_out(self, staged: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    def word_push(self, staged: torch.Tensor) -> tuple | None:
+        """Where the all-reduce of `staged` takes the flag-in-word kernel: what a kernel that forms
+        `staged` needs to push its words itself (triton_gemv.gemv's push: the peers' buffers, the
+        epochs, this rank, a region's words, a program's elements); else None. A caller whose
+        kernel pushed them calls reduce_out(..., pushed=True)."""
+        if self.kernel_for(staged.numel(), staged.dtype) != "ll":
+            return None
+        from ..kernels.triton_allreduce import BLOCK_BYTES
+
+        return self.words_ptrs, self.epochs, self.rank, self.slot_words, BLOCK_BYTES // staged.element_size()
+
+    def reduce_out(self, staged: torch.Tensor, out: torch.Tensor, pushed: bool = False) -> torch.Tensor:
+        """out <- the sum over ranks of staged. pushed: staged's words have been pushed already, by
+        the kernel that formed it (word_push), so the flag-in-word kernel only waits and sums."""
         kernel = self.kernel_for(staged.numel(), staged.dtype)
+        if pushed and kernel != "ll":
+            raise ValueError(f"pushed words apply to the flag-in-word kernel; this all-reduce takes {kernel}")
         if kernel == "oneshot":
             torch.ops.symm_mem.one_shot_all_reduce_out(staged, "sum", self.group_name, out)
             return out
@@ -189,7 +204,8 @@ class SymmetricAllReduce:
 
         progress = None if self.progress is None else self.progress.address
         if kernel == "ll":
-            ll_all_reduce(staged, out, self.words_ptrs, self.epochs, self.rank, self.slot_words, progress=progress)
+            ll_all_reduce(staged, out, self.words_ptrs, self.epochs, self.rank, self.slot_words,
+                          phases="reduce" if pushed else "both", progress=progress)
         else:
             push_all_reduce(staged, out, self.recv_ptrs, self.flag_ptrs, self.epochs, self.rank,
                             self.max_bytes // staged.element_size(), progress=progress)

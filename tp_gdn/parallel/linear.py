@@ -84,8 +84,14 @@ class RowParallelLinear(nn.Module):
         kind = self.all_reduce_kind(x_TI.numel() // x_TI.shape[-1])
         if kind == "symm":      # the product goes straight into the all-reduce's staging buffer
             staged = self.symm.staging((*x_TI.shape[:-1], self.weight.shape[0]), x_TI.dtype)
-            product(self, x_TI, out=staged)
-            return self.symm.reduce_out(staged, torch.empty_like(staged))
+            # where the all-reduce takes words that the first product can push as it forms them (the
+            # few-row product at one token), it does, and the all-reduce only waits and sums
+            push = self.symm.word_push(staged)
+            pushing = getattr(self.products[0], "pushing", None) if self.products else None
+            pushed = push is not None and pushing is not None and pushing(x_TI, self.weight, staged, push) is not None
+            if not pushed:
+                product(self, x_TI, out=staged)
+            return self.symm.reduce_out(staged, torch.empty_like(staged), pushed=pushed)
         y = self.partial(x_TI)
         # a layer sharded for one rank holds the whole sum, even inside a larger process group
         return all_reduce_sum_(y, self.group) if kind == "group" else y
