@@ -107,7 +107,11 @@ class SymmetricAllReduce:
 
     ll and push give the same bits. Under auto they share one table of epochs: a call of either
     kernel advances the epochs of the programs it runs, so the argument for one wait
-    (triton_allreduce) holds across the two, each on its own buffers.
+    (triton_allreduce) holds across the two, each on its own buffers. Where ll applies, the kernel
+    that forms the staged output may push ll's words itself (`word_push`: the few-row product at
+    one token, triton_gemv), and `reduce_out(..., pushed=True)` then only waits and sums. H200 x2,
+    decode 1 at tp=2, 7 interleaved rounds: 25.68 / 18.17 us single / back to back against 25.94 /
+    18.92 with the all-reduce pushing (benchmarks/results/decode_ab_h200x2_s44i_b1.log).
     """
 
     def __init__(self, group, device: torch.device, max_bytes: int = SYMM_MAX_BYTES, kernel: str | None = None):
