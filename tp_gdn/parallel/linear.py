@@ -3,11 +3,13 @@
 ColumnParallelLinear: each rank holds a block of output rows (of every segment of a fused
 projection) and produces its slice of the output; no communication.
 RowParallelLinear: each rank holds a block of input columns, so each rank's product is a partial
-sum; `forward` all-reduces it, so every rank returns the full output. Small outputs go through
-the symmetric-memory all-reduce where it applies (comm.symmetric_all_reduce_for): the product is
-written straight into its staging buffer (with torch's one-shot kernel, the mapped buffer
-itself), and one kernel per rank sums the ranks' partial outputs. Large outputs that a caller
-forms in row chunks (the layer's tail) can take the copy-engine all-reduce (`copy`,
+sum; `forward` all-reduces it, so every rank returns the full output. Small outputs go through the
+symmetric-memory all-reduce where it applies (comm.symmetric_all_reduce_for): the product is
+written straight into its staging buffer (with torch's one-shot kernel, the mapped buffer itself),
+and one kernel per rank sums the ranks' partial outputs; where that kernel is the flag-in-word one,
+a first product that can (`pushing`: the few-row product at one token) also sends the peers their
+words as it forms them, and the kernel only waits and sums. Large outputs that a caller forms in
+row chunks (the layer's tail) can take the copy-engine all-reduce (`copy`,
 chunked_all_reduce_kind).
 Either may hold `products` (set by the layer): functions product(x, W, out) -> x W^T, or None
 where they leave x to the next; the first that takes x forms the product, else torch's cuBLAS
