@@ -94,15 +94,16 @@ def few_rows_product(pdl: bool):
     product(x [M, K], W [N, K], out=None) -> x W^T through triton_gemv.gemv, or None where x has
     more rows (or unpacked rows) and the caller's cuBLAS product applies. pdl: as gemv's.
     product.pushing(x, W, out, push) forms it the same way and also pushes out's words for a
-    flag-in-word all-reduce (gemv's push), or returns None where it cannot (other than one row,
-    MAX_ROWS 0, or triton_gemv.PUSH_WORDS off): then nothing has run."""
+    flag-in-word all-reduce (gemv's push), or returns None where it cannot (where product would
+    not take x, x has more than one row, or triton_gemv.PUSH_WORDS is off): then nothing has run."""
+    def takes(x_MK):
+        return x_MK.shape[0] <= triton_gemv.MAX_ROWS and x_MK.stride(1) == 1
+
     def product(x_MK, w_NK, out=None):
-        if x_MK.shape[0] > triton_gemv.MAX_ROWS or x_MK.stride(1) != 1:
-            return None
-        return triton_gemv.gemv(x_MK, w_NK, out, pdl=pdl)
+        return triton_gemv.gemv(x_MK, w_NK, out, pdl=pdl) if takes(x_MK) else None
 
     def pushing(x_MK, w_NK, out, push):
-        if x_MK.shape[0] != 1 or triton_gemv.MAX_ROWS < 1 or x_MK.stride(1) != 1 or not triton_gemv.PUSH_WORDS:
+        if x_MK.shape[0] != 1 or not takes(x_MK) or not triton_gemv.PUSH_WORDS:
             return None
         return triton_gemv.gemv(x_MK, w_NK, out, pdl=pdl, push=push)
 
