@@ -466,6 +466,7 @@ def bench_decode(layer, B, dev, g, tp, rank, report, rows, profile=False, timeli
     # the same step other ways, each replayed from its own graph: the decode kernel with the index
     # loads of a mixed call; the decode, norm, projection and push all-reduce kernels launched
     # plainly, without programmatic dependent launch; cuBLAS for the projections of few rows;
+    # (one sequence) the gated norm as its own kernel rather than inside the out_proj product;
     # and, where the all-reduce is over symmetric memory, NCCL's, torch's one-shot kernel and our
     # other kernel in its place, and (one sequence) its words pushed by the all-reduce rather than
     # by the out_proj product
@@ -481,6 +482,9 @@ def bench_decode(layer, B, dev, g, tp, rank, report, rows, profile=False, timeli
                 (layer, lambda: patched(triton_decode, ALL_DECODE_INDEXING=False)),
                 "plain launches (no PDL)": (layer, plain_launches),
                 "cuBLAS projections": (layer, lambda: patched(triton_gemv, MAX_ROWS=0))}
+    if B == 1:
+        variants["gated norm apart from the out_proj product"] = \
+            (layer, lambda: patched(triton_gemv, NORM_IN_PRODUCT=False))
     if kind == "symm":
         from tp_gdn.parallel.comm import symm_kernel
 

@@ -6,7 +6,9 @@ after a check that every setting gives the same bits as the first.
         [--settings NAME ...]
 
 Settings (`SETTINGS`): `main` (the defaults), `apart` (at one token, the out_proj product does not
-push the flag-in-word all-reduce's words itself: triton_gemv.PUSH_WORDS off), then each all-reduce
+push the flag-in-word all-reduce's words itself: triton_gemv.PUSH_WORDS off), `norm-apart` (at one
+token, the gated norm runs as its own kernel, not inside the out_proj product:
+triton_gemv.NORM_IN_PRODUCT off), then each all-reduce
 the decode step can take at tp=2 and up: `ll` and `push` (our flag-in-word and push kernels, for
 every size, TP_GDN_SYMM_KERNEL; the default takes ll up to comm.LL_MAX_BYTES, push above),
 `oneshot` (torch's one-shot kernel), `nccl` (TP_GDN_ALL_REDUCE=nccl). Each applies while its layer
@@ -40,6 +42,7 @@ from tp_gdn.parallel import destroy_distributed, get_rank, get_world_size, init_
 SETTINGS = {
     "main": ({}, {}),
     "apart": ({}, {"PUSH_WORDS": False}),
+    "norm-apart": ({}, {"NORM_IN_PRODUCT": False}),
     "ll": ({"TP_GDN_SYMM_KERNEL": "ll"}, {}),
     "push": ({"TP_GDN_SYMM_KERNEL": "push"}, {}),
     "oneshot": ({"TP_GDN_SYMM_KERNEL": "oneshot"}, {}),
@@ -105,6 +108,12 @@ def compare(args, dev):
             and torch.equal(conv, outs[first][2])
         if rank == 0:
             print(f"{name}: outputs and state {'bit-equal to' if same else 'DIFFER from'} {first}'s", flush=True)
+        if rank == 0 and not same:
+            worst = max((a.float() - b.float()).abs().max().item() for a, b in zip(ys, outs[first][0]))
+            scale = max(b.float().abs().max().item() for b in outs[first][0])
+            print(f"  largest output difference {worst:.3g} (largest output {scale:.3g}); state "
+                  f"{(ssm - outs[first][1]).abs().max().item():.3g}, conv state "
+                  f"{(conv.float() - outs[first][2].float()).abs().max().item():.3g}", flush=True)
     times = {name: ([], []) for name in steps}
     for _ in range(args.rounds):
         for name, (decoder, x) in steps.items():

@@ -11,8 +11,9 @@ does for a GPU, with the same constexprs, the same specialisation of 16-divisibl
 16-byte-aligned pointers, and the kernel's launch settings. It compiles the kernel for sm_90a and
 runs ptxas -v over the PTX instead of launching it. --all-reduce compiles the decode all-reduce's
 kernels instead (kernels/triton_allreduce.py: push and flag-in-word, and the few-row product that
-pushes the flag-in-word words itself; bf16 and fp32, as ranks 0 and 1 of groups of each size given:
-Triton specialises an integer argument of 1).
+pushes the flag-in-word words itself, also forming the gated norm as it reads o, with and without
+the push; bf16 and fp32, as ranks 0 and 1 of groups of each size given: Triton specialises an
+integer argument of 1).
 
 Programs per SM come from 64 K registers (in 256-register units per warp) and 228 KB of shared
 memory (1 KB reserved per program). The numbers are those of the Triton version imported here.
@@ -232,8 +233,25 @@ def all_reduce_calls(world: int) -> None:
             triton_allreduce.push_all_reduce(send, out, ptrs, ptrs, epochs, rank, region // dtype.itemsize, progress=8)
             slot_words = region // triton_allreduce.WORD_BYTES
             triton_allreduce.ll_all_reduce(send, out, ptrs, epochs, rank, slot_words, progress=8)
-            triton_gemv.gemv(torch.empty(1, 2048, dtype=dtype), torch.empty(2048, 2048, dtype=dtype), send.view(1, -1),
-                             push=(ptrs, epochs, rank, slot_words, triton_allreduce.BLOCK_BYTES // dtype.itemsize))
+            push = (ptrs, epochs, rank, slot_words, triton_allreduce.BLOCK_BYTES // dtype.itemsize)
+            x, w = torch.empty(1, 2048, dtype=dtype), torch.empty(2048, 2048, dtype=dtype)
+            triton_gemv.gemv(x, w, send.view(1, -1), push=push)
+            # the same product forming the gated norm of the mixer's o and shifting the q|k conv
+            # state (a decode step of one token at 8/16 local heads, tp=2 of 80B); and (rank 0)
+            # without the push at 16/32 local heads (tp=1), which takes other pieces of W
+            triton_gemv.gemv(x, w, send.view(1, -1), push=push, norm=product_norm(dtype, 8, 16))
+            if rank == 0:
+                triton_gemv.gemv(torch.empty(1, 4096, dtype=dtype), torch.empty(2048, 4096, dtype=dtype),
+                                 send.view(1, -1), norm=product_norm(dtype, 16, 32))
+
+
+def product_norm(dtype, nk: int, nv: int) -> tuple:
+    """gemv's norm for a decode step of one token at nk/nv local heads, on CPU tensors."""
+    kd, vd = nk * DK, nv * DV
+    proj = torch.empty(1, 2 * kd + 2 * vd + 2 * nv, dtype=dtype)
+    conv_pool = torch.empty(4, CONV_K - 1, 2 * kd + vd, dtype=dtype)
+    meta = Batch([1], [2], [True]).meta("cpu")
+    return triton_ops.product_norm(proj, nk, nv, DK, DV, conv_pool, meta, torch.empty(DV), 1e-6)
 
 
 def parse_seqs(text: str) -> list[int]:

@@ -948,9 +948,9 @@ def test_gpu_decode_core_matches_fp64(N, nv):
 @pytest.mark.parametrize("B", [1, 64])
 def test_gpu_decode_steps_with_pdl_equal_plain_launches(monkeypatch, B):
     """The decode kernel launched to start while in_proj's product still runs (PDL; it loads the
-    state before it waits for the projection), and the norm and (one sequence) out_proj's few-row
-    product launched the same way after it: the same bits as plain launches, over steps of fresh
-    inputs, eager and from a graph, at a rank's real dims."""
+    state before it waits for the projection), and the norm (64 sequences) or out_proj's few-row
+    product forming the norm (one sequence) launched the same way after it: the same bits as plain
+    launches, over steps of fresh inputs, eager and from a graph, at a rank's real dims."""
     from tp_gdn.graphs import GraphedDecoder
     from tp_gdn.kernels import triton_gemv
     from tp_gdn.kernels.triton_common import pdl_possible
@@ -1049,6 +1049,104 @@ def test_few_rows_product_refuses_what_it_does_not_take():
         gemv(torch.randn(1, 16, device=DEV), torch.randn(16, 8, device=DEV).t())
     with pytest.raises(ValueError, match=r"out must be \[1, 8\]"):
         gemv(torch.randn(1, 16, device=DEV), w, out=torch.empty(1, 9, device=DEV))
+
+
+def same_but_for_sum_order(a, b) -> bool:
+    """Outputs of the gated norm inside the few-row product against the norm kernel's then the
+    plain product: bit-equal in the interpreter, which sums each head's squares in the same order
+    both ways. A GPU may sum them in another order: fp32 outputs then differ in their last bits,
+    and a 16-bit normed value may round the other way now and then."""
+    if not CUDA:
+        return torch.equal(a, b)
+    return rel_err(a.float(), b.float()) < (1e-6 if a.dtype == torch.float32 else 4e-3)
+
+
+@pytest.mark.parametrize("heads,dv,dtype", [(16, 16, torch.float32), (5, 32, torch.bfloat16), (12, 128, torch.float16),
+                                          (40, 128, torch.bfloat16)])
+def test_few_rows_product_forms_the_gated_norm(heads, dv, dtype):
+    """gemv(norm=...): x is a row of the mixer's o and the product is of its gated norm, with z a
+    strided view of a projection: triton_norm's kernel and then the plain product
+    (same_but_for_sum_order), and within rounding of fp64 norm-then-product. K = 5 x 32 is not a
+    power of two (the piece's padding heads are masked), and K = 40 x 128 is more than one piece
+    of BK = 4096. Its q|k conv-state shift (two decode sequences among three,
+    channel blocks of BC = 1024 at 2 x 640 channels: four programs) leaves the conv pool as the
+    decode kernel's own shift launch does."""
+    from tp_gdn.kernels.triton_decode import _shift_qk_state_kernel, qk_shift_launch
+    from tp_gdn.kernels.triton_gemv import gemv
+    from tp_gdn.kernels.triton_norm import gated_rmsnorm
+
+    K, N, M = heads * dv, 70, 1
+    o = torch.randn(M, K, dtype=torch.float64)
+    proj = torch.randn(M, 3 * K + 9, dtype=torch.float64)
+    z = proj[:, K + 4:2 * K + 4]
+    w, nw = torch.randn(N, K, dtype=torch.float64) / K ** 0.5, 1 + 0.3 * torch.randn(dv, dtype=torch.float64)
+    want = ref.gated_rmsnorm(o.view(M, heads, dv), z.reshape(M, heads, dv), nw, 1e-6).reshape(M, K) @ w.T
+    od, zd, wd, nwd = o.to(DEV, dtype), proj.to(DEV, dtype)[:, K + 4:2 * K + 4], w.to(DEV, dtype), nw.float().to(DEV)
+    got = gemv(od, wd, norm=(zd, nwd, 1e-6, None))
+    apart = gemv(gated_rmsnorm(od.view(M, heads, dv), zd.view(M, heads, dv), nwd, 1e-6).view(M, K), wd)
+    assert same_but_for_sum_order(got, apart)
+    assert rel_err(got.cpu().double(), want) < (1e-2 if dtype != torch.float32 else 1e-5)
+
+    # the shift: batch of a decode sequence, a prefill of 3 tokens and another decode sequence
+    nqk, W = 1280, 3
+    batch = Batch([1, 3, 1], [4, 0, 2], [True, True, False])
+    meta = batch.meta(DEV)
+    sproj = torch.randn(5, nqk + 40, device=DEV, dtype=dtype)
+    pool = torch.randn(6, W, nqk + 64, device=DEV, dtype=dtype)
+    want_pool = pool.clone()
+    shift = qk_shift_launch(sproj, want_pool, meta, nqk)
+    _shift_qk_state_kernel[(meta.num_decode, shift["blocks"])](*shift["args"], **shift["meta"])
+    gemv(od, wd, norm=(zd, nwd, 1e-6, (sproj, pool, meta, nqk)))
+    assert torch.equal(pool, want_pool) and not torch.equal(pool[4, :, :nqk], want_pool[4, :, :nqk] * 0)
+
+
+def test_few_rows_product_refuses_a_norm_it_cannot_form():
+    from tp_gdn.kernels import triton_ops
+    from tp_gdn.kernels.triton_gemv import gemv
+    x, w, nw = torch.randn(1, 96, device=DEV), torch.randn(8, 96, device=DEV), torch.ones(24, device=DEV)
+    with pytest.raises(ValueError, match="power-of-two dv"):
+        gemv(x, w, norm=(torch.randn(1, 96, device=DEV), nw, 1e-6, None))           # dv 24
+    with pytest.raises(ValueError, match="z \\(1, 64\\)"):
+        gemv(x, w, norm=(torch.randn(1, 64, device=DEV), torch.ones(32, device=DEV), 1e-6, None))
+    with pytest.raises(ValueError, match="one row"):
+        gemv(x.repeat(2, 1), w, norm=(torch.randn(2, 96, device=DEV), torch.ones(32, device=DEV), 1e-6, None))
+    product = triton_ops.few_rows_product(pdl=False)
+    assert not product.takes_norm(1, 96, 24) and product.takes_norm(1, 96, 32) and not product.takes_norm(2, 96, 32)
+    with pytest.raises(ValueError, match="does not form the gated norm"):
+        product(x, w, norm=(torch.randn(1, 96, device=DEV), nw, 1e-6, None))
+
+
+def test_layer_forms_the_gated_norm_in_its_one_token_product(monkeypatch, seed):
+    """Calls of one token (decode steps, and a fresh one-token prefill) form the gated norm inside
+    out_proj's product, with the q|k conv-state shift: no norm launch, and the same outputs
+    (same_but_for_sum_order) and caches (bit for bit) as the norm kernel then the product
+    (triton_gemv.NORM_IN_PRODUCT off),
+    which check_triton_layer_against_torch holds to the fp32 torch layer (in fp16: the interpreter
+    computes 16-bit tiles in fp16, not in bf16)."""
+    from tp_gdn.kernels import triton_gemv, triton_ops
+
+    cfg = tiny_config(nk=2, nv=4, dk=16, dv=16, layers=1, K=4)
+    full = {k: v.half().float() if v.dim() > 1 else v for k, v in random_full_weights(cfg, seed).items()}
+    w = WorkloadBuilder(cfg.hidden_size, seed)
+    w.step([(0, 9, False), (1, 20, False)])
+    for s in (0, 1, 0, 2, 2, 1):
+        w.step([(s, 1, s != 2 or len(w.steps) > 4)])
+    norms = []
+    real = triton_ops.gated_rmsnorm
+    monkeypatch.setattr(triton_ops, "gated_rmsnorm", lambda *a, **k: norms.append(a[0].shape[0]) or real(*a, **k))
+    runs = []
+    for on in (True, False):
+        monkeypatch.setattr(triton_gemv, "NORM_IN_PRODUCT", on)
+        norms.clear()
+        cache = StateCache(cfg, [0], 3, dtype=torch.float16, device=DEV, tp_size=1)
+        layer = GDNLayer.from_full(cfg, 0, full, backend="triton", device=DEV, dtype=torch.float16)
+        runs.append((run_steps({0: layer}, cache, w.steps)[0], cache, list(norms)))
+    (fused, c1, n1), (apart, c0, n0) = runs
+    assert n1 == [29] and n0 == [29] + [1] * 6      # the first step's prefill takes the norm kernel
+    for n, (a, b) in enumerate(zip(fused, apart)):
+        assert same_but_for_sum_order(a, b), n
+    assert torch.equal(c1.conv[0], c0.conv[0]) and torch.equal(c1.ssm[0], c0.ssm[0])
+    check_triton_layer_against_torch(cfg, full, w.steps, 3, tol=1e-2, dtype=torch.float16)
 
 
 def test_host_cdiv_and_next_pow2():
@@ -1195,7 +1293,8 @@ def test_kernel_resources_compiles_the_kernels_a_layer_call_launches_for_hopper(
 
 def test_kernel_resources_compiles_the_all_reduce_kernels_for_every_group_size():
     """The decode all-reduce's kernels, and the few-row product that pushes the flag-in-word
-    words, compile for sm_90a at 3, 4 and 8 ranks, as ranks 0 and 1, in bf16 and fp32
+    words (also forming the gated norm, and that one without the push), compile for sm_90a at 3, 4
+    and 8 ranks, as ranks 0 and 1, in bf16 and fp32
     (kernel_resources.py --all-reduce, a subprocess). Triton 3.6 (the GPU
     machines') failed on the flag-in-word kernel's push from 3 ranks up when it branched on the
     rank; this Triton may not be 3.6, so run it there too (the script's docstring says how)."""
@@ -1211,7 +1310,10 @@ def test_kernel_resources_compiles_the_all_reduce_kernels_for_every_group_size()
     assert [int(w) for w in groups[::2]] == [3, 4, 8], run.stdout
     for block in groups[1::2]:
         rows = re.findall(r"^\s+(_\w+_kernel) .*: +(\d+) regs,", block, re.M)
-        assert [r[0] for r in rows] == ["_push_all_reduce_kernel", "_ll_all_reduce_kernel", "_gemv_kernel"] * 4, block
+        # per dtype, rank 0 then 1: both all-reduces, the pushing product, the same forming the
+        # gated norm, and (rank 0) the norming product without the push
+        launches = ["_push_all_reduce_kernel", "_ll_all_reduce_kernel", "_gemv_kernel", "_gemv_kernel"]
+        assert [r[0] for r in rows] == (launches + ["_gemv_kernel"] + launches) * 2, block
         assert all(0 < int(regs) <= 255 for _, regs in rows), block
     bad = subprocess.run([sys.executable, str(root / "benchmarks/kernel_resources.py"), "--all-reduce", "1"],
                          capture_output=True, text=True, env=env, timeout=600)

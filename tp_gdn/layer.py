@@ -122,7 +122,8 @@ class GDNLayer(nn.Module):
         self.out_proj = RowParallelLinear(vd, cfg.hidden_size, tp_size, dtype, device, group)
         if hasattr(self.ops, "few_rows_product"):
             # calls of up to triton_gemv.MAX_ROWS tokens (one: a decode step of one sequence): Triton
-            # products; out_proj's follows the norm kernel, under PDL
+            # products; out_proj's follows the mixer's kernels under PDL, and forms the gated norm
+            # itself where it can (_core_out_proj)
             self.in_proj.products = (self.ops.few_rows_product(pdl=False),)
             self.out_proj.products = (self.ops.few_rows_product(pdl=True),)
         # the backend of the fast path on GPUs: products of many rows through cuBLASLt, the algorithm
@@ -259,9 +260,26 @@ class GDNLayer(nn.Module):
         if proj is not None:
             if tail > 1 and kind in ("group", "copy"):
                 return self._out_proj_by_rows(x_TH, self._tail_chunks(x_TH, batch, cache, parts, proj, meta), kind)
-            return self.out_proj(self.partial_core(x_TH, batch, cache, proj, meta))
+            return self._core_out_proj(x_TH, batch, cache, proj, meta)
         return self._out_proj_by_rows(
             x_TH, ((t0, t1, self.partial_core(x_TH[t0:t1], sub, cache)) for t0, t1, sub in pieces), kind)
+
+    def _core_out_proj(self, x_TH, batch: Batch, cache: StateCache, proj, meta) -> torch.Tensor:
+        """out_proj(partial_core(...)), in one piece. Where out_proj's first product forms the
+        gated norm as it reads the mixer's o (few_rows_product's takes_norm: a decode step of one
+        token), it does, and also the q|k conv-state shift that the norm's launch would do: one
+        launch fewer a step. proj, meta: as partial_core's."""
+        T = x_TH.shape[0]
+        nk, nv, dk, dv = self.nk, self.nv, self.dk, self.dv
+        first = self.out_proj.products[0] if self.out_proj.products else None
+        takes_norm = getattr(first, "takes_norm", None)
+        if takes_norm is None or not takes_norm(T, nv * dv, dv):
+            return self.out_proj(self.partial_core(x_TH, batch, cache, proj, meta))
+        conv = cache.conv[self.layer_id]
+        o = self.ops.gdn_mix(proj, nk, nv, dk, dv, self.conv_weight, self.A_log, self.dt_bias, conv,
+                             cache.ssm[self.layer_id], batch, meta, shift_qk=False, after_gemm=True)
+        norm = self.ops.product_norm(proj, nk, nv, dk, dv, conv, meta, self.norm_weight, self.cfg.rms_norm_eps)
+        return self.out_proj(o.view(T, nv * dv), norm=norm)
 
     def _out_proj_by_rows(self, x_TH, parts, kind: str) -> torch.Tensor:
         """y [tokens, H] from `parts`, (r0, r1, the gated-norm output of rows r0..r1) in turn: each

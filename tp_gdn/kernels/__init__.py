@@ -1,7 +1,8 @@
 """Kernel backends behind one interface: `check_config` (refuses a model the backend cannot run),
 `gdn_mix`, `gdn_mix_norm` (gdn_mix then the gated norm, which the triton backend may form inside
 its fused prefill pass) and `gated_rmsnorm`; the triton backend also offers `few_rows_product`,
-the projections of decode steps of few tokens, which the layer gives its linear modules.
+the projections of decode steps of few tokens, which the layer gives its linear modules, and
+`product_norm`, the gated norm for out_proj's few-row product to form as it reads o.
 
 "torch": the plain-torch reference (any device, float64 too). "triton": our Triton kernels
 (CUDA, or the CPU under TRITON_INTERPRET=1). Nothing here knows about processes or ranks.

@@ -125,24 +125,34 @@ def _decode_kernel(
 
 
 @triton.jit
-def shift_qk_block(proj, conv_pool, seqs, cu_seqlens, slots, has_state, stride_proj, stride_ps, stride_pw, i_s, i_c,
-                   NQK: tl.constexpr, W: tl.constexpr, BW: tl.constexpr, BC: tl.constexpr):
-    """conv state of q|k channels [i_c BC, (i_c + 1) BC) of decode sequence seqs[i_s] <- (old rows
-    1..W-1, new input): one token appended."""
-    i_n = tl.load(seqs + i_s).to(tl.int64)
-    t = tl.load(cu_seqlens + i_n).to(tl.int64)
-    slot = tl.load(slots + i_n).to(tl.int64)
-    keep = tl.load(has_state + i_n) != 0
+def shift_qk_read(proj, conv_pool, seqs, cu_seqlens, slots, has_state, stride_proj, stride_ps, stride_pw, i_s, i_c,
+                  active, NQK: tl.constexpr, W: tl.constexpr, BW: tl.constexpr, BC: tl.constexpr):
+    """The reads of shift_qk_block (nothing where `active` is false): (the W new rows of the
+    block, where they go, which of them to write). Its caller writes them once every lane of the
+    program has read (tl.debug_barrier), so it may do other work in between."""
+    i_n = tl.load(seqs + i_s, mask=active, other=0).to(tl.int64)
+    t = tl.load(cu_seqlens + i_n, mask=active, other=0).to(tl.int64)
+    slot = tl.load(slots + i_n, mask=active, other=0).to(tl.int64)
+    keep = tl.load(has_state + i_n, mask=active, other=0) != 0
     ch = i_c * BC + tl.arange(0, BC)
-    m_c = ch < NQK
+    m_c = ch < tl.where(active, NQK, 0)
     o_w = tl.arange(0, BW)
     m_old = (o_w < W - 1)[:, None] & m_c[None, :]
     old = tl.load(conv_pool + slot * stride_ps + (o_w + 1)[:, None] * stride_pw + ch[None, :], mask=tl.where(keep, m_old, False), other=0.0)
     new = tl.load(proj + t * stride_proj + ch, mask=m_c, other=0.0)
     rows = tl.where((o_w == W - 1)[:, None], new[None, :].to(old.dtype), old)
+    return rows, conv_pool + slot * stride_ps + o_w[:, None] * stride_pw + ch[None, :], (o_w < W)[:, None] & m_c[None, :]
+
+
+@triton.jit
+def shift_qk_block(proj, conv_pool, seqs, cu_seqlens, slots, has_state, stride_proj, stride_ps, stride_pw, i_s, i_c,
+                   NQK: tl.constexpr, W: tl.constexpr, BW: tl.constexpr, BC: tl.constexpr):
+    """conv state of q|k channels [i_c BC, (i_c + 1) BC) of decode sequence seqs[i_s] <- (old rows
+    1..W-1, new input): one token appended."""
+    rows, p_rows, m_rows = shift_qk_read(proj, conv_pool, seqs, cu_seqlens, slots, has_state, stride_proj,
+                                         stride_ps, stride_pw, i_s, i_c, i_s >= 0, NQK, W, BW, BC)
     tl.debug_barrier()  # all lanes read before any lane writes the same rows
-    tl.store(conv_pool + slot * stride_ps + o_w[:, None] * stride_pw + ch[None, :], rows,
-             mask=(o_w < W)[:, None] & m_c[None, :])
+    tl.store(p_rows, rows, mask=m_rows)
 
 
 @triton.jit

@@ -14,6 +14,7 @@ import triton.language as tl
 
 from .triton_allreduce import WORD_BYTES, epoch_of, push_words
 from .triton_common import cdiv, launch, next_pow2, pdl_launch, wait_for_prior_grid
+from .triton_decode import qk_shift_launch, shift_qk_read
 
 # the most rows gemv takes (its kernel unrolls a loop over them)
 ROWS = 4
@@ -27,7 +28,15 @@ MAX_ROWS = 1
 # 66 settings at each of the layer's four decode shapes at tp 1 and 2, in us against cuBLAS:
 # in_proj [6176, 2048] 8.51 / 9.64, out_proj [2048, 2048] 4.92 / 6.25, in_proj [12352, 2048]
 # 14.42 / 15.99, out_proj [2048, 4096] 7.74 / 9.66 (benchmarks/results/exp_gemv_graph_h200x2_s25.log)
-LAUNCH = {"gemv": dict(BN=8, BK=1024, num_warps=8, num_stages=2)}
+# gemv(norm=...) reads its row of o and z and forms the norm while a program's piece of W, read in
+# one go (one stage), is on its way: [BN, BK] pieces of up to TILE elements, BK the row's length
+# rounded up to a power of two, up to BK, and BN = TILE / BK, up to BN. On an H200 (each call reading
+# W from HBM, the norm's conv-state shift included), in us, against the norm kernel then the plain
+# product: [2048, 2048] 4.84 at BN 8 (one piece of 2048) against 5.36, [2048, 4096] 7.30 at BN 4
+# (one piece of 4096) against 8.17; BN 8 over K 4096 in one piece took 10.24, BK 1024 in 2 stages
+# 4.93 and 8.20 (benchmarks/results/exp_norm_product_h200x2_s45c.log)
+LAUNCH = {"gemv": dict(BN=8, BK=1024, num_warps=8, num_stages=2),
+          "gemv_norm": dict(BN=8, BK=4096, TILE=16384, num_warps=8, num_stages=1)}
 # programmatic dependent launch of gemv(pdl=True)
 PDL = True
 # few_rows_product's pushing form (gemv(push=...)): the product's programs push their outputs as the
@@ -35,15 +44,48 @@ PDL = True
 # decode 1 at tp=2: 25.68 / 18.17 us single / back to back against 25.94 / 18.92 off, bit-equal
 # (benchmarks/results/decode_ab_h200x2_s44i_b1.log)
 PUSH_WORDS = True
+# few_rows_product's gated norm (gemv(norm=...)): where the layer's out_proj product forms the gated
+# RMSNorm of the mixer's output as it reads it, and shifts the decode sequences' q|k conv state (the
+# norm launch's other work), a decode step of one token runs one launch fewer (off: the norm kernel,
+# then the product). Measured: RESULTS, forty-fifth session
+NORM_IN_PRODUCT = True
+
+
+@triton.jit
+def _gated_norm_piece(xr, z_ptrs, mask, nw, eps, x, BK: tl.constexpr, DV: tl.constexpr):
+    """The gated RMSNorm of BK values of a row of o (whole heads of DV values), z read at z_ptrs:
+    w o rsqrt(mean(o^2) + eps) silu(z) per head, in fp32 as triton_norm's kernel forms it and
+    rounded to x's dtype as that kernel's output is, so the product reads the same values."""
+    g = tl.reshape(tl.load(z_ptrs, mask=mask, other=0.0).to(tl.float32), [BK // DV, DV])
+    o = tl.reshape(xr, [BK // DV, DV])
+    wt = tl.load(nw + tl.arange(0, DV)).to(tl.float32)
+    r = tl.rsqrt(tl.sum(o * o, axis=1) / DV + eps)
+    y = o * r[:, None] * wt[None, :] * g * tl.sigmoid(g)
+    return tl.reshape(y.to(x.dtype.element_ty).to(tl.float32), [BK])
 
 
 @triton.jit
 def _gemv_kernel(x, w, y, M, N, K, stride_xm, stride_wn, stride_ym, words_ptrs, epochs, rank, slot_words,
+                 z, nw, eps, proj, conv_pool, seqs, cu_seqlens, slots, has_state, stride_proj,
+                 stride_ps, stride_pw, n_shift,
                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GDC: tl.constexpr,
                  PUSH: tl.constexpr = False, WORLD: tl.constexpr = 1, PACK: tl.constexpr = 1,
-                 AR_BLOCK: tl.constexpr = 1):
+                 AR_BLOCK: tl.constexpr = 1, NORM: tl.constexpr = False, DV: tl.constexpr = 1,
+                 NQK: tl.constexpr = 1, W: tl.constexpr = 1, BW: tl.constexpr = 1, BC: tl.constexpr = 1,
+                 NCB: tl.constexpr = 1):
+    """NORM: x holds one row of the mixer's o, and its gated norm (z, weight nw) is formed piece by
+    piece as it is read (_gated_norm_piece); programs 0..n_shift-1 also each shift
+    one (decode sequence, q|k channel block) of the conv state, as the norm kernel's launch would
+    (triton_decode.shift_qk_block, with the sequences' and channels' arguments as there): they read
+    before the product and write after it, so the reads' latency hides behind the weight's."""
     wait_for_prior_grid(GDC)
     pid = tl.program_id(0)
+    if NORM:
+        # the launch ahead (the decode kernel, which reads the unshifted state) has ended
+        # (wait_for_prior_grid, or stream order)
+        rows, p_rows, m_rows = shift_qk_read(proj, conv_pool, seqs, cu_seqlens, slots, has_state, stride_proj,
+                                             stride_ps, stride_pw, pid // NCB, pid % NCB, pid < n_shift, NQK, W,
+                                             BW, BC)
     rn = (pid * BN + tl.arange(0, BN)).to(tl.int64)
     m_n = rn < N
     rm = tl.arange(0, BM)
@@ -52,11 +94,17 @@ def _gemv_kernel(x, w, y, M, N, K, stride_xm, stride_wn, stride_ym, words_ptrs, 
         rk = k0 + tl.arange(0, BK)
         m_k = rk < K
         wt = tl.load(w + rn[:, None] * stride_wn + rk[None, :], mask=m_n[:, None] & m_k[None, :], other=0.0)
-        wt = wt.to(tl.float32)
-        for m in tl.static_range(BM):
-            xr = tl.load(x + m * stride_xm + rk, mask=m_k & (rk * 0 + m < M), other=0.0).to(tl.float32)
-            part = tl.sum(wt * xr[None, :], axis=1)
-            acc += tl.where((rm == m)[:, None], part[None, :], 0.0)
+        if NORM:
+            # one row (BM 1): its o and z are read and normed while the weight is on its way
+            xr = tl.load(x + rk, mask=m_k, other=0.0).to(tl.float32)
+            xr = _gated_norm_piece(xr, z + rk, m_k, nw, eps, x, BK, DV)
+            acc += tl.sum(wt.to(tl.float32) * xr[None, :], axis=1)[None, :]
+        else:
+            wt = wt.to(tl.float32)
+            for m in tl.static_range(BM):
+                xr = tl.load(x + m * stride_xm + rk, mask=m_k & (rk * 0 + m < M), other=0.0).to(tl.float32)
+                part = tl.sum(wt * xr[None, :], axis=1)
+                acc += tl.where((rm == m)[:, None], part[None, :], 0.0)
     tl.store(y + rm[:, None] * stride_ym + rn[None, :], acc.to(y.dtype.element_ty),
              mask=(rm < M)[:, None] & m_n[None, :])
     if PUSH:
@@ -67,10 +115,20 @@ def _gemv_kernel(x, w, y, M, N, K, stride_xm, stride_wn, stride_ym, words_ptrs, 
         words = pid * (BN // PACK) + tl.arange(0, BN // PACK)
         push_words(tl.reshape(acc.to(y.dtype.element_ty), [BN]), tag, parity, words, words * PACK < N, words_ptrs,
                    rank, slot_words, WORLD, BN // PACK, PACK)
+    if NORM:
+        tl.debug_barrier()      # every lane has read the rows it shifts before any lane writes them
+        tl.store(p_rows, rows, mask=m_rows)
+
+
+def norm_fits(K: int, dv: int) -> bool:
+    """Whether gemv forms the gated norm of a row of K values, heads of dv (its `norm`): whole
+    heads in each [BK] piece of the row, dv a power of two."""
+    BK = min(LAUNCH["gemv_norm"]["BK"], next_pow2(K))
+    return dv == next_pow2(dv) and BK % dv == 0 and K % dv == 0
 
 
 def gemv(x_MK: torch.Tensor, w_NK: torch.Tensor, out: torch.Tensor | None = None, pdl: bool = False,
-         push: tuple | None = None) -> torch.Tensor:
+         push: tuple | None = None, norm: tuple | None = None) -> torch.Tensor:
     """y [M, N] = x [M, K] W [N, K]^T for M <= ROWS, accumulated in fp32, written to `out`
     (a new tensor by default; any [M, N] view whose rows are packed).
 
@@ -80,6 +138,11 @@ def gemv(x_MK: torch.Tensor, w_NK: torch.Tensor, out: torch.Tensor | None = None
     (comm.SymmetricAllReduce.word_push; one row, 16- or 32-bit): each program also pushes its
     outputs to the peers as that all-reduce's words, and the caller then runs its reduce alone
     (triton_allreduce.ll_all_reduce, phases "reduce").
+    norm: (z [1, K], weight [dv], eps, qk_shift): x is a row of the mixer's o (heads of dv values),
+    and the product is of its gated RMSNorm instead, w o rsqrt(mean(o^2) + eps) silu(z) per head,
+    formed as triton_norm.gated_rmsnorm forms it (rounded to x's dtype); where it fits
+    (norm_fits). qk_shift: None, or gated_rmsnorm's (proj_TP, conv_pool_SWC, meta, nqk), whose
+    decode sequences' q|k conv state this launch then shifts as that one's would.
     """
     M, K = x_MK.shape
     N = w_NK.shape[0]
@@ -92,8 +155,10 @@ def gemv(x_MK: torch.Tensor, w_NK: torch.Tensor, out: torch.Tensor | None = None
         out = torch.empty(M, N, device=x_MK.device, dtype=x_MK.dtype)
     if tuple(out.shape) != (M, N) or out.stride(1) != 1:
         raise ValueError(f"out must be [{M}, {N}] with packed rows, got {tuple(out.shape)}")
-    cfg = LAUNCH["gemv"]
+    cfg = LAUNCH["gemv" if norm is None else "gemv_norm"]
     BN, BK = cfg["BN"], min(cfg["BK"], next_pow2(K))
+    if norm is not None:
+        BN = max(1, min(BN, cfg["TILE"] // BK))
     tables, pushing = (x_MK, x_MK, 0, 0), {}
     if push is not None:
         words_ptrs, epochs, rank, slot_words, block = push
@@ -103,7 +168,28 @@ def gemv(x_MK: torch.Tensor, w_NK: torch.Tensor, out: torch.Tensor | None = None
                              f"all-reduce programs, got {M} rows of {out.dtype}, programs of {block}")
         tables = (words_ptrs, epochs, rank, slot_words)
         pushing = dict(PUSH=True, WORLD=words_ptrs.numel(), PACK=pack, AR_BLOCK=block)
-    launch(_gemv_kernel, (cdiv(N, BN),), x_MK, w_NK, out, M, N, K, x_MK.stride(0), w_NK.stride(0), out.stride(0),
-           *tables, BM=next_pow2(M), BN=BN, BK=BK, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-           **pushing, **pdl_launch(pdl and PDL, x_MK.device))
+    programs = cdiv(N, BN)
+    normed, norming = (x_MK, x_MK, 0.0) + (x_MK,) * 6 + (0, 0, 0, 0), {}
+    if norm is not None:
+        z_MK, weight_D, eps, qk_shift = norm
+        dv = weight_D.numel()
+        if M != 1 or tuple(z_MK.shape) != (M, K) or z_MK.stride(1) != 1 or not norm_fits(K, dv):
+            raise ValueError(f"gemv forms the gated norm of one row of whole heads with z [1, K] packed "
+                             f"(heads of a power-of-two dv, whole heads in each piece of {BK}), got x "
+                             f"{tuple(x_MK.shape)}, z {tuple(z_MK.shape)}, dv {dv}")
+        normed = (z_MK, weight_D, eps)
+        norming = dict(NORM=True, DV=dv)
+        if qk_shift is not None and qk_shift[2].num_decode:
+            shift = qk_shift_launch(*qk_shift)
+            n_shift = qk_shift[2].num_decode * shift["blocks"]
+            if n_shift > programs:
+                raise ValueError(f"gemv shifts the q|k conv state in at most its {programs} programs' "
+                                 f"blocks, this call has {n_shift}")
+            normed += (*shift["args"], n_shift)
+            norming.update(shift["meta"], NCB=shift["blocks"])
+        else:
+            normed += (x_MK,) * 6 + (0, 0, 0, 0)
+    launch(_gemv_kernel, (programs,), x_MK, w_NK, out, M, N, K, x_MK.stride(0), w_NK.stride(0), out.stride(0),
+           *tables, *normed, BM=next_pow2(M), BN=BN, BK=BK, num_warps=cfg["num_warps"],
+           num_stages=cfg["num_stages"], **pushing, **norming, **pdl_launch(pdl and PDL, x_MK.device))
     return out

@@ -16,8 +16,8 @@ from .triton_conv import MAX_TAPS, conv_prefill, conv_state_update
 from .triton_decode import decode_step
 from .triton_norm import gated_rmsnorm
 
-__all__ = ["check_config", "gdn_mix", "gdn_mix_norm", "gated_rmsnorm", "few_rows_product", "gdn_prefill",
-           "gdn_decode"]
+__all__ = ["check_config", "gdn_mix", "gdn_mix_norm", "gated_rmsnorm", "few_rows_product", "product_norm",
+           "gdn_prefill", "gdn_decode"]
 
 # gdn_mix_norm forms the gated norm inside the fused prefill pass where it can (fused_norm_applies)
 # only when this is True. Off: on an H200 at 8x4096 tokens, tp=1, the layer took 6.021 ms with the
@@ -91,24 +91,50 @@ def gdn_mix_norm(proj_TP, nk: int, nv: int, dk: int, dv: int, conv_weight_CK, A_
 
 def few_rows_product(pdl: bool):
     """The layer's projections of few rows (calls of up to triton_gemv.MAX_ROWS tokens):
-    product(x [M, K], W [N, K], out=None) -> x W^T through triton_gemv.gemv, or None where x has
-    more rows (or unpacked rows) and the caller's cuBLAS product applies. pdl: as gemv's.
-    product.pushing(x, W, out, push) forms it the same way and also pushes out's words for a
-    flag-in-word all-reduce (gemv's push), or returns None where it cannot (where product would
-    not take x, x has more than one row, or triton_gemv.PUSH_WORDS is off): then nothing has run."""
+    product(x [M, K], W [N, K], out=None, norm=None) -> x W^T through triton_gemv.gemv, or None
+    where x has more rows (or unpacked rows) and the caller's cuBLAS product applies. pdl: as
+    gemv's. norm: gemv's (product_norm's, with a row of the mixer's o in x), where
+    product.takes_norm(rows, K, dv) says it is formed; refused (ValueError) where x is taken but
+    the norm is not.
+    product.pushing(x, W, out, push, norm=None) forms it the same way and also pushes out's words
+    for a flag-in-word all-reduce (gemv's push), or returns None where it cannot (where product
+    would not take x, x has more than one row, or triton_gemv.PUSH_WORDS is off): then nothing
+    has run."""
     def takes(x_MK):
         return x_MK.shape[0] <= triton_gemv.MAX_ROWS and x_MK.stride(1) == 1
 
-    def product(x_MK, w_NK, out=None):
-        return triton_gemv.gemv(x_MK, w_NK, out, pdl=pdl) if takes(x_MK) else None
+    def takes_norm(rows: int, K: int, dv: int) -> bool:
+        return triton_gemv.NORM_IN_PRODUCT and rows == 1 <= triton_gemv.MAX_ROWS and triton_gemv.norm_fits(K, dv)
 
-    def pushing(x_MK, w_NK, out, push):
+    def refuse_norm(x_MK, norm):
+        if norm is not None and not takes_norm(*x_MK.shape, norm[1].numel()):
+            raise ValueError(f"the few-row product does not form the gated norm of x {tuple(x_MK.shape)} "
+                             f"(triton_gemv.NORM_IN_PRODUCT {triton_gemv.NORM_IN_PRODUCT}, MAX_ROWS "
+                             f"{triton_gemv.MAX_ROWS}); ask takes_norm first")
+
+    def product(x_MK, w_NK, out=None, norm=None):
+        if not takes(x_MK):
+            return None
+        refuse_norm(x_MK, norm)
+        return triton_gemv.gemv(x_MK, w_NK, out, pdl=pdl, norm=norm)
+
+    def pushing(x_MK, w_NK, out, push, norm=None):
         if x_MK.shape[0] != 1 or not takes(x_MK) or not triton_gemv.PUSH_WORDS:
             return None
-        return triton_gemv.gemv(x_MK, w_NK, out, pdl=pdl, push=push)
+        refuse_norm(x_MK, norm)
+        return triton_gemv.gemv(x_MK, w_NK, out, pdl=pdl, push=push, norm=norm)
 
-    product.pushing = pushing
+    product.pushing, product.takes_norm = pushing, takes_norm
     return product
+
+
+def product_norm(proj_TP, nk: int, nv: int, dk: int, dv: int, conv_pool_SWC, meta, norm_weight_V,
+                 eps: float) -> tuple:
+    """few_rows_product's `norm` for the o [1, nv dv] that gdn_mix(shift_qk=False) forms from
+    proj_TP: z from the projection, the norm's weight and eps, and the shift of the decode
+    sequences' q|k conv state that gdn_mix left (gdn_mix_norm's norm launch does it otherwise)."""
+    kd, vd = nk * dk, nv * dv
+    return proj_TP[:, 2 * kd + vd: 2 * kd + 2 * vd], norm_weight_V, eps, (proj_TP, conv_pool_SWC, meta, 2 * kd)
 
 
 def gdn_prefill(q_THK, k_THK, v_THV, a_TH, b_TH, A_log_H, dt_bias_H, state_pool_SHKV, batch,

@@ -8,7 +8,8 @@ symmetric-memory all-reduce where it applies (comm.symmetric_all_reduce_for): th
 written straight into its staging buffer (with torch's one-shot kernel, the mapped buffer itself),
 and one kernel per rank sums the ranks' partial outputs; where that kernel is the flag-in-word one,
 a first product that can (`pushing`: the few-row product at one token) also sends the peers their
-words as it forms them, and the kernel only waits and sums. Large outputs that a caller forms in
+words as it forms them, and the kernel only waits and sums. `forward(x, norm=...)` has the first
+product form a gated norm of x as it reads it (the layer's decode steps of one token). Large outputs that a caller forms in
 row chunks (the layer's tail) can take the copy-engine all-reduce (`copy`,
 chunked_all_reduce_kind).
 Either may hold `products` (set by the layer): functions product(x, W, out) -> x W^T, or None
@@ -27,9 +28,16 @@ from .comm import all_reduce_sum_, copy_engine_all_reduce_for, symmetric_all_red
 from .sharding import Split, sharded_parameter
 
 
-def product(module, x_TI: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+def product(module, x_TI: torch.Tensor, out: torch.Tensor | None = None, norm: tuple | None = None) -> torch.Tensor:
     """x W^T of a linear module: through the first of its `products` that takes x (returns other
-    than None), else torch's cuBLAS call; into `out` where given."""
+    than None), else torch's cuBLAS call; into `out` where given. norm: a gated norm of x that the
+    module's first product forms as it reads x (few_rows_product's); no other product takes one,
+    so a call the first does not take is refused."""
+    if norm is not None:
+        y = module.products[0](x_TI, module.weight, out, norm=norm) if module.products else None
+        if y is None:
+            raise ValueError(f"no product of this module forms a gated norm of x {tuple(x_TI.shape)}")
+        return y
     for p in module.products:
         y = p(x_TI, module.weight, out)
         if y is not None:
@@ -78,11 +86,13 @@ class RowParallelLinear(nn.Module):
         kind = self.all_reduce_kind(rows)
         return "copy" if kind == "group" and self.copy is not None and rows >= self.copy.MIN_ROWS else kind
 
-    def partial(self, x_TI: torch.Tensor) -> torch.Tensor:
-        """This rank's partial sum of the output, before the all-reduce."""
-        return product(self, x_TI)
+    def partial(self, x_TI: torch.Tensor, norm: tuple | None = None) -> torch.Tensor:
+        """This rank's partial sum of the output, before the all-reduce (norm: as forward's)."""
+        return product(self, x_TI, norm=norm)
 
-    def forward(self, x_TI: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_TI: torch.Tensor, norm: tuple | None = None) -> torch.Tensor:
+        """The full output of x (every rank's the same). norm: x is the mixer's o, and the first
+        product forms its gated norm as it reads it (`product`'s norm)."""
         kind = self.all_reduce_kind(x_TI.numel() // x_TI.shape[-1])
         if kind == "symm":      # the product goes straight into the all-reduce's staging buffer
             staged = self.symm.staging((*x_TI.shape[:-1], self.weight.shape[0]), x_TI.dtype)
@@ -90,10 +100,11 @@ class RowParallelLinear(nn.Module):
             # few-row product at one token), it does, and the all-reduce only waits and sums
             push = self.symm.word_push(staged)
             pushing = getattr(self.products[0], "pushing", None) if self.products else None
-            pushed = push is not None and pushing is not None and pushing(x_TI, self.weight, staged, push) is not None
+            pushed = push is not None and pushing is not None and \
+                pushing(x_TI, self.weight, staged, push, norm=norm) is not None
             if not pushed:
-                product(self, x_TI, out=staged)
+                product(self, x_TI, out=staged, norm=norm)
             return self.symm.reduce_out(staged, torch.empty_like(staged), pushed=pushed)
-        y = self.partial(x_TI)
+        y = self.partial(x_TI, norm)
         # a layer sharded for one rank holds the whole sum, even inside a larger process group
         return all_reduce_sum_(y, self.group) if kind == "group" else y
