@@ -1,5 +1,6 @@
 """The benchmark scripts' own logic that runs without a GPU (their timing needs one)."""
 
+import argparse
 import importlib
 import shutil
 import subprocess
@@ -78,6 +79,18 @@ def test_version_comparisons_need_a_gpu(script):
     run = subprocess.run([sys.executable, str(ROOT / f"benchmarks/{script}.py"), "HEAD"],
                          capture_output=True, text=True, timeout=300)
     assert run.returncode != 0 and "needs a CUDA GPU" in run.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message without a GPU")
+def test_bench_products_needs_a_gpu_and_refuses_bad_settings():
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks/bench_products.py"), "--settings", "8/2048/8/1"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0 and "needs a CUDA GPU" in run.stderr
+    bp = load_benchmark("bench_products")
+    assert bp.parse_setting("4/4096/8/1") == dict(BN=4, BK=4096, TILE=16384, num_warps=8, num_stages=1)
+    for bad in ("4/4096/8", "3/4096/8/1", "4/4096/8/0"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            bp.parse_setting(bad)
 
 
 def test_host_time_refuses_a_bad_row_before_it_looks_for_a_gpu():

@@ -150,7 +150,7 @@ def shift_qk_block(proj, conv_pool, seqs, cu_seqlens, slots, has_state, stride_p
     """conv state of q|k channels [i_c BC, (i_c + 1) BC) of decode sequence seqs[i_s] <- (old rows
     1..W-1, new input): one token appended."""
     rows, p_rows, m_rows = shift_qk_read(proj, conv_pool, seqs, cu_seqlens, slots, has_state, stride_proj,
-                                         stride_ps, stride_pw, i_s, i_c, i_s >= 0, NQK, W, BW, BC)
+                                         stride_ps, stride_pw, i_s, i_c, True, NQK, W, BW, BC)
     tl.debug_barrier()  # all lanes read before any lane writes the same rows
     tl.store(p_rows, rows, mask=m_rows)
 

@@ -30,11 +30,11 @@ MAX_ROWS = 1
 # 14.42 / 15.99, out_proj [2048, 4096] 7.74 / 9.66 (benchmarks/results/exp_gemv_graph_h200x2_s25.log)
 # gemv(norm=...) reads its row of o and z and forms the norm while a program's piece of W, read in
 # one go (one stage), is on its way: [BN, BK] pieces of up to TILE elements, BK the row's length
-# rounded up to a power of two, up to BK, and BN = TILE / BK, up to BN. On an H200 (each call reading
-# W from HBM, the norm's conv-state shift included), in us, against the norm kernel then the plain
-# product: [2048, 2048] 4.84 at BN 8 (one piece of 2048) against 5.36, [2048, 4096] 7.30 at BN 4
-# (one piece of 4096) against 8.17; BN 8 over K 4096 in one piece took 10.24, BK 1024 in 2 stages
-# 4.93 and 8.20 (benchmarks/results/exp_norm_product_h200x2_s45c.log)
+# rounded up to a power of two, up to BK, and BN = TILE / BK, up to BN. On an H200 (bench_products.py:
+# each call reading W from HBM, the norm's conv-state shift included), us: [2048, 2048] 4.85 (one
+# piece of 2048 at BN 8) against 5.38 for the norm kernel then the plain product (4.14 alone);
+# [2048, 4096] 7.31 (one piece of 4096 at BN 4) against 8.14; BN 8 over 4096 in one piece took 10.22,
+# pieces of 1024 in 2 stages 4.92 and 8.20 (benchmarks/results/products_h200x2_s45f.log)
 LAUNCH = {"gemv": dict(BN=8, BK=1024, num_warps=8, num_stages=2),
           "gemv_norm": dict(BN=8, BK=4096, TILE=16384, num_warps=8, num_stages=1)}
 # programmatic dependent launch of gemv(pdl=True)
@@ -47,7 +47,10 @@ PUSH_WORDS = True
 # few_rows_product's gated norm (gemv(norm=...)): where the layer's out_proj product forms the gated
 # RMSNorm of the mixer's output as it reads it, and shifts the decode sequences' q|k conv state (the
 # norm launch's other work), a decode step of one token runs one launch fewer (off: the norm kernel,
-# then the product). Measured: RESULTS, forty-fifth session
+# then the product). H200 x2, graphed decode step of one sequence, single / back to back, us, on
+# against off: tp=2 22.83 / 17.16 against 23.38 / 17.66 and 24.74 / 18.17 against 26.10 / 18.64; tp=1
+# 30.78 / 26.25 against 31.12 / 26.88 and 33.38 / 26.52 against 34.13 / 27.05 (two hosts;
+# benchmarks/results/decode_ab_h200x2_s45[fd]_tp*_b1.log)
 NORM_IN_PRODUCT = True
 
 
