@@ -1,6 +1,7 @@
 """Settings of the graphed decode step side by side: each setting captured in its own graph on the
 same layer weights and state cache, timed in interleaved rounds (single replays and back to back),
-after a check that every setting gives the same bits as the first.
+after a check that every setting gives the same bits as the first (where one does not, it prints
+how far it is off).
 
     torchrun --standalone --nproc-per-node N benchmarks/decode_ab.py [--batch B] [--rounds R]
         [--settings NAME ...]
@@ -8,11 +9,10 @@ after a check that every setting gives the same bits as the first.
 Settings (`SETTINGS`): `main` (the defaults), `apart` (at one token, the out_proj product does not
 push the flag-in-word all-reduce's words itself: triton_gemv.PUSH_WORDS off), `norm-apart` (at one
 token, the gated norm runs as its own kernel, not inside the out_proj product:
-triton_gemv.NORM_IN_PRODUCT off), then each all-reduce
-the decode step can take at tp=2 and up: `ll` and `push` (our flag-in-word and push kernels, for
-every size, TP_GDN_SYMM_KERNEL; the default takes ll up to comm.LL_MAX_BYTES, push above),
-`oneshot` (torch's one-shot kernel), `nccl` (TP_GDN_ALL_REDUCE=nccl). Each applies while its layer
-is built and its graph captured. Qwen3-Next-80B dims, bf16, as bench_layer.py. Every rank runs the
+triton_gemv.NORM_IN_PRODUCT off), then each all-reduce the decode step can take at tp=2 and up:
+`ll` and `push` (our flag-in-word and push kernels, for every size, TP_GDN_SYMM_KERNEL; the
+default takes ll up to comm.LL_MAX_BYTES, push above), `oneshot` (torch's one-shot kernel),
+`nccl` (TP_GDN_ALL_REDUCE=nccl). Each applies while its layer is built and its graph captured. Qwen3-Next-80B dims, bf16, as bench_layer.py. Every rank runs the
 same fixed number of calls; rank 0 prints the medians over the rounds of each setting's median
 single replay and its back-to-back time per step, in us.
 """

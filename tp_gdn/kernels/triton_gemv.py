@@ -77,8 +77,8 @@ def _gemv_kernel(x, w, y, M, N, K, stride_xm, stride_wn, stride_ym, words_ptrs, 
                  NQK: tl.constexpr = 1, W: tl.constexpr = 1, BW: tl.constexpr = 1, BC: tl.constexpr = 1,
                  NCB: tl.constexpr = 1):
     """NORM: x holds one row of the mixer's o, and its gated norm (z, weight nw) is formed piece by
-    piece as it is read (_gated_norm_piece); programs 0..n_shift-1 also each shift
-    one (decode sequence, q|k channel block) of the conv state, as the norm kernel's launch would
+    piece as it is read (_gated_norm_piece); programs 0..n_shift-1 also each shift one (decode
+    sequence, q|k channel block) of the conv state, as the norm kernel's launch would
     (triton_decode.shift_qk_block, with the sequences' and channels' arguments as there): they read
     before the product and write after it, so the reads' latency hides behind the weight's."""
     wait_for_prior_grid(GDC)

@@ -104,7 +104,7 @@ def few_rows_product(pdl: bool):
         return x_MK.shape[0] <= triton_gemv.MAX_ROWS and x_MK.stride(1) == 1
 
     def takes_norm(rows: int, K: int, dv: int) -> bool:
-        return triton_gemv.NORM_IN_PRODUCT and rows == 1 <= triton_gemv.MAX_ROWS and triton_gemv.norm_fits(K, dv)
+        return triton_gemv.NORM_IN_PRODUCT and rows == 1 and triton_gemv.MAX_ROWS >= 1 and triton_gemv.norm_fits(K, dv)
 
     def refuse_norm(x_MK, norm):
         if norm is not None and not takes_norm(*x_MK.shape, norm[1].numel()):

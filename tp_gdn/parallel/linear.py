@@ -9,9 +9,9 @@ written straight into its staging buffer (with torch's one-shot kernel, the mapp
 and one kernel per rank sums the ranks' partial outputs; where that kernel is the flag-in-word one,
 a first product that can (`pushing`: the few-row product at one token) also sends the peers their
 words as it forms them, and the kernel only waits and sums. `forward(x, norm=...)` has the first
-product form a gated norm of x as it reads it (the layer's decode steps of one token). Large outputs that a caller forms in
-row chunks (the layer's tail) can take the copy-engine all-reduce (`copy`,
-chunked_all_reduce_kind).
+product form a gated norm of x as it reads it (the layer's decode steps of one token). Large
+outputs that a caller forms in row chunks (the layer's tail) can take the copy-engine all-reduce
+(`copy`, chunked_all_reduce_kind).
 Either may hold `products` (set by the layer): functions product(x, W, out) -> x W^T, or None
 where they leave x to the next; the first that takes x forms the product, else torch's cuBLAS
 call. The layer's are its backend's kernel for decode steps of few tokens, then the cuBLASLt
