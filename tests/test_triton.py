@@ -1068,9 +1068,9 @@ def test_few_rows_product_forms_the_gated_norm(heads, dv, dtype):
     strided view of a projection: triton_norm's kernel and then the plain product
     (same_but_for_sum_order), and within rounding of fp64 norm-then-product. K = 5 x 32 is not a
     power of two (the piece's padding heads are masked), and K = 40 x 128 is more than one piece
-    of BK = 4096. Its q|k conv-state shift (two decode sequences among three,
-    channel blocks of BC = 1024 at 2 x 640 channels: four programs) leaves the conv pool as the
-    decode kernel's own shift launch does."""
+    of BK = 4096. Its q|k conv-state shift (two decode sequences among three, channel blocks of
+    BC = 1024 at 2 x 640 channels: four programs) leaves the conv pool as the decode kernel's own
+    shift launch does."""
     from tp_gdn.kernels.triton_decode import _shift_qk_state_kernel, qk_shift_launch
     from tp_gdn.kernels.triton_gemv import gemv
     from tp_gdn.kernels.triton_norm import gated_rmsnorm
@@ -1093,11 +1093,12 @@ def test_few_rows_product_forms_the_gated_norm(heads, dv, dtype):
     meta = batch.meta(DEV)
     sproj = torch.randn(5, nqk + 40, device=DEV, dtype=dtype)
     pool = torch.randn(6, W, nqk + 64, device=DEV, dtype=dtype)
-    want_pool = pool.clone()
+    before, want_pool = pool.clone(), pool.clone()
     shift = qk_shift_launch(sproj, want_pool, meta, nqk)
     _shift_qk_state_kernel[(meta.num_decode, shift["blocks"])](*shift["args"], **shift["meta"])
     gemv(od, wd, norm=(zd, nwd, 1e-6, (sproj, pool, meta, nqk)))
-    assert torch.equal(pool, want_pool) and not torch.equal(pool[4, :, :nqk], want_pool[4, :, :nqk] * 0)
+    assert not torch.equal(want_pool, before) and torch.equal(pool, want_pool)
+    assert torch.equal(pool[:, :, nqk:], before[:, :, nqk:]) and torch.equal(pool[[0, 1, 3, 5]], before[[0, 1, 3, 5]])
 
 
 def test_few_rows_product_refuses_a_norm_it_cannot_form():
@@ -1120,16 +1121,15 @@ def test_layer_forms_the_gated_norm_in_its_one_token_product(monkeypatch, seed):
     """Calls of one token (decode steps, and a fresh one-token prefill) form the gated norm inside
     out_proj's product, with the q|k conv-state shift: no norm launch, and the same outputs
     (same_but_for_sum_order) and caches (bit for bit) as the norm kernel then the product
-    (triton_gemv.NORM_IN_PRODUCT off),
-    which check_triton_layer_against_torch holds to the fp32 torch layer (in fp16: the interpreter
-    computes 16-bit tiles in fp16, not in bf16)."""
+    (triton_gemv.NORM_IN_PRODUCT off), which check_triton_layer_against_torch holds to the fp32
+    torch layer (in fp16: the interpreter computes 16-bit tiles in fp16, not in bf16)."""
     from tp_gdn.kernels import triton_gemv, triton_ops
 
     cfg = tiny_config(nk=2, nv=4, dk=16, dv=16, layers=1, K=4)
     full = {k: v.half().float() if v.dim() > 1 else v for k, v in random_full_weights(cfg, seed).items()}
     w = WorkloadBuilder(cfg.hidden_size, seed)
     w.step([(0, 9, False), (1, 20, False)])
-    for s in (0, 1, 0, 2, 2, 1):
+    for s in (0, 1, 0, 2, 2, 1):      # slot 2 starts with one token (no state), then goes on
         w.step([(s, 1, s != 2 or len(w.steps) > 4)])
     norms = []
     real = triton_ops.gated_rmsnorm
