@@ -172,7 +172,8 @@ def gemv(x_MK: torch.Tensor, w_NK: torch.Tensor, out: torch.Tensor | None = None
         tables = (words_ptrs, epochs, rank, slot_words)
         pushing = dict(PUSH=True, WORLD=words_ptrs.numel(), PACK=pack, AR_BLOCK=block)
     programs = cdiv(N, BN)
-    normed, norming = (x_MK, x_MK, 0.0) + (x_MK,) * 6 + (0, 0, 0, 0), {}
+    # the norm's and the shift's arguments (tensors, then integers), unused where not formed
+    normed, shifted, norming = (x_MK, x_MK, 0.0), (x_MK,) * 6 + (0, 0, 0, 0), {}
     if norm is not None:
         z_MK, weight_D, eps, qk_shift = norm
         dv = weight_D.numel()
@@ -188,11 +189,9 @@ def gemv(x_MK: torch.Tensor, w_NK: torch.Tensor, out: torch.Tensor | None = None
             if n_shift > programs:
                 raise ValueError(f"gemv shifts the q|k conv state in at most its {programs} programs' "
                                  f"blocks, this call has {n_shift}")
-            normed += (*shift["args"], n_shift)
+            shifted = (*shift["args"], n_shift)
             norming.update(shift["meta"], NCB=shift["blocks"])
-        else:
-            normed += (x_MK,) * 6 + (0, 0, 0, 0)
     launch(_gemv_kernel, (programs,), x_MK, w_NK, out, M, N, K, x_MK.stride(0), w_NK.stride(0), out.stride(0),
-           *tables, *normed, BM=next_pow2(M), BN=BN, BK=BK, num_warps=cfg["num_warps"],
+           *tables, *normed, *shifted, BM=next_pow2(M), BN=BN, BK=BK, num_warps=cfg["num_warps"],
            num_stages=cfg["num_stages"], **pushing, **norming, **pdl_launch(pdl and PDL, x_MK.device))
     return out
