@@ -1256,6 +1256,48 @@ def test_gpu_layer_real_dims_matches_fp32_torch_layer(seed, monkeypatch, dtype):
     assert taken == [("fused", 128), ("fused", 128), ("split", 32)]
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("model_type,nk,nv", [("qwen3_next", 16, 32), ("qwen3_5", 16, 64)])
+def test_gpu_tp8_shares_at_real_dims_sum_to_the_unsharded_layer(seed, model_type, nk, nv):
+    """A tp=8 rank's kernels at its real shapes, on one GPU (issue 7's layouts: Qwen3-Next-80B, nk
+    16 / nv 32, and a Qwen3.5-style nk 16 / nv 64; hidden 2048, dk = dv = 128, bf16): each of the
+    eight shares of the layer (rank r of 8: its nk/8 key and nv/8 value heads and its column block
+    of out_proj; no process group, so no all-reduce) runs the workload of the real-dims layer test
+    on a cache of its own. Their outputs, summed in rank order as the all-reduce would, against the
+    fp32 torch layer unsharded and against the bf16 Triton layer at tp=1; their recurrent states,
+    side by side, against the unsharded fp32 layer's."""
+    import torch.distributed as dist
+    assert not dist.is_initialized(), "a process group would make each share all-reduce"
+    bf = torch.bfloat16
+    cfg = tiny_config(model_type, nk=nk, nv=nv, dk=128, dv=128, H=2048, K=4, layers=4)
+    full = {k: v.to(bf).float() if v.dim() > 1 else v for k, v in random_full_weights(cfg, seed).items()}
+    w = WorkloadBuilder(cfg.hidden_size, seed)
+    w.step([(0, 700, False), (1, 1030, False), (2, 64, False), (3, 513, False)])
+    for _ in range(2):
+        w.step([(s, 1, True) for s in range(4)])
+    w.step([(0, 1, True), (1, 200, True), (4, 77, False), (2, 1, True)])
+    w.step([(5, 300, False)])
+    want_cache = StateCache(cfg, [0], 6, device=DEV, tp_size=1)
+    want = run_steps({0: GDNLayer.from_full(cfg, 0, full, backend="torch", device=DEV)}, want_cache, w.steps)[0]
+    one = run_steps({0: GDNLayer.from_full(cfg, 0, full, backend="triton", device=DEV, dtype=bf)},
+                    StateCache(cfg, [0], 6, device=DEV, dtype=bf, tp_size=1), w.steps)[0]
+    parts, states = [], []
+    for r in range(8):
+        layer = GDNLayer.from_full(cfg, 0, full, tp_rank=r, tp_size=8, backend="triton", device=DEV, dtype=bf)
+        assert (layer.nk, layer.nv) == (nk // 8, nv // 8) and layer.out_proj.all_reduce_kind(1) == "group"
+        cache = StateCache(cfg, [0], 6, device=DEV, dtype=bf, tp_size=8)
+        parts.append(run_steps({0: layer}, cache, w.steps)[0])
+        states.append(cache.ssm[0])
+    for n, e in enumerate(want):
+        got = parts[0][n].float()
+        for p in parts[1:]:
+            got += p[n].float()
+        assert rel_err(got, e) < 3e-2, f"step {n}: the shares' sum against the fp32 layer"
+        assert rel_err(got, one[n].float()) < 3e-2, f"step {n}: the shares' sum against the tp=1 layer"
+        assert rel_err(parts[0][n].float(), e) > 0.5, f"step {n}: one share alone should be far from the whole"
+    assert rel_err(torch.cat(states, 1), want_cache.ssm[0]) < 3e-2
+
+
 def test_kernel_resources_compiles_the_kernels_a_layer_call_launches_for_hopper():
     """benchmarks/kernel_resources.py (a subprocess: here the kernels are interpreted) compiles, for
     sm_90a and without running them, exactly the kernels of the split path's layer call, with
