@@ -335,6 +335,11 @@ def test_choose_path_keeps_the_fused_path_to_many_16_bit_programs():
     many = chunk.FUSED_MIN_PROGRAMS
     assert chunk.choose_path(8, 8, 128) == ("fused", 128)                # 8 sequences x 8 heads: one block spans dv
     assert chunk.choose_path(chunk.FUSED_FULL_DV_MIN_PROGRAMS, 1, 128) == ("fused", 128)
+    # q and k normalised before the pass (the layer): two dv blocks at 64 pairs, one from 65
+    assert chunk.choose_path(64, 1, 128, qk_normed=True) == ("fused", chunk.FUSED_BV)
+    assert chunk.choose_path(4, 16, 128, qk_normed=True) == ("fused", chunk.FUSED_BV)
+    assert chunk.choose_path(65, 1, 128, qk_normed=True) == ("fused", 128)
+    assert chunk.choose_path(8, 16, 128, qk_normed=True) == ("fused", 128)
     assert chunk.choose_path(many, 1, 256) == ("fused", chunk.FUSED_BV)  # dv wider than FUSED_MAX_BV: FUSED_BV blocks
     assert chunk.choose_path(many, 1, 128, torch.float32)[0] == "split"   # fp32 overflows shared memory
     assert chunk.choose_path(many - 1, 1, 128)[0] == "split"
@@ -735,7 +740,7 @@ def check_tiny_triton_layer(seed, steps, num_slots=4):
     check_triton_layer_against_torch(cfg, random_full_weights(cfg, seed), w.steps, num_slots)
 
 
-def fused_full_dv(n_seq, nv, dv, dtype=None, num_chunks=None):
+def fused_full_dv(n_seq, nv, dv, dtype=None, num_chunks=None, qk_normed=False):
     """A choose_path stand-in: every prefill on the fused path, one block spanning dv."""
     return "fused", max(16, 1 << (dv - 1).bit_length())
 
@@ -1244,7 +1249,7 @@ def test_gpu_layer_real_dims_matches_fp32_torch_layer(seed, monkeypatch, dtype):
     w.step([(0, 700, False), (1, 1030, False), (2, 64, False), (3, 513, False)])    # fused, BV 128
     for _ in range(2):
         w.step([(s, 1, True) for s in range(4)])                                    # decode kernel
-    w.step([(0, 1, True), (1, 200, True), (4, 77, False), (2, 1, True)])            # mixed: fused, 64 pairs, BV 128
+    w.step([(0, 1, True), (1, 200, True), (4, 77, False), (2, 1, True)])            # mixed: fused, 64 pairs, BV 64
     w.step([(5, 300, False)])                                                       # 32 programs: split, BV 32
     want = run_steps({0: GDNLayer.from_full(cfg, 0, full, backend="torch", device=DEV)},
                      StateCache(cfg, [0], 6, device=DEV, tp_size=1), w.steps)
@@ -1253,7 +1258,7 @@ def test_gpu_layer_real_dims_matches_fp32_torch_layer(seed, monkeypatch, dtype):
     got = run_steps({0: layer}, cache, w.steps)
     for n, (g, e) in enumerate(zip(got[0], want[0])):
         assert rel_err(g.float(), e) < 3e-2, f"step {n}"
-    assert taken == [("fused", 128), ("fused", 128), ("split", 32)]
+    assert taken == [("fused", 128), ("fused", 64), ("split", 32)]
 
 
 @pytest.mark.gpu

@@ -127,6 +127,15 @@ SCAN_TARGET_PAIRS = 128
 FUSED_MIN_PROGRAMS = 64
 FUSED_BV = 64
 FUSED_FULL_DV_MIN_PROGRAMS = 64
+# ... and from this many where q and k come l2-normalised (the layer's calls: normalize_qk False),
+# so that at 64 pairs the pass runs dv in two blocks, 128 programs, one on each SM. There a block
+# does not normalise q and k again, and the extra programs win; where the pass normalises them
+# (gdn_prefill) every block repeats that, and one block stays faster. H200, 7 interleaved rounds,
+# kernel time (single call), outputs and states bit-equal (benchmarks/results/compare_bv64_h200_s46e.log):
+# a tp=4 rank's layer 8x4096 1.2956 -> 1.2588 ms (1.3341 -> 1.3019), the tp=1 layer 2x4096
+# 1.2921 -> 1.2423 (1.3459 -> 1.2928), a tp=2 rank's layer 4x4096 1.2718 -> 1.2546 (1.3224 ->
+# 1.3093); core 8x4096 4/8 (q/k normalised inside) 0.4089 -> 0.4362, which keeps one block
+FUSED_FULL_DV_MIN_PROGRAMS_QK_NORMED = 65
 FUSED_MAX_BV = 128
 # The fused pass takes exp_ftz (16-bit inputs) at dv blocks up to this width, tl.exp above it.
 # H200, whole core at 8x4096, 5 interleaved rounds, outputs and states bit-equal: BV 64 (4/8
@@ -780,10 +789,10 @@ def _fused_pass_kernel(
 
 
 def _resolve_path(path: str | None, BV: int | None, n_seq: int, nv: int, dv: int, dtype: torch.dtype,
-                  num_chunks: int) -> tuple[str, int | None]:
+                  num_chunks: int, qk_normed: bool) -> tuple[str, int | None]:
     """(path, BV) of a call: choose_path's where not given (BV None on the scan path, which picks
     its blocks from its segment count)."""
-    auto_path, auto_bv = choose_path(n_seq, nv, dv, dtype, num_chunks)
+    auto_path, auto_bv = choose_path(n_seq, nv, dv, dtype, num_chunks, qk_normed)
     if path is None:
         path = auto_path
     if BV is None and path != "scan":
@@ -841,9 +850,11 @@ def scan_seg_chunks(num_chunks: int, nv: int) -> int:
 
 
 def choose_path(n_seq: int, nv: int, dv: int, dtype: torch.dtype = torch.bfloat16,
-                num_chunks: int | None = None) -> tuple[str, int | None]:
+                num_chunks: int | None = None, qk_normed: bool = False) -> tuple[str, int | None]:
     """(path, BV) for a prefill of n_seq sequences (num_chunks chunks in all) with nv local value
     heads; BV None for "scan", which picks its blocks from its segment count (scan_bvs).
+    qk_normed: q and k come l2-normalised (chunk_delta_rule_varlen's normalize_qk False, as the
+    layer calls it), which moves where one block starts to span dv (FUSED_FULL_DV_MIN_PROGRAMS_QK_NORMED).
 
     "fused" (w/u inside the sequential pass) moves the least memory but repeats the w and q k^T
     products in every dv block and runs them on the sequential path, so it needs many (sequence,
@@ -857,7 +868,8 @@ def choose_path(n_seq: int, nv: int, dv: int, dtype: torch.dtype = torch.bfloat1
         return "scan", None
     if n_seq * nv >= FUSED_MIN_PROGRAMS and dtype != torch.float32 and dv >= FUSED_BV:
         full = max(16, next_pow2(dv))
-        if n_seq * nv >= FUSED_FULL_DV_MIN_PROGRAMS and full <= FUSED_MAX_BV:
+        least = FUSED_FULL_DV_MIN_PROGRAMS_QK_NORMED if qk_normed else FUSED_FULL_DV_MIN_PROGRAMS
+        if n_seq * nv >= least and full <= FUSED_MAX_BV:
             return "fused", full
         return "fused", FUSED_BV
     return "split", split_bv(n_seq, nv, dv)
@@ -953,7 +965,7 @@ def chunk_delta_rule_varlen(
     counts = None
     resolved = False
     if one_launch and (path == "split" or (path is None and n_seq * nv < FUSED_MIN_PROGRAMS)):
-        path, BV = _resolve_path(path, BV, n_seq, nv, dv, dt, meta.num_chunks)
+        path, BV = _resolve_path(path, BV, n_seq, nv, dv, dt, meta.num_chunks, not normalize_qk)
         resolved = True
         if path == "split":
             n_pass = n_seq * nv * cdiv(dv, BV)
@@ -967,7 +979,7 @@ def chunk_delta_rule_varlen(
     BK = max(16, next_pow2(dk))
     BVf = max(16, next_pow2(dv))
     if not resolved:
-        path, BV = _resolve_path(path, BV, n_seq, nv, dv, dt, meta.num_chunks)
+        path, BV = _resolve_path(path, BV, n_seq, nv, dv, dt, meta.num_chunks, not normalize_qk)
     if path == "fused" and q.is_cuda and (dt == torch.float32 or BV < 64):
         # 2026-11-28, H100, Triton 3.6, the untransposed fused kernel: fp32 tiles overflowed shared
         # memory, and BV=32 gave wrong results (4 warps) or an illegal address (8 warps). The

@@ -67,10 +67,11 @@ def gdn_mix(proj_TP, nk: int, nv: int, dk: int, dv: int, conv_weight_CK, A_log_H
 
 def fused_norm_applies(meta, nv: int, dv: int, dtype: torch.dtype) -> bool:
     """Whether gdn_mix can form the gated norm inside the fused pass: only prefill sequences (the
-    decode kernel writes plain o) on the fused path with one block spanning dv."""
+    decode kernel writes plain o) on the fused path with one block spanning dv (as gdn_mix's
+    call, with q and k normalised before the pass, chooses it)."""
     if not FUSE_NORM or meta.num_decode or not meta.num_chunks:
         return False
-    path, BV = choose_path(meta.prefill_seqs.numel(), nv, dv, dtype, meta.num_chunks)
+    path, BV = choose_path(meta.prefill_seqs.numel(), nv, dv, dtype, meta.num_chunks, qk_normed=True)
     return path == "fused" and BV >= dv
 
 
