@@ -12,9 +12,10 @@ token, the gated norm runs as its own kernel, not inside the out_proj product:
 triton_gemv.NORM_IN_PRODUCT off), then each all-reduce the decode step can take at tp=2 and up:
 `ll` and `push` (our flag-in-word and push kernels, for every size, TP_GDN_SYMM_KERNEL; the
 default takes ll up to comm.LL_MAX_BYTES, push above), `oneshot` (torch's one-shot kernel),
-`nccl` (TP_GDN_ALL_REDUCE=nccl). Each applies while its layer is built and its graph captured. Qwen3-Next-80B dims, bf16, as bench_layer.py. Every rank runs the
-same fixed number of calls; rank 0 prints the medians over the rounds of each setting's median
-single replay and its back-to-back time per step, in us.
+`nccl` (TP_GDN_ALL_REDUCE=nccl). Each applies while its layer is built and its graph captured.
+Qwen3-Next-80B dims, bf16, as bench_layer.py. Every rank runs the same fixed number of calls; rank
+0 prints the medians over the rounds of each setting's median single replay and its back-to-back
+time per step, in us.
 """
 
 from __future__ import annotations

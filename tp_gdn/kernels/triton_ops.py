@@ -134,8 +134,8 @@ def product_norm(proj_TP, nk: int, nv: int, dk: int, dv: int, conv_pool_SWC, met
     """few_rows_product's `norm` for the o [1, nv dv] that gdn_mix(shift_qk=False) forms from
     proj_TP: z from the projection, the norm's weight and eps, and the shift of the decode
     sequences' q|k conv state that gdn_mix left (gdn_mix_norm's norm launch does it otherwise)."""
-    kd, vd = nk * dk, nv * dv
-    return proj_TP[:, 2 * kd + vd: 2 * kd + 2 * vd], norm_weight_V, eps, (proj_TP, conv_pool_SWC, meta, 2 * kd)
+    return (proj_z(proj_TP, nk, nv, dk, dv).flatten(1), norm_weight_V, eps,
+            (proj_TP, conv_pool_SWC, meta, 2 * nk * dk))
 
 
 def gdn_prefill(q_THK, k_THK, v_THV, a_TH, b_TH, A_log_H, dt_bias_H, state_pool_SHKV, batch,
