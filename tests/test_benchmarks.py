@@ -28,6 +28,40 @@ def test_compare_versions_rows():
         cv.parse_row(d)
 
 
+def test_position_pieces_give_the_one_calls_outputs_and_states(seed):
+    """position_pieces.py's cut (every sequence cut at the same positions, the later pieces
+    continuing from the slots), run in order through the torch layer, gives the one call's outputs
+    and final states, both with x already in piece order and with the gather and put-back; its
+    rows and piece counts refuse what they cannot run."""
+    from helpers import random_full_weights, rel_err, tiny_config
+    from tp_gdn import Batch, GDNLayer, StateCache
+
+    pp = load_benchmark("position_pieces")
+    cfg = tiny_config(layers=1)
+    layer = GDNLayer.from_full(cfg, 0, random_full_weights(cfg, seed))
+    n, L = 3, 256
+    x = torch.randn(n * L, cfg.hidden_size, generator=torch.Generator().manual_seed(seed))
+    cache = StateCache(cfg, [0], n)
+    y1 = layer(x, Batch([L] * n, list(range(n)), [False] * n), cache)
+    s1 = cache.ssm[0].clone()
+    for Q in (2, 4):
+        cut, gather, perm = pp.piece_calls(layer, x, cache, n, L, Q)
+        assert sorted(perm.tolist()) == list(range(n * L)) and perm.tolist() != list(range(n * L))
+        cache.ssm[0].normal_()          # piece 0 starts fresh: what the slots held before must not matter
+        assert rel_err(gather(), y1) < 1e-5
+        assert rel_err(cache.ssm[0], s1) < 1e-5
+        cache.ssm[0].normal_()
+        assert rel_err(torch.cat(cut()), y1.index_select(0, perm)) < 1e-5
+        assert rel_err(cache.ssm[0], s1) < 1e-5
+    assert pp.parse_row("tp4-8x4096") == (4, 8, 4096)
+    for bad in ("tp3-8x4096", "tp4-8x100", "tp0-8x4096", "tp4-0x4096", "tp4-8", "8x4096"):
+        with pytest.raises(ValueError, match="rows are tpP-NxL"):
+            pp.parse_row(bad)
+    for L, Q in ((256, 3), (256, 8), (256, 0)):
+        with pytest.raises(ValueError, match="whole number of 64-token chunks"):
+            pp.piece_order(2, L, Q)
+
+
 def test_compare_versions_loads_a_revision_beside_the_tree(tmp_path, seed):
     """A git revision and the working tree import side by side as two packages, each whole (its
     kernels its own), and compute the same prefill where their code is the same (HEAD in a clean
