@@ -30,9 +30,9 @@ def test_compare_versions_rows():
 
 def test_position_pieces_give_the_one_calls_outputs_and_states(seed):
     """position_pieces.py's cut (every sequence cut at the same positions, the later pieces
-    continuing from the slots), run in order through the torch layer, gives the one call's outputs
-    and final states, both with x already in piece order and with the gather and put-back; its
-    rows and piece counts refuse what they cannot run."""
+    continuing from the slots), run in order through the torch layer and its row-chunk out_proj
+    path, gives the one call's outputs and final states, both with x already in piece order and
+    with the gather and put-back; its rows and piece counts refuse what they cannot run."""
     from helpers import random_full_weights, rel_err, tiny_config
     from tp_gdn import Batch, GDNLayer, StateCache
 
@@ -48,10 +48,10 @@ def test_position_pieces_give_the_one_calls_outputs_and_states(seed):
         cut, gather, perm = pp.piece_calls(layer, x, cache, n, L, Q)
         assert sorted(perm.tolist()) == list(range(n * L)) and perm.tolist() != list(range(n * L))
         cache.ssm[0].normal_()          # piece 0 starts fresh: what the slots held before must not matter
-        assert rel_err(gather(), y1) < 1e-5
+        assert rel_err(gather("none"), y1) < 1e-5
         assert rel_err(cache.ssm[0], s1) < 1e-5
         cache.ssm[0].normal_()
-        assert rel_err(torch.cat(cut()), y1.index_select(0, perm)) < 1e-5
+        assert rel_err(cut("none"), y1.index_select(0, perm)) < 1e-5
         assert rel_err(cache.ssm[0], s1) < 1e-5
     assert pp.parse_row("tp4-8x4096") == (4, 8, 4096)
     for bad in ("tp3-8x4096", "tp4-8x100", "tp0-8x4096", "tp4-0x4096", "tp4-8", "8x4096"):
@@ -60,6 +60,31 @@ def test_position_pieces_give_the_one_calls_outputs_and_states(seed):
     for L, Q in ((256, 3), (256, 8), (256, 0)):
         with pytest.raises(ValueError, match="whole number of 64-token chunks"):
             pp.piece_order(2, L, Q)
+
+
+def test_position_pieces_with_their_all_reduces_give_the_unsharded_layer_at_tp2(tmp_path, seed):
+    """The same cut at tp=2 over gloo, each piece's out_proj rows all-reduced as they are formed:
+    every rank's output equals the one sharded call's and the unsharded fp32 layer's, in piece
+    order (cut) and in x's order (gather), and the ranks' states are the one call's."""
+    from helpers import random_full_weights, rel_err, run_ranks, tiny_config
+    from tp_gdn import Batch, GDNLayer, StateCache
+    from workers import position_pieces_workload
+
+    cfg = tiny_config(layers=1)
+    full = random_full_weights(cfg, seed)
+    n, L = 3, 256
+    results = run_ranks(2, position_pieces_workload, tmp_path, cfg, full, seed, n, L, (2, 4))
+    x = torch.randn(n * L, cfg.hidden_size, generator=torch.Generator().manual_seed(seed))
+    ref = GDNLayer.from_full(cfg, 0, full)(x, Batch([L] * n, list(range(n)), [False] * n), StateCache(cfg, [0], n))
+    for r, out in enumerate(results):
+        y1, s1 = out["one"]
+        assert rel_err(y1, ref) < 1e-5
+        for Q in (2, 4):
+            y_cut, perm, s_cut, y_gather, s_gather = out[Q]
+            assert rel_err(y_cut, ref.index_select(0, perm)) < 1e-5, (r, Q)
+            assert rel_err(y_gather, ref) < 1e-5, (r, Q)
+            assert rel_err(s_cut, s1) < 1e-5 and rel_err(s_gather, s1) < 1e-5, (r, Q)
+            assert torch.equal(y_gather, results[0][Q][3]), (r, Q)
 
 
 def test_compare_versions_loads_a_revision_beside_the_tree(tmp_path, seed):

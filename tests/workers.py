@@ -220,3 +220,27 @@ def fail_on_rank(rank, world, failing, message):
     if rank == failing:
         raise RuntimeError(message)
     dist.barrier()
+
+
+def position_pieces_workload(rank, world, cfg, full, seed, n, L, pieces):
+    """benchmarks/position_pieces.py's pieces at this tp on the torch layer: the one call's output
+    and state, then for each piece count the cut's (output in piece order, its permutation) and
+    state, and the gather's output, each piece's rows all-reduced by the process group (gloo) as
+    the layer's row-chunk path does it. The slots hold noise before each run (piece 0 starts fresh)."""
+    from helpers import load_benchmark
+
+    from tp_gdn import Batch
+
+    pp = load_benchmark("position_pieces")
+    layer = GDNLayer.from_full(cfg, 0, full, rank, world)
+    cache = StateCache(cfg, [0], n, tp_size=world)
+    x = torch.randn(n * L, cfg.hidden_size, generator=torch.Generator().manual_seed(seed))
+    out = {"one": (layer(x, Batch([L] * n, list(range(n)), [False] * n), cache), cache.ssm[0].clone())}
+    for Q in pieces:
+        cut, gather, perm = pp.piece_calls(layer, x, cache, n, L, Q)
+        cache.ssm[0].normal_()
+        y_cut = cut("group")
+        s_cut = cache.ssm[0].clone()
+        cache.ssm[0].normal_()
+        out[Q] = (y_cut, perm, s_cut, gather("group"), cache.ssm[0].clone())
+    return out
