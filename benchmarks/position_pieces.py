@@ -194,9 +194,13 @@ def main(argv=None) -> int:
         ap.error(str(e))
     if args.rounds < 1:
         ap.error("--rounds must be >= 1")
-    dev = local_device() if torch.cuda.is_available() else None
-    if dev is None or dev.type != "cuda":
+    if not torch.cuda.is_available():
         raise SystemExit("position_pieces.py times Triton kernels: it needs a CUDA GPU (one per rank)")
+    # alone (no process group) on the current GPU; under torchrun on the rank's GPU (NCCL)
+    dev = local_device() if world > 1 else torch.device("cuda", torch.cuda.current_device())
+    if dev.type != "cuda":
+        raise SystemExit("position_pieces.py: the ranks' process group is not on their GPUs (NCCL); "
+                         "start it under torchrun on a CUDA machine")
     torch.cuda.set_device(dev)
     if rank == 0:
         print(f"device {torch.cuda.get_device_name(dev)} x{world}, torch {torch.__version__}", flush=True)
